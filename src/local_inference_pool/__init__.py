@@ -1,0 +1,52 @@
+"""local-inference-pool: one slot-aware endpoint in front of many local LLM servers.
+
+The public API is exactly ``__all__``; everything else is internal.
+"""
+
+from local_inference_pool.compat import (
+    ConcurrentDispatcher,
+    DispatcherTimeoutError,
+    InferenceTask,
+    ModelNotAvailableError,
+    NoModelsAvailableError,
+    ServerConfig,
+    ServerPool,
+)
+from local_inference_pool.config import BackendConfig, PoolConfig, load_config
+from local_inference_pool.errors import (
+    ConfigError,
+    ModelNotFoundError,
+    NoCapacityError,
+    PoolClosedError,
+    PoolError,
+    QueueFullError,
+    QueueTimeoutError,
+    WrongEventLoopError,
+)
+from local_inference_pool.pool import Lease, Pool
+from local_inference_pool.scheduler import Affinity, Health
+
+__all__ = [
+    "Affinity",
+    "BackendConfig",
+    "ConcurrentDispatcher",
+    "ConfigError",
+    "DispatcherTimeoutError",
+    "Health",
+    "InferenceTask",
+    "Lease",
+    "ModelNotAvailableError",
+    "ModelNotFoundError",
+    "NoCapacityError",
+    "NoModelsAvailableError",
+    "Pool",
+    "PoolClosedError",
+    "PoolConfig",
+    "PoolError",
+    "QueueFullError",
+    "QueueTimeoutError",
+    "ServerConfig",
+    "ServerPool",
+    "WrongEventLoopError",
+    "load_config",
+]

@@ -1,0 +1,352 @@
+"""Pool configuration: frozen, typed, loaded from a dict, a TOML file or the environment.
+
+Every invalid value raises ConfigError naming the field, the value and what is allowed. The TOML
+file is a public contract: README.md documents every key listed in POOL_KEYS and BACKEND_KEYS.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
+from urllib.parse import urlsplit
+
+from local_inference_pool.errors import ConfigError
+
+if TYPE_CHECKING:
+    from local_inference_pool.compat import ServerConfig
+
+__all__ = [
+    "BACKEND_KINDS",
+    "BackendConfig",
+    "BackendKind",
+    "PoolConfig",
+    "ServerConfig",
+    "load_config",
+    "normalize_url",
+]
+
+BackendKind = Literal["auto", "llamacpp", "lmstudio", "ollama", "vllm", "openai"]
+BACKEND_KINDS: tuple[BackendKind, ...] = ("auto", "llamacpp", "lmstudio", "ollama", "vllm", "openai")
+ENV_PREFIX = "LIP_"
+
+
+def normalize_url(url: str, *, where: str = "url") -> str:
+    """Strip whitespace, trailing slashes and one trailing ``/v1``: both spellings mean one server."""
+    if not isinstance(url, str):
+        raise ConfigError(f"{where}: {url!r} is not allowed; expected a string like 'http://host:port'")
+    cleaned = url.strip().rstrip("/")
+    if cleaned.endswith("/v1"):
+        cleaned = cleaned[: -len("/v1")].rstrip("/")
+    parts = urlsplit(cleaned)
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"{where}: {url!r} is not allowed; the scheme must be http or https")
+    if not parts.hostname:
+        raise ConfigError(f"{where}: {url!r} is not allowed; it names no host")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise ConfigError(f"{where}: {url!r} is not allowed; the port is not a number 1-65535") from None
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{where}: {url!r} is not allowed; a backend URL has no query or fragment")
+    return cleaned
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """One inference server. ``slots``/``models`` None means: detect from the server."""
+
+    url: str
+    name: str = ""
+    kind: BackendKind = "auto"
+    slots: int | None = None
+    models: tuple[str, ...] | None = None
+    max_loaded_models: int = 1
+    weight: float = 1.0
+    api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        _validate_fields(self, BACKEND_KEYS, f"backend {self.name or self.url!r}", skip_empty={"name"})
+        url = self.url
+        if not self.name:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            object.__setattr__(self, "name", f"{parts.hostname}:{port}")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    backends: tuple[BackendConfig, ...] = ()
+    queue_limit: int = 1000
+    queue_timeout: float | None = None
+    starvation_bound: float = 30.0
+    affinity: bool = True
+    affinity_ttl: float = 1800.0
+    affinity_max_sessions: int = 10_000
+    health_interval: float = 5.0
+    health_timeout: float = 3.0
+    connect_timeout: float = 5.0
+    read_timeout: float | None = 600.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    public_status: bool = False
+
+    def __post_init__(self) -> None:
+        _validate_fields(self, POOL_KEYS, "pool")
+        seen_urls: dict[str, int] = {}
+        seen_names: dict[str, int] = {}
+        for index, backend in enumerate(self.backends):
+            if backend.url in seen_urls:
+                raise ConfigError(
+                    f"backends[{index}].url: {backend.url!r} is not allowed; it duplicates "
+                    f"backends[{seen_urls[backend.url]}] (a trailing '/' or '/v1' names the same server)"
+                )
+            if backend.name in seen_names:
+                raise ConfigError(
+                    f"backends[{index}].name: {backend.name!r} is not allowed; it duplicates "
+                    f"backends[{seen_names[backend.name]}]; names must be unique"
+                )
+            seen_urls[backend.url] = index
+            seen_names[backend.name] = index
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PoolConfig:
+        """Build from the TOML shape: ``{"pool": {...}, "backends": [{...}, ...]}``."""
+        _reject_unknown(data, {"pool", "backends"}, "config")
+        pool_section = data.get("pool", {})
+        if not isinstance(pool_section, Mapping):
+            raise ConfigError(f"pool: {pool_section!r} is not allowed; expected a table")
+        backends_section = data.get("backends", [])
+        if not isinstance(backends_section, list):
+            raise ConfigError(f"backends: {backends_section!r} is not allowed; expected an array of tables")
+        backends = tuple(
+            _backend_from_dict(entry, f"backends[{index}]") for index, entry in enumerate(backends_section)
+        )
+        return cls(backends=backends, **_parse_section(pool_section, POOL_KEYS, "pool"))
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> PoolConfig:
+        try:
+            with Path(path).open("rb") as handle:
+                data = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {os.fspath(path)!r} is not valid TOML: {exc}") from None
+        return cls.from_dict(data)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> PoolConfig:
+    """The file (``path`` or ``$LIP_CONFIG``), then ``LIP_*`` pool keys from the environment on top.
+
+    Backends from the environment (``LIP_BACKENDS`` as comma-separated URLs, or the older
+    ``LOCAL_INFERENCE_SERVER_<N>`` / ``LOCAL_INFERENCE_SERVER_<N>_KEY`` list) are added to the file's.
+    """
+    env = os.environ if environ is None else environ
+    path = path if path is not None else env.get(f"{ENV_PREFIX}CONFIG") or None
+    base = PoolConfig.from_toml(path) if path is not None else PoolConfig()
+    return _apply_env(base, env)
+
+
+# --- field specifications -------------------------------------------------------------------
+
+Parser = Callable[[str, Any], Any]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_at_least(minimum: int) -> Parser:
+    def parse(where: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{where}: {value!r} is not allowed; expected an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+def _number(*, positive: bool, optional: bool = False) -> Parser:
+    allowed = "a number > 0" if positive else "a number >= 0"
+    if optional:
+        allowed += " (omit it for no limit)"
+
+    def parse(where: str, value: Any) -> float | None:
+        if value is None and optional:
+            return None
+        if not _is_number(value) or value < 0 or (positive and value == 0):
+            raise ConfigError(f"{where}: {value!r} is not allowed; expected {allowed}")
+        return float(value)
+
+    return parse
+
+
+def _bool(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {value!r} is not allowed; expected true or false")
+    return value
+
+
+def _string(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: {value!r} is not allowed; expected a non-empty string")
+    return value
+
+
+def _optional_string(where: str, value: Any) -> str | None:
+    return None if value is None else _string(where, value)
+
+
+def _string_list(where: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: {value!r} is not allowed; expected a list of non-empty strings")
+    return tuple(value)
+
+
+def _optional_string_list(where: str, value: Any) -> tuple[str, ...] | None:
+    return None if value is None else _string_list(where, value)
+
+
+def _kind(where: str, value: Any) -> BackendKind:
+    if value not in BACKEND_KINDS:
+        raise ConfigError(f"{where}: {value!r} is not allowed; expected one of {' | '.join(BACKEND_KINDS)}")
+    return cast(BackendKind, value)
+
+
+def _url(where: str, value: Any) -> str:
+    return normalize_url(value, where=where)
+
+
+POOL_KEYS: dict[str, Parser] = {
+    "queue_limit": _int_at_least(0),
+    "queue_timeout": _number(positive=True, optional=True),
+    "starvation_bound": _number(positive=False),
+    "affinity": _bool,
+    "affinity_ttl": _number(positive=True),
+    "affinity_max_sessions": _int_at_least(1),
+    "health_interval": _number(positive=True),
+    "health_timeout": _number(positive=True),
+    "connect_timeout": _number(positive=True),
+    "read_timeout": _number(positive=True, optional=True),
+    "api_keys": _string_list,
+    "public_status": _bool,
+}
+
+BACKEND_KEYS: dict[str, Parser] = {
+    "url": _url,
+    "name": _string,
+    "kind": _kind,
+    "slots": lambda where, value: None if value is None else _int_at_least(1)(where, value),
+    "models": _optional_string_list,
+    "max_loaded_models": _int_at_least(1),
+    "weight": _number(positive=True),
+    "api_key": _optional_string,
+}
+
+assert set(POOL_KEYS) == {f.name for f in fields(PoolConfig)} - {"backends"}
+assert set(BACKEND_KEYS) == {f.name for f in fields(BackendConfig)}
+
+
+def _validate_fields(
+    obj: object, spec: Mapping[str, Parser], where: str, skip_empty: set[str] | None = None
+) -> None:
+    """Run every field through its parser, storing the normalised value (lists become tuples)."""
+    for key, parse in spec.items():
+        value = getattr(obj, key)
+        if skip_empty and key in skip_empty and not value:
+            continue
+        object.__setattr__(obj, key, parse(f"{where}.{key}", value))
+
+
+def _reject_unknown(data: Mapping[str, Any], known: set[str] | Mapping[str, Any], where: str) -> None:
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _parse_section(data: Mapping[str, Any], spec: Mapping[str, Parser], where: str) -> dict[str, Any]:
+    _reject_unknown(data, spec, where)
+    return {key: spec[key](f"{where}.{key}", value) for key, value in data.items()}
+
+
+def _backend_from_dict(entry: Any, where: str) -> BackendConfig:
+    if isinstance(entry, str):
+        entry = {"url": entry}
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{where}: {entry!r} is not allowed; expected a table with at least 'url'")
+    if "url" not in entry:
+        raise ConfigError(f"{where}.url: missing; every backend needs a url like 'http://127.0.0.1:8080'")
+    return BackendConfig(**_parse_section(entry, BACKEND_KEYS, where))
+
+
+# --- environment ----------------------------------------------------------------------------
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_LEGACY_SERVER = re.compile(r"^LOCAL_INFERENCE_SERVER_(\d+)$")
+
+
+def _env_value(key: str, raw: str) -> Any:
+    """Turn an environment string into the type the field's parser expects."""
+    default = next(f.default for f in fields(PoolConfig) if f.name == key)
+    text = raw.strip()
+    if isinstance(default, bool):
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        return text
+    if isinstance(default, tuple):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if text.lower() in ("", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def _apply_env(base: PoolConfig, env: Mapping[str, str]) -> PoolConfig:
+    overrides: dict[str, Any] = {}
+    for key, parse in POOL_KEYS.items():
+        name = f"{ENV_PREFIX}{key.upper()}"
+        if name in env:
+            overrides[key] = parse(name, _env_value(key, env[name]))
+    backends = list(base.backends)
+    for index, url in enumerate(u.strip() for u in env.get(f"{ENV_PREFIX}BACKENDS", "").split(",")):
+        if url:
+            backends.append(BackendConfig(url=_url(f"{ENV_PREFIX}BACKENDS[{index}]", url)))
+    legacy = sorted(
+        (int(match.group(1)), value)
+        for name, value in env.items()
+        if (match := _LEGACY_SERVER.match(name)) and value.strip()
+    )
+    for number, legacy_url in legacy:
+        where = f"LOCAL_INFERENCE_SERVER_{number}"
+        backends.append(BackendConfig(url=_url(where, legacy_url), api_key=env.get(f"{where}_KEY") or None))
+    if not overrides and len(backends) == len(base.backends):
+        return base
+    values = {f.name: getattr(base, f.name) for f in fields(PoolConfig)}
+    values.update(overrides, backends=tuple(backends))
+    return PoolConfig(**values)
+
+
+def __getattr__(name: str) -> Any:
+    # The v0.7 library exported ServerConfig from this module; load it lazily to avoid a cycle.
+    if name == "ServerConfig":
+        from local_inference_pool.compat import ServerConfig
+
+        return ServerConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,101 @@
+"""Errors raised by the pool, each knowing its HTTP status and OpenAI error type.
+
+The tree::
+
+    PoolError
+    ├── ConfigError (also ValueError)       invalid configuration: names the field, value, what is allowed
+    ├── ModelNotFoundError                  404  no backend lists the model
+    ├── QueueFullError                      429  the waiting queue is at its limit
+    ├── NoCapacityError                     503  no healthy backend can serve the model now
+    ├── QueueTimeoutError (also TimeoutError) 503  waited past the deadline for a slot
+    ├── PoolClosedError                     503  the pool is shutting down or closed
+    └── WrongEventLoopError (also RuntimeError) the pool was used from a second event loop
+
+Each carries ``status``, ``error_type`` and ``code`` so that the app can turn any of them into the
+OpenAI error body ``{"error": {"message", "type", "param", "code"}}`` without a lookup table.
+``retry_after`` (seconds) is set where a client may usefully retry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PoolError(Exception):
+    status: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+    retry_after: float | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": None,
+                "code": self.code,
+            }
+        }
+
+
+class ConfigError(PoolError, ValueError):
+    status = 500
+    error_type = "configuration_error"
+    code = "invalid_config"
+
+
+class ModelNotFoundError(PoolError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, message: str, *, model: str) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class QueueFullError(PoolError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "queue_full"
+    retry_after = 1.0
+
+
+class NoCapacityError(PoolError):
+    status = 503
+    error_type = "service_unavailable"
+    code = "no_backend_available"
+    retry_after = 5.0
+
+    def __init__(self, message: str, *, model: str) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class QueueTimeoutError(PoolError, TimeoutError):
+    status = 503
+    error_type = "service_unavailable"
+    code = "queue_timeout"
+    retry_after = 1.0
+
+    def __init__(self, message: str, *, model: str, waited: float) -> None:
+        super().__init__(message)
+        self.model = model
+        self.waited = waited
+
+
+class PoolClosedError(PoolError):
+    status = 503
+    error_type = "service_unavailable"
+    code = "pool_closed"
+    retry_after = 5.0
+
+
+class WrongEventLoopError(PoolError, RuntimeError):
+    status = 500
+    error_type = "server_error"
+    code = "wrong_event_loop"

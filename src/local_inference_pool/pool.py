@@ -1,0 +1,447 @@
+"""The async facade over the scheduler: acquire a slot, hold it as a lease, release it once.
+
+::
+
+    async with Pool(config) as pool:
+        async with pool.acquire("qwen2.5-7b", session="user-42") as lease:
+            response = await client.post(f"{lease.url}/v1/chat/completions", json=...)
+
+Waiting is cancellation-safe: every exit of a waiter (grant, timeout, cancellation, pool closing)
+either hands the caller a lease or leaves no slot behind; a grant that raced with a cancellation is
+released and passed on to the next waiter. A lease that is dropped without being released is
+released when it is garbage-collected, with a warning in the log, so the slot is never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import httpx
+
+from local_inference_pool.backends.openai import auth_headers, list_models
+from local_inference_pool.config import BackendConfig, PoolConfig
+from local_inference_pool.errors import PoolClosedError, WrongEventLoopError
+from local_inference_pool.scheduler import Affinity, Grant, Health, Scheduler, Ticket, TicketState
+
+if TYPE_CHECKING:
+    from local_inference_pool.compat import ServerPool
+
+__all__ = ["Lease", "Pool", "ServerPool"]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT: Final[Any] = object()
+
+
+class Lease:
+    """One slot on one backend. ``release()`` is synchronous and idempotent."""
+
+    __slots__ = ("__weakref__", "_finalizer", "_grant", "_pool", "queue_wait")
+
+    def __init__(self, pool: Pool, grant: Grant, queue_wait: float) -> None:
+        self._pool = pool
+        self._grant = grant
+        self.queue_wait = queue_wait
+        self._finalizer = weakref.finalize(self, pool._release_dropped, grant)
+
+    @property
+    def url(self) -> str:
+        return self._grant.backend.url
+
+    @property
+    def backend(self) -> str:
+        return self._grant.backend.name
+
+    @property
+    def model(self) -> str:
+        return self._grant.model
+
+    @property
+    def api_key(self) -> str | None:
+        """The outbound key for this backend (never the caller's)."""
+        return self._pool._api_keys.get(self._grant.backend.name)
+
+    @property
+    def affinity(self) -> Affinity | None:
+        return self._grant.affinity
+
+    @property
+    def loaded_model(self) -> bool:
+        """True when this lease made the backend load the model (a cold start or a swap)."""
+        return self._grant.loaded_model
+
+    @property
+    def released(self) -> bool:
+        return self._grant.released
+
+    def release(self) -> None:
+        """Give the slot back. From a thread other than the pool's loop, it is handed to the loop."""
+        self._finalizer.detach()
+        self._pool._release(self._grant)
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return f"<Lease {self.model!r} on {self.backend} ({self.url}) {state}>"
+
+
+class _Acquire:
+    """What ``pool.acquire()`` returns: await it for a Lease, or use it as ``async with``."""
+
+    __slots__ = ("_kwargs", "_lease", "_pool")
+
+    def __init__(self, pool: Pool, kwargs: dict[str, Any]) -> None:
+        self._pool = pool
+        self._kwargs = kwargs
+        self._lease: Lease | None = None
+
+    def __await__(self) -> Generator[Any, None, Lease]:
+        return self._pool._acquire(**self._kwargs).__await__()
+
+    async def __aenter__(self) -> Lease:
+        self._lease = await self._pool._acquire(**self._kwargs)
+        return self._lease
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._lease is not None:
+            self._lease.release()
+
+
+class Pool:
+    """Slot accounting for a fleet of inference servers, for one event loop at a time."""
+
+    def __init__(self, config: PoolConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._clock = clock
+        self._scheduler = Scheduler(
+            clock=clock,
+            queue_limit=config.queue_limit,
+            starvation_bound=config.starvation_bound,
+            affinity=config.affinity,
+            affinity_ttl=config.affinity_ttl,
+            affinity_max_sessions=config.affinity_max_sessions,
+            on_ticket_done=self._wake,
+        )
+        self._backend_configs: dict[str, BackendConfig] = {}
+        self._api_keys: dict[str, str | None] = {}
+        self._warm: dict[str, dict[str, float]] = {}
+        self._waiters: dict[int, anyio.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._closed = False
+        self._drained: anyio.Event | None = None
+        for backend in config.backends:
+            self.add_backend(backend)
+
+    # --- backends --------------------------------------------------------------------------
+
+    def add_backend(self, backend: BackendConfig, *, health: Health = Health.HEALTHY) -> None:
+        """Add a server. Until its slot count is detected or configured it counts as one slot."""
+        self._backend_configs[backend.name] = backend
+        self._api_keys[backend.name] = backend.api_key
+        self._scheduler.add_backend(
+            backend.name,
+            backend.url,
+            slots=backend.slots or 1,
+            models=backend.models,
+            max_loaded_models=backend.max_loaded_models,
+            weight=backend.weight,
+            health=health,
+        )
+
+    def remove_backend(self, name: str) -> None:
+        self._scheduler.remove_backend(name)
+        del self._backend_configs[name]
+        self._warm.pop(name, None)
+
+    def update_backend(
+        self,
+        name: str,
+        *,
+        slots: int | None = None,
+        models: Iterable[str] | None = None,
+        resident: Sequence[str] | None = None,
+        health: Health | None = None,
+        external_busy: int | None = None,
+    ) -> None:
+        """Apply what a probe found; queued requests that can now run are granted at once.
+
+        A configured slot count or model list wins over a detected one.
+        """
+        configured = self._backend_configs[name]
+        changes: dict[str, Any] = {}
+        if slots is not None and configured.slots is None:
+            changes["slots"] = slots
+        if models is not None and configured.models is None:
+            changes["models"] = list(models)
+        if resident is not None:
+            changes["resident"] = list(resident)
+        if health is not None:
+            changes["health"] = health
+        if external_busy is not None:
+            changes["external_busy"] = external_busy
+        self._scheduler.update_backend(name, **changes)
+
+    async def refresh_models(self, client: httpx.AsyncClient | None = None) -> dict[str, str | None]:
+        """Ask every backend without a configured model list for ``/v1/models``.
+
+        Returns each backend's error text (None when it answered). A failed probe keeps the models
+        known before, so one bad answer never fails queued requests.
+        """
+        errors: dict[str, str | None] = {}
+
+        async def probe(http: httpx.AsyncClient, backend: BackendConfig) -> None:
+            try:
+                models = await list_models(http, backend.url, backend.api_key)
+            except (httpx.HTTPError, ValueError) as exc:
+                errors[backend.name] = describe_http_error(exc)
+                return
+            errors[backend.name] = None
+            if backend.name in self._backend_configs:
+                self.update_backend(backend.name, models=models)
+
+        async with _client_or(client, self.config) as http, anyio.create_task_group() as group:
+            for backend in list(self._backend_configs.values()):
+                if backend.models is None:
+                    group.start_soon(probe, http, backend)
+        return errors
+
+    # --- leases ----------------------------------------------------------------------------
+
+    def acquire(
+        self,
+        model: str,
+        *,
+        priority: int = 0,
+        session: str | None = None,
+        timeout: float | None = _DEFAULT,
+    ) -> _Acquire:
+        """Wait for a slot for ``model``: ``lease = await pool.acquire(m)`` or ``async with``.
+
+        ``priority``: higher is served first. ``session``: an affinity key; the same key goes back to
+        the same backend while it has room. ``timeout``: seconds to wait (None: forever); the
+        default is ``config.queue_timeout``. Raises ModelNotFoundError, NoCapacityError,
+        QueueFullError, QueueTimeoutError or PoolClosedError.
+        """
+        return _Acquire(
+            self, {"model": model, "priority": priority, "session": session, "timeout": timeout, "pin": None}
+        )
+
+    async def _acquire(
+        self, *, model: str, priority: int, session: str | None, timeout: float | None, pin: str | None
+    ) -> Lease:
+        self._bind_loop()
+        if self._closed:
+            raise PoolClosedError("the pool is closed")
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model must be a non-empty string, not {model!r}")
+        if timeout is _DEFAULT:
+            timeout = self.config.queue_timeout
+        scheduler = self._scheduler
+        ticket = scheduler.submit(model, priority=priority, affinity_key=session, timeout=timeout, pin=pin)
+        if ticket.state is not TicketState.WAITING:
+            return self._take(ticket)
+        event = anyio.Event()
+        self._waiters[ticket.id] = event
+        taken = False
+        try:
+            while ticket.state is TicketState.WAITING:
+                wake_at = scheduler.ticket_wakeup(ticket)
+                delay = math.inf if wake_at is None else max(0.0, wake_at - self._clock())
+                with anyio.move_on_after(delay):
+                    await event.wait()
+                if ticket.state is TicketState.WAITING:
+                    scheduler.refresh()
+            lease = self._take(ticket)
+            taken = True
+            return lease
+        finally:
+            self._waiters.pop(ticket.id, None)
+            if not taken:
+                # Cancelled, timed out or failed: withdraw, and pass on a grant we never took.
+                scheduler.cancel(ticket)
+
+    def _take(self, ticket: Ticket) -> Lease:
+        if ticket.state is TicketState.FAILED and ticket.error is not None:
+            raise ticket.error
+        grant = ticket.grant
+        assert grant is not None, ticket.state
+        return Lease(self, grant, grant.granted_at - ticket.arrival)
+
+    def _wake(self, ticket: Ticket) -> None:
+        event = self._waiters.get(ticket.id)
+        if event is not None:
+            event.set()
+
+    def release_threadsafe(self, lease: Lease) -> None:
+        """Release a lease from any thread (a worker thread, a sync library's callback).
+
+        ``lease.release()`` does the same; this name documents the intent at the call site.
+        """
+        lease.release()
+
+    def _release(self, grant: Grant) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed() or threading.get_ident() == self._loop_thread:
+            self._release_on_loop(grant)
+        else:
+            # The scheduler is not thread-safe: the release runs on the pool's own loop.
+            loop.call_soon_threadsafe(self._release_on_loop, grant)
+
+    def _release_on_loop(self, grant: Grant) -> None:
+        if self._scheduler.release(grant) and self._drained is not None and not self._scheduler.grants:
+            self._drained.set()
+
+    def _release_dropped(self, grant: Grant) -> None:
+        if grant.released:
+            return
+        logger.warning(
+            "a lease for model %r on %s was dropped without release(); releasing it now",
+            grant.model,
+            grant.backend.name,
+        )
+        self._release(grant)
+
+    def bind_running_loop(self) -> None:
+        """Bind to the running event loop, if any (synchronous callers may have none)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._bind_loop()
+
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        idle = not self._scheduler.grants and not self._waiters
+        if self._loop is None or self._loop.is_closed() or idle:
+            self._loop = loop
+            self._loop_thread = threading.get_ident()
+            return
+        raise WrongEventLoopError(
+            "this Pool is in use on another event loop; create one Pool per event loop "
+            "(slots are counted per pool, so share the loop, not the pool)"
+        )
+
+    # --- warm-up, state, shutdown ----------------------------------------------------------
+
+    async def warmup(
+        self,
+        model: str,
+        backends: int = 1,
+        *,
+        client: httpx.AsyncClient | None = None,
+        prompt: str = "Respond with only 'pong'",
+    ) -> dict[str, str | None]:
+        """Send a one-token completion to ``backends`` backends serving ``model``, each through a slot.
+
+        Run it before timed work so that the model load is not measured. Backends where the model
+        is already loaded are chosen first. Returns each warmed backend's error text (None: warm).
+        """
+        serving = [
+            b
+            for b in self._scheduler.backends.values()
+            if b.models is not None and model in b.models and b.health is not Health.UNHEALTHY
+        ]
+        serving.sort(key=lambda b: (b.needs_load(model), b.load_ratio, b.index))
+        results: dict[str, str | None] = {}
+
+        async def warm_one(http: httpx.AsyncClient, name: str) -> None:
+            try:
+                lease = await self._acquire(model=model, priority=0, session=None, timeout=None, pin=name)
+            except Exception as exc:
+                results[name] = str(exc)
+                return
+            try:
+                response = await http.post(
+                    f"{lease.url}/v1/chat/completions",
+                    json={"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1},
+                    headers=auth_headers(lease.api_key),
+                )
+                response.raise_for_status()
+            except httpx.HTTPError as exc:
+                results[name] = describe_http_error(exc)
+            else:
+                results[name] = None
+                self._warm.setdefault(name, {})[model] = time.time()
+            finally:
+                lease.release()
+
+        async with _client_or(client, self.config) as http, anyio.create_task_group() as group:
+            for backend in serving[:backends]:
+                group.start_soon(warm_one, http, backend.name)
+        return results
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole state, JSON-ready: backends, slots, leases per model, queue by model."""
+        state = self._scheduler.snapshot()
+        for backend in state["backends"]:
+            configured = self._backend_configs.get(backend["name"])
+            backend["kind"] = configured.kind if configured else "auto"
+            backend["warm_models"] = sorted(self._warm.get(backend["name"], {}))
+        state["closed"] = self._closed
+        return state
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._scheduler
+
+    async def aclose(self, grace: float = 0.0) -> None:
+        """Refuse new requests, fail waiting ones, then wait up to ``grace`` s for leases to end."""
+        if not self._closed:
+            self._closed = True
+            for ticket in list(self._scheduler.waiting_tickets()):
+                self._scheduler.fail(ticket, PoolClosedError("the pool is shutting down"))
+        if grace > 0 and self._scheduler.grants:
+            self._drained = anyio.Event()
+            with anyio.move_on_after(grace):
+                await self._drained.wait()
+
+    async def __aenter__(self) -> Pool:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+def describe_http_error(exc: BaseException) -> str:
+    """A short text for a failed request, in the v0.7 style: ``HTTP 401`` or the error itself."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    return str(exc) or type(exc).__name__
+
+
+@asynccontextmanager
+async def _client_or(
+    client: httpx.AsyncClient | None, config: PoolConfig
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The caller's client, or a short-lived one that ignores proxy environment variables."""
+    if client is not None:
+        yield client
+        return
+    timeout = httpx.Timeout(config.read_timeout, connect=config.connect_timeout)
+    async with httpx.AsyncClient(trust_env=False, timeout=timeout) as owned:
+        yield owned
+
+
+def __getattr__(name: str) -> Any:
+    # The v0.7 library exported ServerPool from this module; load it lazily to avoid a cycle.
+    if name == "ServerPool":
+        from local_inference_pool.compat import ServerPool
+
+        return ServerPool
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

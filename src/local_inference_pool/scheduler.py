@@ -1,0 +1,767 @@
+"""The scheduling core: a pure, synchronous state machine with an injected clock and no I/O.
+
+Every decision happens inside one synchronous call, so "check a slot is free and take it" can never
+be split by an await, and the same object can be driven by a discrete-event simulator.
+
+Vocabulary:
+- a *ticket* is one request waiting for (or holding) a slot for one model;
+- a *grant* is a slot handed to a ticket on one backend; releasing it frees the slot (once);
+- a backend's *resident* models are what it has loaded (most recent first); sending a model that is
+  not resident costs a *load* (a VRAM swap when another model has to go);
+- the *drain guard*: a backend busy with model A takes no model B unless it may hold both
+  (``max_loaded_models``);
+- a *drain barrier* reserves one backend for a starving model: it admits no other model until the
+  starving model gets a slot there, so a cold model is served in bounded time.
+
+Dispatch runs after every change that can free capacity and grants everything it can in one pass.
+Placement prefers no load, then the session's affinity backend, then the lowest weighted load.
+A free slot prefers, per priority, a request whose model is already loaded over an older one that
+would force a load, until the older one has waited ``starvation_bound`` seconds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final
+
+from local_inference_pool.errors import (
+    ModelNotFoundError,
+    NoCapacityError,
+    PoolError,
+    QueueFullError,
+    QueueTimeoutError,
+)
+
+__all__ = [
+    "Affinity",
+    "Backend",
+    "Grant",
+    "Health",
+    "Scheduler",
+    "Ticket",
+    "TicketState",
+]
+
+
+class Health(StrEnum):
+    HEALTHY = "healthy"
+    LOADING = "loading"  # reachable but not ready (model loading): requests wait for it
+    UNHEALTHY = "unhealthy"
+
+
+class TicketState(StrEnum):
+    WAITING = "waiting"
+    GRANTED = "granted"
+    RELEASED = "released"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class Affinity(StrEnum):
+    HIT = "hit"  # went to the backend the session used before
+    MISS = "miss"  # a new session
+    REPIN = "repin"  # the session's backend had no room: moved, and remembered there
+
+
+@dataclass(eq=False, slots=True)
+class Backend:
+    name: str
+    url: str
+    slots: int
+    models: frozenset[str] | None  # None: not discovered yet
+    max_loaded_models: int
+    weight: float
+    health: Health
+    index: int
+    external_busy: int = 0  # slots busy with work that did not come through this pool
+    active: dict[str, int] = field(default_factory=dict)  # model -> leases, only counts > 0
+    active_total: int = 0
+    resident: list[str] = field(default_factory=list)  # most recent first
+    barrier: str | None = None
+    loads: int = 0
+    granted: int = 0
+    removed: bool = False
+    pinned: deque[Ticket] = field(default_factory=deque)
+
+    @property
+    def free(self) -> int:
+        return max(0, self.slots - self.active_total - self.external_busy)
+
+    @property
+    def load_ratio(self) -> float:
+        return (self.active_total + self.external_busy) / (self.slots * self.weight)
+
+    def can_take(self, model: str) -> bool:
+        """Healthy, lists the model, not reserved for another, and the drain guard allows it."""
+        if self.health is not Health.HEALTHY or self.models is None or model not in self.models:
+            return False
+        if self.barrier is not None and self.barrier != model:
+            return False
+        return model in self.active or len(self.active) < self.max_loaded_models
+
+    def needs_load(self, model: str) -> bool:
+        return model not in self.active and model not in self.resident
+
+    def needs_swap(self, model: str) -> bool:
+        """Loading the model here would evict another one (a load into free room evicts nothing)."""
+        return self.needs_load(model) and len(self.resident) >= self.max_loaded_models
+
+
+@dataclass(eq=False, slots=True)
+class Ticket:
+    id: int
+    model: str
+    priority: int
+    arrival: float
+    deadline: float | None
+    affinity_key: str | None
+    pin: str | None
+    state: TicketState = TicketState.WAITING
+    grant: Grant | None = None
+    error: PoolError | None = None
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (-self.priority, self.id)
+
+
+@dataclass(eq=False, slots=True)
+class Grant:
+    id: int
+    ticket: Ticket
+    backend: Backend
+    model: str
+    granted_at: float
+    loaded_model: bool  # this grant made the backend load the model
+    affinity: Affinity | None
+    released: bool = False
+
+
+_UNSET: Final[Any] = object()
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        queue_limit: int = 1000,
+        starvation_bound: float = 30.0,
+        affinity: bool = True,
+        affinity_ttl: float = 1800.0,
+        affinity_max_sessions: int = 10_000,
+        on_ticket_done: Callable[[Ticket], None] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.queue_limit = queue_limit
+        self.starvation_bound = starvation_bound
+        self.affinity_enabled = affinity
+        self.affinity_ttl = affinity_ttl
+        self.affinity_max_sessions = affinity_max_sessions
+        self.on_ticket_done = on_ticket_done
+        self.backends: dict[str, Backend] = {}
+        self.grants: dict[int, Grant] = {}
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("granted", "released", "loads", "cancelled", "timed_out", "failed", "rejected",
+             "affinity_hit", "affinity_miss", "affinity_repin", "barriers"),
+            0,
+        )  # fmt: skip
+        self._ids = itertools.count(1)
+        self._backend_order = itertools.count()
+        self._queues: dict[str, list[tuple[tuple[int, int], Ticket]]] = {}
+        self._arrivals: dict[str, deque[Ticket]] = {}  # arrival order, for the oldest wait
+        self._waiting: dict[str, int] = {}  # model -> waiting tickets (pinned included)
+        self._waiting_total = 0
+        self._deadlines: list[tuple[float, int, Ticket]] = []
+        self._serving: dict[str, set[Backend]] = {}
+        self._resident_on: dict[str, set[Backend]] = {}
+        self._free: set[Backend] = set()
+        self._undiscovered = 0
+        self._barriers: dict[str, Backend] = {}
+        self._affinity: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    # --- backends --------------------------------------------------------------------------
+
+    def add_backend(
+        self,
+        name: str,
+        url: str,
+        *,
+        slots: int = 1,
+        models: Iterable[str] | None = None,
+        max_loaded_models: int = 1,
+        weight: float = 1.0,
+        health: Health = Health.HEALTHY,
+        resident: Sequence[str] = (),
+    ) -> Backend:
+        if name in self.backends:
+            raise ValueError(f"backend {name!r} already exists")
+        backend = Backend(
+            name=name,
+            url=url,
+            slots=slots,
+            models=None,
+            max_loaded_models=max_loaded_models,
+            weight=weight,
+            health=health,
+            index=next(self._backend_order),
+        )
+        self.backends[name] = backend
+        self._undiscovered += 1
+        self._set_models(backend, None if models is None else frozenset(models))
+        self._set_resident(backend, resident)
+        self._touch(backend)
+        self._after_change([backend])
+        return backend
+
+    def remove_backend(self, name: str) -> None:
+        """Forget a backend. Its grants stay valid and releasing them is harmless."""
+        backend = self.backends.pop(name)
+        self._set_models(backend, frozenset())
+        self._set_resident(backend, ())
+        backend.removed = True
+        self._free.discard(backend)
+        self._clear_barrier(backend)
+        while backend.pinned:
+            ticket = backend.pinned.popleft()
+            if ticket.state is TicketState.WAITING:
+                self.fail(ticket, NoCapacityError(f"backend {name!r} was removed", model=ticket.model))
+        self._after_change([])
+
+    def update_backend(
+        self,
+        name: str,
+        *,
+        slots: int = _UNSET,
+        models: Iterable[str] | None = _UNSET,
+        resident: Sequence[str] = _UNSET,
+        health: Health = _UNSET,
+        external_busy: int = _UNSET,
+        weight: float = _UNSET,
+        max_loaded_models: int = _UNSET,
+    ) -> None:
+        """Apply what a probe (or the operator) says; dispatch what the change makes possible."""
+        backend = self.backends[name]
+        if slots is not _UNSET:
+            backend.slots = max(1, slots)
+        if weight is not _UNSET:
+            backend.weight = weight
+        if max_loaded_models is not _UNSET:
+            backend.max_loaded_models = max(1, max_loaded_models)
+            self._set_resident(backend, backend.resident)
+        if external_busy is not _UNSET:
+            backend.external_busy = max(0, external_busy)
+        if models is not _UNSET:
+            self._set_models(backend, None if models is None else frozenset(models))
+        if resident is not _UNSET:
+            self._set_resident(backend, resident)
+        if health is not _UNSET and health is not backend.health:
+            backend.health = health
+            if health is not Health.HEALTHY:
+                self._clear_barrier(backend)
+        self._touch(backend)
+        self._after_change([backend])
+
+    # --- tickets ---------------------------------------------------------------------------
+
+    def submit(
+        self,
+        model: str,
+        *,
+        priority: int = 0,
+        affinity_key: str | None = None,
+        timeout: float | None = None,
+        pin: str | None = None,
+    ) -> Ticket:
+        """Queue a request; it may come back already granted. Raises when it can never be served now."""
+        now = self.clock()
+        self._check_servable(model, pin)
+        if self._waiting_total >= self.queue_limit and not self._free:
+            self.stats["rejected"] += 1
+            raise QueueFullError(
+                f"the queue is full ({self._waiting_total} waiting, limit {self.queue_limit}); "
+                "retry later or raise pool.queue_limit"
+            )
+        ticket = Ticket(
+            id=next(self._ids),
+            model=model,
+            priority=priority,
+            arrival=now,
+            deadline=None if timeout is None else now + timeout,
+            affinity_key=affinity_key if self.affinity_enabled else None,
+            pin=pin,
+        )
+        self._enqueue(ticket)
+        if pin is not None:
+            self._fill(self.backends[pin])
+        elif self._free:
+            self._place(model)
+        if ticket.state is TicketState.WAITING and self._waiting_total > self.queue_limit:
+            self._remove_waiting(ticket)
+            ticket.state = TicketState.FAILED
+            self.stats["rejected"] += 1
+            raise QueueFullError(
+                f"the queue is full ({self._waiting_total} waiting, limit {self.queue_limit}); "
+                "retry later or raise pool.queue_limit"
+            )
+        return ticket
+
+    def try_acquire(self, model: str, *, affinity_key: str | None = None) -> Grant | None:
+        """Take a slot now if any eligible backend has one, else None; never queues.
+
+        Unlike a queued ticket it does not defer to a backend where the model is already loaded:
+        a caller that polls would otherwise never reach the starvation bound.
+        """
+        if self._waiting.get(model, 0) > 0:
+            return None
+        candidates = [b for b in self._free_serving(model) if b.can_take(model)]
+        if not candidates:
+            return None
+        ticket = Ticket(
+            id=next(self._ids),
+            model=model,
+            priority=0,
+            arrival=self.clock(),
+            deadline=None,
+            affinity_key=affinity_key if self.affinity_enabled else None,
+            pin=None,
+        )
+        backend, affinity = self._choose_backend(ticket, candidates)
+        return self._grant(ticket, backend, affinity, queued=False)
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Withdraw a ticket. A grant its waiter never took is released and passed on."""
+        if ticket.state is TicketState.WAITING:
+            self._remove_waiting(ticket)
+            ticket.state = TicketState.CANCELLED
+            self.stats["cancelled"] += 1
+        elif ticket.state is TicketState.GRANTED and ticket.grant is not None:
+            self.release(ticket.grant)
+
+    def release(self, grant: Grant) -> bool:
+        """Free the grant's slot. Idempotent: only the first call frees anything."""
+        if grant.released:
+            return False
+        grant.released = True
+        grant.ticket.state = TicketState.RELEASED
+        del self.grants[grant.id]
+        self.stats["released"] += 1
+        backend = grant.backend
+        remaining = backend.active[grant.model] - 1
+        if remaining:
+            backend.active[grant.model] = remaining
+        else:
+            del backend.active[grant.model]
+        backend.active_total -= 1
+        if not backend.removed:
+            self._touch(backend)
+            self._fill(backend)
+        return True
+
+    def refresh(self) -> None:
+        """Apply what time alone changes: deadlines pass, waiters starve, affinities expire."""
+        now = self.clock()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, ticket = heapq.heappop(self._deadlines)
+            if ticket.state is TicketState.WAITING:
+                waited = now - ticket.arrival
+                self.stats["timed_out"] += 1
+                self.fail(
+                    ticket,
+                    QueueTimeoutError(
+                        f"no slot for model {ticket.model!r} within {waited:.1f}s; "
+                        f"{self._waiting.get(ticket.model, 0)} more waiting for it",
+                        model=ticket.model,
+                        waited=waited,
+                    ),
+                )
+        while self._affinity:
+            key, (_, expires) = next(iter(self._affinity.items()))
+            if expires > now:
+                break
+            del self._affinity[key]
+        self._serve_starving(now)
+
+    def next_wakeup(self) -> float | None:
+        """When ``refresh`` next has something to do, or None (for simulators)."""
+        while self._deadlines and self._deadlines[0][2].state is not TicketState.WAITING:
+            heapq.heappop(self._deadlines)
+        times = [self._deadlines[0][0]] if self._deadlines else []
+        for model in self._waiting:
+            head = self._head(model)
+            if head is not None and model not in self._barriers:
+                times.append(head.arrival + self.starvation_bound)
+        return min(times, default=None)
+
+    def ticket_wakeup(self, ticket: Ticket) -> float | None:
+        """When this ticket's waiter should call ``refresh``: its deadline or its starvation time."""
+        times = [t for t in (ticket.deadline,) if t is not None]
+        starving_at = ticket.arrival + self.starvation_bound
+        if starving_at > self.clock():
+            times.append(starving_at)
+        return min(times, default=None)
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting_total
+
+    def waiting_for(self, model: str) -> int:
+        return self._waiting.get(model, 0)
+
+    def waiting_tickets(self) -> Iterator[Ticket]:
+        for arrivals in self._arrivals.values():
+            yield from (t for t in arrivals if t.state is TicketState.WAITING)
+
+    def oldest_waiting(self, model: str) -> Ticket | None:
+        arrivals = self._arrivals.get(model)
+        while arrivals:
+            if arrivals[0].state is TicketState.WAITING:
+                return arrivals[0]
+            arrivals.popleft()
+        return None
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self.clock()
+        oldest: dict[str, float] = {}
+        for model in self._waiting:
+            ticket = self.oldest_waiting(model)
+            if ticket is not None:
+                oldest[model] = now - ticket.arrival
+        return {
+            "backends": [
+                {
+                    "name": b.name,
+                    "url": b.url,
+                    "health": b.health.value,
+                    "slots": b.slots,
+                    "busy": b.active_total + b.external_busy,
+                    "active": b.active_total,
+                    "external_busy": b.external_busy,
+                    "active_by_model": dict(sorted(b.active.items())),
+                    "resident_models": list(b.resident),
+                    "models": None if b.models is None else sorted(b.models),
+                    "max_loaded_models": b.max_loaded_models,
+                    "weight": b.weight,
+                    "draining_for": b.barrier,
+                    "model_loads": b.loads,
+                    "granted": b.granted,
+                }
+                for b in self.backends.values()
+            ],
+            "queue": {
+                "waiting": self._waiting_total,
+                "limit": self.queue_limit,
+                "by_model": {
+                    model: {"waiting": count, "oldest_wait_s": round(oldest.get(model, 0.0), 3)}
+                    for model, count in sorted(self._waiting.items())
+                },
+                "oldest_wait_s": round(max(oldest.values(), default=0.0), 3),
+            },
+            "active_leases": len(self.grants),
+            "stats": dict(self.stats),
+        }
+
+    # --- dispatch --------------------------------------------------------------------------
+
+    def _after_change(self, changed: Iterable[Backend]) -> None:
+        self._fail_unservable()
+        for backend in sorted(changed, key=lambda b: b.index):
+            self._fill(backend)
+        self._dispatch_all()
+        self._serve_starving(self.clock())
+
+    def _dispatch_all(self) -> None:
+        for backend in sorted(self._free, key=lambda b: b.index):
+            self._fill(backend)
+
+    def _place(self, model: str) -> None:
+        """Give waiting tickets of one model the best free backends, head first."""
+        while (head := self._head(model)) is not None:
+            starving = self.clock() - head.arrival >= self.starvation_bound
+            may_swap = starving or self._swap_worthwhile(model)
+            candidates = [
+                b
+                for b in self._free_serving(model)
+                if b.can_take(model) and (may_swap or not b.needs_swap(model))
+            ]
+            if not candidates:
+                return
+            backend, affinity = self._choose_backend(head, candidates)
+            self._remove_waiting(head)
+            self._grant(head, backend, affinity, queued=True)
+
+    def _fill(self, backend: Backend) -> None:
+        """Give a backend's free slots to the best waiting tickets."""
+        while backend.free and backend.health is Health.HEALTHY and not backend.removed:
+            ticket = self._choose_ticket(backend)
+            if ticket is None:
+                return
+            self._remove_waiting(ticket)
+            affinity = self._affinity_outcome(ticket, backend)
+            self._grant(ticket, backend, affinity, queued=True)
+
+    def _choose_ticket(self, backend: Backend) -> Ticket | None:
+        while backend.pinned and backend.pinned[0].state is not TicketState.WAITING:
+            backend.pinned.popleft()
+        if backend.pinned and backend.can_take(backend.pinned[0].model):
+            return backend.pinned[0]
+        if backend.models is None:
+            return None
+        now = self.clock()
+        waiting = self._waiting
+        models: Iterable[str] = (
+            (m for m in waiting if m in backend.models)
+            if len(waiting) <= len(backend.models)
+            else (m for m in backend.models if m in waiting)
+        )
+        best: Ticket | None = None
+        best_key: tuple[bool, int, bool, int] | None = None
+        for model in models:
+            if not backend.can_take(model):
+                continue
+            head = self._head(model)
+            if head is None:
+                continue
+            starving = now - head.arrival >= self.starvation_bound
+            if backend.needs_swap(model) and not starving and not self._swap_worthwhile(model):
+                continue
+            key = (not starving, -head.priority, backend.needs_load(model), head.id)
+            if best_key is None or key < best_key:
+                best, best_key = head, key
+        return best
+
+    def _choose_backend(self, ticket: Ticket, candidates: list[Backend]) -> tuple[Backend, Affinity | None]:
+        pinned_to = self._affinity_backend(ticket.affinity_key)
+        best = min(
+            candidates,
+            key=lambda b: (b.needs_load(ticket.model), b.name != pinned_to, b.load_ratio, b.index),
+        )
+        return best, self._affinity_outcome(ticket, best)
+
+    def _swap_worthwhile(self, model: str) -> bool:
+        """Evict a model for this one only if its backlog outgrows where it is already loaded."""
+        loaded_slots = sum(b.slots for b in self._resident_on.get(model, ()) if b.health is Health.HEALTHY)
+        return self._waiting.get(model, 0) >= loaded_slots
+
+    def _serve_starving(self, now: float) -> None:
+        """Heads past the starvation bound may force a load; if nothing is free, drain a backend."""
+        for model in [m for m in self._waiting if m not in self._barriers]:
+            head = self._head(model)
+            if head is None or now - head.arrival < self.starvation_bound:
+                continue
+            self._place(model)
+            serving = self._serving.get(model, ())
+            if self._head(model) is None or any(model in b.active for b in serving):
+                continue  # already being served somewhere: it waits for load, not for a swap
+            candidates = [
+                b
+                for b in serving
+                if b.health is Health.HEALTHY and b.barrier is None and b.slots > b.external_busy
+            ]
+            if not candidates:
+                continue
+            target = min(
+                candidates,
+                key=lambda b: (sum(n for m, n in b.active.items() if m != model) / b.slots, b.index),
+            )
+            target.barrier = model
+            self._barriers[model] = target
+            self.stats["barriers"] += 1
+            self._fill(target)
+
+    def _grant(self, ticket: Ticket, backend: Backend, affinity: Affinity | None, *, queued: bool) -> Grant:
+        model = ticket.model
+        load = backend.needs_load(model)
+        if load:
+            backend.loads += 1
+            self.stats["loads"] += 1
+        if not backend.resident or backend.resident[0] != model:
+            self._set_resident(backend, [model, *(m for m in backend.resident if m != model)])
+        backend.active[model] = backend.active.get(model, 0) + 1
+        backend.active_total += 1
+        backend.granted += 1
+        if backend.barrier == model:
+            self._clear_barrier(backend)
+        grant = Grant(
+            id=next(self._ids),
+            ticket=ticket,
+            backend=backend,
+            model=model,
+            granted_at=self.clock(),
+            loaded_model=load,
+            affinity=affinity,
+        )
+        self.grants[grant.id] = grant
+        ticket.state = TicketState.GRANTED
+        ticket.grant = grant
+        self.stats["granted"] += 1
+        if affinity is not None:
+            self.stats[f"affinity_{affinity.value}"] += 1
+            self._remember_affinity(ticket.affinity_key, backend)
+        self._touch(backend)
+        if queued and self.on_ticket_done is not None:
+            self.on_ticket_done(ticket)
+        return grant
+
+    # --- bookkeeping -----------------------------------------------------------------------
+
+    def _check_servable(self, model: str, pin: str | None) -> None:
+        if pin is not None:
+            backend = self.backends.get(pin)
+            if backend is None:
+                raise NoCapacityError(f"no backend named {pin!r}", model=model)
+            if backend.models is not None and model not in backend.models:
+                raise ModelNotFoundError(f"backend {pin!r} does not serve model {model!r}", model=model)
+            return
+        serving = self._serving.get(model)
+        if not serving:
+            if self._discovery_pending():
+                return  # a reachable backend's model list is not known yet: wait for discovery
+            if not self.backends:
+                raise NoCapacityError("the pool has no backends configured", model=model)
+            known = sorted(self._serving)
+            listed = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+            raise ModelNotFoundError(
+                f"model {model!r} is not served by any backend; available: {listed or 'none'}",
+                model=model,
+            )
+        if all(b.health is Health.UNHEALTHY for b in serving):
+            names = ", ".join(sorted(b.name for b in serving))
+            raise NoCapacityError(
+                f"no healthy backend for model {model!r} (unhealthy: {names}); retry later",
+                model=model,
+            )
+
+    def _fail_unservable(self) -> None:
+        """Once every model list is known, tickets for a model nobody serves fail at once."""
+        if self._discovery_pending():
+            return
+        for model in [m for m in self._waiting if not self._serving.get(m)]:
+            error_text = f"model {model!r} is no longer served by any backend"
+            for ticket in [t for _, t in self._queues.get(model, ()) if t.state is TicketState.WAITING]:
+                self.fail(ticket, ModelNotFoundError(error_text, model=model))
+
+    def _discovery_pending(self) -> bool:
+        return self._undiscovered > 0 and any(
+            b.models is None and b.health is not Health.UNHEALTHY for b in self.backends.values()
+        )
+
+    def fail(self, ticket: Ticket, error: PoolError) -> None:
+        """End a waiting ticket with an error (its waiter raises it)."""
+        if ticket.state is not TicketState.WAITING:
+            return
+        self._remove_waiting(ticket)
+        ticket.state = TicketState.FAILED
+        ticket.error = error
+        self.stats["failed"] += 1
+        if self.on_ticket_done is not None:
+            self.on_ticket_done(ticket)
+
+    def _enqueue(self, ticket: Ticket) -> None:
+        if ticket.pin is not None:
+            self.backends[ticket.pin].pinned.append(ticket)
+        else:
+            heapq.heappush(self._queues.setdefault(ticket.model, []), (ticket.order, ticket))
+        self._arrivals.setdefault(ticket.model, deque()).append(ticket)
+        self._waiting[ticket.model] = self._waiting.get(ticket.model, 0) + 1
+        self._waiting_total += 1
+        if ticket.deadline is not None:
+            heapq.heappush(self._deadlines, (ticket.deadline, ticket.id, ticket))
+
+    def _remove_waiting(self, ticket: Ticket) -> None:
+        """Account a waiting ticket as gone; heaps drop it lazily when it reaches the top."""
+        model = ticket.model
+        remaining = self._waiting[model] - 1
+        self._waiting_total -= 1
+        ticket.state = TicketState.CANCELLED  # callers set the final state
+        if remaining:
+            self._waiting[model] = remaining
+        else:
+            del self._waiting[model]
+            self._queues.pop(model, None)
+            self._arrivals.pop(model, None)
+            barrier = self._barriers.get(model)
+            if barrier is not None:
+                self._clear_barrier(barrier)
+
+    def _head(self, model: str) -> Ticket | None:
+        queue = self._queues.get(model)
+        while queue:
+            ticket = queue[0][1]
+            if ticket.state is TicketState.WAITING:
+                return ticket
+            heapq.heappop(queue)
+        return None
+
+    def _free_serving(self, model: str) -> Iterable[Backend]:
+        serving = self._serving.get(model, set())
+        return (
+            (b for b in self._free if b in serving)
+            if len(self._free) <= len(serving)
+            else (b for b in serving if b in self._free)
+        )
+
+    def _touch(self, backend: Backend) -> None:
+        if backend.free and backend.health is Health.HEALTHY and not backend.removed:
+            self._free.add(backend)
+        else:
+            self._free.discard(backend)
+
+    def _set_models(self, backend: Backend, models: frozenset[str] | None) -> None:
+        if (backend.models is None) != (models is None):
+            self._undiscovered += 1 if models is None else -1
+        for model in backend.models or ():
+            self._serving[model].discard(backend)
+            if not self._serving[model]:
+                del self._serving[model]
+        backend.models = models
+        for model in models or ():
+            self._serving.setdefault(model, set()).add(backend)
+
+    def _set_resident(self, backend: Backend, resident: Sequence[str]) -> None:
+        # Loaded beyond capacity means the oldest idle ones were evicted; active models stay.
+        kept: list[str] = []
+        for model in dict.fromkeys(resident):
+            if len(kept) < backend.max_loaded_models or model in backend.active:
+                kept.append(model)
+        for model in backend.resident:
+            self._resident_on[model].discard(backend)
+            if not self._resident_on[model]:
+                del self._resident_on[model]
+        backend.resident = kept
+        for model in kept:
+            self._resident_on.setdefault(model, set()).add(backend)
+
+    def _clear_barrier(self, backend: Backend) -> None:
+        if backend.barrier is not None:
+            self._barriers.pop(backend.barrier, None)
+            backend.barrier = None
+
+    def _affinity_backend(self, key: str | None) -> str | None:
+        if key is None:
+            return None
+        entry = self._affinity.get(key)
+        if entry is None or entry[1] <= self.clock():
+            return None
+        return entry[0]
+
+    def _affinity_outcome(self, ticket: Ticket, backend: Backend) -> Affinity | None:
+        if ticket.affinity_key is None:
+            return None
+        pinned_to = self._affinity_backend(ticket.affinity_key)
+        if pinned_to is None:
+            return Affinity.MISS
+        return Affinity.HIT if pinned_to == backend.name else Affinity.REPIN
+
+    def _remember_affinity(self, key: str | None, backend: Backend) -> None:
+        if key is None:
+            return
+        self._affinity[key] = (backend.name, self.clock() + self.affinity_ttl)
+        self._affinity.move_to_end(key)
+        while len(self._affinity) > self.affinity_max_sessions:
+            self._affinity.popitem(last=False)

@@ -1,0 +1,398 @@
+from __future__ import annotations
+
+import pytest
+
+from local_inference_pool.errors import ModelNotFoundError, NoCapacityError, QueueFullError, QueueTimeoutError
+from local_inference_pool.scheduler import Affinity, Health, Scheduler, Ticket, TicketState
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make(clock: Clock, **kwargs: object) -> tuple[Scheduler, list[Ticket]]:
+    done: list[Ticket] = []
+    scheduler = Scheduler(clock=clock, on_ticket_done=done.append, **kwargs)  # type: ignore[arg-type]
+    return scheduler, done
+
+
+def state(ticket: Ticket) -> TicketState:
+    """Read through a call so the type checker does not narrow a state that dispatch changes."""
+    return ticket.state
+
+
+def backend_of(ticket: Ticket) -> str | None:
+    return ticket.grant.backend.name if ticket.grant else None
+
+
+def test_grants_at_once_when_a_slot_is_free_and_queues_beyond_slots(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=2, models=["m"])
+    tickets = [s.submit("m") for _ in range(3)]
+    assert [t.state for t in tickets] == [TicketState.GRANTED, TicketState.GRANTED, TicketState.WAITING]
+    assert s.waiting == 1
+
+
+def test_release_hands_the_slot_to_the_waiter_and_wakes_it(clock: Clock) -> None:
+    s, done = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    first = s.submit("m")
+    second = s.submit("m")
+    assert first.grant is not None
+    assert s.release(first.grant) is True
+    assert state(second) is TicketState.GRANTED
+    assert done[-1] is second
+    assert s.release(first.grant) is False  # idempotent
+    assert s.backends["a"].active_total == 1
+
+
+def test_spreads_by_weighted_load_ratio(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("small", "http://s", slots=2, models=["m"], resident=["m"])
+    s.add_backend("big", "http://b", slots=2, models=["m"], resident=["m"], weight=3.0)
+    names = [backend_of(s.submit("m")) for _ in range(4)]
+    # A lease on big weighs a third of one on small: 0/0 tie -> small, then big twice, then small.
+    assert names == ["small", "big", "big", "small"]
+
+
+def test_idle_backend_with_room_loads_rather_than_letting_a_request_wait(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("warm", "http://w", slots=1, models=["m"], resident=["m"])
+    s.add_backend("empty", "http://e", slots=1, models=["m"])
+    assert [backend_of(s.submit("m")) for _ in range(2)] == ["warm", "empty"]
+
+
+def test_prefers_the_backend_with_the_model_loaded(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("cold", "http://c", slots=4, models=["m", "x"], resident=["x"])
+    s.add_backend("warm", "http://w", slots=4, models=["m", "x"], resident=["m"])
+    assert backend_of(s.submit("m")) == "warm"
+
+
+def test_drain_guard_keeps_a_busy_backend_on_its_model(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=4, models=["m", "x"])
+    s.submit("m")
+    other = s.submit("x")
+    assert state(other) is TicketState.WAITING
+    assert s.backends["a"].active == {"m": 1}
+
+
+def test_max_loaded_models_lets_a_backend_hold_two(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=4, models=["m", "x", "y"], max_loaded_models=2)
+    assert s.submit("m").state is TicketState.GRANTED
+    assert s.submit("x").state is TicketState.GRANTED
+    assert s.submit("y").state is TicketState.WAITING
+    assert s.backends["a"].resident == ["x", "m"]
+
+
+def test_free_slot_goes_to_the_loaded_model_before_an_older_request_that_would_swap(clock: Clock) -> None:
+    s, _ = make(clock, starvation_bound=30.0)
+    s.add_backend("a", "http://a", slots=1, models=["m", "x"])
+    holder = s.submit("m")
+    cold = s.submit("x")  # older, needs a swap
+    clock.now += 1
+    warm = s.submit("m")
+    assert holder.grant is not None
+    s.release(holder.grant)
+    assert state(warm) is TicketState.GRANTED
+    assert state(cold) is TicketState.WAITING
+
+
+def test_starving_request_gets_a_drain_barrier_and_then_the_backend(clock: Clock) -> None:
+    s, _ = make(clock, starvation_bound=30.0)
+    s.add_backend("a", "http://a", slots=2, models=["m", "x"])
+    held = [s.submit("m"), s.submit("m")]
+    cold = s.submit("x")
+    clock.now += 31
+    s.refresh()
+    assert s.backends["a"].barrier == "x"
+    late = s.submit("m")  # the barrier refuses new work for the old model
+    for ticket in held:
+        assert ticket.grant is not None
+        s.release(ticket.grant)
+    assert state(cold) is TicketState.GRANTED
+    assert state(late) is TicketState.WAITING
+    assert s.backends["a"].barrier is None
+    assert s.stats["barriers"] == 1
+
+
+def test_barrier_is_dropped_when_the_backend_goes_unhealthy_and_placed_again(clock: Clock) -> None:
+    s, _ = make(clock, starvation_bound=5.0)
+    s.add_backend("a", "http://a", slots=1, models=["m", "x"])
+    s.add_backend("b", "http://b", slots=1, models=["m", "x"])
+    s.submit("m")
+    s.submit("m")
+    cold = s.submit("x")
+    clock.now += 6
+    s.refresh()
+    barrier_on = next(b.name for b in s.backends.values() if b.barrier == "x")
+    s.update_backend(barrier_on, health=Health.UNHEALTHY)
+    assert s.backends[barrier_on].barrier is None
+    other = next(name for name in s.backends if name != barrier_on)
+    assert s.backends[other].barrier == "x"
+    assert state(cold) is TicketState.WAITING
+
+
+def test_idle_backend_loads_a_cold_model_when_nowhere_else_has_it(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m", "x"], resident=["m"])
+    ticket = s.submit("x")
+    assert state(ticket) is TicketState.GRANTED
+    assert ticket.grant is not None
+    assert ticket.grant.loaded_model
+    assert s.backends["a"].resident == ["x"]
+    assert s.stats["loads"] == 1
+
+
+def test_cold_model_waits_for_its_loaded_backend_while_backlog_is_small(clock: Clock) -> None:
+    s, _ = make(clock, starvation_bound=30.0)
+    s.add_backend("has_x", "http://1", slots=2, models=["x"], resident=["x"])
+    s.add_backend("has_m", "http://2", slots=2, models=["m", "x"], resident=["m"])
+    s.submit("x")
+    s.submit("x")
+    queued = s.submit("x")  # has_x is full; loading x on has_m costs a swap for one request
+    assert state(queued) is TicketState.WAITING
+    s.submit("x")  # backlog 2 >= 2 slots where x is loaded: now a second copy pays off
+    assert state(queued) is TicketState.GRANTED
+    assert backend_of(queued) == "has_m"
+
+
+def test_priority_is_served_first(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    holder = s.submit("m")
+    low = s.submit("m", priority=0)
+    high = s.submit("m", priority=5)
+    assert holder.grant is not None
+    s.release(holder.grant)
+    assert state(high) is TicketState.GRANTED
+    assert state(low) is TicketState.WAITING
+
+
+def test_affinity_hit_then_repin_when_full(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"], resident=["m"])
+    s.add_backend("b", "http://b", slots=1, models=["m"], resident=["m"])
+    first = s.submit("m", affinity_key="chat-1")
+    assert first.grant is not None
+    assert (first.grant.backend.name, first.grant.affinity) == ("a", Affinity.MISS)
+    s.release(first.grant)
+    s.submit("m")  # takes a (lowest index on a tie): the session must follow it to b
+    moved = s.submit("m", affinity_key="chat-1")
+    assert moved.grant is not None
+    assert (moved.grant.backend.name, moved.grant.affinity) == ("b", Affinity.REPIN)
+    s.release(moved.grant)
+    back = s.submit("m", affinity_key="chat-1")  # b is remembered now, and has room
+    assert back.grant is not None
+    assert (back.grant.backend.name, back.grant.affinity) == ("b", Affinity.HIT)
+    assert (s.stats["affinity_miss"], s.stats["affinity_repin"], s.stats["affinity_hit"]) == (1, 1, 1)
+
+
+def test_affinity_forgets_after_ttl_and_beyond_max_sessions(clock: Clock) -> None:
+    s, _ = make(clock, affinity_ttl=10.0, affinity_max_sessions=2)
+    s.add_backend("a", "http://a", slots=8, models=["m"])
+    for key in ("k1", "k2", "k3"):
+        ticket = s.submit("m", affinity_key=key)
+        assert ticket.grant is not None
+        s.release(ticket.grant)
+    again = s.submit("m", affinity_key="k1")  # evicted by the LRU bound
+    assert again.grant is not None
+    assert again.grant.affinity is Affinity.MISS
+    clock.now += 11
+    s.refresh()
+    expired = s.submit("m", affinity_key="k3")
+    assert expired.grant is not None
+    assert expired.grant.affinity is Affinity.MISS
+
+
+def test_unknown_model_fails_at_once_with_the_known_ones(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    with pytest.raises(ModelNotFoundError, match=r"'nope'.*available: m"):
+        s.submit("nope")
+
+
+def test_no_backends_at_all_is_no_capacity(clock: Clock) -> None:
+    s, _ = make(clock)
+    with pytest.raises(NoCapacityError, match="no backends"):
+        s.submit("m")
+
+
+def test_all_backends_unhealthy_fails_at_once(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"], health=Health.UNHEALTHY)
+    with pytest.raises(NoCapacityError, match="no healthy backend"):
+        s.submit("m")
+
+
+def test_loading_backend_queues_and_releases_when_ready(clock: Clock) -> None:
+    s, done = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"], health=Health.LOADING)
+    ticket = s.submit("m")
+    assert state(ticket) is TicketState.WAITING
+    s.update_backend("a", health=Health.HEALTHY)
+    assert state(ticket) is TicketState.GRANTED
+    assert done == [ticket]
+
+
+def test_waits_for_discovery_then_fails_if_nobody_serves_the_model(clock: Clock) -> None:
+    s, done = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=None)
+    served = s.submit("m")
+    missing = s.submit("x")
+    assert state(served) is missing.state is TicketState.WAITING
+    s.update_backend("a", models=["m"])
+    assert state(served) is TicketState.GRANTED
+    assert state(missing) is TicketState.FAILED
+    assert isinstance(missing.error, ModelNotFoundError)
+    assert set(done) == {served, missing}
+
+
+def test_model_removed_everywhere_fails_its_queue_at_once(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    s.submit("m")
+    queued = s.submit("m")
+    s.update_backend("a", models=["other"])
+    assert state(queued) is TicketState.FAILED
+    assert isinstance(queued.error, ModelNotFoundError)
+
+
+def test_queue_limit(clock: Clock) -> None:
+    s, _ = make(clock, queue_limit=1)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    s.submit("m")
+    s.submit("m")
+    with pytest.raises(QueueFullError, match="limit 1"):
+        s.submit("m")
+    assert s.stats["rejected"] == 1
+
+
+def test_deadline_fails_the_ticket_with_what_it_waited_for(clock: Clock) -> None:
+    s, done = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    s.submit("m")
+    ticket = s.submit("m", timeout=5.0)
+    assert s.ticket_wakeup(ticket) == pytest.approx(clock.now + 5.0)
+    clock.now += 5.0
+    s.refresh()
+    assert state(ticket) is TicketState.FAILED
+    assert isinstance(ticket.error, QueueTimeoutError)
+    assert "'m'" in ticket.error.message
+    assert ticket.error.waited == pytest.approx(5.0)
+    assert done[-1] is ticket
+
+
+def test_cancel_of_an_untaken_grant_passes_the_slot_on(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    holder = s.submit("m")
+    granted_but_gone = s.submit("m")
+    next_in_line = s.submit("m")
+    assert holder.grant is not None
+    s.release(holder.grant)
+    assert state(granted_but_gone) is TicketState.GRANTED
+    s.cancel(granted_but_gone)
+    assert state(next_in_line) is TicketState.GRANTED
+    assert s.backends["a"].active_total == 1
+
+
+def test_external_busy_slots_reduce_capacity(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=2, models=["m"])
+    s.update_backend("a", external_busy=1)
+    assert s.submit("m").state is TicketState.GRANTED
+    blocked = s.submit("m")
+    assert state(blocked) is TicketState.WAITING
+    s.update_backend("a", external_busy=0)
+    assert state(blocked) is TicketState.GRANTED
+
+
+def test_more_slots_wake_waiters(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    s.submit("m")
+    waiting = [s.submit("m") for _ in range(3)]
+    s.update_backend("a", slots=4)
+    assert all(t.state is TicketState.GRANTED for t in waiting)
+
+
+def test_fewer_slots_than_leases_admits_nothing_until_below(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=3, models=["m"])
+    held = [s.submit("m") for _ in range(3)]
+    s.update_backend("a", slots=1)
+    queued = s.submit("m")
+    for ticket in held[:2]:
+        assert ticket.grant is not None
+        s.release(ticket.grant)
+    assert state(queued) is TicketState.WAITING
+    assert held[2].grant is not None
+    s.release(held[2].grant)
+    assert state(queued) is TicketState.GRANTED
+
+
+def test_removed_backend_fails_its_pinned_tickets_and_keeps_grants_releasable(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    s.add_backend("b", "http://b", slots=1, models=["m"])
+    held = s.submit("m", pin="a")
+    pinned = s.submit("m", pin="a")
+    s.remove_backend("a")
+    assert state(pinned) is TicketState.FAILED
+    assert held.grant is not None
+    assert s.release(held.grant) is True
+    assert "a" not in s.backends
+
+
+def test_pinned_ticket_goes_only_to_its_backend(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    s.add_backend("b", "http://b", slots=1, models=["m"])
+    s.submit("m", pin="a")
+    pinned = s.submit("m", pin="a")
+    assert state(pinned) is TicketState.WAITING
+    assert s.backends["b"].free == 1
+
+
+def test_try_acquire_never_queues(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    assert s.try_acquire("m") is not None
+    assert s.try_acquire("m") is None
+    assert s.waiting == 0
+
+
+def test_snapshot_reports_backends_and_queue(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m", "x"])
+    s.submit("m")
+    s.submit("x")
+    clock.now += 2.5
+    snap = s.snapshot()
+    (backend,) = snap["backends"]
+    assert backend["active_by_model"] == {"m": 1}
+    assert backend["resident_models"] == ["m"]
+    assert backend["health"] == "healthy"
+    assert snap["queue"]["by_model"] == {"x": {"waiting": 1, "oldest_wait_s": 2.5}}
+    assert snap["active_leases"] == 1
+
+
+def test_next_wakeup_is_the_earliest_deadline_or_starvation(clock: Clock) -> None:
+    s, _ = make(clock, starvation_bound=30.0)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    assert s.next_wakeup() is None
+    s.submit("m")
+    s.submit("m", timeout=10.0)
+    assert s.next_wakeup() == pytest.approx(clock.now + 10.0)

@@ -1,0 +1,239 @@
+"""Property-based tests: random workloads against the scheduler, invariants checked at every step.
+
+The invariants are DESIGN.md's, stated independently of the scheduler's own predicates:
+1. a grant never puts a backend over its slots, or on a backend that is not healthy or does not
+   list the model, or past its max_loaded_models distinct active models (the drain guard);
+2. every grant is released exactly once: a second release frees nothing;
+3. after quiescence every backend has zero leases and the queue is empty;
+4. no waiting request could have run without a model load on a free backend (no lost wake-ups);
+6. after a refresh, no request waits past its deadline.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from local_inference_pool.errors import PoolError
+from local_inference_pool.scheduler import Backend, Grant, Health, Scheduler, Ticket, TicketState
+
+MODELS = ["m0", "m1", "m2"]
+NAMES = ["b0", "b1", "b2", "b3"]
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.scheduler = Scheduler(
+            clock=lambda: self.now,
+            queue_limit=12,
+            starvation_bound=10.0,
+            affinity_max_sessions=3,
+            affinity_ttl=50.0,
+            on_ticket_done=self.on_done,
+        )
+        self.tickets: list[Ticket] = []
+        self.live: list[Grant] = []
+        self.released: list[Grant] = []
+
+    def on_done(self, ticket: Ticket) -> None:
+        if ticket.state is TicketState.GRANTED:
+            assert ticket.grant is not None
+            self.check_grant(ticket.grant)
+
+    def check_grant(self, grant: Grant) -> None:
+        backend = grant.backend
+        assert backend.active_total + backend.external_busy <= backend.slots, "over slots"
+        assert backend.health is Health.HEALTHY, "granted on a backend that is not healthy"
+        assert backend.models is not None
+        assert grant.model in backend.models, "model not listed"
+        assert len(backend.active) <= backend.max_loaded_models, "drain guard broken"
+        if grant.ticket.pin is not None:
+            assert grant.ticket.pin == backend.name
+        self.live.append(grant)
+
+    # --- backends --------------------------------------------------------------------------
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        slots=st.integers(1, 3),
+        models=st.none() | st.sets(st.sampled_from(MODELS), max_size=3),
+        max_loaded=st.integers(1, 2),
+        health=st.sampled_from(list(Health)),
+    )
+    def add_backend(
+        self, name: str, slots: int, models: set[str] | None, max_loaded: int, health: Health
+    ) -> None:
+        if name in self.scheduler.backends:
+            return
+        self.scheduler.add_backend(
+            name, f"http://{name}", slots=slots, models=models, max_loaded_models=max_loaded, health=health
+        )
+
+    @rule(name=st.sampled_from(NAMES))
+    def remove_backend(self, name: str) -> None:
+        if name in self.scheduler.backends:
+            self.scheduler.remove_backend(name)
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        slots=st.none() | st.integers(1, 4),
+        models=st.none() | st.sets(st.sampled_from(MODELS), max_size=3),
+        health=st.none() | st.sampled_from(list(Health)),
+        resident=st.none() | st.lists(st.sampled_from(MODELS), max_size=2),
+        external=st.none() | st.integers(0, 2),
+    )
+    def update_backend(
+        self,
+        name: str,
+        slots: int | None,
+        models: set[str] | None,
+        health: Health | None,
+        resident: list[str] | None,
+        external: int | None,
+    ) -> None:
+        if name not in self.scheduler.backends:
+            return
+        changes: dict[str, object] = {}
+        if slots is not None:
+            changes["slots"] = slots
+        if models is not None:
+            changes["models"] = models
+        if health is not None:
+            changes["health"] = health
+        if resident is not None:
+            changes["resident"] = resident
+        if external is not None:
+            changes["external_busy"] = external
+        self.scheduler.update_backend(name, **changes)  # type: ignore[arg-type]
+
+    # --- requests --------------------------------------------------------------------------
+
+    @rule(
+        model=st.sampled_from(MODELS),
+        priority=st.integers(0, 2),
+        session=st.none() | st.sampled_from(["s0", "s1", "s2", "s3"]),
+        timeout=st.none() | st.floats(0.5, 30.0),
+    )
+    def submit(self, model: str, priority: int, session: str | None, timeout: float | None) -> None:
+        try:
+            ticket = self.scheduler.submit(model, priority=priority, affinity_key=session, timeout=timeout)
+        except PoolError:
+            return
+        self.tickets.append(ticket)
+
+    @rule(model=st.sampled_from(MODELS), name=st.sampled_from(NAMES))
+    def submit_pinned(self, model: str, name: str) -> None:
+        try:
+            ticket = self.scheduler.submit(model, pin=name)
+        except PoolError:
+            return
+        self.tickets.append(ticket)
+
+    @rule(model=st.sampled_from(MODELS))
+    def try_acquire(self, model: str) -> None:
+        grant = self.scheduler.try_acquire(model)
+        if grant is not None:
+            self.check_grant(grant)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        grant = data.draw(st.sampled_from(self.live))
+        self.live.remove(grant)
+        assert self.scheduler.release(grant) is True
+        self.released.append(grant)
+
+    @precondition(lambda self: self.released)
+    @rule(data=st.data())
+    def release_again(self, data: st.DataObject) -> None:
+        grant = data.draw(st.sampled_from(self.released))
+        before = {b.name: b.active_total for b in self.scheduler.backends.values()}
+        assert self.scheduler.release(grant) is False
+        assert before == {b.name: b.active_total for b in self.scheduler.backends.values()}
+
+    @precondition(lambda self: self.tickets)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        ticket = data.draw(st.sampled_from(self.tickets))
+        grant = ticket.grant if ticket.state is TicketState.GRANTED else None
+        self.scheduler.cancel(ticket)
+        if grant is not None:
+            assert grant.released
+            self.live.remove(grant)
+            self.released.append(grant)
+
+    @rule(seconds=st.floats(0.0, 20.0))
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.scheduler.refresh()
+        for ticket in self.tickets:
+            if ticket.state is TicketState.WAITING and ticket.deadline is not None:
+                assert ticket.deadline > self.now, "a request waits past its deadline"
+
+    # --- invariants ------------------------------------------------------------------------
+
+    @invariant()
+    def leases_add_up(self) -> None:
+        by_backend: dict[int, int] = {}
+        for grant in self.live:
+            assert not grant.released
+            by_backend[id(grant.backend)] = by_backend.get(id(grant.backend), 0) + 1
+        for backend in self.scheduler.backends.values():
+            assert backend.active_total == sum(backend.active.values()) == by_backend.get(id(backend), 0)
+            assert all(count > 0 for count in backend.active.values())
+        assert len(self.scheduler.grants) == len(self.live)
+
+    @invariant()
+    def queue_adds_up(self) -> None:
+        waiting = [t for t in self.tickets if t.state is TicketState.WAITING]
+        assert self.scheduler.waiting == len(waiting) <= self.scheduler.queue_limit
+        assert sorted(t.id for t in self.scheduler.waiting_tickets()) == sorted(t.id for t in waiting)
+
+    @invariant()
+    def no_lost_wakeup(self) -> None:
+        for ticket in self.tickets:
+            if ticket.state is not TicketState.WAITING or ticket.pin is not None:
+                continue
+            for backend in self.scheduler.backends.values():
+                assert not _could_run_without_load(backend, ticket.model), (
+                    f"{ticket.model} waits while {backend.name} could run it"
+                )
+
+    def teardown(self) -> None:
+        for grant in list(self.live):
+            self.scheduler.release(grant)
+        for ticket in self.tickets:
+            self.scheduler.cancel(ticket)
+        # Granting during teardown is fine, but it must be released too.
+        for grant in list(self.scheduler.grants.values()):
+            self.scheduler.release(grant)
+        assert self.scheduler.waiting == 0
+        assert not self.scheduler.grants
+        for backend in self.scheduler.backends.values():
+            assert backend.active_total == 0
+            assert backend.active == {}
+
+
+def _could_run_without_load(backend: Backend, model: str) -> bool:
+    """A free, healthy backend that lists the model, has it loaded, and is not reserved for another."""
+    if backend.health is not Health.HEALTHY or backend.models is None or model not in backend.models:
+        return False
+    if backend.slots - backend.active_total - backend.external_busy <= 0:
+        return False
+    if backend.barrier not in (None, model):
+        return False
+    if model in backend.active:
+        return True
+    return model in backend.resident and len(backend.active) < backend.max_loaded_models
+
+
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=300,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestScheduler = SchedulerMachine.TestCase

@@ -82,6 +82,7 @@ class Backend:
     active: dict[str, int] = field(default_factory=dict)  # model -> leases, only counts > 0
     active_total: int = 0
     resident: list[str] = field(default_factory=list)  # most recent first
+    residency_known: bool = False  # reported by the backend, or learned from a grant
     barrier: str | None = None
     loads: int = 0
     granted: int = 0
@@ -106,6 +107,10 @@ class Backend:
 
     def needs_load(self, model: str) -> bool:
         return model not in self.active and model not in self.resident
+
+    def known_cold(self, model: str) -> bool:
+        """Known not to have the model loaded (an unprobed, unused backend is not known cold)."""
+        return self.residency_known and self.needs_load(model)
 
     def needs_swap(self, model: str) -> bool:
         """Loading the model here would evict another one (a load into free room evicts nothing)."""
@@ -215,6 +220,7 @@ class Scheduler:
         self._undiscovered += 1
         self._set_models(backend, None if models is None else frozenset(models))
         self._set_resident(backend, resident)
+        backend.residency_known = bool(resident)
         self._touch(backend)
         self._after_change([backend])
         return backend
@@ -260,6 +266,7 @@ class Scheduler:
             self._set_models(backend, None if models is None else frozenset(models))
         if resident is not _UNSET:
             self._set_resident(backend, resident)
+            backend.residency_known = True
         if health is not _UNSET and health is not backend.health:
             backend.health = health
             if health is not Health.HEALTHY:
@@ -539,7 +546,7 @@ class Scheduler:
         pinned_to = self._affinity_backend(ticket.affinity_key)
         best = min(
             candidates,
-            key=lambda b: (b.needs_load(ticket.model), b.name != pinned_to, b.load_ratio, b.index),
+            key=lambda b: (b.known_cold(ticket.model), b.name != pinned_to, b.load_ratio, b.index),
         )
         return best, self._affinity_outcome(ticket, best)
 
@@ -582,6 +589,7 @@ class Scheduler:
             self.stats["loads"] += 1
         if not backend.resident or backend.resident[0] != model:
             self._set_resident(backend, [model, *(m for m in backend.resident if m != model)])
+        backend.residency_known = True
         backend.active[model] = backend.active.get(model, 0) + 1
         backend.active_total += 1
         backend.granted += 1

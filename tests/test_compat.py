@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import anyio
@@ -209,10 +210,8 @@ async def test_cancellation_at_any_moment_never_leaks(pool: ServerPool) -> None:
         task = asyncio.ensure_future(dispatcher.submit("modelA"))
         await asyncio.sleep(delay)
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             pool.release_server(await task)
-        except asyncio.CancelledError:
-            pass
     assert pool.servers[S0].active_requests == 0
 
 

@@ -278,7 +278,7 @@ async def test_update_backend_wakes_waiters_and_config_wins_over_detection() -> 
         await wait_until_queued(pool, 1)
         pool.update_backend("gpu0:8080", slots=4, models=["ignored"])  # detected slots apply
     assert pool.scheduler.backends["gpu0:8080"].slots == 4
-    assert pool.scheduler.backends["gpu0:8080"].models == {"m"}  # configured models win
+    assert pool.scheduler.backends["gpu0:8080"].models == frozenset({"m"})  # configured models win
     first.release()
 
 
@@ -320,13 +320,13 @@ async def test_refresh_models_discovers_and_keeps_models_on_a_failed_probe() -> 
     async with httpx.AsyncClient(transport=models_transport(answers, seen)) as client:
         errors = await pool.refresh_models(client)
         assert errors == {"a:1": None, "b:1": None}
-        assert pool.scheduler.backends["a:1"].models == {"m", "x"}
+        assert pool.scheduler.backends["a:1"].models == frozenset({"m", "x"})
         assert pool.scheduler.backends["b:1"].models == frozenset()
         assert {r.url.host: r.headers.get("authorization") for r in seen} == {"a": "Bearer key-a", "b": None}
         answers["a"] = httpx.Response(503)
         errors = await pool.refresh_models(client)
     assert errors["a:1"] == "HTTP 503"
-    assert pool.scheduler.backends["a:1"].models == {"m", "x"}
+    assert pool.scheduler.backends["a:1"].models == frozenset({"m", "x"})
 
 
 async def test_warmup_sends_one_token_through_a_slot_per_backend() -> None:
@@ -349,7 +349,7 @@ async def test_warmup_sends_one_token_through_a_slot_per_backend() -> None:
     assert results == {"a:1": None, "b:1": None}
     assert sorted(host for host, _, _ in bodies) == ["a", "b"]
     assert all(body["max_tokens"] == 1 and body["model"] == "m" for _, body, _ in bodies)
-    assert dict((host, auth) for host, _, auth in bodies) == {"a": "Bearer key-a", "b": None}
+    assert {host: auth for host, _, auth in bodies} == {"a": "Bearer key-a", "b": None}
     snapshot = {b["name"]: b for b in pool.snapshot()["backends"]}
     assert snapshot["a:1"]["warm_models"] == ["m"]
     assert snapshot["c:1"]["warm_models"] == []

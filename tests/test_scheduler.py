@@ -109,16 +109,21 @@ def test_free_slot_goes_to_the_loaded_model_before_an_older_request_that_would_s
     assert state(cold) is TicketState.WAITING
 
 
-def test_starving_request_gets_a_drain_barrier_and_then_the_backend(clock: Clock) -> None:
+def test_passed_over_request_gets_a_drain_barrier_and_then_the_backend(clock: Clock) -> None:
     s, _ = make(clock, starvation_bound=30.0)
     s.add_backend("a", "http://a", slots=2, models=["m", "x"])
     held = [s.submit("m"), s.submit("m")]
-    cold = s.submit("x")
+    cold = s.submit("x")  # the drain guard keeps it out while m runs
     clock.now += 31
-    s.refresh()
+    assert held[0].grant is not None
+    s.release(held[0].grant)
+    assert s.backends["a"].barrier is None  # nobody passed x over yet
+    newer = s.submit("m")  # granted: it arrived 31 s after x, so x now starves
+    assert state(newer) is TicketState.GRANTED
     assert s.backends["a"].barrier == "x"
     late = s.submit("m")  # the barrier refuses new work for the old model
-    for ticket in held:
+    assert state(late) is TicketState.WAITING
+    for ticket in (held[1], newer):
         assert ticket.grant is not None
         s.release(ticket.grant)
     assert state(cold) is TicketState.GRANTED
@@ -127,15 +132,32 @@ def test_starving_request_gets_a_drain_barrier_and_then_the_backend(clock: Clock
     assert s.stats["barriers"] == 1
 
 
+def test_saturation_alone_drains_nothing(clock: Clock) -> None:
+    """Everyone waits long, but in arrival order: nobody is passed over, so no barrier."""
+    s, _ = make(clock, starvation_bound=30.0)
+    s.add_backend("a", "http://a", slots=1, models=["m", "x"])
+    first = s.submit("m")
+    queue = [s.submit("m"), s.submit("x"), s.submit("m")]
+    clock.now += 100
+    s.refresh()
+    assert first.grant is not None
+    s.release(first.grant)
+    assert state(queue[0]) is TicketState.GRANTED  # the oldest, no swap needed
+    assert s.backends["a"].barrier is None
+    assert s.stats["barriers"] == 0
+
+
 def test_barrier_is_dropped_when_the_backend_goes_unhealthy_and_placed_again(clock: Clock) -> None:
     s, _ = make(clock, starvation_bound=5.0)
-    s.add_backend("a", "http://a", slots=1, models=["m", "x"])
-    s.add_backend("b", "http://b", slots=1, models=["m", "x"])
-    s.submit("m")
-    s.submit("m")
+    s.add_backend("a", "http://a", slots=1, models=["m", "x"], resident=["m"])
+    s.add_backend("b", "http://b", slots=1, models=["m", "x"], resident=["m"])
+    first = [s.submit("m"), s.submit("m")]
     cold = s.submit("x")
     clock.now += 6
-    s.refresh()
+    newer = s.submit("m")  # queued behind the busy backends
+    assert first[0].grant is not None
+    s.release(first[0].grant)  # hands the slot to the newer m request: x is passed over
+    assert state(newer) is TicketState.GRANTED
     barrier_on = next(b.name for b in s.backends.values() if b.barrier == "x")
     s.update_backend(barrier_on, health=Health.UNHEALTHY)
     assert s.backends[barrier_on].barrier is None
@@ -284,7 +306,7 @@ def test_deadline_fails_the_ticket_with_what_it_waited_for(clock: Clock) -> None
     s.add_backend("a", "http://a", slots=1, models=["m"])
     s.submit("m")
     ticket = s.submit("m", timeout=5.0)
-    assert s.ticket_wakeup(ticket) == pytest.approx(clock.now + 5.0)
+    assert s.next_wakeup() == pytest.approx(clock.now + 5.0)
     clock.now += 5.0
     s.refresh()
     assert state(ticket) is TicketState.FAILED
@@ -389,10 +411,22 @@ def test_snapshot_reports_backends_and_queue(clock: Clock) -> None:
     assert snap["active_leases"] == 1
 
 
-def test_next_wakeup_is_the_earliest_deadline_or_starvation(clock: Clock) -> None:
+def test_next_wakeup_is_the_earliest_deadline(clock: Clock) -> None:
     s, _ = make(clock, starvation_bound=30.0)
     s.add_backend("a", "http://a", slots=1, models=["m"])
     assert s.next_wakeup() is None
     s.submit("m")
     s.submit("m", timeout=10.0)
+    s.submit("m")
     assert s.next_wakeup() == pytest.approx(clock.now + 10.0)
+
+
+def test_next_wakeup_never_reports_a_moment_already_handled(clock: Clock) -> None:
+    s, _ = make(clock, starvation_bound=10.0)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    s.submit("m")
+    s.submit("m")  # starves behind its own model: no barrier can help it
+    clock.now += 11
+    s.refresh()
+    wake = s.next_wakeup()
+    assert wake is None or wake > clock.now

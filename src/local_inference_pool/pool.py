@@ -257,8 +257,7 @@ class Pool:
         taken = False
         try:
             while ticket.state is TicketState.WAITING:
-                wake_at = scheduler.ticket_wakeup(ticket)
-                delay = math.inf if wake_at is None else max(0.0, wake_at - self._clock())
+                delay = math.inf if ticket.deadline is None else max(0.0, ticket.deadline - self._clock())
                 with anyio.move_on_after(delay):
                     await event.wait()
                 if ticket.state is TicketState.WAITING:

@@ -16,7 +16,11 @@ Vocabulary:
 Dispatch runs after every change that can free capacity and grants everything it can in one pass.
 Placement prefers no load, then the session's affinity backend, then the lowest weighted load.
 A free slot prefers, per priority, a request whose model is already loaded over an older one that
-would force a load, until the older one has waited ``starvation_bound`` seconds.
+would force a swap: batching by model. Batching is bounded by overtaking, not by waiting: once a slot
+has gone to a request that arrived ``starvation_bound`` seconds or more after a waiting one, the
+waiting one *starves* and may force a swap or a drain barrier. With spare capacity, new requests
+are served as they arrive, so this is a wait of at most the bound; when the whole fleet is saturated
+and everyone waits, nobody is being passed over, so no server is drained for nothing.
 """
 
 from __future__ import annotations
@@ -189,6 +193,7 @@ class Scheduler:
         self._undiscovered = 0
         self._barriers: dict[str, Backend] = {}
         self._affinity: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._newest_granted = float("-inf")  # arrival time of the most recently arrived grant
 
     # --- backends --------------------------------------------------------------------------
 
@@ -308,6 +313,8 @@ class Scheduler:
             self._fill(self.backends[pin])
         elif self._free:
             self._place(model)
+        if ticket.state is TicketState.GRANTED and self._waiting_total:
+            self._serve_starving()  # granting a newcomer may pass over an older request
         if ticket.state is TicketState.WAITING and self._waiting_total > self.queue_limit:
             self._remove_waiting(ticket)
             ticket.state = TicketState.FAILED
@@ -339,7 +346,10 @@ class Scheduler:
             pin=None,
         )
         backend, affinity = self._choose_backend(ticket, candidates)
-        return self._grant(ticket, backend, affinity, queued=False)
+        grant = self._grant(ticket, backend, affinity, queued=False)
+        if self._waiting_total:
+            self._serve_starving()
+        return grant
 
     def cancel(self, ticket: Ticket) -> None:
         """Withdraw a ticket. A grant its waiter never took is released and passed on."""
@@ -368,6 +378,8 @@ class Scheduler:
         if not backend.removed:
             self._touch(backend)
             self._fill(backend)
+        if self._waiting:
+            self._serve_starving()
         return True
 
     def refresh(self) -> None:
@@ -392,26 +404,16 @@ class Scheduler:
             if expires > now:
                 break
             del self._affinity[key]
-        self._serve_starving(now)
+        self._serve_starving()
 
     def next_wakeup(self) -> float | None:
-        """When ``refresh`` next has something to do, or None (for simulators)."""
+        """When ``refresh`` next has something to do (the earliest deadline), or None.
+
+        Starvation needs no timer: it is caused by a grant, and every grant path checks for it.
+        """
         while self._deadlines and self._deadlines[0][2].state is not TicketState.WAITING:
             heapq.heappop(self._deadlines)
-        times = [self._deadlines[0][0]] if self._deadlines else []
-        for model in self._waiting:
-            head = self._head(model)
-            if head is not None and model not in self._barriers:
-                times.append(head.arrival + self.starvation_bound)
-        return min(times, default=None)
-
-    def ticket_wakeup(self, ticket: Ticket) -> float | None:
-        """When this ticket's waiter should call ``refresh``: its deadline or its starvation time."""
-        times = [t for t in (ticket.deadline,) if t is not None]
-        starving_at = ticket.arrival + self.starvation_bound
-        if starving_at > self.clock():
-            times.append(starving_at)
-        return min(times, default=None)
+        return self._deadlines[0][0] if self._deadlines else None
 
     @property
     def waiting(self) -> int:
@@ -480,7 +482,7 @@ class Scheduler:
         for backend in sorted(changed, key=lambda b: b.index):
             self._fill(backend)
         self._dispatch_all()
-        self._serve_starving(self.clock())
+        self._serve_starving()
 
     def _dispatch_all(self) -> None:
         for backend in sorted(self._free, key=lambda b: b.index):
@@ -489,8 +491,7 @@ class Scheduler:
     def _place(self, model: str) -> None:
         """Give waiting tickets of one model the best free backends, head first."""
         while (head := self._head(model)) is not None:
-            starving = self.clock() - head.arrival >= self.starvation_bound
-            may_swap = starving or self._swap_worthwhile(model)
+            may_swap = self._starving(head) or self._swap_worthwhile(model)
             candidates = [
                 b
                 for b in self._free_serving(model)
@@ -519,7 +520,6 @@ class Scheduler:
             return backend.pinned[0]
         if backend.models is None:
             return None
-        now = self.clock()
         waiting = self._waiting
         models: Iterable[str] = (
             (m for m in waiting if m in backend.models)
@@ -534,7 +534,7 @@ class Scheduler:
             head = self._head(model)
             if head is None:
                 continue
-            starving = now - head.arrival >= self.starvation_bound
+            starving = self._starving(head)
             if backend.needs_swap(model) and not starving and not self._swap_worthwhile(model):
                 continue
             key = (not starving, -head.priority, backend.needs_load(model), head.id)
@@ -550,16 +550,20 @@ class Scheduler:
         )
         return best, self._affinity_outcome(ticket, best)
 
+    def _starving(self, ticket: Ticket) -> bool:
+        """Passed over: a slot went to a request that arrived at least the bound after this one."""
+        return self._newest_granted - ticket.arrival >= self.starvation_bound
+
     def _swap_worthwhile(self, model: str) -> bool:
         """Evict a model for this one only if its backlog outgrows where it is already loaded."""
         loaded_slots = sum(b.slots for b in self._resident_on.get(model, ()) if b.health is Health.HEALTHY)
         return self._waiting.get(model, 0) >= loaded_slots
 
-    def _serve_starving(self, now: float) -> None:
-        """Heads past the starvation bound may force a load; if nothing is free, drain a backend."""
+    def _serve_starving(self) -> None:
+        """Starving heads may force a swap; if nothing is free for one, drain a backend for it."""
         for model in [m for m in self._waiting if m not in self._barriers]:
             head = self._head(model)
-            if head is None or now - head.arrival < self.starvation_bound:
+            if head is None or not self._starving(head):
                 continue
             self._place(model)
             serving = self._serving.get(model, ())
@@ -572,14 +576,18 @@ class Scheduler:
             ]
             if not candidates:
                 continue
-            target = min(
-                candidates,
-                key=lambda b: (sum(n for m, n in b.active.items() if m != model) / b.slots, b.index),
-            )
+            target = min(candidates, key=lambda b: self._drain_cost(b, model))
             target.barrier = model
             self._barriers[model] = target
             self.stats["barriers"] += 1
             self._fill(target)
+
+    def _drain_cost(self, backend: Backend, model: str) -> tuple[float, float, int]:
+        """How much draining this backend for ``model`` holds up: first the work waiting for the
+        models it runs now (they lose this backend), then the leases it must finish first."""
+        stranded = sum(self._waiting.get(m, 0) for m in backend.active if m != model)
+        finishing = sum(n for m, n in backend.active.items() if m != model)
+        return (stranded / backend.slots, finishing / backend.slots, backend.index)
 
     def _grant(self, ticket: Ticket, backend: Backend, affinity: Affinity | None, *, queued: bool) -> Grant:
         model = ticket.model
@@ -593,6 +601,7 @@ class Scheduler:
         backend.active[model] = backend.active.get(model, 0) + 1
         backend.active_total += 1
         backend.granted += 1
+        self._newest_granted = max(self._newest_granted, ticket.arrival)
         if backend.barrier == model:
             self._clear_barrier(backend)
         grant = Grant(

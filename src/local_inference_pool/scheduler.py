@@ -222,7 +222,7 @@ class Scheduler:
             index=next(self._backend_order),
         )
         self.backends[name] = backend
-        self._undiscovered += 1
+        self._undiscovered += 1  # models=None so far; _set_models counts it discovered if given
         self._set_models(backend, None if models is None else frozenset(models))
         self._set_resident(backend, resident)
         backend.residency_known = bool(resident)
@@ -294,11 +294,7 @@ class Scheduler:
         now = self.clock()
         self._check_servable(model, pin)
         if self._waiting_total >= self.queue_limit and not self._free:
-            self.stats["rejected"] += 1
-            raise QueueFullError(
-                f"the queue is full ({self._waiting_total} waiting, limit {self.queue_limit}); "
-                "retry later or raise pool.queue_limit"
-            )
+            raise self._queue_full()
         ticket = Ticket(
             id=next(self._ids),
             model=model,
@@ -318,12 +314,15 @@ class Scheduler:
         if ticket.state is TicketState.WAITING and self._waiting_total > self.queue_limit:
             self._remove_waiting(ticket)
             ticket.state = TicketState.FAILED
-            self.stats["rejected"] += 1
-            raise QueueFullError(
-                f"the queue is full ({self._waiting_total} waiting, limit {self.queue_limit}); "
-                "retry later or raise pool.queue_limit"
-            )
+            raise self._queue_full()
         return ticket
+
+    def _queue_full(self) -> QueueFullError:
+        self.stats["rejected"] += 1
+        return QueueFullError(
+            f"the queue is full ({self._waiting_total} waiting, limit {self.queue_limit}); "
+            "retry later or raise pool.queue_limit"
+        )
 
     def try_acquire(self, model: str, *, affinity_key: str | None = None) -> Grant | None:
         """Take a slot now if any eligible backend has one, else None; never queues.
@@ -418,9 +417,6 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         return self._waiting_total
-
-    def waiting_for(self, model: str) -> int:
-        return self._waiting.get(model, 0)
 
     def waiting_tickets(self) -> Iterator[Ticket]:
         for arrivals in self._arrivals.values():

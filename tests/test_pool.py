@@ -201,6 +201,20 @@ async def test_dropped_lease_is_released_with_a_warning(caplog: pytest.LogCaptur
     assert "dropped without release()" in caplog.text
 
 
+async def test_lease_collected_inside_a_scheduler_call_is_released_afterwards() -> None:
+    """The cyclic GC can finalize a dropped lease mid-dispatch; the release must wait for the loop."""
+    pool = Pool(one_slot())
+    lease = await pool.acquire("m")
+    grant = lease._grant
+    finalizer = lease._finalizer
+    del lease
+    finalizer()  # as if the collector ran now, inside whatever the loop was doing
+    assert not grant.released  # nothing touched the scheduler synchronously
+    await anyio.lowlevel.checkpoint()
+    assert grant.released
+    assert active(pool) == 0
+
+
 async def test_release_from_another_thread_runs_on_the_loop() -> None:
     pool = Pool(one_slot())
     held = await pool.acquire("m")

@@ -430,3 +430,10 @@ def test_next_wakeup_never_reports_a_moment_already_handled(clock: Clock) -> Non
     s.refresh()
     wake = s.next_wakeup()
     assert wake is None or wake > clock.now
+
+
+def test_pinned_ticket_to_an_unhealthy_backend_fails_at_once(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"], health=Health.UNHEALTHY)
+    with pytest.raises(NoCapacityError, match="'a' is unhealthy"):
+        s.submit("m", pin="a")

@@ -53,6 +53,7 @@ class Lease:
         self._grant = grant
         self.queue_wait = queue_wait
         self._finalizer = weakref.finalize(self, pool._release_dropped, grant)
+        self._finalizer.atexit = False  # a process that exits holding leases has no pool to return them to
 
     @property
     def url(self) -> str:
@@ -303,6 +304,8 @@ class Pool:
             self._drained.set()
 
     def _release_dropped(self, grant: Grant) -> None:
+        # The garbage collector may run this in the middle of any scheduler call, on any thread:
+        # never touch the scheduler here, hand the release to the loop.
         if grant.released:
             return
         logger.warning(
@@ -310,7 +313,11 @@ class Pool:
             grant.model,
             grant.backend.name,
         )
-        self._release(grant)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._release_on_loop(grant)
+        else:
+            loop.call_soon_threadsafe(self._release_on_loop, grant)
 
     def bind_running_loop(self) -> None:
         """Bind to the running event loop, if any (synchronous callers may have none)."""

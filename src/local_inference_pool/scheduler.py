@@ -630,6 +630,8 @@ class Scheduler:
                 raise NoCapacityError(f"no backend named {pin!r}", model=model)
             if backend.models is not None and model not in backend.models:
                 raise ModelNotFoundError(f"backend {pin!r} does not serve model {model!r}", model=model)
+            if backend.health is Health.UNHEALTHY:
+                raise NoCapacityError(f"backend {pin!r} is unhealthy; retry later", model=model)
             return
         serving = self._serving.get(model)
         if not serving:

@@ -95,6 +95,8 @@ class PoolConfig:
     read_timeout: float | None = 600.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     public_status: bool = False
+    max_body_size: int = 16 * 1024 * 1024
+    shutdown_grace: float = 30.0
 
     def __post_init__(self) -> None:
         _validate_fields(self, POOL_KEYS, "pool")
@@ -237,6 +239,8 @@ POOL_KEYS: dict[str, Parser] = {
     "read_timeout": _number(positive=True, optional=True),
     "api_keys": _string_list,
     "public_status": _bool,
+    "max_body_size": _int_at_least(1),
+    "shutdown_grace": _number(positive=False),
 }
 
 BACKEND_KEYS: dict[str, Parser] = {

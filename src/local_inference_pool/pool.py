@@ -122,7 +122,15 @@ class _Acquire:
 class Pool:
     """Slot accounting for a fleet of inference servers, for one event loop at a time."""
 
-    def __init__(self, config: PoolConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        initial_health: Health = Health.HEALTHY,
+    ) -> None:
+        """``initial_health``: what backends count as before anything probed them. The app starts
+        them as LOADING (requests wait for the first probe); a library user without probes, HEALTHY."""
         self.config = config
         self._clock = clock
         self._scheduler = Scheduler(
@@ -143,7 +151,7 @@ class Pool:
         self._closed = False
         self._drained: anyio.Event | None = None
         for backend in config.backends:
-            self.add_backend(backend)
+            self.add_backend(backend, health=initial_health)
 
     # --- backends --------------------------------------------------------------------------
 

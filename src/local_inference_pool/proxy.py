@@ -1,0 +1,102 @@
+"""Forward one request to the backend a lease names, and relay the answer without buffering it.
+
+``UpstreamResponse`` differs from Starlette's ``StreamingResponse`` on purpose:
+- it owns the lease and the upstream response: its ``__call__`` wraps the parent's in ``try/finally``
+  so the upstream is closed (shielded, bounded) and the lease released exactly once on every exit:
+  the end of the body, a client disconnect (ASGI 2.3 ``receive`` race or 2.4 ``send`` raising), an
+  upstream read error, cancellation of the request task, or shutdown;
+- an upstream failure after the headers went out becomes a final SSE ``data: {"error": ...}`` event
+  for event streams (the status can no longer change); a JSON body is cut off instead, so that the
+  client sees a broken response rather than a truncated one that parses;
+- it relays the upstream's raw bytes as they come (``aiter_raw``): no re-encoding, no queue between
+  upstream and client, so backpressure reaches the backend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+import anyio
+import httpx
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from local_inference_pool.pool import Lease
+
+__all__ = ["HOP_BY_HOP", "UpstreamResponse", "upstream_headers"]
+
+logger = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-encoding",
+        "date",
+        "server",
+    }
+)
+CLOSE_UPSTREAM_SECONDS = 2.0
+
+
+def upstream_headers(lease: Lease, request_id: str | None) -> dict[str, str]:
+    """What the backend gets: JSON, no compression, its own key. Never the client's credentials."""
+    headers = {"content-type": "application/json", "accept-encoding": "identity"}
+    if lease.api_key:
+        headers["authorization"] = f"Bearer {lease.api_key}"
+    if request_id:
+        headers["x-request-id"] = request_id
+    return headers
+
+
+class UpstreamResponse(StreamingResponse):
+    def __init__(self, upstream: httpx.Response, lease: Lease, extra_headers: Mapping[str, str]) -> None:
+        self.upstream = upstream
+        self.lease = lease
+        content_type = upstream.headers.get("content-type", "application/json")
+        self.is_event_stream = content_type.startswith("text/event-stream")
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers.update(extra_headers)
+        if self.is_event_stream:
+            headers["cache-control"] = "no-cache"
+            headers["x-accel-buffering"] = "no"
+        super().__init__(self._relay(), status_code=upstream.status_code, headers=headers)
+
+    async def _relay(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                yield chunk
+        except Exception as exc:  # any transport's read error: the status is already sent
+            logger.warning(
+                "backend %s failed mid-response: %s", self.lease.backend, exc or type(exc).__name__
+            )
+            if not self.is_event_stream:
+                raise
+            error = {
+                "error": {
+                    "message": f"the backend {self.lease.backend} failed during the response: "
+                    f"{exc or type(exc).__name__}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "upstream_failed",
+                }
+            }
+            yield b"data: " + json.dumps(error).encode() + b"\n\n"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
+                await self.upstream.aclose()  # the backend sees the connection close and stops
+            self.lease.release()

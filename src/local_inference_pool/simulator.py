@@ -1,0 +1,400 @@
+"""A simulated llama.cpp ``llama-server``: the fake for the tests and the engine of the demo.
+
+It answers the shapes of ../shared/BACKENDS.md (section 1): ``/health``, ``/props``, ``/slots``,
+``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``. Like llama-server
+it has N slots and queues requests beyond them inside itself (it never answers 503 for load), answers
+503 "Loading model" on every path while it starts, and streams SSE chunks at a set token rate. It
+remembers the conversation prefixes it has seen and reports the reused part as
+``usage.prompt_tokens_details.cached_tokens`` and ``timings.cache_n``, so prompt-cache affinity can be
+measured. Where it differs from llama-server: it may serve several models (loading one costs
+``load_seconds``), and it has fault knobs (``faults``) for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+__all__ = ["Faults", "SimulatedBackend", "SimulatorConfig"]
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    models: tuple[str, ...] = ("sim-model",)
+    slots: int = 2
+    tokens_per_second: float = 200.0
+    completion_tokens: int = 16  # when the request sets no max_tokens
+    load_seconds: float = 0.0  # cost of switching to a model that is not loaded
+    startup_seconds: float = 0.0  # answers 503 "Loading model" on every path until then
+    max_loaded_models: int = 1
+    api_key: str | None = None
+    n_ctx: int = 4096
+
+
+@dataclass
+class Faults:
+    """Knobs a test turns; each applies to every request that arrives while it is set."""
+
+    status: int | None = None  # answer every completion with this status and an error body
+    hang: bool = False  # accept the request and never answer
+    die_after_tokens: int | None = None  # drop the connection mid-stream after this many tokens
+    delay_headers: float = 0.0  # wait this long before sending headers
+
+
+@dataclass
+class _Stats:
+    running: int = 0
+    peak: int = 0
+    deferred: int = 0
+    requests: int = 0
+    completed: int = 0
+    model_loads: int = 0
+    seen_headers: list[dict[str, str]] = field(default_factory=list)
+
+
+class SimulatedBackend:
+    """An ASGI app. ``peak_running`` is the most requests it ever ran at once (never above slots)."""
+
+    def __init__(self, config: SimulatorConfig | None = None) -> None:
+        self.config = config or SimulatorConfig()
+        self.faults = Faults()
+        self.stats = _Stats()
+        self.loaded: list[str] = [self.config.models[0]]
+        self._started = time.monotonic()
+        self._slots: anyio.Semaphore | None = None
+        self._load_lock: anyio.Lock | None = None
+        self._cache: set[str] = set()
+        self._app = Starlette(
+            routes=[
+                Route("/health", self._health),
+                Route("/v1/health", self._health),
+                Route("/props", self._props),
+                Route("/slots", self._slots_route),
+                Route("/models", self._models),
+                Route("/v1/models", self._models),
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/completions", self._completions, methods=["POST"]),
+                Route("/completions", self._completions, methods=["POST"]),
+                Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+                Route("/embeddings", self._embeddings, methods=["POST"]),
+            ]
+        )
+
+    @property
+    def peak_running(self) -> int:
+        return self.stats.peak
+
+    def restart(self) -> None:
+        """Begin a new start-up: 503 "Loading model" on every path for ``startup_seconds``."""
+        self._started = time.monotonic()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            if self._loading():
+                await _error(503, "Loading model", "unavailable_error")(scope, receive, send)
+                return
+            if self.config.api_key and scope["path"] not in (
+                "/health",
+                "/v1/health",
+                "/models",
+                "/v1/models",
+            ):
+                headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+                if headers.get("authorization") != f"Bearer {self.config.api_key}":
+                    await _error(401, "Invalid API Key", "authentication_error")(scope, receive, send)
+                    return
+        await self._app(scope, receive, send)
+
+    def _loading(self) -> bool:
+        return time.monotonic() - self._started < self.config.startup_seconds
+
+    # --- routes ----------------------------------------------------------------------------
+
+    async def _health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def _props(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "default_generation_settings": {"n_ctx": self.config.n_ctx, "params": {"n_predict": -1}},
+                "total_slots": self.config.slots,
+                "model_alias": self.loaded[0],
+                "model_path": f"/models/{self.loaded[0]}.gguf",
+                "build_info": "simulator",
+                "is_sleeping": False,
+            }
+        )
+
+    async def _slots_route(self, request: Request) -> Response:
+        busy = self.stats.running
+        return JSONResponse(
+            [
+                {"id": i, "n_ctx": self.config.n_ctx, "speculative": False, "is_processing": i < busy}
+                for i in range(self.config.slots)
+            ]
+        )
+
+    async def _models(self, request: Request) -> Response:
+        created = int(self._started)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": created, "owned_by": "llamacpp", "aliases": [m]}
+                    for m in self.config.models
+                ],
+            }
+        )
+
+    async def _chat(self, request: Request) -> Response:
+        return await self._generate(request, "chat.completion")
+
+    async def _completions(self, request: Request) -> Response:
+        return await self._generate(request, "text_completion")
+
+    async def _embeddings(self, request: Request) -> Response:
+        body = await _json_body(request)
+        if isinstance(body, Response):
+            return body
+        model = body.get("model", self.config.models[0])
+        if model not in self.config.models:
+            return _error(404, f"model '{model}' not found", "invalid_request_error")
+        items = body.get("input", "")
+        inputs = items if isinstance(items, list) else [items]
+        async with self._slot(model):
+            data = [
+                {"object": "embedding", "index": i, "embedding": _vector(str(v))}
+                for i, v in enumerate(inputs)
+            ]
+        tokens = sum(len(str(v)) // 4 + 1 for v in inputs)
+        return JSONResponse(
+            {
+                "object": "list",
+                "model": model,
+                "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    # --- generation ------------------------------------------------------------------------
+
+    async def _generate(self, request: Request, kind: str) -> Response:
+        self.stats.requests += 1
+        self.stats.seen_headers.append({k.lower(): v for k, v in request.headers.items()})
+        body = await _json_body(request)
+        if isinstance(body, Response):
+            return body
+        model = body.get("model", self.config.models[0])
+        if model not in self.config.models:
+            return _error(404, f"model '{model}' not found", "invalid_request_error")
+        faults = self.faults
+        if faults.delay_headers:
+            await anyio.sleep(faults.delay_headers)
+        if faults.hang:
+            await anyio.sleep_forever()
+        if faults.status is not None:
+            return _error(faults.status, f"simulated failure {faults.status}", "server_error")
+        tokens = int(body.get("max_tokens") or body.get("n_predict") or self.config.completion_tokens)
+        prompt_tokens, cached = self._prompt_cache(body)
+        reply = _Reply(kind=kind, model=model, tokens=tokens, prompt_tokens=prompt_tokens, cached=cached)
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            stream = self._stream(reply, include_usage, faults.die_after_tokens)
+            return StreamingResponse(
+                stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        async with self._slot(model):
+            await anyio.sleep(tokens / self.config.tokens_per_second)
+        self.stats.completed += 1
+        return JSONResponse(reply.whole())
+
+    async def _stream(
+        self, reply: _Reply, include_usage: bool, die_after: int | None
+    ) -> AsyncIterator[bytes]:
+        async with self._slot(reply.model):
+            yield _sse(reply.chunk(role=True))
+            for index in range(reply.tokens):
+                if die_after is not None and index >= die_after:
+                    raise ConnectionAbortedError("simulated backend died mid-stream")
+                await anyio.sleep(1 / self.config.tokens_per_second)
+                yield _sse(reply.chunk(text=f"tok{index} "))
+            yield _sse(reply.chunk(finish=True, timings=not include_usage))
+            if include_usage:
+                yield _sse(reply.usage_chunk())
+            yield b"data: [DONE]\n\n"
+        self.stats.completed += 1
+
+    class _SlotContext:
+        def __init__(self, backend: SimulatedBackend, model: str) -> None:
+            self.backend = backend
+            self.model = model
+
+        async def __aenter__(self) -> None:
+            backend = self.backend
+            if backend._slots is None:
+                backend._slots = anyio.Semaphore(backend.config.slots)
+                backend._load_lock = anyio.Lock()
+            backend.stats.deferred += 1
+            try:
+                await backend._slots.acquire()
+            finally:
+                backend.stats.deferred -= 1
+            try:
+                await backend._ensure_loaded(self.model)
+            except BaseException:
+                backend._slots.release()
+                raise
+            backend.stats.running += 1
+            backend.stats.peak = max(backend.stats.peak, backend.stats.running)
+
+        async def __aexit__(self, *exc_info: object) -> None:
+            self.backend.stats.running -= 1
+            assert self.backend._slots is not None
+            self.backend._slots.release()
+
+    def _slot(self, model: str) -> SimulatedBackend._SlotContext:
+        return SimulatedBackend._SlotContext(self, model)
+
+    async def _ensure_loaded(self, model: str) -> None:
+        if model in self.loaded:
+            self.loaded.remove(model)
+            self.loaded.insert(0, model)
+            return
+        assert self._load_lock is not None
+        async with self._load_lock:
+            if model not in self.loaded:
+                await anyio.sleep(self.config.load_seconds)
+                self.loaded.insert(0, model)
+                del self.loaded[self.config.max_loaded_models :]
+                self.stats.model_loads += 1
+
+    def _prompt_cache(self, body: dict[str, Any]) -> tuple[int, int]:
+        """Prompt tokens, and how many of them this server has seen as a prefix before."""
+        messages = body.get("messages")
+        parts = (
+            [json.dumps(m, sort_keys=True) for m in messages]
+            if isinstance(messages, list)
+            else [str(body.get("prompt", ""))]
+        )
+        total = sum(len(p) // 4 + 1 for p in parts)
+        cached = 0
+        for end in range(len(parts), 0, -1):
+            if _digest(parts[:end]) in self._cache:
+                cached = sum(len(p) // 4 + 1 for p in parts[:end])
+                break
+        for end in range(1, len(parts) + 1):
+            self._cache.add(_digest(parts[:end]))
+        return total, min(cached, total - 1) if cached else 0
+
+
+@dataclass
+class _Reply:
+    kind: str
+    model: str
+    tokens: int
+    prompt_tokens: int
+    cached: int
+    id: str = field(default_factory=lambda: f"chatcmpl-sim{time.monotonic_ns()}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _base(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.tokens,
+            "total_tokens": self.prompt_tokens + self.tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
+        }
+
+    def timings(self) -> dict[str, Any]:
+        return {
+            "cache_n": self.cached,
+            "prompt_n": self.prompt_tokens - self.cached,
+            "predicted_n": self.tokens,
+        }
+
+    def whole(self) -> dict[str, Any]:
+        text = "".join(f"tok{i} " for i in range(self.tokens))
+        if self.kind == "chat.completion":
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "length",
+            }
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": "length"}
+        return {
+            **self._base(self.kind),
+            "choices": [choice],
+            "usage": self.usage(),
+            "timings": self.timings(),
+        }
+
+    def chunk(
+        self, *, role: bool = False, text: str | None = None, finish: bool = False, timings: bool = False
+    ) -> dict[str, Any]:
+        if self.kind != "chat.completion":
+            choice: dict[str, Any] = {
+                "index": 0,
+                "text": text or "",
+                "finish_reason": "length" if finish else None,
+            }
+            chunk = {**self._base("text_completion"), "choices": [choice]}
+        else:
+            delta: dict[str, Any] = {}
+            if role:
+                delta = {"role": "assistant", "content": None}
+            elif text is not None:
+                delta = {"content": text}
+            choice = {"index": 0, "delta": delta, "finish_reason": "length" if finish else None}
+            chunk = {**self._base("chat.completion.chunk"), "choices": [choice]}
+        if timings:
+            chunk["timings"] = self.timings()
+        return chunk
+
+    def usage_chunk(self) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
+        return {**self._base(obj), "choices": [], "usage": self.usage(), "timings": self.timings()}
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _digest(parts: list[str]) -> str:
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def _vector(text: str) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round(b / 255, 4) for b in digest[:8]]
+
+
+def _error(status: int, message: str, error_type: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": status, "message": message, "type": error_type}}, status_code=status
+    )
+
+
+async def _json_body(request: Request) -> dict[str, Any] | Response:
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        return _error(400, "the request body is not valid JSON", "invalid_request_error")
+    if not isinstance(body, dict):
+        return _error(400, "the request body must be a JSON object", "invalid_request_error")
+    return body

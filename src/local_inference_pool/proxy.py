@@ -8,18 +8,20 @@
 - an upstream failure after the headers went out becomes a final SSE ``data: {"error": ...}`` event
   for event streams (the status can no longer change); a JSON body is cut off instead, so that the
   client sees a broken response rather than a truncated one that parses;
-- it relays the upstream's raw bytes as they come (``aiter_raw``): no re-encoding, no queue between
-  upstream and client, so backpressure reaches the backend.
+- it relays the upstream's bytes as they come (``aiter_bytes``: byte for byte with the identity
+  encoding the proxy asks for, decoded if a backend compresses anyway, since ``content-encoding`` is
+  not passed on); there is no queue between upstream and client, so backpressure reaches the backend.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 
 import anyio
 import httpx
+from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -70,11 +72,12 @@ class UpstreamResponse(StreamingResponse):
         if self.is_event_stream:
             headers["cache-control"] = "no-cache"
             headers["x-accel-buffering"] = "no"
-        super().__init__(self._relay(), status_code=upstream.status_code, headers=headers)
+        self._relay_iterator = self._relay()
+        super().__init__(self._relay_iterator, status_code=upstream.status_code, headers=headers)
 
-    async def _relay(self) -> AsyncIterator[bytes]:
+    async def _relay(self) -> AsyncGenerator[bytes, None]:
         try:
-            async for chunk in self.upstream.aiter_raw():
+            async for chunk in self.upstream.aiter_bytes():
                 yield chunk
         except Exception as exc:  # any transport's read error: the status is already sent
             logger.warning(
@@ -96,7 +99,11 @@ class UpstreamResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except ClientDisconnect:
+            # ASGI 2.4 reports a client that left as a failed send; leaving is not an error.
+            logger.debug("client left during the response from %s", self.lease.backend)
         finally:
             with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
+                await self._relay_iterator.aclose()
                 await self.upstream.aclose()  # the backend sees the connection close and stops
             self.lease.release()

@@ -32,7 +32,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 
 from local_inference_pool.config import PoolConfig
@@ -42,7 +42,14 @@ from local_inference_pool.pool import Lease, Pool, describe_http_error
 from local_inference_pool.proxy import UpstreamResponse, upstream_headers
 from local_inference_pool.scheduler import Health
 
-__all__ = ["PoolMiddleware", "TransportFactory", "create_pool_app", "make_client", "pool_lifespan"]
+__all__ = [
+    "PoolMiddleware",
+    "TransportFactory",
+    "create_pool_app",
+    "create_standalone_app",
+    "make_client",
+    "pool_lifespan",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +145,12 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
     app.state.runtime = None
     app.state.config = config
     return app
+
+
+def create_standalone_app(config: PoolConfig, *, transport: TransportFactory | None = None) -> Starlette:
+    """What ``local-inference-pool serve`` runs: the pool app mounted at ``/v1``, its lifespan wired."""
+    pool_app = create_pool_app(config, transport=transport)
+    return Starlette(routes=[Mount("/v1", pool_app)], lifespan=pool_lifespan(pool_app))
 
 
 def pool_lifespan(pool_app: Starlette, host_lifespan: Lifespan[Any] | None = None) -> Lifespan[Any]:

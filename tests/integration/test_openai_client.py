@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import httpx
@@ -27,7 +28,7 @@ class Stack:
     def client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="sk-pool", max_retries=0, timeout=20)
 
-    async def status(self) -> dict[str, object]:
+    async def status(self) -> dict[str, Any]:
         async with httpx.AsyncClient(trust_env=False) as http:
             response = await http.get(
                 f"{self.url}/v1/pool/status", headers={"authorization": "Bearer sk-pool"}
@@ -52,7 +53,7 @@ async def stack(slots: int = 2, tokens_per_second: float = 400.0, **pool: object
         url = await stack_.enter_async_context(running(create_standalone_app(config)))
         result = Stack(url, backends)
         with anyio.fail_after(5):
-            while any(b["health"] != "healthy" for b in (await result.status())["backends"]):  # type: ignore[attr-defined]
+            while any(b["health"] != "healthy" for b in (await result.status())["backends"]):
                 await anyio.sleep(0.02)
         yield result
 
@@ -68,7 +69,7 @@ async def test_chat_with_the_official_client_and_slot_detection() -> None:
     assert reply.usage is not None
     assert reply.usage.completion_tokens == 4
     assert [m.id for m in models.data] == ["sim"]
-    assert [b["slots"] for b in status["backends"]] == [2, 2]  # type: ignore[index]
+    assert [b["slots"] for b in status["backends"]] == [2, 2]
     assert status["active_leases"] == 0
 
 
@@ -127,4 +128,4 @@ async def test_many_more_clients_than_slots_all_complete_within_slots() -> None:
     assert all(b.peak_running <= 2 for b in s.backends)
     assert sum(b.stats.completed for b in s.backends) == 40
     assert status["active_leases"] == 0
-    assert status["queue"]["waiting"] == 0  # type: ignore[index]
+    assert status["queue"]["waiting"] == 0

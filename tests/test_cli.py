@@ -44,3 +44,12 @@ def test_console_script_entry_point_runs() -> None:
     )
     assert done.returncode == 0
     assert "config" in done.stdout
+
+
+def test_serve_without_backends_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LIP_CONFIG", raising=False)
+    monkeypatch.delenv("LIP_BACKENDS", raising=False)
+    assert main(["serve"]) == 2
+    assert "no backends" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 The public API is exactly ``__all__``; everything else is internal.
 """
 
+from local_inference_pool.app import PoolMiddleware, create_pool_app, create_standalone_app, pool_lifespan
 from local_inference_pool.compat import (
     ConcurrentDispatcher,
     DispatcherTimeoutError,
@@ -43,10 +44,14 @@ __all__ = [
     "PoolClosedError",
     "PoolConfig",
     "PoolError",
+    "PoolMiddleware",
     "QueueFullError",
     "QueueTimeoutError",
     "ServerConfig",
     "ServerPool",
     "WrongEventLoopError",
+    "create_pool_app",
+    "create_standalone_app",
     "load_config",
+    "pool_lifespan",
 ]

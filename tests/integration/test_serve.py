@@ -1,0 +1,68 @@
+"""`local-inference-pool serve` as a user runs it: a separate process, stopped with SIGINT."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from local_inference_pool.serving import running
+from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+
+pytestmark = pytest.mark.anyio
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_serve_answers_at_v1_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
+    backend = SimulatedBackend(SimulatorConfig(models=("sim",), slots=2, tokens_per_second=1000))
+    async with running(backend) as backend_url:
+        config = tmp_path / "pool.toml"
+        config.write_text(
+            f'[pool]\nhealth_interval = 0.2\n\n[[backends]]\nurl = "{backend_url}"\nname = "sim0"\n'
+        )
+        port = free_port()
+        command = [
+            sys.executable,
+            "-m",
+            "local_inference_pool.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
+        async with await anyio.open_process(command) as process:
+            try:
+                async with httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10
+                ) as client:
+                    with anyio.fail_after(20):
+                        while True:
+                            try:
+                                if (await client.get("/v1/models")).json().get("data"):
+                                    break
+                            except httpx.TransportError:
+                                pass
+                            await anyio.sleep(0.05)
+                    reply = await client.post(
+                        "/v1/chat/completions", json={"model": "sim", "messages": [], "max_tokens": 2}
+                    )
+                assert reply.status_code == 200
+                assert reply.headers["x-backend"] == "sim0"
+            finally:
+                process.send_signal(signal.SIGINT)
+                with anyio.fail_after(15):
+                    code = await process.wait()
+    assert code == 0

@@ -8,6 +8,10 @@ remembers the conversation prefixes it has seen and reports the reused part as
 ``usage.prompt_tokens_details.cached_tokens`` and ``timings.cache_n``, so prompt-cache affinity can be
 measured. Where it differs from llama-server: it may serve several models (loading one costs
 ``load_seconds``), and it has fault knobs (``faults``) for tests.
+
+Refusing connections and dropping one before any header are faults of the listener, not of an ASGI
+app (uvicorn answers 500 when an app fails before its response starts): stop the server, or point
+the pool at a port nobody listens on.
 """
 
 from __future__ import annotations

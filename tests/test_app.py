@@ -208,28 +208,27 @@ async def test_timeout_before_headers_is_504() -> None:
     assert status["backends"][0]["health"] == "healthy"  # one slow answer does not mark it dead
 
 
-async def test_queue_full_is_429_with_retry_after() -> None:
+async def post_behind_a_hanging_request(**pool: Any) -> httpx.Response:
+    """Occupy the only slot with a request that never ends, then send another."""
     fleet = Fleet(a=FakeBackend(mode="hang", slots=1))
-    async with client_for(fleet, queue_limit=0) as client, anyio.create_task_group() as group:
+    async with client_for(fleet, **pool) as client, anyio.create_task_group() as group:
         group.start_soon(post_chat, client)
         with anyio.fail_after(5):
             while (await client.get("/pool/status")).json()["active_leases"] < 1:
                 await anyio.sleep(0.01)
         response = await client.post("/chat/completions", json=CHAT)
         group.cancel_scope.cancel()
+    return response
+
+
+async def test_queue_full_is_429_with_retry_after() -> None:
+    response = await post_behind_a_hanging_request(queue_limit=0)
     assert_openai_error(response, 429, "queue_full")
     assert response.headers["retry-after"]
 
 
 async def test_queue_timeout_is_503_naming_the_model() -> None:
-    fleet = Fleet(a=FakeBackend(mode="hang", slots=1))
-    async with client_for(fleet, queue_timeout=0.1) as client, anyio.create_task_group() as group:
-        group.start_soon(post_chat, client)
-        with anyio.fail_after(5):
-            while (await client.get("/pool/status")).json()["active_leases"] < 1:
-                await anyio.sleep(0.01)
-        response = await client.post("/chat/completions", json=CHAT)
-        group.cancel_scope.cancel()
+    response = await post_behind_a_hanging_request(queue_timeout=0.1)
     error = assert_openai_error(response, 503, "queue_timeout")
     assert "'m'" in error["message"]
 

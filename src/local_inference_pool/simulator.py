@@ -168,13 +168,21 @@ class SimulatedBackend:
     async def _completions(self, request: Request) -> Response:
         return await self._generate(request, "text_completion")
 
-    async def _embeddings(self, request: Request) -> Response:
+    async def _model_request(self, request: Request) -> tuple[dict[str, Any], str] | Response:
+        """The JSON body and the model it names, or the error llama-server would answer."""
         body = await _json_body(request)
         if isinstance(body, Response):
             return body
         model = body.get("model", self.config.models[0])
         if model not in self.config.models:
             return _error(404, f"model '{model}' not found", "invalid_request_error")
+        return body, model
+
+    async def _embeddings(self, request: Request) -> Response:
+        parsed = await self._model_request(request)
+        if isinstance(parsed, Response):
+            return parsed
+        body, model = parsed
         items = body.get("input", "")
         inputs = items if isinstance(items, list) else [items]
         async with self._slot(model):
@@ -197,12 +205,10 @@ class SimulatedBackend:
     async def _generate(self, request: Request, kind: str) -> Response:
         self.stats.requests += 1
         self.stats.seen_headers.append({k.lower(): v for k, v in request.headers.items()})
-        body = await _json_body(request)
-        if isinstance(body, Response):
-            return body
-        model = body.get("model", self.config.models[0])
-        if model not in self.config.models:
-            return _error(404, f"model '{model}' not found", "invalid_request_error")
+        parsed = await self._model_request(request)
+        if isinstance(parsed, Response):
+            return parsed
+        body, model = parsed
         faults = self.faults
         if faults.delay_headers:
             await anyio.sleep(faults.delay_headers)

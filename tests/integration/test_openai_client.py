@@ -129,3 +129,25 @@ async def test_many_more_clients_than_slots_all_complete_within_slots() -> None:
     assert sum(b.stats.completed for b in s.backends) == 40
     assert status["active_leases"] == 0
     assert status["queue"]["waiting"] == 0
+
+
+async def test_client_leaving_mid_stream_stops_the_backend_generating() -> None:
+    async with stack(tokens_per_second=20) as s:  # 200 tokens would take 10 s
+        async with httpx.AsyncClient(base_url=s.url, trust_env=False, timeout=10) as http:
+            body = {
+                "model": "sim",
+                "stream": True,
+                "max_tokens": 200,
+                "messages": [{"role": "user", "content": "long"}],
+            }
+            headers = {"authorization": "Bearer sk-pool"}
+            async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
+                seen = 0
+                async for _line in response.aiter_lines():
+                    seen += 1
+                    if seen >= 6:
+                        break  # leaving closes the connection
+        with anyio.fail_after(3):
+            while any(b.stats.running for b in s.backends) or (await s.status())["active_leases"]:
+                await anyio.sleep(0.02)
+    assert all(b.stats.completed == 0 for b in s.backends)  # it stopped, it did not finish

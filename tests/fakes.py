@@ -57,6 +57,8 @@ class Fleet:
             return httpx.Response(200, json={"total_slots": backend.slots})
         if path == "/v1/models":
             return httpx.Response(200, json={"object": "list", "data": [{"id": m} for m in backend.models]})
+        if request.method == "GET":
+            return httpx.Response(404, json={"error": {"code": 404, "message": "File Not Found"}})
         backend.requests.append(request)
         body = await request.aread()
         backend.bodies.append(body)

@@ -1,100 +1,175 @@
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import anyio
-import httpx
 import pytest
 
 from local_inference_pool import BackendConfig, Pool, PoolConfig
-from local_inference_pool.health import poll_backends, probe_backend
-from local_inference_pool.scheduler import Health
+from local_inference_pool.health import Monitor
+from local_inference_pool.scheduler import Backend, Health
+
+from .kinds import Server, Servers
 
 pytestmark = pytest.mark.anyio
 
 
-def fleet(answers: dict[str, str]) -> httpx.AsyncClient:
-    """Hosts answer as llama-server does when ``ready``, ``loading``, ``refusing`` or ``hanging``."""
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
 
-    async def handle(request: httpx.Request) -> httpx.Response:
-        state = answers[request.url.host]
-        if state == "refusing":
-            raise httpx.ConnectError("refused", request=request)
-        if state == "hanging":
-            await anyio.sleep_forever()
-        if state == "loading":
-            return httpx.Response(503, json={"error": {"message": "Loading model", "code": 503}})
-        if request.url.path == "/props":
-            return httpx.Response(200, json={"total_slots": 3})
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"data": [{"id": "m"}]})
-        return httpx.Response(200, json={"status": "ok"})
-
-    return httpx.AsyncClient(transport=httpx.MockTransport(handle))
+    def __call__(self) -> float:
+        return self.now
 
 
-@pytest.mark.parametrize(
-    ("state", "health", "slots", "models"),
-    [("ready", Health.HEALTHY, 3, ["m"]), ("loading", Health.LOADING, None, None)],
-)
-async def test_probe_reads_health_slots_and_models(
-    state: str, health: Health, slots: int | None, models: list[str] | None
-) -> None:
-    async with fleet({"a": state}) as client:
-        probe = await probe_backend(client, BackendConfig(url="http://a:1"))
-    assert (probe.health, probe.slots, probe.models) == (health, slots, models)
+@asynccontextmanager
+async def monitored(
+    servers: Servers, *backends: BackendConfig, clock: Clock | None = None, **pool: object
+) -> AsyncIterator[tuple[Pool, Monitor]]:
+    config = PoolConfig(backends=backends, **{"health_interval": 0.02, "health_timeout": 0.5, **pool})  # type: ignore[arg-type]
+    instance = Pool(config, initial_health=Health.LOADING)
+    async with servers.client() as client, anyio.create_task_group() as group:
+        monitor = Monitor(instance, client, config, clock=clock or Clock())
+        await group.start(monitor.run)
+        yield instance, monitor
+        group.cancel_scope.cancel()
 
 
-async def test_configured_slots_skip_detection() -> None:
-    async with fleet({"a": "ready"}) as client:
-        probe = await probe_backend(client, BackendConfig(url="http://a:1", slots=8))
-    assert probe.slots is None
+def health(backend: Backend) -> Health:
+    """Read through a call so the type checker does not narrow what the monitor changes."""
+    return backend.health
+
+
+async def until(check: object, timeout: float = 2.0) -> None:
+    with anyio.fail_after(timeout):
+        while not check():  # type: ignore[operator]
+            await anyio.sleep(0.005)
+
+
+async def test_detects_once_and_shows_the_kind_and_health_in_the_snapshot() -> None:
+    servers = Servers(a=Server("llamacpp", slots=3), b=Server("ollama", models=["q:latest"]))
+    async with monitored(
+        servers, BackendConfig(url="http://a:1"), BackendConfig(url="http://b:1", slots=2)
+    ) as (pool, _):
+        backends = pool.scheduler.backends
+        await until(lambda: all(b.health is Health.HEALTHY for b in backends.values()))
+        await anyio.sleep(0.1)  # several more polls
+        snapshot = {b["name"]: b for b in pool.snapshot()["backends"]}
+    assert snapshot["a:1"]["detected_kind"] == "llamacpp"
+    assert snapshot["b:1"]["detected_kind"] == "ollama"
+    assert snapshot["a:1"]["slots"] == 3
+    assert snapshot["b:1"]["models"] == ["q", "q:latest"]
+    assert servers["a"].paths.count("/lmstudio-greeting") == 1  # detection ran once
 
 
 async def test_a_hanging_backend_does_not_delay_the_others() -> None:
-    answers = {"ok": "ready", "hang": "hanging", "down": "refusing", "boot": "loading"}
-    config = PoolConfig(
-        backends=tuple(BackendConfig(url=f"http://{h}:1") for h in answers),
-        health_interval=0.05,
-        health_timeout=0.5,
+    servers = Servers(
+        ok=Server("llamacpp"), hang=Server("llamacpp", hang=True), down=Server("llamacpp", down=True)
     )
-    pool = Pool(config, initial_health=Health.LOADING)
-    backends = pool.scheduler.backends
-    async with fleet(answers) as client, anyio.create_task_group() as group:
-        await group.start(poll_backends, pool, client, config)
-        with anyio.fail_after(0.4):  # well before the hanging probe times out
-            while (
-                backends["ok:1"].health is not Health.HEALTHY
-                or backends["down:1"].health is not Health.UNHEALTHY
-            ):
-                await anyio.sleep(0.01)
-        assert backends["ok:1"].slots == 3
-        assert backends["boot:1"].health is Health.LOADING
-        with anyio.fail_after(2):
-            while backends["hang:1"].health is not Health.UNHEALTHY:
-                await anyio.sleep(0.02)
-        group.cancel_scope.cancel()
+    backends_config = [BackendConfig(url=f"http://{h}:1") for h in ("ok", "hang", "down")]
+    async with monitored(servers, *backends_config, health_timeout=0.5) as (pool, _):
+        backends = pool.scheduler.backends
+        await until(
+            lambda: (
+                backends["ok:1"].health is Health.HEALTHY and backends["down:1"].health is Health.UNHEALTHY
+            ),
+            timeout=0.4,
+        )
+        await until(lambda: backends["hang:1"].health is Health.UNHEALTHY)
 
 
 async def test_a_request_waiting_for_a_loading_backend_flows_when_it_is_ready() -> None:
-    answers = {"boot": "loading"}
-    config = PoolConfig(backends=(BackendConfig(url="http://boot:1", models=("m",)),), health_interval=0.05)
-    pool = Pool(config, initial_health=Health.LOADING)
-    got: list[str] = []
+    servers = Servers(boot=Server("llamacpp", loading=True))
+    async with monitored(servers, BackendConfig(url="http://boot:1", models=("m",))) as (pool, _):
+        got: list[str] = []
 
-    async def request() -> None:
-        async with pool.acquire("m") as lease:
-            got.append(lease.backend)
+        async def request() -> None:
+            async with pool.acquire("m") as lease:
+                got.append(lease.backend)
 
-    async with fleet(answers) as client, anyio.create_task_group() as group:
-        await group.start(poll_backends, pool, client, config)
-        group.start_soon(request)
-        with anyio.fail_after(2):
-            while pool.scheduler.waiting < 1:
-                await anyio.sleep(0.01)
-        await anyio.sleep(0.15)  # several probes: still loading, still waiting
-        assert got == []
-        answers["boot"] = "ready"
-        with anyio.fail_after(2):
-            while not got:
-                await anyio.sleep(0.01)
-        group.cancel_scope.cancel()
+        async with anyio.create_task_group() as group:
+            group.start_soon(request)
+            await until(lambda: pool.scheduler.waiting == 1)
+            await anyio.sleep(0.1)  # several probes: still loading, still waiting
+            assert got == []
+            servers["boot"].loading = False
+            await until(lambda: bool(got))
     assert got == ["boot:1"]
+
+
+async def test_loaded_model_steers_placement() -> None:
+    servers = Servers(
+        one=Server("lmstudio", models=["a", "b"], loaded=["a"]),
+        two=Server("lmstudio", models=["a", "b"], loaded=["b"]),
+    )
+    async with monitored(servers, BackendConfig(url="http://one:1"), BackendConfig(url="http://two:1")) as (
+        pool,
+        _,
+    ):
+        await until(lambda: all(b.residency_known for b in pool.scheduler.backends.values()))
+        async with pool.acquire("b") as for_b, pool.acquire("a") as for_a:
+            assert (for_b.backend, for_a.backend) == ("two:1", "one:1")
+            assert not for_b.loaded_model
+
+
+async def test_outside_work_on_llama_cpp_slots_takes_our_capacity() -> None:
+    servers = Servers(a=Server("llamacpp", slots=2, busy=2))  # another client fills both slots
+    async with monitored(servers, BackendConfig(url="http://a:1")) as (pool, _):
+        backend = pool.scheduler.backends["a:1"]
+        await until(lambda: backend.health is Health.HEALTHY and backend.external_busy == 2)
+        got: list[str] = []
+
+        async def request() -> None:
+            async with pool.acquire("m") as lease:
+                got.append(lease.backend)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(request)
+            await anyio.sleep(0.1)
+            assert got == []  # no free slot while the outside work runs
+            servers["a"].busy = 0
+            await until(lambda: bool(got))
+
+
+async def test_a_failed_probe_keeps_the_models_queued_requests_use() -> None:
+    servers = Servers(a=Server("llamacpp", models=["m"]))
+    async with monitored(servers, BackendConfig(url="http://a:1")) as (pool, _):
+        backend = pool.scheduler.backends["a:1"]
+        await until(lambda: backend.health is Health.HEALTHY)
+        servers["a"].down = True
+        await until(lambda: backend.health is Health.UNHEALTHY)
+        assert backend.models == frozenset({"m"})
+
+
+async def test_circuit_opens_after_failures_then_one_trial_decides() -> None:
+    clock = Clock()
+    servers = Servers(a=Server("llamacpp", slots=4))
+    async with monitored(
+        servers, BackendConfig(url="http://a:1"), clock=clock, circuit_failures=2, circuit_cooldown=10
+    ) as (pool, monitor):
+        backend = pool.scheduler.backends["a:1"]
+        await until(lambda: backend.health is Health.HEALTHY and backend.slots == 4)
+        monitor.failed("a:1", "answered 500")
+        assert health(backend) is Health.HEALTHY  # one failure is not enough
+        monitor.failed("a:1", "answered 500")
+        assert health(backend) is Health.UNHEALTHY
+        await anyio.sleep(0.1)  # probes keep succeeding, the circuit keeps it out
+        assert health(backend) is Health.UNHEALTHY
+        clock.now += 10
+        await until(lambda: backend.health is Health.HEALTHY)
+        assert backend.trial
+        assert backend.free == 1  # half-open: one trial request at a time
+        monitor.failed("a:1", "answered 502")  # the trial fails: out again, for longer
+        assert health(backend) is Health.UNHEALTHY
+        clock.now += 10
+        await anyio.sleep(0.1)
+        assert health(backend) is Health.UNHEALTHY  # the cooldown doubled to 20 s
+        clock.now += 10
+        await until(lambda: backend.trial)
+        monitor.succeeded("a:1")
+        assert health(backend) is Health.HEALTHY
+        assert not backend.trial
+        assert backend.free == 4
+        assert pool.snapshot()["backends"][0]["circuit"] == "closed"
+        assert pool.snapshot()["backends"][0]["circuit_openings"] == 2

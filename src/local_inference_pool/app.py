@@ -15,6 +15,7 @@ pool route answers 503 with a message saying how to wire it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -37,7 +38,7 @@ from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 
 from local_inference_pool.config import PoolConfig
 from local_inference_pool.errors import NoCapacityError, PoolError
-from local_inference_pool.health import poll_backends
+from local_inference_pool.health import Monitor
 from local_inference_pool.pool import Lease, Pool, describe_http_error
 from local_inference_pool.proxy import UpstreamResponse, upstream_headers
 from local_inference_pool.scheduler import Health
@@ -89,6 +90,7 @@ class Runtime:
     config: PoolConfig
     pool: Pool
     client: httpx.AsyncClient
+    monitor: Monitor
 
 
 def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = None) -> Starlette:
@@ -102,8 +104,9 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool = Pool(config, initial_health=Health.LOADING)
         async with make_client(config, transport) as client, anyio.create_task_group() as group:
-            await group.start(poll_backends, pool, client, config)
-            app.state.runtime = Runtime(config, pool, client)
+            monitor = Monitor(pool, client, config)
+            await group.start(monitor.run)
+            app.state.runtime = Runtime(config, pool, client, monitor)
             try:
                 yield
             finally:
@@ -393,7 +396,7 @@ async def _forward(
             lease.release()
             if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
                 failures.append(f"{lease.backend}: {describe_http_error(exc)}")
-                runtime.pool.update_backend(lease.backend, health=Health.UNHEALTHY)
+                runtime.monitor.unreachable(lease.backend, describe_http_error(exc))
                 continue
             return openai_error(
                 504,
@@ -405,7 +408,7 @@ async def _forward(
             # Nothing reached the client yet: take the backend out and try another.
             lease.release()
             failures.append(f"{lease.backend}: {describe_http_error(exc)}")
-            runtime.pool.update_backend(lease.backend, health=Health.UNHEALTHY)
+            runtime.monitor.unreachable(lease.backend, describe_http_error(exc))
             continue
         except BaseException:
             lease.release()
@@ -420,7 +423,12 @@ async def _forward(
         logger.debug(
             "%s %s -> %s in %.1f ms", request_id, model, lease.backend, (time.monotonic() - started) * 1000
         )
-        return UpstreamResponse(response, lease, extra)
+        backend = lease.backend
+        if response.status_code >= 500:
+            runtime.monitor.failed(backend, f"answered {response.status_code}")
+        else:
+            runtime.monitor.succeeded(backend)
+        return UpstreamResponse(response, lease, extra, functools.partial(runtime.monitor.failed, backend))
     return openai_error(
         502,
         f"no backend for model {model!r} could be reached: {'; '.join(failures)}",

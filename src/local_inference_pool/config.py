@@ -97,6 +97,8 @@ class PoolConfig:
     public_status: bool = False
     max_body_size: int = 16 * 1024 * 1024
     shutdown_grace: float = 30.0
+    circuit_failures: int = 3
+    circuit_cooldown: float = 10.0
 
     def __post_init__(self) -> None:
         _validate_fields(self, POOL_KEYS, "pool")
@@ -241,6 +243,8 @@ POOL_KEYS: dict[str, Parser] = {
     "public_status": _bool,
     "max_body_size": _int_at_least(1),
     "shutdown_grace": _number(positive=False),
+    "circuit_failures": _int_at_least(1),
+    "circuit_cooldown": _number(positive=True),
 }
 
 BACKEND_KEYS: dict[str, Parser] = {

@@ -1,107 +1,184 @@
-"""Health polling, run in the app's lifespan: one loop per backend, so a slow one delays no other.
+"""Health: active probes in the app's lifespan, and passive health from real traffic.
 
-Each probe is bounded by ``health_timeout``; a loop never raises (a poller that raised would tear down
-the lifespan's task group and the shared client while the server keeps serving). Transitions are
-logged once, not every poll. While a backend is unhealthy its probes back off exponentially up to
-eight intervals.
+``Monitor.run`` starts one poll loop per backend, so a slow or dead one delays no other. Each probe
+is bounded by ``health_timeout``, detects the kind of an ``auto`` backend once (and logs it), and asks
+that kind's adapter. A loop never raises: a poller that raised would tear down the lifespan's task
+group and the shared client while the server keeps serving. While a backend is unhealthy its probes
+back off exponentially up to eight intervals.
+
+Traffic reports to the same monitor: a refused connection takes the backend out until its next good
+probe; connection failures, 5xx answers and streams that die midway count toward its circuit breaker
+(``circuit.py``); a read timeout on one long generation counts for nothing.
+
+The health the scheduler sees combines both: the probe's verdict, and when that is healthy, the
+circuit's (open: unhealthy; half-open: healthy for one trial request at a time). Every transition is
+logged once and shown in the pool's snapshot.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
-from typing import Any
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import anyio
 import httpx
 from anyio.abc import TaskStatus
 
-from local_inference_pool.backends.openai import auth_headers, list_models
+from local_inference_pool.backends import DetectedKind, Snapshot, detect, probe
+from local_inference_pool.circuit import Circuit, CircuitState
 from local_inference_pool.config import BackendConfig, PoolConfig
 from local_inference_pool.pool import Pool, describe_http_error
 from local_inference_pool.scheduler import Health
 
-__all__ = ["Probe", "poll_backends", "probe_backend"]
+__all__ = ["Monitor"]
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF = 8
 
 
-@dataclass(frozen=True)
-class Probe:
-    health: Health
-    slots: int | None = None
-    models: list[str] | None = None
+@dataclass
+class _Watched:
+    config: BackendConfig
+    circuit: Circuit
+    kind: DetectedKind | None = None
+    probed: Health = Health.LOADING
+    effective: Health | None = None
+    trial: bool = False
+    unhealthy_probes: int = 0
     error: str | None = None
+    slot_warning: bool = field(default=False, repr=False)
 
 
-async def probe_backend(client: httpx.AsyncClient, backend: BackendConfig) -> Probe:
-    """llama.cpp-style ``/health`` (503 while loading) and ``/props``; ``/v1/models`` for every kind."""
-    headers = auth_headers(backend.api_key)
-    slots: int | None = None
-    if backend.kind in ("auto", "llamacpp"):
-        response = await client.get(f"{backend.url}/health", headers=headers)
-        if response.status_code == 503:
-            return Probe(Health.LOADING, error="loading (503 from /health)")
-        if response.status_code != 404:
-            response.raise_for_status()
-        if backend.slots is None:
-            props = await client.get(f"{backend.url}/props", headers=headers)
-            if props.status_code == 200:
-                slots = _total_slots(props.json())
-    models = await list_models(client, backend.url, backend.api_key)
-    return Probe(Health.HEALTHY, slots=slots, models=models)
-
-
-def _total_slots(props: Any) -> int | None:
-    value = props.get("total_slots") if isinstance(props, dict) else None
-    return value if isinstance(value, int) and value > 0 else None
-
-
-async def poll_backends(
-    pool: Pool,
-    client: httpx.AsyncClient,
-    config: PoolConfig,
-    *,
-    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    async with anyio.create_task_group() as group:
-        for backend in config.backends:
-            group.start_soon(_poll_one, pool, client, config, backend)
-        task_status.started()
-
-
-async def _poll_one(
-    pool: Pool, client: httpx.AsyncClient, config: PoolConfig, backend: BackendConfig
-) -> None:
-    previous: Health | None = None
-    failures = 0
-    while True:
-        try:
-            with anyio.fail_after(config.health_timeout):
-                probe = await probe_backend(client, backend)
-        except TimeoutError:
-            probe = Probe(Health.UNHEALTHY, error=f"no answer within {config.health_timeout:g}s")
-        except (httpx.HTTPError, ValueError, OSError) as exc:
-            probe = Probe(Health.UNHEALTHY, error=describe_http_error(exc))
-        try:
-            pool.update_backend(backend.name, health=probe.health, slots=probe.slots, models=probe.models)
-        except KeyError:
-            return  # the backend was removed
-        except Exception:
-            logger.exception("applying a probe of %s failed", backend.name)
-        if probe.health is not previous:
-            log = logger.info if probe.health is Health.HEALTHY else logger.warning
-            log(
-                "backend %s is %s%s",
-                backend.name,
-                probe.health.value,
-                f": {probe.error}" if probe.error else "",
+class Monitor:
+    def __init__(
+        self,
+        pool: Pool,
+        client: httpx.AsyncClient,
+        config: PoolConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self.client = client
+        self.config = config
+        self.clock = clock
+        self._watched = {
+            b.name: _Watched(
+                config=b,
+                circuit=Circuit(threshold=config.circuit_failures, cooldown=config.circuit_cooldown),
+                kind=None if b.kind == "auto" else b.kind,
             )
-            previous = probe.health
-        failures = failures + 1 if probe.health is Health.UNHEALTHY else 0
-        interval = (
-            config.health_interval * min(2**failures, MAX_BACKOFF) if failures else config.health_interval
+            for b in config.backends
+        }
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as group:
+            for name in self._watched:
+                group.start_soon(self._poll, name)
+            task_status.started()
+
+    # --- passive health, from the proxy ----------------------------------------------------
+
+    def unreachable(self, name: str, reason: str) -> None:
+        """A connection was refused or could not be made: out until a probe finds it again."""
+        watched = self._watched[name]
+        watched.probed = Health.UNHEALTHY
+        watched.error = reason
+        watched.circuit.record_failure(self.clock())
+        self._apply(name)
+
+    def failed(self, name: str, reason: str) -> None:
+        """A 5xx answer or a stream that died: counts toward the circuit breaker."""
+        watched = self._watched[name]
+        watched.error = reason
+        if watched.circuit.record_failure(self.clock()):
+            logger.warning(
+                "backend %s: circuit open after %d failures (%s)", name, watched.circuit.failures, reason
+            )
+        self._apply(name)
+
+    def succeeded(self, name: str) -> None:
+        watched = self._watched[name]
+        if watched.circuit.record_success():
+            logger.info("backend %s: circuit closed, a trial request succeeded", name)
+        self._apply(name)
+
+    # --- active health ---------------------------------------------------------------------
+
+    async def _poll(self, name: str) -> None:
+        watched = self._watched[name]
+        while True:
+            snapshot = await self._probe(watched)
+            watched.probed = snapshot.health
+            watched.error = snapshot.error if snapshot.health is not Health.HEALTHY else watched.error
+            try:
+                self._apply(name, snapshot)
+            except KeyError:
+                return  # the backend was removed from the pool
+            except Exception:
+                logger.exception("applying a probe of %s failed", name)
+            watched.unhealthy_probes = (
+                watched.unhealthy_probes + 1 if snapshot.health is Health.UNHEALTHY else 0
+            )
+            interval = self.config.health_interval * min(2**watched.unhealthy_probes, MAX_BACKOFF)
+            if watched.circuit.state is CircuitState.OPEN:
+                interval = min(interval, max(0.0, watched.circuit.open_until - self.clock()))
+            await anyio.sleep(interval * random.uniform(0.9, 1.1))
+
+    async def _probe(self, watched: _Watched) -> Snapshot:
+        backend = watched.config
+        try:
+            with anyio.fail_after(self.config.health_timeout):
+                if watched.kind is None:
+                    watched.kind = await detect(self.client, backend)
+                    logger.info("backend %s (%s) detected as %s", backend.name, backend.url, watched.kind)
+                    self.pool.annotate(backend.name, detected_kind=watched.kind)
+                return await probe(self.client, backend, watched.kind)
+        except TimeoutError:
+            return Snapshot(Health.UNHEALTHY, error=f"no answer within {self.config.health_timeout:g}s")
+        except (httpx.HTTPError, ValueError, OSError) as exc:
+            return Snapshot(Health.UNHEALTHY, error=describe_http_error(exc))
+
+    def _apply(self, name: str, snapshot: Snapshot | None = None) -> None:
+        watched = self._watched[name]
+        circuit = watched.circuit.current(self.clock())
+        effective = watched.probed
+        if effective is Health.HEALTHY and circuit is CircuitState.OPEN:
+            effective = Health.UNHEALTHY
+        trial = effective is Health.HEALTHY and circuit is CircuitState.HALF_OPEN
+        if snapshot is not None and snapshot.health is Health.HEALTHY:
+            if (
+                watched.kind in ("ollama", "vllm", "openai")
+                and watched.config.slots is None
+                and not watched.slot_warning
+            ):
+                watched.slot_warning = True
+                logger.warning(
+                    "backend %s (%s) does not report its slot count: set slots in its config (counting 1)",
+                    name,
+                    watched.kind,
+                )
+            self.pool.update_backend(
+                name,
+                health=effective,
+                trial=trial,
+                slots=snapshot.slots,
+                models=snapshot.models,
+                resident=snapshot.resident,
+                server_busy=snapshot.busy,
+            )
+        else:
+            self.pool.update_backend(name, health=effective, trial=trial)
+        if effective is not watched.effective or trial is not watched.trial:
+            state = f"{effective.value}{' (one trial request)' if trial else ''}"
+            log = logger.info if effective is Health.HEALTHY else logger.warning
+            log(
+                "backend %s is %s%s", name, state, f": {watched.error}" if watched.error and not trial else ""
+            )
+            watched.effective, watched.trial = effective, trial
+        self.pool.annotate(
+            name, circuit=circuit.value, last_error=watched.error, circuit_openings=watched.circuit.openings
         )
-        await anyio.sleep(interval * random.uniform(0.9, 1.1))

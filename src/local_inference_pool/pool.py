@@ -145,6 +145,7 @@ class Pool:
         self._backend_configs: dict[str, BackendConfig] = {}
         self._api_keys: dict[str, str | None] = {}
         self._warm: dict[str, dict[str, float]] = {}
+        self._info: dict[str, dict[str, Any]] = {}
         self._waiters: dict[int, anyio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -183,10 +184,13 @@ class Pool:
         resident: Sequence[str] | None = None,
         health: Health | None = None,
         external_busy: int | None = None,
+        server_busy: int | None = None,
+        trial: bool | None = None,
     ) -> None:
         """Apply what a probe found; queued requests that can now run are granted at once.
 
-        A configured slot count or model list wins over a detected one.
+        A configured slot count or model list wins over a detected one. ``server_busy`` is what the
+        server says is running, ours included: the rest is outside work that takes our capacity.
         """
         configured = self._backend_configs[name]
         changes: dict[str, Any] = {}
@@ -200,7 +204,16 @@ class Pool:
             changes["health"] = health
         if external_busy is not None:
             changes["external_busy"] = external_busy
+        if server_busy is not None:
+            ours = self._scheduler.backends[name].active_total
+            changes["external_busy"] = max(0, server_busy - ours)
+        if trial is not None:
+            changes["trial"] = trial
         self._scheduler.update_backend(name, **changes)
+
+    def annotate(self, name: str, **info: Any) -> None:
+        """Facts for the snapshot that the scheduler does not use (detected kind, circuit, errors)."""
+        self._info.setdefault(name, {}).update(info)
 
     async def refresh_models(self, client: httpx.AsyncClient | None = None) -> dict[str, str | None]:
         """Ask every backend without a configured model list for ``/v1/models``.
@@ -405,6 +418,7 @@ class Pool:
             configured = self._backend_configs.get(backend["name"])
             backend["kind"] = configured.kind if configured else "auto"
             backend["warm_models"] = sorted(self._warm.get(backend["name"], {}))
+            backend.update(self._info.get(backend["name"], {}))
         state["closed"] = self._closed
         return state
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 
 import anyio
 import httpx
@@ -62,9 +62,16 @@ def upstream_headers(lease: Lease, request_id: str | None) -> dict[str, str]:
 
 
 class UpstreamResponse(StreamingResponse):
-    def __init__(self, upstream: httpx.Response, lease: Lease, extra_headers: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        upstream: httpx.Response,
+        lease: Lease,
+        extra_headers: Mapping[str, str],
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
         self.upstream = upstream
         self.lease = lease
+        self.on_failure = on_failure
         content_type = upstream.headers.get("content-type", "application/json")
         self.is_event_stream = content_type.startswith("text/event-stream")
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -83,6 +90,8 @@ class UpstreamResponse(StreamingResponse):
             logger.warning(
                 "backend %s failed mid-response: %s", self.lease.backend, exc or type(exc).__name__
             )
+            if self.on_failure is not None:
+                self.on_failure(f"died mid-response: {exc or type(exc).__name__}")
             if not self.is_event_stream:
                 raise
             error = {

@@ -87,6 +87,7 @@ class Backend:
     active_total: int = 0
     resident: list[str] = field(default_factory=list)  # most recent first
     residency_known: bool = False  # reported by the backend, or learned from a grant
+    trial: bool = False  # half-open after failures: admits one lease until the trial decides
     barrier: str | None = None
     loads: int = 0
     granted: int = 0
@@ -95,7 +96,8 @@ class Backend:
 
     @property
     def free(self) -> int:
-        return max(0, self.slots - self.active_total - self.external_busy)
+        capacity = 1 if self.trial else self.slots
+        return max(0, capacity - self.active_total - self.external_busy)
 
     @property
     def load_ratio(self) -> float:
@@ -255,6 +257,7 @@ class Scheduler:
         external_busy: int = _UNSET,
         weight: float = _UNSET,
         max_loaded_models: int = _UNSET,
+        trial: bool = _UNSET,
     ) -> None:
         """Apply what a probe (or the operator) says; dispatch what the change makes possible."""
         backend = self.backends[name]
@@ -267,6 +270,8 @@ class Scheduler:
             self._set_resident(backend, backend.resident)
         if external_busy is not _UNSET:
             backend.external_busy = max(0, external_busy)
+        if trial is not _UNSET:
+            backend.trial = trial
         if models is not _UNSET:
             self._set_models(backend, None if models is None else frozenset(models))
         if resident is not _UNSET:
@@ -453,6 +458,7 @@ class Scheduler:
                     "max_loaded_models": b.max_loaded_models,
                     "weight": b.weight,
                     "draining_for": b.barrier,
+                    "trial": b.trial,
                     "model_loads": b.loads,
                     "granted": b.granted,
                 }

@@ -6,6 +6,10 @@ from typing import Any
 
 import httpx
 
+from local_inference_pool.backends.base import Snapshot
+from local_inference_pool.config import BackendConfig
+from local_inference_pool.scheduler import Health
+
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -22,3 +26,8 @@ async def list_models(client: httpx.AsyncClient, url: str, api_key: str | None =
     if not isinstance(items, list):
         raise ValueError(f"GET {url}/v1/models: the body has no 'data' list")
     return [item["id"] for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]
+
+
+async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
+    """Any OpenAI-compatible server: reachable and listing models is all it can say."""
+    return Snapshot(Health.HEALTHY, models=await list_models(client, backend.url, backend.api_key))

@@ -1,0 +1,29 @@
+"""What a probe of one backend found, in the scheduler's terms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from local_inference_pool.scheduler import Health
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """``None`` means "this probe cannot tell": the pool keeps what it knew."""
+
+    health: Health
+    models: list[str] | None = None  # models it can serve
+    resident: list[str] | None = None  # models loaded now, most recent first when known
+    slots: int | None = None  # slot total, when the server says
+    busy: int | None = None  # slots busy on the server, ours included, when the server says
+    error: str | None = None
+
+
+def with_latest_alias(names: list[str]) -> list[str]:
+    """Ollama names default to the ``latest`` tag: ``llama3.2`` and ``llama3.2:latest`` are one model."""
+    out: list[str] = []
+    for name in names:
+        out.append(name)
+        if name.endswith(":latest"):
+            out.append(name[: -len(":latest")])
+    return list(dict.fromkeys(out))

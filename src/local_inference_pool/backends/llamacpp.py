@@ -1,0 +1,70 @@
+"""llama.cpp ``llama-server``: single-model and router mode (BACKENDS.md section 1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from local_inference_pool.backends.base import Snapshot
+from local_inference_pool.backends.openai import auth_headers
+from local_inference_pool.config import BackendConfig
+from local_inference_pool.scheduler import Health
+
+
+async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
+    headers = auth_headers(backend.api_key)
+    health = await client.get(f"{backend.url}/health", headers=headers)
+    if health.status_code == 503 and is_loading(health):  # every path answers so until ready
+        return Snapshot(Health.LOADING, error="loading the model (503 from /health)")
+    health.raise_for_status()
+    props_response = await client.get(f"{backend.url}/props", headers=headers)
+    props: Any = props_response.json() if props_response.status_code == 200 else {}
+    listing = await client.get(f"{backend.url}/v1/models", headers=headers)
+    listing.raise_for_status()
+    entries = [
+        e for e in (listing.json().get("data") or []) if isinstance(e, dict) and isinstance(e.get("id"), str)
+    ]
+    models = [e["id"] for e in entries]
+    if isinstance(props, dict) and props.get("role") == "router":
+        # Router mode: one child per loaded model; /slots needs ?model=, so busy is not read here.
+        resident = [e["id"] for e in entries if (e.get("status") or {}).get("value") == "loaded"]
+        return Snapshot(Health.HEALTHY, models=models, resident=resident)
+    slots = props.get("total_slots") if isinstance(props, dict) else None
+    return Snapshot(
+        Health.HEALTHY,
+        models=models,
+        resident=models[:1],  # single-model mode: its one model is always loaded
+        slots=slots if isinstance(slots, int) and slots > 0 else None,
+        busy=await _busy_slots(client, backend, headers),
+    )
+
+
+async def _busy_slots(
+    client: httpx.AsyncClient, backend: BackendConfig, headers: dict[str, str]
+) -> int | None:
+    """Slots processing now, from /slots (on by default; 501 when started with --no-slots)."""
+    response = await client.get(f"{backend.url}/slots", headers=headers)
+    if response.status_code != 200:
+        return None
+    slots = response.json()
+    if not isinstance(slots, list):
+        return None
+    return sum(1 for s in slots if isinstance(s, dict) and (s.get("is_processing") or s.get("state") == 1))
+
+
+def is_loading(response: httpx.Response) -> bool:
+    """llama-server's answer on every path while its model loads: 503 "Loading model"."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    if not isinstance(body, dict):
+        return False
+    error = body.get("error")
+    message = error.get("message", "") if isinstance(error, dict) else body.get("status", "")  # older builds
+    return "loading" in str(message).lower()
+
+
+def looks_like(props: Any) -> bool:
+    return isinstance(props, dict) and ("total_slots" in props or props.get("role") == "router")

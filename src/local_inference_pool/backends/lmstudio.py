@@ -1,0 +1,49 @@
+"""LM Studio (BACKENDS.md section 2). It answers 200 to unknown paths, so nothing is trusted blindly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from local_inference_pool.backends.base import Snapshot
+from local_inference_pool.backends.openai import auth_headers
+from local_inference_pool.config import BackendConfig
+from local_inference_pool.scheduler import Health
+
+
+async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
+    headers = auth_headers(backend.api_key)
+    response = await client.get(f"{backend.url}/api/v0/models", headers=headers)
+    response.raise_for_status()
+    body: Any = response.json()
+    entries = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError("GET /api/v0/models: no 'data' list (is this LM Studio?)")
+    entries = [e for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)]
+    models = [e["id"] for e in entries]
+    resident = [e["id"] for e in entries if e.get("state") == "loaded"]
+    return Snapshot(
+        Health.HEALTHY, models=models, resident=resident, slots=await _parallel(client, backend, headers)
+    )
+
+
+async def _parallel(client: httpx.AsyncClient, backend: BackendConfig, headers: dict[str, str]) -> int | None:
+    """Max concurrent predictions of the loaded instances, from REST v1 (0.4.0+), when it answers."""
+    response = await client.get(f"{backend.url}/api/v1/models", headers=headers)
+    body: Any = response.json() if response.status_code == 200 else None
+    if not isinstance(body, dict) or not isinstance(body.get("models"), list):
+        return None
+    parallel = [
+        instance.get("config", {}).get("parallel")
+        for model in body["models"]
+        if isinstance(model, dict)
+        for instance in model.get("loaded_instances") or []
+        if isinstance(instance, dict)
+    ]
+    values = [p for p in parallel if isinstance(p, int) and p > 0]
+    return max(values) if values else None
+
+
+def looks_like(greeting: Any) -> bool:
+    return isinstance(greeting, dict) and greeting.get("lmstudio") is True

@@ -1,0 +1,37 @@
+"""Ollama (BACKENDS.md section 3). Its parallelism is a server setting it does not expose: configure slots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from local_inference_pool.backends.base import Snapshot, with_latest_alias
+from local_inference_pool.backends.openai import auth_headers
+from local_inference_pool.config import BackendConfig
+from local_inference_pool.scheduler import Health
+
+
+def _names(body: Any) -> list[str]:
+    entries = body.get("models") if isinstance(body, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError("no 'models' list (is this Ollama?)")
+    return [e["name"] for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)]
+
+
+async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
+    headers = auth_headers(backend.api_key)
+    tags = await client.get(f"{backend.url}/api/tags", headers=headers)
+    tags.raise_for_status()
+    loaded = await client.get(f"{backend.url}/api/ps", headers=headers)
+    loaded.raise_for_status()
+    # /api/ps lists the longest-lived first, which is the best guess at "most recently used".
+    return Snapshot(
+        Health.HEALTHY,
+        models=with_latest_alias(_names(tags.json())),
+        resident=with_latest_alias(_names(loaded.json())),
+    )
+
+
+def looks_like(root_text: str) -> bool:
+    return "Ollama is running" in root_text

@@ -1,0 +1,40 @@
+"""vLLM (BACKENDS.md section 4): one model, always loaded; its own queue is read from /metrics."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+from local_inference_pool.backends.base import Snapshot
+from local_inference_pool.backends.openai import auth_headers, list_models
+from local_inference_pool.config import BackendConfig
+from local_inference_pool.scheduler import Health
+
+_GAUGE = re.compile(r"^vllm:num_requests_(running|waiting)(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$", re.MULTILINE)
+
+
+async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
+    headers = auth_headers(backend.api_key)
+    health = await client.get(f"{backend.url}/health", headers=headers)
+    if health.status_code == 503:
+        return Snapshot(Health.UNHEALTHY, error="engine dead (503 from /health)")
+    health.raise_for_status()
+    models = await list_models(client, backend.url, backend.api_key)
+    return Snapshot(
+        Health.HEALTHY, models=models, resident=models, busy=await _busy(client, backend, headers)
+    )
+
+
+async def _busy(client: httpx.AsyncClient, backend: BackendConfig, headers: dict[str, str]) -> int | None:
+    """Requests running plus waiting inside vLLM, so its capacity is judged by its own load."""
+    response = await client.get(f"{backend.url}/metrics", headers=headers)
+    if response.status_code != 200:
+        return None
+    values = [float(v) for _, v in _GAUGE.findall(response.text)]
+    return round(sum(values)) if values else None
+
+
+def looks_like(models_body: object) -> bool:
+    data = models_body.get("data") if isinstance(models_body, dict) else None
+    return isinstance(data, list) and any(isinstance(e, dict) and e.get("owned_by") == "vllm" for e in data)

@@ -1,0 +1,167 @@
+"""Fakes of each server kind, answering the shapes in ../shared/BACKENDS.md, behind one MockTransport."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+
+
+@dataclass
+class Server:
+    kind: str  # llamacpp | router | lmstudio | ollama | vllm | openai
+    models: list[str] = field(default_factory=lambda: ["m"])
+    loaded: list[str] = field(default_factory=list)
+    slots: int = 4
+    busy: int = 0  # slots processing now, as the server reports them
+    loading: bool = False
+    down: bool = False
+    hang: bool = False
+    paths: list[str] = field(default_factory=list)
+
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            raise httpx.ConnectError("connection refused", request=request)
+        path = request.url.path
+        self.paths.append(path)
+        handler = getattr(self, f"_{self.kind}")
+        response: httpx.Response | None = handler(path)
+        if response is not None:
+            return response
+        if self.kind == "lmstudio":  # LM Studio answers 200 to anything it does not know
+            return httpx.Response(200, json={"error": f"Unexpected endpoint or method. (GET {path})"})
+        return httpx.Response(404, text="404 page not found")
+
+    def _models(self, **extra: Any) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": m, "object": "model", **extra} for m in self.models]}
+
+    def _llamacpp(self, path: str) -> httpx.Response | None:
+        if self.loading:
+            return httpx.Response(
+                503, json={"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
+            )
+        if path == "/health":
+            return httpx.Response(200, json={"status": "ok"})
+        if path == "/props":
+            return httpx.Response(
+                200,
+                json={
+                    "total_slots": self.slots,
+                    "model_alias": self.models[0],
+                    "default_generation_settings": {"n_ctx": 4096},
+                },
+            )
+        if path == "/slots":
+            return httpx.Response(
+                200,
+                json=[{"id": i, "n_ctx": 4096, "is_processing": i < self.busy} for i in range(self.slots)],
+            )
+        if path == "/v1/models":
+            return httpx.Response(200, json=self._models(owned_by="llamacpp"))
+        if path == "/":
+            return httpx.Response(200, text="<!doctype html><title>llama.cpp</title>")
+        return None
+
+    def _router(self, path: str) -> httpx.Response | None:
+        if path == "/health":
+            return httpx.Response(200, json={"status": "ok"})
+        if path == "/props":
+            return httpx.Response(200, json={"role": "router", "max_instances": 4, "model_path": "none"})
+        if path == "/v1/models":
+            data = [
+                {
+                    "id": m,
+                    "object": "model",
+                    "owned_by": "llamacpp",
+                    "status": {"value": "loaded" if m in self.loaded else "unloaded"},
+                }
+                for m in self.models
+            ]
+            return httpx.Response(200, json={"object": "list", "data": data})
+        return None
+
+    def _lmstudio(self, path: str) -> httpx.Response | None:
+        if path == "/lmstudio-greeting":
+            return httpx.Response(200, json={"lmstudio": True})
+        if path == "/api/v0/models":
+            data = [
+                {
+                    "id": m,
+                    "object": "model",
+                    "type": "llm",
+                    "state": "loaded" if m in self.loaded else "not-loaded",
+                }
+                for m in self.models
+            ]
+            return httpx.Response(200, json={"object": "list", "data": data})
+        if path == "/api/v1/models":
+            models = [
+                {
+                    "key": m,
+                    "type": "llm",
+                    "loaded_instances": [{"id": m, "config": {"parallel": self.slots}}]
+                    if m in self.loaded
+                    else [],
+                }
+                for m in self.models
+            ]
+            return httpx.Response(200, json={"models": models})
+        if path == "/v1/models":
+            return httpx.Response(200, json=self._models(owned_by="organization_owner"))
+        return None
+
+    def _ollama(self, path: str) -> httpx.Response | None:
+        if path == "/":
+            return httpx.Response(200, text="Ollama is running")
+        if path == "/api/version":
+            return httpx.Response(200, json={"version": "0.12.3"})
+        if path == "/api/tags":
+            return httpx.Response(200, json={"models": [{"name": m, "model": m} for m in self.models]})
+        if path == "/api/ps":
+            return httpx.Response(
+                200, json={"models": [{"name": m, "model": m, "size_vram": 1} for m in self.loaded]}
+            )
+        if path == "/v1/models":
+            return httpx.Response(200, json=self._models(owned_by="library"))
+        return None
+
+    def _vllm(self, path: str) -> httpx.Response | None:
+        if path == "/health":
+            return httpx.Response(200)
+        if path == "/version":
+            return httpx.Response(200, json={"version": "0.10.1"})
+        if path == "/v1/models":
+            return httpx.Response(200, json=self._models(owned_by="vllm", max_model_len=32768))
+        if path == "/metrics":
+            text = (
+                "# TYPE vllm:num_requests_running gauge\n"
+                f'vllm:num_requests_running{{engine="0",model_name="{self.models[0]}"}} {self.busy}.0\n'
+                "# TYPE vllm:num_requests_waiting gauge\n"
+                f'vllm:num_requests_waiting{{engine="0",model_name="{self.models[0]}"}} 0.0\n'
+            )
+            return httpx.Response(200, text=text)
+        return None
+
+    def _openai(self, path: str) -> httpx.Response | None:
+        if path == "/v1/models":
+            return httpx.Response(200, json=self._models(owned_by="someone"))
+        return None
+
+
+class Servers:
+    def __init__(self, **servers: Server) -> None:
+        self.servers = servers
+
+    def __getitem__(self, host: str) -> Server:
+        return self.servers[host]
+
+    def client(self) -> httpx.AsyncClient:
+        async def handle(request: httpx.Request) -> httpx.Response:
+            server = self.servers[request.url.host]
+            if server.hang:
+                await anyio.sleep_forever()
+            return server.answer(request)
+
+        return httpx.AsyncClient(transport=httpx.MockTransport(handle))

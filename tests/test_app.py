@@ -291,3 +291,19 @@ async def test_shutdown_fails_queued_requests_with_503() -> None:
     await client.aclose()
     assert [r.status_code for r in responses] == [503]
     assert_openai_error(responses[0], 503, "pool_closed")
+
+
+async def test_backend_answering_500s_is_taken_out_by_its_circuit() -> None:
+    fleet = Fleet(a=FakeBackend(), b=FakeBackend())
+    async with client_for(fleet, circuit_failures=2) as client:
+        fleet.backends["a"].mode = "status"  # 500 from here on, while its probes stay good
+        served = []
+        for _ in range(8):
+            response = await client.post("/chat/completions", json=CHAT, headers={"x-session-id": "pin"})
+            served.append((response.headers.get("x-backend"), response.status_code))
+        status = {b["name"]: b for b in (await client.get("/pool/status")).json()["backends"]}
+    failures_from_a = [s for s in served if s == ("a:8080", 500)]
+    assert 1 <= len(failures_from_a) <= 2  # passed through to the client, then no more traffic there
+    assert served[-3:] == [("b:8080", 200)] * 3
+    assert status["a:8080"]["circuit"] == "open"
+    assert status["a:8080"]["health"] == "unhealthy"

@@ -19,6 +19,7 @@ class Server:
     loading: bool = False
     down: bool = False
     hang: bool = False
+    garbled: bool = False  # answers JSON of an unexpected shape
     paths: list[str] = field(default_factory=list)
 
     def answer(self, request: httpx.Request) -> httpx.Response:
@@ -26,6 +27,8 @@ class Server:
             raise httpx.ConnectError("connection refused", request=request)
         path = request.url.path
         self.paths.append(path)
+        if self.garbled:
+            return httpx.Response(200, json=["not", "an", "object"])
         handler = getattr(self, f"_{self.kind}")
         response: httpx.Response | None = handler(path)
         if response is not None:

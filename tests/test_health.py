@@ -173,3 +173,14 @@ async def test_circuit_opens_after_failures_then_one_trial_decides() -> None:
         assert backend.free == 4
         assert pool.snapshot()["backends"][0]["circuit"] == "closed"
         assert pool.snapshot()["backends"][0]["circuit_openings"] == 2
+
+
+async def test_an_answer_of_an_unexpected_shape_never_stops_the_monitor() -> None:
+    servers = Servers(a=Server("llamacpp"))
+    async with monitored(servers, BackendConfig(url="http://a:1", kind="llamacpp")) as (pool, _):
+        backend = pool.scheduler.backends["a:1"]
+        await until(lambda: backend.health is Health.HEALTHY)
+        servers["a"].garbled = True
+        await until(lambda: backend.health is Health.UNHEALTHY)
+        servers["a"].garbled = False
+        await until(lambda: backend.health is Health.HEALTHY)  # the loop is still alive

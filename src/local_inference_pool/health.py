@@ -141,6 +141,9 @@ class Monitor:
             return Snapshot(Health.UNHEALTHY, error=f"no answer within {self.config.health_timeout:g}s")
         except (httpx.HTTPError, ValueError, OSError) as exc:
             return Snapshot(Health.UNHEALTHY, error=describe_http_error(exc))
+        except Exception as exc:  # an answer of a shape no adapter expects: never let a poller die
+            logger.debug("probe of %s failed", backend.name, exc_info=True)
+            return Snapshot(Health.UNHEALTHY, error=f"unexpected answer: {type(exc).__name__}: {exc}")
 
     def _apply(self, name: str, snapshot: Snapshot | None = None) -> None:
         watched = self._watched[name]

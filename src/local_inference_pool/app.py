@@ -15,30 +15,33 @@ pool route answers 503 with a message saying how to wire it.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import hmac
 import json
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import anyio
 import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 
 from local_inference_pool.config import PoolConfig
 from local_inference_pool.errors import NoCapacityError, PoolError
 from local_inference_pool.health import Monitor
+from local_inference_pool.metrics import PoolMetrics, RequestRecord
 from local_inference_pool.pool import Lease, Pool, describe_http_error
 from local_inference_pool.proxy import UpstreamResponse, upstream_headers
 from local_inference_pool.scheduler import Health
@@ -91,6 +94,7 @@ class Runtime:
     pool: Pool
     client: httpx.AsyncClient
     monitor: Monitor
+    metrics: PoolMetrics
 
 
 def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = None) -> Starlette:
@@ -106,7 +110,7 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
         async with make_client(config, transport) as client, anyio.create_task_group() as group:
             monitor = Monitor(pool, client, config)
             await group.start(monitor.run)
-            app.state.runtime = Runtime(config, pool, client, monitor)
+            app.state.runtime = Runtime(config, pool, client, monitor, PoolMetrics(pool))
             try:
                 yield
             finally:
@@ -141,6 +145,9 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
             *(Route(path, _completion_route(path), methods=["POST"]) for path in UPSTREAM_PATHS),
             Route("/models", _models, methods=["GET"]),
             Route("/pool/status", _status, methods=["GET"]),
+            Route("/pool/metrics", _metrics, methods=["GET"]),
+            Route("/pool/", _dashboard, methods=["GET"]),
+            Route("/pool/dashboard", _dashboard, methods=["GET"]),
         ],
         lifespan=lifespan,
         exception_handlers={HTTPException: not_found, Exception: unexpected},
@@ -209,6 +216,17 @@ def openai_error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _error_code(response: Response) -> str:
+    """The OpenAI error code of an answer the pool made itself, as the request's outcome."""
+    if response.status_code == 499:
+        return "client_gone"
+    try:
+        code = json.loads(bytes(response.body))["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return f"status_{response.status_code}"
+    return str(code)
+
+
 def _pool_error(error: PoolError) -> JSONResponse:
     body = error.to_openai()
     err = body["error"]
@@ -229,12 +247,20 @@ def _runtime(request: Request) -> Runtime | Response:
     return runtime
 
 
-def _authorized(request: Request, config: PoolConfig) -> bool:
+def _authorized(request: Request, config: PoolConfig, *, browser: bool = False) -> bool:
+    """``Authorization: Bearer <key>``; for pages a browser opens, also Basic with the key as password."""
     if not config.api_keys:
         return True
     given = request.headers.get("authorization", "")
     scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    if browser and scheme.lower() == "basic":
+        try:
+            token = base64.b64decode(token.strip(), validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    if not token:
         return False
     token_bytes = token.strip().encode()
     # Compare against every key so the time taken does not say which one came close.
@@ -242,13 +268,16 @@ def _authorized(request: Request, config: PoolConfig) -> bool:
     return any(matches)
 
 
-def _unauthorized() -> JSONResponse:
-    return openai_error(
+def _unauthorized(*, browser: bool = False) -> JSONResponse:
+    response = openai_error(
         401,
         "missing or invalid API key: send 'Authorization: Bearer <key>' with one of the pool's keys",
         "invalid_request_error",
         "invalid_api_key",
     )
+    if browser:  # lets a browser ask for the key (any user name, the key as password)
+        response.headers["www-authenticate"] = 'Basic realm="local-inference-pool"'
+    return response
 
 
 async def _read_body(request: Request, limit: int) -> bytes | Response:
@@ -297,6 +326,15 @@ def _completion_route(path: str) -> Callable[[Request], Any]:
         runtime = _runtime(request)
         if isinstance(runtime, Response):
             return runtime
+        record = RequestRecord(request_id=request.headers.get("x-request-id") or uuid.uuid4().hex, model="-")
+        response = await handle(request, runtime, record)
+        if not isinstance(response, UpstreamResponse):  # answered by the pool itself: report now
+            record.status = response.status_code
+            record.outcome = _error_code(response)
+            runtime.metrics.observe(record)
+        return response
+
+    async def handle(request: Request, runtime: Runtime, record: RequestRecord) -> Response:
         if not _authorized(request, runtime.config):
             return _unauthorized()
         try:
@@ -316,6 +354,8 @@ def _completion_route(path: str) -> Callable[[Request], Any]:
                 400, "the request body must be a JSON object", "invalid_request_error", "invalid_body"
             )
         model = payload.get("model")
+        if isinstance(model, str):
+            record.model = model
         if not isinstance(model, str) or not model:
             return openai_error(
                 400,
@@ -333,9 +373,8 @@ def _completion_route(path: str) -> Callable[[Request], Any]:
                 "invalid_request_error",
                 "invalid_priority",
             )
-        return await _forward(
-            request, runtime, upstream_path, body, model, priority, _session_key(request, payload)
-        )
+        session = _session_key(request, payload)
+        return await _forward(request, runtime, upstream_path, body, priority, session, record)
 
     return route
 
@@ -369,14 +408,14 @@ async def _forward(
     runtime: Runtime,
     upstream_path: str,
     body: bytes,
-    model: str,
     priority: int,
     session: str | None,
+    record: RequestRecord,
 ) -> Response:
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    started = time.monotonic()
+    model = record.model
     failures: list[str] = []
     for _attempt in range(MAX_ATTEMPTS):
+        record.retries = len(failures)
         try:
             lease = await _acquire_unless_gone(request, runtime.pool, model, priority, session)
         except NoCapacityError as exc:
@@ -388,12 +427,16 @@ async def _forward(
         if lease is None:
             return Response(status_code=499)  # the client left while queued: nobody to answer
         upstream = runtime.client.build_request(
-            "POST", lease.url + upstream_path, content=body, headers=upstream_headers(lease, request_id)
+            "POST",
+            lease.url + upstream_path,
+            content=body,
+            headers=upstream_headers(lease, record.request_id),
         )
         try:
             response = await runtime.client.send(upstream, stream=True)
         except httpx.TimeoutException as exc:
             lease.release()
+            record.backend = lease.backend
             if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
                 failures.append(f"{lease.backend}: {describe_http_error(exc)}")
                 runtime.monitor.unreachable(lease.backend, describe_http_error(exc))
@@ -416,19 +459,24 @@ async def _forward(
         extra = {
             "x-backend": lease.backend,
             "x-queue-wait-ms": f"{lease.queue_wait * 1000:.1f}",
-            "x-request-id": request_id,
+            "x-request-id": record.request_id,
         }
         if lease.affinity is not None:
             extra["x-session-affinity"] = lease.affinity.value
-        logger.debug(
-            "%s %s -> %s in %.1f ms", request_id, model, lease.backend, (time.monotonic() - started) * 1000
-        )
-        backend = lease.backend
+        backend = record.backend = lease.backend
+        record.queue_wait = lease.queue_wait
         if response.status_code >= 500:
             runtime.monitor.failed(backend, f"answered {response.status_code}")
         else:
             runtime.monitor.succeeded(backend)
-        return UpstreamResponse(response, lease, extra, functools.partial(runtime.monitor.failed, backend))
+        return UpstreamResponse(
+            response,
+            lease,
+            extra,
+            on_failure=functools.partial(runtime.monitor.failed, backend),
+            record=record,
+            metrics=runtime.metrics,
+        )
     return openai_error(
         502,
         f"no backend for model {model!r} could be reached: {'; '.join(failures)}",
@@ -461,10 +509,35 @@ async def _models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": data})
 
 
-async def _status(request: Request) -> Response:
+def _observer(request: Request) -> Runtime | Response:
+    """The runtime, for status, metrics and the dashboard: open when ``public_status`` is set."""
     runtime = _runtime(request)
     if isinstance(runtime, Response):
         return runtime
-    if not runtime.config.public_status and not _authorized(request, runtime.config):
-        return _unauthorized()
-    return JSONResponse(runtime.pool.snapshot())
+    if not runtime.config.public_status and not _authorized(request, runtime.config, browser=True):
+        return _unauthorized(browser=True)
+    return runtime
+
+
+async def _status(request: Request) -> Response:
+    runtime = _observer(request)
+    if isinstance(runtime, Response):
+        return runtime
+    return JSONResponse({**runtime.pool.snapshot(), "traffic": runtime.metrics.traffic()})
+
+
+async def _metrics(request: Request) -> Response:
+    runtime = _observer(request)
+    if isinstance(runtime, Response):
+        return runtime
+    return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _dashboard(request: Request) -> Response:
+    runtime = _observer(request)
+    if isinstance(runtime, Response):
+        return runtime
+    page = (
+        resources.files("local_inference_pool").joinpath("dashboard/index.html").read_text(encoding="utf-8")
+    )
+    return HTMLResponse(page, headers={"cache-control": "no-cache"})

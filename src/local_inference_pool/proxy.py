@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 
 import anyio
@@ -25,6 +26,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from local_inference_pool.metrics import PoolMetrics, RequestRecord, UsageSniffer
 from local_inference_pool.pool import Lease
 
 __all__ = ["HOP_BY_HOP", "UpstreamResponse", "upstream_headers"]
@@ -67,11 +69,17 @@ class UpstreamResponse(StreamingResponse):
         upstream: httpx.Response,
         lease: Lease,
         extra_headers: Mapping[str, str],
+        *,
         on_failure: Callable[[str], None] | None = None,
+        record: RequestRecord | None = None,
+        metrics: PoolMetrics | None = None,
     ) -> None:
         self.upstream = upstream
         self.lease = lease
         self.on_failure = on_failure
+        self.record = record
+        self.metrics = metrics
+        self._relayed_all = False
         content_type = upstream.headers.get("content-type", "application/json")
         self.is_event_stream = content_type.startswith("text/event-stream")
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -80,18 +88,26 @@ class UpstreamResponse(StreamingResponse):
             headers["cache-control"] = "no-cache"
             headers["x-accel-buffering"] = "no"
         self._relay_iterator = self._relay()
+        self._usage = UsageSniffer(self.is_event_stream)
         super().__init__(self._relay_iterator, status_code=upstream.status_code, headers=headers)
 
     async def _relay(self) -> AsyncGenerator[bytes, None]:
+        record = self.record
         try:
             async for chunk in self.upstream.aiter_bytes():
+                if record is not None and record.first_byte is None:
+                    record.first_byte = time.monotonic() - record.started
+                self._usage.feed(chunk)
                 yield chunk
+            self._relayed_all = True
         except Exception as exc:  # any transport's read error: the status is already sent
             logger.warning(
                 "backend %s failed mid-response: %s", self.lease.backend, exc or type(exc).__name__
             )
             if self.on_failure is not None:
                 self.on_failure(f"died mid-response: {exc or type(exc).__name__}")
+            if record is not None:
+                record.outcome = "failed_midway"
             if not self.is_event_stream:
                 raise
             error = {
@@ -116,3 +132,26 @@ class UpstreamResponse(StreamingResponse):
                 await self._relay_iterator.aclose()
                 await self.upstream.aclose()  # the backend sees the connection close and stops
             self.lease.release()
+            self._report()
+
+    def _report(self) -> None:
+        record = self.record
+        if record is None or self.metrics is None:
+            return
+        record.status = self.status_code
+        self._usage.finish()
+        usage = self._usage.usage or {}
+        record.prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
+        record.completion_tokens = _int_or_none(usage.get("completion_tokens"))
+        if record.outcome == "ok":
+            if not self._relayed_all:
+                record.outcome = "client_gone"
+            elif self.status_code >= 500:
+                record.outcome = "backend_error"
+            elif self.status_code >= 400:
+                record.outcome = "client_error"
+        self.metrics.observe(record)
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

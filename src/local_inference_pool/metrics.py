@@ -1,0 +1,220 @@
+"""Prometheus metrics on a per-app registry, and the one log line per request.
+
+Two pool apps in one process never share metrics: each has its own ``CollectorRegistry``. What the
+pool already knows (queue depth, slots, health, model loads, circuit openings, affinity) is read from
+its snapshot at scrape time by a collector, not counted twice; what only the request path sees
+(outcomes, waits, time to first byte, durations, tokens, retries) is recorded as it happens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from local_inference_pool.pool import Pool
+
+__all__ = ["PoolMetrics", "RequestRecord", "UsageSniffer"]
+
+access_log = logging.getLogger("local_inference_pool.access")
+
+WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+HEALTH_STATES = ("healthy", "loading", "unhealthy")
+MAX_SNIFFED_BODY = 1 << 20  # a JSON answer larger than this is relayed, but its usage is not read
+
+
+@dataclass
+class RequestRecord:
+    """What one request did, filled in as it goes, reported once when it ends."""
+
+    request_id: str
+    model: str
+    started: float = field(default_factory=time.monotonic)
+    backend: str = "-"
+    status: int = 0
+    outcome: str = "ok"
+    queue_wait: float | None = None
+    first_byte: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    retries: int = 0
+
+
+class UsageSniffer:
+    """Reads ``usage`` from the bytes passing through, without holding back or copying a stream.
+
+    For event streams it keeps only the unfinished tail of the current event, and parses only events
+    that mention ``"usage"`` (the final usage chunk); for JSON it keeps the body up to 1 MiB.
+    """
+
+    def __init__(self, event_stream: bool) -> None:
+        self.event_stream = event_stream
+        self.usage: dict[str, Any] | None = None
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if not self.event_stream:
+            if len(self._buffer) + len(chunk) <= MAX_SNIFFED_BODY:
+                self._buffer += chunk
+            return
+        self._buffer += chunk
+        *events, self._buffer = self._buffer.split(b"\n\n")
+        for event in events:
+            if b'"usage"' in event:
+                self._read(event.partition(b"data:")[2])
+
+    def finish(self) -> None:
+        if not self.event_stream:
+            self._read(self._buffer)
+        self._buffer = b""
+
+    def _read(self, payload: bytes) -> None:
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            return
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if isinstance(usage, dict):
+            self.usage = usage
+
+
+class PoolMetrics:
+    def __init__(self, pool: Pool) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lip_requests",
+            "Requests finished, by model, backend and outcome.",
+            ["model", "backend", "outcome"],
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "lip_queue_wait_seconds",
+            "Time a request waited for a slot.",
+            ["model"],
+            buckets=WAIT_BUCKETS,
+            registry=self.registry,
+        )
+        self.first_byte = Histogram(
+            "lip_time_to_first_byte_seconds",
+            "From the request's arrival to the first byte relayed from the backend.",
+            ["model", "backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "lip_request_duration_seconds",
+            "From the request's arrival to its end.",
+            ["model", "backend"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "lip_tokens",
+            "Tokens the backends reported in usage (prompt or completion).",
+            ["model", "backend", "kind"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "lip_upstream_retries",
+            "Requests sent to another backend after one could not be reached.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.registry.register(_PoolCollector(pool))
+        self.recent_first_byte: deque[float] = deque(maxlen=200)
+        self.totals = {"requests": 0, "completion_tokens": 0, "prompt_tokens": 0}
+
+    def observe(self, record: RequestRecord) -> None:
+        duration = time.monotonic() - record.started
+        self.requests.labels(record.model, record.backend, record.outcome).inc()
+        self.totals["requests"] += 1
+        if record.queue_wait is not None:
+            self.queue_wait.labels(record.model).observe(record.queue_wait)
+        if record.first_byte is not None:
+            self.first_byte.labels(record.model, record.backend).observe(record.first_byte)
+            self.recent_first_byte.append(record.first_byte)
+        if record.backend != "-":
+            self.duration.labels(record.model, record.backend).observe(duration)
+        for kind, value in (("prompt", record.prompt_tokens), ("completion", record.completion_tokens)):
+            if value:
+                self.tokens.labels(record.model, record.backend, kind).inc(value)
+                self.totals[f"{kind}_tokens"] += value
+        if record.retries:
+            self.retries.labels(record.model).inc(record.retries)
+        access_log.info(
+            "request_id=%s model=%s backend=%s status=%d outcome=%s queue_wait_ms=%s ttfb_ms=%s "
+            "duration_ms=%.1f completion_tokens=%s",
+            record.request_id,
+            json.dumps(record.model),
+            record.backend,
+            record.status,
+            record.outcome,
+            _ms(record.queue_wait),
+            _ms(record.first_byte),
+            duration * 1000,
+            record.completion_tokens if record.completion_tokens is not None else "-",
+        )
+
+    def traffic(self) -> dict[str, Any]:
+        """Totals for the dashboard, which turns them into rates."""
+        recent = sorted(self.recent_first_byte)
+        return {
+            **self.totals,
+            "ttfb_p50_ms": round(recent[len(recent) // 2] * 1000, 1) if recent else None,
+        }
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+class _PoolCollector(Collector):
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.pool.snapshot()
+        depth = GaugeMetricFamily(
+            "lip_queue_depth", "Requests waiting for a slot, by model.", labels=["model"]
+        )
+        for model, queue in state["queue"]["by_model"].items():
+            depth.add_metric([model], queue["waiting"])
+        oldest = GaugeMetricFamily(
+            "lip_queue_oldest_wait_seconds", "How long the oldest waiting request has waited."
+        )
+        oldest.add_metric([], state["queue"]["oldest_wait_s"])
+        slots = GaugeMetricFamily("lip_backend_slots", "Slots per backend.", labels=["backend"])
+        busy = GaugeMetricFamily(
+            "lip_backend_slots_busy", "Slots in use per backend, outside work included.", labels=["backend"]
+        )
+        health = GaugeMetricFamily(
+            "lip_backend_health", "1 for the backend's current health state.", labels=["backend", "state"]
+        )
+        loads = CounterMetricFamily(
+            "lip_backend_model_loads", "Requests that made the backend load a model.", labels=["backend"]
+        )
+        openings = CounterMetricFamily(
+            "lip_backend_circuit_openings", "Times the backend's circuit opened.", labels=["backend"]
+        )
+        for backend in state["backends"]:
+            name = backend["name"]
+            slots.add_metric([name], backend["slots"])
+            busy.add_metric([name], backend["busy"])
+            for health_state in HEALTH_STATES:
+                health.add_metric([name, health_state], 1.0 if backend["health"] == health_state else 0.0)
+            loads.add_metric([name], backend["model_loads"])
+            openings.add_metric([name], backend.get("circuit_openings", 0))
+        affinity = CounterMetricFamily("lip_affinity", "Session routing outcomes.", labels=["result"])
+        for result in ("hit", "miss", "repin"):
+            affinity.add_metric([result], state["stats"][f"affinity_{result}"])
+        yield from (depth, oldest, slots, busy, health, loads, openings, affinity)

@@ -23,3 +23,6 @@ test: lint
 
 bench: install
 	$(BIN)/python bench/scheduler_sim.py
+
+demo: install
+	$(BIN)/local-inference-pool demo

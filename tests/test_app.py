@@ -307,3 +307,29 @@ async def test_backend_answering_500s_is_taken_out_by_its_circuit() -> None:
     assert served[-3:] == [("b:8080", 200)] * 3
     assert status["a:8080"]["circuit"] == "open"
     assert status["a:8080"]["health"] == "unhealthy"
+
+
+async def test_dashboard_page_and_browser_auth() -> None:
+    import base64
+
+    fleet = Fleet(a=FakeBackend())
+    async with client_for(fleet, api_keys=("sk-1",)) as client:
+        denied = await client.get("/pool/")
+        basic = base64.b64encode(b"anyone:sk-1").decode()
+        page = await client.get("/pool/dashboard", headers={"authorization": f"Basic {basic}"})
+        metrics = await client.get("/pool/metrics", headers={"authorization": f"Basic {basic}"})
+        wrong = base64.b64encode(b"anyone:sk-2").decode()
+        refused = await client.get("/pool/", headers={"authorization": f"Basic {wrong}"})
+        api_with_basic = await client.post(
+            "/chat/completions", json=CHAT, headers={"authorization": f"Basic {basic}"}
+        )
+    assert denied.status_code == 401
+    assert denied.headers["www-authenticate"].startswith("Basic")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert "<title>local-inference-pool</title>" in page.text
+    assert 'src="http' not in page.text  # self-contained: no CDN, the machine may be offline
+    assert 'href="http' not in page.text
+    assert metrics.status_code == 200
+    assert refused.status_code == 401
+    assert api_with_basic.status_code == 401  # the API itself takes Bearer keys only

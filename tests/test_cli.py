@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from local_inference_pool import BackendConfig, PoolConfig
 from local_inference_pool.cli import main
 
 
@@ -53,3 +55,76 @@ def test_serve_without_backends_is_one_line(
     monkeypatch.delenv("LIP_BACKENDS", raising=False)
     assert main(["serve"]) == 2
     assert "no backends" in capsys.readouterr().err
+
+
+def test_check_prints_each_backend_and_exits_by_reachability(tmp_path: Path) -> None:
+    import anyio
+    from rich.console import Console
+
+    from local_inference_pool.cli import check
+    from local_inference_pool.serving import running
+    from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+
+    async def scenario() -> tuple[int, int, str]:
+        backend = SimulatedBackend(SimulatorConfig(models=("sim",), slots=3))
+        async with running(backend) as url:
+            console = Console(record=True, width=200)
+            closed = "http://127.0.0.1:9"  # discard port: nothing listens
+            mixed = PoolConfig(
+                backends=(BackendConfig(url=url, name="sim0"), BackendConfig(url=closed, name="gone"))
+            )
+            good = await check(mixed, console)
+            dead = await check(PoolConfig(backends=(BackendConfig(url=closed, name="gone"),)), console)
+            return good, dead, console.export_text()
+
+    good, dead, text = anyio.run(scenario)
+    assert (good, dead) == (0, 1)
+    assert "sim0" in text
+    assert "llamacpp" in text
+    assert "3 (detected)" in text
+    assert "1 of 2 backends reachable" in text
+    assert "no backend is reachable" in text
+
+
+def test_demo_runs_and_stops_by_itself() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "local_inference_pool.cli",
+            "demo",
+            "--port",
+            "0",
+            "--duration",
+            "20",
+            "--requests",
+            "24",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "/v1/pool/" in done.stdout
+    assert "/v1/pool/metrics" in done.stdout
+    assert "stopped: 24 requests" in done.stdout
+    assert "0 leases held" in done.stdout
+
+
+def test_simulate_rejects_bad_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--slots", "0"]) == 2
+    assert "--slots >= 1" in capsys.readouterr().err
+
+
+def test_every_command_has_complete_help() -> None:
+    for command in ("serve", "check", "config", "simulate", "demo"):
+        done = subprocess.run(
+            [sys.executable, "-m", "local_inference_pool.cli", command, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0
+        assert "usage: local-inference-pool" in done.stdout
+        assert len(done.stdout.splitlines()) > 4

@@ -184,3 +184,13 @@ async def test_an_answer_of_an_unexpected_shape_never_stops_the_monitor() -> Non
         await until(lambda: backend.health is Health.UNHEALTHY)
         servers["a"].garbled = False
         await until(lambda: backend.health is Health.HEALTHY)  # the loop is still alive
+
+
+async def test_nothing_is_logged_per_poll_at_info(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="local_inference_pool")
+    servers = Servers(a=Server("llamacpp"))
+    async with monitored(servers, BackendConfig(url="http://a:1")) as (pool, _):
+        await until(lambda: pool.scheduler.backends["a:1"].health is Health.HEALTHY)
+        await anyio.sleep(0.2)  # about ten more polls
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= 20]
+    assert lines == ["backend a:1 (http://a:1) detected as llamacpp", "backend a:1 is healthy"]

@@ -1,4 +1,4 @@
-"""The ``local-inference-pool`` command."""
+"""The ``local-inference-pool`` command: serve, check, config, simulate, demo."""
 
 from __future__ import annotations
 
@@ -11,10 +11,17 @@ from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from local_inference_pool.config import load_config
+import anyio
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from local_inference_pool.config import PoolConfig, load_config
 from local_inference_pool.errors import ConfigError
+from local_inference_pool.scheduler import Health
 
 REDACTED = "***"
+CONFIG_HELP = "TOML config file (default: $LIP_CONFIG; LIP_* variables apply on top)"
 
 
 def _version() -> str:
@@ -31,16 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    config = commands.add_parser(
-        "config",
-        help="validate a configuration and print the effective settings",
-        description=(
-            "Load the config file (or $LIP_CONFIG) with LIP_* and LOCAL_INFERENCE_SERVER_<N> environment "
-            "variables applied, exactly as the pool will, and print the result as JSON with secrets "
-            "redacted. Exits 2 with one line naming the field when the configuration is invalid."
-        ),
-    )
-    config.add_argument("--config", metavar="PATH", help="TOML config file (default: $LIP_CONFIG, else none)")
+
     serve = commands.add_parser(
         "serve",
         help="serve the pool under uvicorn, at /v1",
@@ -51,16 +49,105 @@ def build_parser() -> argparse.ArgumentParser:
             "pool.shutdown_grace seconds."
         ),
     )
-    serve.add_argument("--config", metavar="PATH", help="TOML config file (default: $LIP_CONFIG, else none)")
+    serve.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
-    serve.add_argument(
+    _log_level(serve)
+
+    check = commands.add_parser(
+        "check",
+        help="validate the config and probe every backend once",
+        description=(
+            "Validate the configuration, then probe every backend once (detecting its kind when it is "
+            "'auto') and print a table: kind, health, models, loaded models, slots. Exits 2 when the "
+            "configuration is invalid and 1 when no backend is reachable. Run it before 'serve'."
+        ),
+    )
+    check.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+
+    config = commands.add_parser(
+        "config",
+        help="print the effective configuration",
+        description=(
+            "Load the config file with LIP_* and LOCAL_INFERENCE_SERVER_<N> environment variables applied, "
+            "exactly as the pool will, and print the result as JSON with secrets redacted. Exits 2 with "
+            "one line naming the field when the configuration is invalid."
+        ),
+    )
+    config.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="run one simulated llama.cpp backend",
+        description=(
+            "Run one simulated llama.cpp server (no model, no GPU): /health, /props, /slots, /v1/models "
+            "and OpenAI chat/completions/embeddings, streaming at a set token rate, with N slots and "
+            "requests beyond them queued inside it."
+        ),
+    )
+    simulate.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    simulate.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+    simulate.add_argument(
+        "--models", default="sim-model", help="comma-separated model names (default: %(default)s)"
+    )
+    simulate.add_argument("--slots", type=int, default=2, help="parallel slots (default: %(default)s)")
+    simulate.add_argument(
+        "--tokens-per-second", type=float, default=50.0, help="generation speed (default: %(default)s)"
+    )
+    simulate.add_argument(
+        "--load-seconds", type=float, default=0.0, help="time to switch models (default: %(default)s)"
+    )
+    _log_level(simulate, default="warning")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the pool on simulated backends with a sample workload",
+        description=(
+            "Start four simulated backends with different models and slot counts, the pool in front of "
+            "them, print the API, dashboard and metrics URLs, drive a sample workload of mixed models and "
+            "chat sessions with a live progress line, then keep serving until Ctrl-C. Needs no GPU, no "
+            "model and no network."
+        ),
+    )
+    demo.add_argument(
+        "--port", type=int, default=8000, help="pool port, 0 for any free one (default: %(default)s)"
+    )
+    demo.add_argument("--duration", type=float, help="stop by itself after this many seconds")
+    demo.add_argument(
+        "--requests", type=int, default=120, help="requests in the sample workload (default: %(default)s)"
+    )
+    return parser
+
+
+def _log_level(parser: argparse.ArgumentParser, default: str = "info") -> None:
+    parser.add_argument(
         "--log-level",
-        default="info",
+        default=default,
         choices=["critical", "error", "warning", "info", "debug"],
         help="log level (default: %(default)s)",
     )
-    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "config":
+            print(json.dumps(effective_config(args.config), indent=2))
+            return 0
+        if args.command == "check":
+            return anyio.run(check, load_config(args.config), Console())
+        if args.command == "serve":
+            return serve(args.config, args.host, args.port, args.log_level)
+        if args.command == "simulate":
+            return simulate(args)
+        if args.command == "demo":
+            return demo(args)
+    except ConfigError as exc:
+        print(f"local-inference-pool: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 2
 
 
 def effective_config(path: str | None) -> dict[str, Any]:
@@ -73,16 +160,45 @@ def effective_config(path: str | None) -> dict[str, Any]:
     return data
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "config":
-            print(json.dumps(effective_config(args.config), indent=2))
-        elif args.command == "serve":
-            return serve(args.config, args.host, args.port, args.log_level)
-    except ConfigError as exc:
-        print(f"local-inference-pool: invalid configuration: {exc}", file=sys.stderr)
-        return 2
+async def check(config: PoolConfig, console: Console) -> int:
+    """Probe every backend once, concurrently; 0 when at least one is reachable."""
+    from local_inference_pool.health import probe_once
+
+    if not config.backends:
+        raise ConfigError("no backends: add [[backends]] to the config file or set LIP_BACKENDS")
+    results: dict[str, Any] = {}
+    async with httpx.AsyncClient(trust_env=False) as client, anyio.create_task_group() as group:
+
+        async def one(backend: Any) -> None:
+            kind = None if backend.kind == "auto" else backend.kind
+            results[backend.name] = await probe_once(client, backend, kind, config.health_timeout)
+
+        for backend in config.backends:
+            group.start_soon(one, backend)
+    table = Table(title="backends")
+    for column in ("name", "url", "kind", "health", "slots", "models", "loaded", "error"):
+        table.add_column(column, overflow="fold")
+    reachable = 0
+    for backend in config.backends:
+        kind, snapshot = results[backend.name]
+        reachable += snapshot.health is not Health.UNHEALTHY
+        slots = backend.slots or snapshot.slots
+        table.add_row(
+            backend.name,
+            backend.url,
+            kind or "?",
+            snapshot.health.value,
+            f"{slots}"
+            + ("" if backend.slots else " (detected)" if snapshot.slots else " (unknown: counts 1)"),
+            ", ".join(backend.models or snapshot.models or []) or "-",
+            ", ".join(snapshot.resident or []) or "-",
+            snapshot.error or "",
+        )
+    console.print(table)
+    if not reachable:
+        console.print("no backend is reachable", style="bold red")
+        return 1
+    console.print(f"{reachable} of {len(config.backends)} backends reachable")
     return 0
 
 
@@ -94,7 +210,7 @@ def serve(path: str | None, host: str, port: int, log_level: str) -> int:
     config = load_config(path)
     if not config.backends:
         raise ConfigError("no backends: add [[backends]] to the config file or set LIP_BACKENDS")
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(log_level)
     try:
         uvicorn.run(
             create_standalone_app(config),
@@ -107,6 +223,53 @@ def serve(path: str | None, host: str, port: int, log_level: str) -> int:
         print(f"local-inference-pool: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def simulate(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if not models or args.slots < 1 or args.tokens_per_second <= 0 or args.load_seconds < 0:
+        print(
+            "local-inference-pool: simulate needs models, --slots >= 1, --tokens-per-second > 0 and --load-seconds >= 0",
+            file=sys.stderr,
+        )
+        return 2
+    backend = SimulatedBackend(
+        SimulatorConfig(
+            models=models,
+            slots=args.slots,
+            tokens_per_second=args.tokens_per_second,
+            load_seconds=args.load_seconds,
+        )
+    )
+    print(
+        f"simulated llama.cpp server at http://{args.host}:{args.port} (models {', '.join(models)}, {args.slots} slots)"
+    )
+    uvicorn.run(backend, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from local_inference_pool.demo import run_demo
+
+    _configure_logging("warning")
+    console = Console()
+    status = anyio.run(
+        lambda: run_demo(port=args.port, duration=args.duration, requests=args.requests, console=console)
+    )
+    traffic = status["traffic"]
+    console.print(
+        f"stopped: {traffic['requests']} requests, {traffic['completion_tokens']} tokens, "
+        f"{sum(b['model_loads'] for b in status['backends'])} model loads, {status['active_leases']} leases held"
+    )
+    return 0
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from local_inference_pool.config import BackendConfig, PoolConfig
 from local_inference_pool.pool import Pool, describe_http_error
 from local_inference_pool.scheduler import Health
 
-__all__ = ["Monitor"]
+__all__ = ["Monitor", "probe_once"]
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF = 8
@@ -50,6 +50,24 @@ class _Watched:
     unhealthy_probes: int = 0
     error: str | None = None
     slot_warning: bool = field(default=False, repr=False)
+
+
+async def probe_once(
+    client: httpx.AsyncClient, backend: BackendConfig, kind: DetectedKind | None, timeout: float
+) -> tuple[DetectedKind | None, Snapshot]:
+    """Detect the kind when not known, then probe; never raises. Bounded by ``timeout`` in all."""
+    try:
+        with anyio.fail_after(timeout):
+            if kind is None:
+                kind = await detect(client, backend)
+            return kind, await probe(client, backend, kind)
+    except TimeoutError:
+        return kind, Snapshot(Health.UNHEALTHY, error=f"no answer within {timeout:g}s")
+    except (httpx.HTTPError, ValueError, OSError) as exc:
+        return kind, Snapshot(Health.UNHEALTHY, error=describe_http_error(exc))
+    except Exception as exc:  # an answer of a shape no adapter expects: never let a poller die
+        logger.debug("probe of %s failed", backend.name, exc_info=True)
+        return kind, Snapshot(Health.UNHEALTHY, error=f"unexpected answer: {type(exc).__name__}: {exc}")
 
 
 class Monitor:
@@ -130,20 +148,12 @@ class Monitor:
 
     async def _probe(self, watched: _Watched) -> Snapshot:
         backend = watched.config
-        try:
-            with anyio.fail_after(self.config.health_timeout):
-                if watched.kind is None:
-                    watched.kind = await detect(self.client, backend)
-                    logger.info("backend %s (%s) detected as %s", backend.name, backend.url, watched.kind)
-                    self.pool.annotate(backend.name, detected_kind=watched.kind)
-                return await probe(self.client, backend, watched.kind)
-        except TimeoutError:
-            return Snapshot(Health.UNHEALTHY, error=f"no answer within {self.config.health_timeout:g}s")
-        except (httpx.HTTPError, ValueError, OSError) as exc:
-            return Snapshot(Health.UNHEALTHY, error=describe_http_error(exc))
-        except Exception as exc:  # an answer of a shape no adapter expects: never let a poller die
-            logger.debug("probe of %s failed", backend.name, exc_info=True)
-            return Snapshot(Health.UNHEALTHY, error=f"unexpected answer: {type(exc).__name__}: {exc}")
+        kind, snapshot = await probe_once(self.client, backend, watched.kind, self.config.health_timeout)
+        if watched.kind is None and kind is not None:
+            watched.kind = kind
+            logger.info("backend %s (%s) detected as %s", backend.name, backend.url, kind)
+            self.pool.annotate(backend.name, detected_kind=kind)
+        return snapshot
 
     def _apply(self, name: str, snapshot: Snapshot | None = None) -> None:
         watched = self._watched[name]

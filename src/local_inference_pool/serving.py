@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Generator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Literal
 
 import anyio
 import uvicorn
 from starlette.types import ASGIApp
+
+
+class _InProcessServer(uvicorn.Server):
+    """Leaves signals alone: several servers share this process, and Ctrl-C belongs to its owner."""
+
+    @contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
 
 
 @asynccontextmanager
@@ -30,7 +38,7 @@ async def running(
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level=log_level, lifespan=lifespan, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = _InProcessServer(config)
     async with anyio.create_task_group() as group:
         group.start_soon(server.serve, [sock])
         with anyio.fail_after(10):

@@ -1,0 +1,162 @@
+"""The demo: simulated backends, the pool in front of them, a sample workload, a live view.
+
+Everything runs in this process on 127.0.0.1: no GPU, no model, no network.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from local_inference_pool.app import create_standalone_app
+from local_inference_pool.config import BackendConfig, PoolConfig
+from local_inference_pool.serving import running
+from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+
+__all__ = ["FLEET", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoBackend:
+    name: str
+    simulator: SimulatorConfig
+
+
+FLEET: tuple[DemoBackend, ...] = (
+    DemoBackend(
+        "gpu0",
+        SimulatorConfig(models=("qwen2.5-7b", "llama3.1-8b"), slots=4, tokens_per_second=60, load_seconds=3),
+    ),
+    DemoBackend("gpu1", SimulatorConfig(models=("qwen2.5-7b",), slots=2, tokens_per_second=45)),
+    DemoBackend(
+        "gpu2",
+        SimulatorConfig(models=("llama3.1-8b", "mistral-7b"), slots=2, tokens_per_second=50, load_seconds=3),
+    ),
+    DemoBackend(
+        "cpu0",
+        SimulatorConfig(models=("mistral-7b", "qwen2.5-7b"), slots=1, tokens_per_second=15, load_seconds=3),
+    ),
+)
+MODEL_WEIGHTS = {"qwen2.5-7b": 5, "llama3.1-8b": 3, "mistral-7b": 1}
+
+
+async def run_demo(
+    *,
+    port: int,
+    duration: float | None,
+    requests: int,
+    console: Console,
+    fleet: Sequence[DemoBackend] = FLEET,
+    seed: int = 7,
+) -> dict[str, Any]:
+    """Serve the demo; returns the pool's final status. Stops after ``duration`` s (None: Ctrl-C)."""
+    async with AsyncExitStack() as stack:
+        urls = [await stack.enter_async_context(running(SimulatedBackend(b.simulator))) for b in fleet]
+        config = PoolConfig(
+            backends=tuple(BackendConfig(url=url, name=b.name) for url, b in zip(urls, fleet, strict=True)),
+            health_interval=1.0,
+            queue_timeout=300,
+            public_status=True,
+        )
+        base = await stack.enter_async_context(running(create_standalone_app(config), port=port))
+        http = await stack.enter_async_context(httpx.AsyncClient(base_url=base, trust_env=False, timeout=300))
+        console.print(f"[bold]local-inference-pool demo[/] with {len(fleet)} simulated backends")
+        console.print(f"  API        {base}/v1   (any OpenAI client: base_url={base}/v1)")
+        console.print(f"  dashboard  {base}/v1/pool/")
+        console.print(f"  metrics    {base}/v1/pool/metrics")
+        console.print(f"  status     {base}/v1/pool/status")
+        for b, url in zip(fleet, urls, strict=True):
+            models = ", ".join(b.simulator.models)
+            console.print(
+                f"  backend {b.name}: {url}  slots {b.simulator.slots}  models {models}", style="dim"
+            )
+        with anyio.move_on_after(duration if duration is not None else float("inf")):
+            await _wait_until_healthy(http)
+            await _drive(http, requests, console, random.Random(seed))
+            console.print("workload done; still serving: open the dashboard, or press Ctrl-C to stop")
+            await anyio.sleep_forever()
+        status: dict[str, Any] = (await http.get("/v1/pool/status")).json()
+        return status
+
+
+async def _wait_until_healthy(http: httpx.AsyncClient) -> None:
+    with anyio.fail_after(30):
+        while not all(  # noqa: ASYNC110 - polling another server's state, bounded above
+            b["health"] == "healthy" for b in (await http.get("/v1/pool/status")).json()["backends"]
+        ):
+            await anyio.sleep(0.1)
+
+
+async def _drive(http: httpx.AsyncClient, total: int, console: Console, rng: random.Random) -> None:
+    """A mix of models, chat sessions of several turns, streaming and not, 12 at a time."""
+    models = list(MODEL_WEIGHTS)
+    weights = list(MODEL_WEIGHTS.values())
+    work = []
+    for index in range(total):
+        session = f"user-{rng.randrange(max(1, total // 4))}"
+        work.append((rng.choices(models, weights)[0], session, index % 3 != 0, rng.randint(8, 48)))
+    limiter = anyio.Semaphore(12)
+    columns = (
+        TextColumn("[bold]requests"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "running {task.fields[running]}  queued {task.fields[queued]}  model loads {task.fields[loads]}"
+        ),
+        TextColumn("{task.fields[tps]} tokens/s"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("requests", total=total, running=0, queued=0, loads=0, tps=0)
+
+        async def one(model: str, session: str, stream: bool, tokens: int) -> None:
+            async with limiter:
+                body: dict[str, Any] = {
+                    "model": model,
+                    "stream": stream,
+                    "stream_options": {"include_usage": True},
+                    "max_tokens": tokens,
+                    "messages": [{"role": "user", "content": f"hello from {session}"}],
+                }
+                headers = {"x-session-id": session}
+                if stream:
+                    async with http.stream(
+                        "POST", "/v1/chat/completions", json=body, headers=headers
+                    ) as response:
+                        async for _ in response.aiter_bytes():
+                            pass
+                else:
+                    await http.post("/v1/chat/completions", json=body, headers=headers)
+            progress.advance(task)
+
+        async def watch() -> None:
+            previous_tokens, previous_at = 0, anyio.current_time()
+            while True:
+                state = (await http.get("/v1/pool/status")).json()
+                now = anyio.current_time()
+                tokens = state["traffic"]["completion_tokens"]
+                rate = (tokens - previous_tokens) / max(1e-9, now - previous_at)
+                previous_tokens, previous_at = tokens, now
+                progress.update(
+                    task,
+                    running=state["active_leases"],
+                    queued=state["queue"]["waiting"],
+                    loads=sum(b["model_loads"] for b in state["backends"]),
+                    tps=round(rate),
+                )
+                await anyio.sleep(0.5)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch)
+            async with anyio.create_task_group() as workers:
+                for item in work:
+                    workers.start_soon(one, *item)
+            group.cancel_scope.cancel()

@@ -1,0 +1,101 @@
+"""The dashboard in a real headless Chromium (Debian's, installed by .ci/run), against a live pool."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from local_inference_pool import BackendConfig, PoolConfig, create_standalone_app
+from local_inference_pool.serving import running
+from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+
+pytestmark = pytest.mark.anyio
+
+ARTIFACTS = Path(__file__).parent.parent.parent / "artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # CI runs as root
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        message = "Debian's chromium is not installed (apt-get install chromium; .ci/run does it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # in CI a browser test that silently skips is not a test
+        pytest.skip(message)
+    return path
+
+
+async def test_dashboard_shows_twenty_backends_and_updates_when_a_request_runs() -> None:
+    from playwright.async_api import async_playwright
+
+    executable = chromium()
+    models = ("qwen2.5-7b", "llama3.1-8b", "mistral-7b")
+    sims = [
+        SimulatedBackend(
+            SimulatorConfig(
+                models=(models[i % 3], models[(i + 1) % 3]), slots=1 + i % 4, tokens_per_second=20
+            )
+        )
+        for i in range(20)
+    ]
+    fleet = Starlette(routes=[Mount(f"/b{i}", sim) for i, sim in enumerate(sims)])
+    async with running(fleet) as fleet_url:
+        config = PoolConfig(
+            backends=tuple(BackendConfig(url=f"{fleet_url}/b{i}", name=f"gpu{i:02d}") for i in range(20)),
+            health_interval=0.5,
+            public_status=True,
+        )
+        async with running(create_standalone_app(config)) as url, async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page(viewport={"width": 1440, "height": 1100})
+                problems: list[str] = []
+                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda e: problems.append(str(e)))
+                await page.goto(f"{url}/v1/pool/")
+                await page.wait_for_function(
+                    "document.querySelectorAll('.badge.healthy').length === 20", timeout=15000
+                )
+                assert await page.locator(".card").count() == 20
+                assert await page.inner_text("#done") == "0"
+
+                async def slow_request() -> None:
+                    body = {
+                        "model": "qwen2.5-7b",
+                        "max_tokens": 60,
+                        "messages": [{"role": "user", "content": "hi"}],
+                    }
+                    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as client:
+                        assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+
+                async with anyio.create_task_group() as group:
+                    group.start_soon(slow_request)
+                    await page.wait_for_function(
+                        "document.getElementById('active').textContent === '1'", timeout=10000
+                    )
+                    busy_card = page.locator(".card", has_text="qwen2.5-7b \u00d7 1")
+                    assert await busy_card.count() == 1
+                await page.wait_for_function(
+                    "document.getElementById('done').textContent === '1'", timeout=10000
+                )
+                ARTIFACTS.mkdir(exist_ok=True)
+                await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+                assert problems == []
+            finally:
+                await browser.close()
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

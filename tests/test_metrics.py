@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from local_inference_pool.app import create_pool_app
+from local_inference_pool.metrics import UsageSniffer
+
+from .fakes import FakeBackend, Fleet
+from .test_app import CHAT, client_for
+
+USAGE = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+STREAM = (
+    b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+    b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'
+    b"data: " + json.dumps({"choices": [], "usage": USAGE}).encode() + b"\n\n"
+    b"data: [DONE]\n\n"
+)
+
+
+@given(st.lists(st.integers(0, len(STREAM)), max_size=12))
+def test_usage_is_found_however_the_stream_is_cut(cuts: list[int]) -> None:
+    points = sorted({0, len(STREAM), *cuts})
+    sniffer = UsageSniffer(event_stream=True)
+    for start, end in itertools.pairwise(points):
+        sniffer.feed(STREAM[start:end])
+    sniffer.finish()
+    assert sniffer.usage == USAGE
+
+
+def test_usage_of_a_json_answer_is_read_at_its_end() -> None:
+    body = json.dumps({"choices": [{"message": {"content": "x"}}], "usage": USAGE}).encode()
+    sniffer = UsageSniffer(event_stream=False)
+    sniffer.feed(body[:10])
+    sniffer.feed(body[10:])
+    sniffer.finish()
+    assert sniffer.usage == USAGE
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+@pytest.mark.anyio
+async def test_metrics_count_requests_outcomes_and_read_the_pool(caplog: pytest.LogCaptureFixture) -> None:
+    fleet = Fleet(a=FakeBackend(slots=3))
+    caplog.set_level(logging.INFO, logger="local_inference_pool.access")
+    async with client_for(fleet) as client:
+        assert (await client.post("/chat/completions", json=CHAT)).status_code == 200
+        assert (await client.post("/chat/completions", json={"model": "nope"})).status_code == 404
+        text = (await client.get("/pool/metrics")).text
+    values = samples(text)
+    assert values[("lip_requests_total", (("backend", "a:8080"), ("model", "m"), ("outcome", "ok")))] == 1
+    assert (
+        values[("lip_requests_total", (("backend", "-"), ("model", "nope"), ("outcome", "model_not_found")))]
+        == 1
+    )
+    assert values[("lip_backend_slots", (("backend", "a:8080"),))] == 3
+    assert values[("lip_backend_health", (("backend", "a:8080"), ("state", "healthy")))] == 1
+    assert values[("lip_queue_wait_seconds_count", (("model", "m"),))] == 1
+    assert values[("lip_time_to_first_byte_seconds_count", (("backend", "a:8080"), ("model", "m")))] == 1
+    assert values[("lip_affinity_total", (("result", "miss"),))] == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "local_inference_pool.access"]
+    assert len(lines) == 2
+    assert 'model="m" backend=a:8080 status=200 outcome=ok' in lines[0]
+    assert "request_id=" in lines[0]
+    assert "ttfb_ms=" in lines[0]
+    assert "outcome=model_not_found" in lines[1]
+    assert "key-a" not in text + "".join(lines)  # the backend's key never shows
+
+
+@pytest.mark.anyio
+async def test_two_apps_in_one_process_do_not_share_metrics() -> None:
+    first, second = Fleet(a=FakeBackend()), Fleet(a=FakeBackend())
+    app_one = create_pool_app(first.config(health_interval=60), transport=first.transport)
+    app_two = create_pool_app(second.config(health_interval=60), transport=second.transport)
+    async with LifespanManager(app_one) as one, LifespanManager(app_two) as two:
+        transport_one, transport_two = httpx.ASGITransport(app=one.app), httpx.ASGITransport(app=two.app)
+        async with (
+            httpx.AsyncClient(transport=transport_one, base_url="http://one") as c1,
+            httpx.AsyncClient(transport=transport_two, base_url="http://two") as c2,
+        ):
+            await c1.post("/chat/completions", json={"model": "nope"})
+            text_two = (await c2.get("/pool/metrics")).text
+            text_one = (await c1.get("/pool/metrics")).text
+    assert "model_not_found" in text_one
+    assert "model_not_found" not in text_two

@@ -96,7 +96,7 @@ def test_demo_runs_and_stops_by_itself() -> None:
             "--port",
             "0",
             "--duration",
-            "20",
+            "15",
             "--requests",
             "24",
         ],

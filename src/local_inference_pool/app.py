@@ -476,6 +476,7 @@ async def _forward(
             on_failure=functools.partial(runtime.monitor.failed, backend),
             record=record,
             metrics=runtime.metrics,
+            send_timeout=runtime.config.send_timeout,
         )
     return openai_error(
         502,

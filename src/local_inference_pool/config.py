@@ -99,6 +99,7 @@ class PoolConfig:
     shutdown_grace: float = 30.0
     circuit_failures: int = 3
     circuit_cooldown: float = 10.0
+    send_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         _validate_fields(self, POOL_KEYS, "pool")
@@ -245,6 +246,7 @@ POOL_KEYS: dict[str, Parser] = {
     "shutdown_grace": _number(positive=False),
     "circuit_failures": _int_at_least(1),
     "circuit_cooldown": _number(positive=True),
+    "send_timeout": _number(positive=True),
 }
 
 BACKEND_KEYS: dict[str, Parser] = {

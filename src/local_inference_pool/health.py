@@ -193,5 +193,9 @@ class Monitor:
             )
             watched.effective, watched.trial = effective, trial
         self.pool.annotate(
-            name, circuit=circuit.value, last_error=watched.error, circuit_openings=watched.circuit.openings
+            name,
+            circuit=circuit.value,
+            consecutive_failures=watched.circuit.failures,
+            circuit_openings=watched.circuit.openings,
+            last_error=watched.error,
         )

@@ -24,7 +24,7 @@ import anyio
 import httpx
 from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from local_inference_pool.metrics import PoolMetrics, RequestRecord, UsageSniffer
 from local_inference_pool.pool import Lease
@@ -73,12 +73,14 @@ class UpstreamResponse(StreamingResponse):
         on_failure: Callable[[str], None] | None = None,
         record: RequestRecord | None = None,
         metrics: PoolMetrics | None = None,
+        send_timeout: float | None = None,
     ) -> None:
         self.upstream = upstream
         self.lease = lease
         self.on_failure = on_failure
         self.record = record
         self.metrics = metrics
+        self.send_timeout = send_timeout
         self._relayed_all = False
         content_type = upstream.headers.get("content-type", "application/json")
         self.is_event_stream = content_type.startswith("text/event-stream")
@@ -122,11 +124,25 @@ class UpstreamResponse(StreamingResponse):
             yield b"data: " + json.dumps(error).encode() + b"\n\n"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timeout = self.send_timeout
+
+        async def send_or_give_up(message: Message) -> None:
+            # A client that stops reading fills the socket and blocks the send: bound the wait, so a
+            # dead reader cannot hold a slot (and the backend's generation) forever.
+            with anyio.fail_after(timeout):
+                await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send if timeout is None else send_or_give_up)
         except ClientDisconnect:
             # ASGI 2.4 reports a client that left as a failed send; leaving is not an error.
             logger.debug("client left during the response from %s", self.lease.backend)
+        except TimeoutError:
+            logger.warning(
+                "client stopped reading the response from %s for %ss: gave up", self.lease.backend, timeout
+            )
+            if self.record is not None:
+                self.record.outcome = "client_too_slow"
         finally:
             with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
                 await self._relay_iterator.aclose()

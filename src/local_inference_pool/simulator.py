@@ -44,6 +44,7 @@ class SimulatorConfig:
     max_loaded_models: int = 1
     api_key: str | None = None
     n_ctx: int = 4096
+    chunk_padding: int = 0  # extra bytes in every streamed chunk, to fill sockets quickly in tests
 
 
 @dataclass
@@ -239,7 +240,10 @@ class SimulatedBackend:
                 if die_after is not None and index >= die_after:
                     raise ConnectionAbortedError("simulated backend died mid-stream")
                 await anyio.sleep(1 / self.config.tokens_per_second)
-                yield _sse(reply.chunk(text=f"tok{index} "))
+                chunk = reply.chunk(text=f"tok{index} ")
+                if self.config.chunk_padding:
+                    chunk["padding"] = "." * self.config.chunk_padding
+                yield _sse(chunk)
             yield _sse(reply.chunk(finish=True, timings=not include_usage))
             if include_usage:
                 yield _sse(reply.usage_chunk())

@@ -333,3 +333,27 @@ async def test_dashboard_page_and_browser_auth() -> None:
     assert metrics.status_code == 200
     assert refused.status_code == 401
     assert api_with_basic.status_code == 401  # the API itself takes Bearer keys only
+
+
+async def test_an_unexpected_error_after_the_acquire_still_returns_the_slot() -> None:
+    fleet = Fleet(a=FakeBackend(slots=1))
+
+    def broken_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
+        async def handle(request: httpx.Request) -> httpx.Response:
+            if request.method == "POST":
+                raise ValueError("a transport bug")
+            return await fleet.handle(request)
+
+        return httpx.MockTransport(handle)
+
+    app = create_pool_app(fleet.config(), transport=broken_transport)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://pool") as client:
+            with anyio.fail_after(5):
+                while (await client.get("/pool/status")).json()["backends"][0]["health"] != "healthy":
+                    await anyio.sleep(0.01)
+            for _ in range(3):  # with one slot, a leak would make the second request hang
+                response = await client.post("/chat/completions", json=CHAT)
+                assert_openai_error(response, 500, "internal_error")
+            assert (await client.get("/pool/status")).json()["active_leases"] == 0

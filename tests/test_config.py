@@ -101,6 +101,8 @@ def test_url_spellings_mean_one_server(url: str, normal: str) -> None:
         ({"pool": {"queue_limit": 1.5}}, "pool.queue_limit: 1.5 is not allowed; expected an integer >= 0"),
         ({"pool": {"public_status": "yes"}}, "pool.public_status: 'yes' is not allowed; expected true or false"),
         ({"pool": {"api_keys": "sk"}}, "pool.api_keys: 'sk' is not allowed; expected a list"),
+        ({"pool": {"api_keys": ["sk 1"]}}, "pool.api_keys[0]: a key with spaces or non-ASCII characters is not allowed"),
+        ({"backends": [{"url": "http://a", "api_key": "kéy"}]}, "backends[0].api_key: a key with spaces or non-ASCII"),
         ({"pool": {"starvation_bound": float("nan")}}, "pool.starvation_bound: nan is not allowed"),
         ({"pool": []}, "pool: [] is not allowed; expected a table"),
         ({"backends": {"url": "http://a"}}, "backends: {'url': 'http://a'} is not allowed; expected an array"),

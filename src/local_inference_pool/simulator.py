@@ -94,6 +94,7 @@ class SimulatedBackend:
                 Route("/completions", self._completions, methods=["POST"]),
                 Route("/v1/embeddings", self._embeddings, methods=["POST"]),
                 Route("/embeddings", self._embeddings, methods=["POST"]),
+                Route("/sim/stats", self._stats, methods=["GET"]),
             ]
         )
 
@@ -126,6 +127,19 @@ class SimulatedBackend:
         return time.monotonic() - self._started < self.config.startup_seconds
 
     # --- routes ----------------------------------------------------------------------------
+
+    async def _stats(self, request: Request) -> Response:
+        """Not llama.cpp's: what tests in another process need (peak concurrency above all)."""
+        stats = self.stats
+        return JSONResponse(
+            {
+                "running": stats.running,
+                "peak_running": stats.peak,
+                "requests": stats.requests,
+                "completed": stats.completed,
+                "model_loads": stats.model_loads,
+            }
+        )
 
     async def _health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -16,7 +16,7 @@ $(BIN)/.e2e-installed: pyproject.toml $(BIN)/.installed
 		$(BIN)/python -m pip install --quiet -e '.[dev,e2e]'
 	touch $@
 
-.PHONY: install test lint bench demo
+.PHONY: install test lint bench bench-gateway demo
 install: $(BIN)/.installed
 
 lint: install
@@ -31,6 +31,10 @@ test: lint $(BIN)/.e2e-installed
 
 bench: install
 	$(BIN)/python bench/scheduler_sim.py
+
+bench-gateway: install
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/gateway.py --install
 
 demo: install
 	$(BIN)/local-inference-pool demo

@@ -36,16 +36,16 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Route
 from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 
 from local_inference_pool.config import PoolConfig
 from local_inference_pool.errors import NoCapacityError, PoolError
 from local_inference_pool.health import Monitor
 from local_inference_pool.metrics import PoolMetrics, RequestRecord
-from local_inference_pool.pool import Lease, Pool, describe_http_error
+from local_inference_pool.pool import _DEFAULT, Lease, Pool, describe_http_error
 from local_inference_pool.proxy import UpstreamResponse, upstream_headers
-from local_inference_pool.scheduler import Health
+from local_inference_pool.scheduler import Health, TicketState
 
 __all__ = [
     "PoolMiddleware",
@@ -158,10 +158,22 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
     return app
 
 
-def create_standalone_app(config: PoolConfig, *, transport: TransportFactory | None = None) -> Starlette:
-    """What ``local-inference-pool serve`` runs: the pool app mounted at ``/v1``, its lifespan wired."""
-    pool_app = create_pool_app(config, transport=transport)
-    return Starlette(routes=[Mount("/v1", pool_app)], lifespan=pool_lifespan(pool_app))
+def create_standalone_app(config: PoolConfig, *, transport: TransportFactory | None = None) -> ASGIApp:
+    """What ``local-inference-pool serve`` runs: the pool at ``/v1``, its lifespan run, nothing else.
+
+    A thin path dispatch rather than a Starlette ``Mount``: a second Starlette app would wrap every
+    request and every streamed chunk in a second set of middleware.
+    """
+    return PoolMiddleware(_outside_the_pool, config, path="/v1", transport=transport)
+
+
+async def _outside_the_pool(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] != "http":
+        return
+    response = openai_error(
+        404, f"no route {scope['path']}: the pool is served under /v1", "invalid_request_error", "not_found"
+    )
+    await response(scope, receive, send)
 
 
 def pool_lifespan(pool_app: Starlette, host_lifespan: Lifespan[Any] | None = None) -> Lifespan[Any]:
@@ -392,7 +404,10 @@ def _completion_route(path: str) -> Callable[[Request], Any]:
 async def _acquire_unless_gone(
     request: Request, pool: Pool, model: str, priority: int, session: str | None
 ) -> Lease | None:
-    """Wait for a slot while watching the client: one that leaves while queued frees its place."""
+    """A slot for the request; while it has to queue, watch the client: one that leaves frees its place."""
+    ticket = pool._submit(model=model, priority=priority, session=session, timeout=_DEFAULT, pin=None)
+    if ticket.state is not TicketState.WAITING:
+        return pool._take(ticket)  # the common case: a slot was free, nothing to wait for
     lease: Lease | None = None
     error: PoolError | None = None
     async with anyio.create_task_group() as group:
@@ -404,7 +419,7 @@ async def _acquire_unless_gone(
 
         group.start_soon(watch_disconnect)
         try:
-            lease = await pool.acquire(model, priority=priority, session=session)
+            lease = await pool._wait(ticket)
         except PoolError as exc:
             error = exc  # raised below: inside the group it would arrive wrapped in an ExceptionGroup
         group.cancel_scope.cancel()

@@ -119,8 +119,10 @@ class Monitor:
         self._apply(name)
 
     def succeeded(self, name: str) -> None:
-        watched = self._watched[name]
-        if watched.circuit.record_success():
+        circuit = self._watched[name].circuit
+        if circuit.state is CircuitState.CLOSED and not circuit.failures:
+            return  # the common case, on every request: nothing changes, so nothing to apply
+        if circuit.record_success():
             logger.info("backend %s: circuit closed, a trial request succeeded", name)
         self._apply(name)
 

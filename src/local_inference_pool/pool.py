@@ -263,6 +263,15 @@ class Pool:
     async def _acquire(
         self, *, model: str, priority: int, session: str | None, timeout: float | None, pin: str | None
     ) -> Lease:
+        ticket = self._submit(model=model, priority=priority, session=session, timeout=timeout, pin=pin)
+        if ticket.state is not TicketState.WAITING:
+            return self._take(ticket)
+        return await self._wait(ticket)
+
+    def _submit(
+        self, *, model: str, priority: int, session: str | None, timeout: float | None, pin: str | None
+    ) -> Ticket:
+        """Queue a request (it may be granted at once); raises when it can never be served now."""
         self._bind_loop()
         if self._closed:
             raise PoolClosedError("the pool is closed")
@@ -270,10 +279,13 @@ class Pool:
             raise ValueError(f"model must be a non-empty string, not {model!r}")
         if timeout is _DEFAULT:
             timeout = self.config.queue_timeout
+        return self._scheduler.submit(
+            model, priority=priority, affinity_key=session, timeout=timeout, pin=pin
+        )
+
+    async def _wait(self, ticket: Ticket) -> Lease:
+        """Wait for a queued ticket's grant. Whatever ends the wait, no slot is left behind."""
         scheduler = self._scheduler
-        ticket = scheduler.submit(model, priority=priority, affinity_key=session, timeout=timeout, pin=pin)
-        if ticket.state is not TicketState.WAITING:
-            return self._take(ticket)
         event = anyio.Event()
         self._waiters[ticket.id] = event
         taken = False

@@ -82,6 +82,7 @@ class UpstreamResponse(StreamingResponse):
         self.metrics = metrics
         self.send_timeout = send_timeout
         self._relayed_all = False
+        self._too_slow = False
         content_type = upstream.headers.get("content-type", "application/json")
         self.is_event_stream = content_type.startswith("text/event-stream")
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -125,30 +126,53 @@ class UpstreamResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         timeout = self.send_timeout
+        sending_since: float | None = None
 
-        async def send_or_give_up(message: Message) -> None:
-            # A client that stops reading fills the socket and blocks the send: bound the wait, so a
-            # dead reader cannot hold a slot (and the backend's generation) forever.
-            with anyio.fail_after(timeout):
-                await send(message)
+        async def timed_send(message: Message) -> None:
+            nonlocal sending_since
+            sending_since = time.monotonic()
+            await send(message)
+            sending_since = None
+
+        async def watchdog(scope_to_cancel: anyio.CancelScope) -> None:
+            # A client that stops reading fills the socket and blocks a send forever: one check every
+            # half timeout (not a timer per chunk) frees the slot and stops the backend.
+            assert timeout is not None
+            while True:
+                await anyio.sleep(timeout / 2)
+                if sending_since is not None and time.monotonic() - sending_since > timeout:
+                    self._too_slow = True
+                    scope_to_cancel.cancel()
 
         try:
-            await super().__call__(scope, receive, send if timeout is None else send_or_give_up)
-        except ClientDisconnect:
-            # ASGI 2.4 reports a client that left as a failed send; leaving is not an error.
-            logger.debug("client left during the response from %s", self.lease.backend)
-        except TimeoutError:
-            logger.warning(
-                "client stopped reading the response from %s for %ss: gave up", self.lease.backend, timeout
-            )
-            if self.record is not None:
-                self.record.outcome = "client_too_slow"
+            if timeout is None:
+                await self._respond(scope, receive, send)
+            else:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(watchdog, group.cancel_scope)
+                    await self._respond(scope, receive, timed_send)
+                    group.cancel_scope.cancel()
         finally:
+            if self._too_slow:
+                logger.warning(
+                    "client stopped reading the response from %s for %ss: gave up",
+                    self.lease.backend,
+                    timeout,
+                )
+                if self.record is not None:
+                    self.record.outcome = "client_too_slow"
             with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
                 await self._relay_iterator.aclose()
                 await self.upstream.aclose()  # the backend sees the connection close and stops
             self.lease.release()
             self._report()
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except (ClientDisconnect, OSError):
+            # ASGI 2.4 reports a client that left as a failed send; leaving is not an error.
+            logger.debug("client left during the response from %s", self.lease.backend)
 
     def _report(self) -> None:
         record = self.record

@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -42,9 +43,15 @@ from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 from local_inference_pool.config import PoolConfig
 from local_inference_pool.errors import NoCapacityError, PoolError
 from local_inference_pool.health import Monitor
-from local_inference_pool.metrics import PoolMetrics, RequestRecord
+from local_inference_pool.metrics import PoolMetrics, RequestRecord, UsageSniffer
 from local_inference_pool.pool import _DEFAULT, Lease, Pool, describe_http_error
-from local_inference_pool.proxy import UpstreamResponse, upstream_headers
+from local_inference_pool.proxy import (
+    CLOSE_UPSTREAM_SECONDS,
+    UpstreamResponse,
+    client_headers,
+    outcome_of,
+    upstream_headers,
+)
 from local_inference_pool.scheduler import Health, TicketState
 
 __all__ = [
@@ -350,7 +357,7 @@ def _completion_route(path: str) -> Callable[[Request], Any]:
             return runtime
         record = RequestRecord(request_id=_request_id(request), model="-")
         response = await handle(request, runtime, record)
-        if not isinstance(response, UpstreamResponse):  # answered by the pool itself: report now
+        if not isinstance(response, UpstreamResponse) and not record.reported:  # the pool's own answer
             record.status = response.status_code
             record.outcome = _error_code(response)
             runtime.metrics.observe(record)
@@ -494,6 +501,8 @@ async def _forward(
             runtime.monitor.failed(backend, f"answered {response.status_code}")
         else:
             runtime.monitor.succeeded(backend)
+        if _small_answer(response):
+            return await _answer_whole(response, lease, extra, record, runtime)
         return UpstreamResponse(
             response,
             lease,
@@ -509,6 +518,59 @@ async def _forward(
         "server_error",
         "upstream_unreachable",
     )
+
+
+SMALL_ANSWER = 1 << 20
+
+
+def _small_answer(response: httpx.Response) -> bool:
+    """A non-streaming answer of a declared, modest size: read whole rather than relayed."""
+    length = response.headers.get("content-length", "")
+    content_type = response.headers.get("content-type", "")
+    return (
+        length.isdigit() and int(length) <= SMALL_ANSWER and not content_type.startswith("text/event-stream")
+    )
+
+
+async def _answer_whole(
+    response: httpx.Response, lease: Lease, extra: dict[str, str], record: RequestRecord, runtime: Runtime
+) -> Response:
+    """Read a small answer and send it in one message: no streaming machinery for a plain request.
+
+    Reading it first also means a backend that dies midway gets a clean 502, not a cut-off body.
+    """
+    try:
+        body = await response.aread()
+    except httpx.HTTPError as exc:
+        runtime.monitor.failed(lease.backend, f"died mid-response: {describe_http_error(exc)}")
+        record.outcome = "failed_midway"
+        answer: Response = openai_error(
+            502,
+            f"the backend {lease.backend} failed during the response: {describe_http_error(exc)}",
+            "server_error",
+            "upstream_failed",
+        )
+    else:
+        record.first_byte = time.monotonic() - record.started
+        usage = UsageSniffer(event_stream=False)
+        usage.feed(body)
+        usage.finish()
+        found = usage.usage or {}
+        record.prompt_tokens = (
+            found.get("prompt_tokens") if isinstance(found.get("prompt_tokens"), int) else None
+        )
+        record.completion_tokens = (
+            found.get("completion_tokens") if isinstance(found.get("completion_tokens"), int) else None
+        )
+        record.outcome = outcome_of(response.status_code)
+        answer = Response(body, status_code=response.status_code, headers=client_headers(response, extra))
+    finally:
+        with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
+            await response.aclose()
+        lease.release()
+    record.status = answer.status_code
+    runtime.metrics.observe(record)
+    return answer
 
 
 async def _models(request: Request) -> Response:

@@ -48,6 +48,7 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     retries: int = 0
+    reported: bool = False
 
 
 class UsageSniffer:
@@ -135,6 +136,7 @@ class PoolMetrics:
         self.totals = {"requests": 0, "completion_tokens": 0, "prompt_tokens": 0}
 
     def observe(self, record: RequestRecord) -> None:
+        record.reported = True
         duration = time.monotonic() - record.started
         self.requests.labels(record.model, record.backend, record.outcome).inc()
         self.totals["requests"] += 1

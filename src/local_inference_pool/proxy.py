@@ -53,6 +53,17 @@ HOP_BY_HOP = frozenset(
 CLOSE_UPSTREAM_SECONDS = 2.0
 
 
+def client_headers(upstream: httpx.Response, extra: Mapping[str, str]) -> dict[str, str]:
+    """The backend's headers a client may see (no hop-by-hop, no length or encoding), plus ours."""
+    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+    headers.update(extra)
+    return headers
+
+
+def outcome_of(status: int) -> str:
+    return "ok" if status < 400 else "client_error" if status < 500 else "backend_error"
+
+
 def upstream_headers(lease: Lease, request_id: str | None) -> dict[str, str]:
     """What the backend gets: JSON, no compression, its own key. Never the client's credentials."""
     headers = {"content-type": "application/json", "accept-encoding": "identity"}
@@ -85,8 +96,7 @@ class UpstreamResponse(StreamingResponse):
         self._too_slow = False
         content_type = upstream.headers.get("content-type", "application/json")
         self.is_event_stream = content_type.startswith("text/event-stream")
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-        headers.update(extra_headers)
+        headers = client_headers(upstream, extra_headers)
         if self.is_event_stream:
             headers["cache-control"] = "no-cache"
             headers["x-accel-buffering"] = "no"
@@ -184,12 +194,7 @@ class UpstreamResponse(StreamingResponse):
         record.prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
         record.completion_tokens = _int_or_none(usage.get("completion_tokens"))
         if record.outcome == "ok":
-            if not self._relayed_all:
-                record.outcome = "client_gone"
-            elif self.status_code >= 500:
-                record.outcome = "backend_error"
-            elif self.status_code >= 400:
-                record.outcome = "client_error"
+            record.outcome = outcome_of(self.status_code) if self._relayed_all else "client_gone"
         self.metrics.observe(record)
 
 

@@ -68,6 +68,12 @@ class Fleet:
             await anyio.sleep_forever()
         if backend.mode == "status":
             return httpx.Response(backend.status, json=backend.body)
+        if backend.mode == "broken_json":  # declares its length, then dies halfway through the body
+            return httpx.Response(
+                200,
+                headers={"content-type": "application/json", "content-length": "64"},
+                stream=BrokenBody(request),
+            )
         payload = json.loads(body)
         if payload.get("stream"):
             return httpx.Response(
@@ -99,3 +105,12 @@ class FakeSSE(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         if not self.finished:
             self.backend.closed += 1
+
+
+class BrokenBody(httpx.AsyncByteStream):
+    def __init__(self, request: httpx.Request) -> None:
+        self.request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b'{"object": "chat.completion", "choi'
+        raise httpx.ReadError("backend went away", request=self.request)

@@ -357,3 +357,14 @@ async def test_an_unexpected_error_after_the_acquire_still_returns_the_slot() ->
                 response = await client.post("/chat/completions", json=CHAT)
                 assert_openai_error(response, 500, "internal_error")
             assert (await client.get("/pool/status")).json()["active_leases"] == 0
+
+
+async def test_backend_dying_midway_through_a_small_answer_is_a_clean_502() -> None:
+    fleet = Fleet(a=FakeBackend(mode="broken_json"))
+    async with client_for(fleet) as client:
+        response = await client.post("/chat/completions", json=CHAT)
+        status = (await client.get("/pool/status")).json()
+    error = assert_openai_error(response, 502, "upstream_failed")
+    assert "a:8080" in error["message"]
+    assert status["active_leases"] == 0
+    assert status["backends"][0]["consecutive_failures"] == 1

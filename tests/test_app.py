@@ -368,3 +368,22 @@ async def test_backend_dying_midway_through_a_small_answer_is_a_clean_502() -> N
     assert "a:8080" in error["message"]
     assert status["active_leases"] == 0
     assert status["backends"][0]["consecutive_failures"] == 1
+
+
+async def test_a_failure_while_handing_the_lease_to_the_response_still_returns_it() -> None:
+    fleet = Fleet(a=FakeBackend(slots=1))
+    app = create_pool_app(fleet.config(), transport=fleet.transport)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://pool") as client:
+            with anyio.fail_after(5):
+                while (await client.get("/pool/status")).json()["backends"][0]["health"] != "healthy":
+                    await anyio.sleep(0.01)
+
+            def broken(name: str) -> None:
+                raise RuntimeError("a bookkeeping bug")
+
+            app.state.runtime.monitor.succeeded = broken
+            for _ in range(2):  # with one slot, a leak would make the second request hang
+                assert_openai_error(await client.post("/chat/completions", json=CHAT), 500, "internal_error")
+            assert (await client.get("/pool/status")).json()["active_leases"] == 0

@@ -92,11 +92,9 @@ async def test_answers_loading_on_every_path_while_it_starts() -> None:
 async def test_loading_another_model_costs_the_load_delay() -> None:
     backend = SimulatedBackend(SimulatorConfig(models=("a", "b"), load_seconds=0.2, tokens_per_second=10_000))
     async with client_for(backend) as client:
-        start = anyio.current_time()
         await client.post("/v1/chat/completions", json={"model": "a", "messages": [], "max_tokens": 1})
-        warm = anyio.current_time() - start
+        assert backend.stats.model_loads == 0  # "a" was loaded: no load delay
         await client.post("/v1/chat/completions", json={"model": "b", "messages": [], "max_tokens": 1})
-    assert warm < 0.2
     assert backend.loaded == ["b"]
     assert backend.stats.model_loads == 1
 

@@ -497,21 +497,28 @@ async def _forward(
             extra["x-session-affinity"] = lease.affinity.value
         backend = record.backend = lease.backend
         record.queue_wait = lease.queue_wait
-        if response.status_code >= 500:
-            runtime.monitor.failed(backend, f"answered {response.status_code}")
-        else:
-            runtime.monitor.succeeded(backend)
-        if _small_answer(response):
-            return await _answer_whole(response, lease, extra, record, runtime)
-        return UpstreamResponse(
-            response,
-            lease,
-            extra,
-            on_failure=functools.partial(runtime.monitor.failed, backend),
-            record=record,
-            metrics=runtime.metrics,
-            send_timeout=runtime.config.send_timeout,
-        )
+        try:  # until a response owns the lease, a failure here must still give it back
+            if response.status_code >= 500:
+                runtime.monitor.failed(backend, f"answered {response.status_code}")
+            else:
+                runtime.monitor.succeeded(backend)
+            if _small_answer(response):
+                return await _answer_whole(response, lease, extra, record, runtime)
+            return UpstreamResponse(
+                response,
+                lease,
+                extra,
+                on_failure=functools.partial(runtime.monitor.failed, backend),
+                record=record,
+                metrics=runtime.metrics,
+                send_timeout=runtime.config.send_timeout,
+            )
+        except BaseException:
+            if not lease.released:
+                with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
+                    await response.aclose()
+                lease.release()
+            raise
     return openai_error(
         502,
         f"no backend for model {model!r} could be reached: {'; '.join(failures)}",
@@ -555,13 +562,7 @@ async def _answer_whole(
         usage = UsageSniffer(event_stream=False)
         usage.feed(body)
         usage.finish()
-        found = usage.usage or {}
-        record.prompt_tokens = (
-            found.get("prompt_tokens") if isinstance(found.get("prompt_tokens"), int) else None
-        )
-        record.completion_tokens = (
-            found.get("completion_tokens") if isinstance(found.get("completion_tokens"), int) else None
-        )
+        record.take_usage(usage.usage)
         record.outcome = outcome_of(response.status_code)
         answer = Response(body, status_code=response.status_code, headers=client_headers(response, extra))
     finally:

@@ -50,6 +50,16 @@ class RequestRecord:
     retries: int = 0
     reported: bool = False
 
+    def take_usage(self, usage: dict[str, Any] | None) -> None:
+        """Token counts from a backend's ``usage``, ignoring anything that is not a count."""
+        usage = usage or {}
+        self.prompt_tokens = _count(usage.get("prompt_tokens"))
+        self.completion_tokens = _count(usage.get("completion_tokens"))
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
 
 class UsageSniffer:
     """Reads ``usage`` from the bytes passing through, without holding back or copying a stream.

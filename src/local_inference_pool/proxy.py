@@ -190,13 +190,7 @@ class UpstreamResponse(StreamingResponse):
             return
         record.status = self.status_code
         self._usage.finish()
-        usage = self._usage.usage or {}
-        record.prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
-        record.completion_tokens = _int_or_none(usage.get("completion_tokens"))
+        record.take_usage(self._usage.usage)
         if record.outcome == "ok":
             record.outcome = outcome_of(self.status_code) if self._relayed_all else "client_gone"
         self.metrics.observe(record)
-
-
-def _int_or_none(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -28,6 +28,7 @@ ANSWER = json.dumps(
 ).encode()
 CHUNK = b'data: {"id":"c","object":"chat.completion.chunk","model":"bench","choices":[{"index":0,"delta":{"content":"tok "}}]}\n\n'
 JSON = [(b"content-type", b"application/json")]
+ANSWER_HEADERS = [*JSON, (b"content-length", str(len(ANSWER)).encode())]
 
 
 class FakeBackend:
@@ -79,7 +80,8 @@ class FakeBackend:
                     await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
                 await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
             else:
-                await send({"type": "http.response.start", "status": 200, "headers": JSON})
+                # With its length, as llama-server, vLLM and Ollama send a non-streaming answer.
+                await send({"type": "http.response.start", "status": 200, "headers": ANSWER_HEADERS})
                 await send({"type": "http.response.body", "body": ANSWER})
         finally:
             self.running -= 1

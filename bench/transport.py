@@ -1,9 +1,10 @@
 """Which HTTP transport should the pool's one shared client use? Measured, not assumed.
 
-Run: ``.venv/bin/python bench/transport.py`` (about 30 s). A fast fake backend (a tiny ASGI app under
+Run: ``.venv/bin/python bench/transport.py`` (about 45 s). A fast fake backend (a tiny ASGI app under
 uvicorn) runs in a separate process; one shared client per transport posts a small chat body at
-concurrency 1, 32 and 128 for a fixed time, after a warm-up. Prints requests/s per transport and
-its ratio to httpx's default transport, and writes ``bench/results/transport.txt``.
+concurrency 1, 32 and 128 for a fixed time, after a warm-up. Prints requests/s per transport, its
+ratio to httpx's default transport, and the client process's CPU time per request (what a gateway
+pays for every request it forwards); writes ``bench/results/transport.txt``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def clients() -> dict[str, Callable[[], Any]]:
         )
     except ImportError:
         made["httpx2"] = lambda: None
+    from local_inference_pool.transport import Http1Transport
+
+    made["httpx + Http1Transport (the pool's)"] = lambda: httpx.AsyncClient(
+        transport=Http1Transport(limits), trust_env=False
+    )
     try:
         from httpx_aiohttp import AiohttpTransport
 
@@ -60,10 +66,11 @@ def clients() -> dict[str, Callable[[], Any]]:
     return made
 
 
-async def rate(make: Callable[[], Any], url: str, concurrency: int) -> float:
+async def rate(make: Callable[[], Any], url: str, concurrency: int) -> tuple[float, float]:
+    """Requests/s, and CPU µs per request in this process."""
     client = make()
     if client is None:
-        return float("nan")
+        return float("nan"), float("nan")
     async with client:
         done = 0
         stop_at = 0.0
@@ -78,10 +85,10 @@ async def rate(make: Callable[[], Any], url: str, concurrency: int) -> float:
         stop_at = time.perf_counter() + 0.5
         await asyncio.gather(*(worker() for _ in range(concurrency)))  # warm-up
         done = 0
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         stop_at = start + SECONDS
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return done / (time.perf_counter() - start)
+        return done / (time.perf_counter() - start), (time.process_time() - cpu) / done * 1e6
 
 
 def main() -> None:
@@ -110,15 +117,18 @@ def main() -> None:
         lines = [
             f"requests/s through one shared client, {SECONDS:.0f} s per cell (fake backend in another process)"
         ]
-        lines.append(f"{'transport':34} {'c=1':>8} {'c=32':>8} {'c=128':>8}")
+        lines.append(f"{'transport':36} {'c=1':>14} {'c=32':>14} {'c=128':>14} {'CPU/request at c=32':>20}")
         baseline: dict[int, float] = {}
         for name, make in clients().items():
             cells = []
+            cpu_at_32 = float("nan")
             for concurrency in (1, 32, 128):
-                value = asyncio.run(rate(make, url, concurrency))
+                value, cpu = asyncio.run(rate(make, url, concurrency))
                 baseline.setdefault(concurrency, value)
                 cells.append(f"{value:6.0f} ({value / baseline[concurrency]:.1f}x)")
-            lines.append(f"{name:34} " + " ".join(f"{c:>14}" for c in cells))
+                if concurrency == 32:
+                    cpu_at_32 = cpu
+            lines.append(f"{name:36} " + " ".join(f"{c:>14}" for c in cells) + f" {cpu_at_32:17.0f} µs")
             print(lines[-1], flush=True)
     finally:
         server.terminate()

@@ -64,7 +64,9 @@ async def test_metrics_count_requests_outcomes_and_read_the_pool(caplog: pytest.
     values = samples(text)
     assert values[("lip_requests_total", (("backend", "a:8080"), ("model", "m"), ("outcome", "ok")))] == 1
     assert (
-        values[("lip_requests_total", (("backend", "-"), ("model", "nope"), ("outcome", "model_not_found")))]
+        values[
+            ("lip_requests_total", (("backend", "-"), ("model", "(unknown)"), ("outcome", "model_not_found")))
+        ]
         == 1
     )
     assert values[("lip_backend_slots", (("backend", "a:8080"),))] == 3
@@ -79,6 +81,22 @@ async def test_metrics_count_requests_outcomes_and_read_the_pool(caplog: pytest.
     assert "ttfb_ms=" in lines[0]
     assert "outcome=model_not_found" in lines[1]
     assert "key-a" not in text + "".join(lines)  # the backend's key never shows
+
+
+@pytest.mark.anyio
+async def test_models_no_backend_serves_share_one_label() -> None:
+    """Clients choose the model name: made-up ones must not grow the metrics without bound."""
+    async with client_for(Fleet(a=FakeBackend())) as client:
+        for i in range(50):
+            assert (await client.post("/chat/completions", json={"model": f"made-up-{i}"})).status_code == 404
+        text = (await client.get("/pool/metrics")).text
+    assert "made-up" not in text
+    assert (
+        samples(text)[
+            ("lip_requests_total", (("backend", "-"), ("model", "(unknown)"), ("outcome", "model_not_found")))
+        ]
+        == 50
+    )
 
 
 @pytest.mark.anyio

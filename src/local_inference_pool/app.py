@@ -15,18 +15,9 @@ pool route answers 503 with a message saying how to wire it.
 
 from __future__ import annotations
 
-import base64
-import functools
-import hashlib
-import hmac
-import json
 import logging
-import re
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -35,24 +26,20 @@ import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 
 from local_inference_pool.config import PoolConfig
-from local_inference_pool.errors import NoCapacityError, PoolError
+from local_inference_pool.errors import PoolError, error_response, openai_error
 from local_inference_pool.health import Monitor
-from local_inference_pool.metrics import PoolMetrics, RequestRecord, UsageSniffer
-from local_inference_pool.pool import _DEFAULT, Lease, Pool, describe_http_error
-from local_inference_pool.proxy import (
-    CLOSE_UPSTREAM_SECONDS,
-    UpstreamResponse,
-    client_headers,
-    outcome_of,
-    upstream_headers,
-)
-from local_inference_pool.scheduler import Health, TicketState
+from local_inference_pool.inbound import ClientGone, authorized, read_inbound, request_id
+from local_inference_pool.metrics import PoolMetrics, RequestRecord
+from local_inference_pool.pool import Pool
+from local_inference_pool.proxy import Runtime, forward, refuse
+from local_inference_pool.scheduler import Health
+from local_inference_pool.transport import Http1Transport
 
 __all__ = [
     "PoolMiddleware",
@@ -71,38 +58,24 @@ UPSTREAM_PATHS = {
     "/completions": "/v1/completions",
     "/embeddings": "/v1/embeddings",
 }
-MAX_ATTEMPTS = 3  # the first backend and up to two others after a connection failure
 
 
-def aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
-    """httpx's API over aiohttp's connection pool: 7.7x httpx 0.28's own at 32 concurrent requests and
-    16x at 128, measured here (bench/transport.py). Its errors are mapped loosely (a server closing
-    the connection surfaces as ConnectTimeout), so the proxy classifies failures by whether the
-    response headers arrived, never by exception type alone."""
-    from httpx_aiohttp import AiohttpTransport
-
-    return AiohttpTransport(limits=limits, trust_env=False)
-
-
-def make_client(config: PoolConfig, transport: TransportFactory | None = None) -> httpx.AsyncClient:
-    """The one client for all upstream traffic: long reads (a first token may take minutes while a
-    model loads), bounded connects, enough connections for every slot, no proxy variables."""
+def upstream_limits(config: PoolConfig) -> httpx.Limits:
+    """Enough connections for every slot of every backend, with room for probes."""
     slots = sum(b.slots or 4 for b in config.backends)
-    limits = httpx.Limits(max_connections=max(256, 4 * slots), max_keepalive_connections=max(64, 2 * slots))
+    return httpx.Limits(max_connections=max(256, 4 * slots), max_keepalive_connections=max(64, 2 * slots))
+
+
+def make_client(config: PoolConfig, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """The one client for all upstream traffic: long reads (a first token may take minutes while a
+    model loads), bounded connects, no proxy variables; over ``Http1Transport`` unless told otherwise."""
+    limits = upstream_limits(config)
     timeout = httpx.Timeout(
         connect=config.connect_timeout, read=config.read_timeout, write=60.0, pool=config.connect_timeout
     )
-    factory = transport or aiohttp_transport
-    return httpx.AsyncClient(transport=factory(limits), timeout=timeout, limits=limits, trust_env=False)
-
-
-@dataclass
-class Runtime:
-    config: PoolConfig
-    pool: Pool
-    client: httpx.AsyncClient
-    monitor: Monitor
-    metrics: PoolMetrics
+    return httpx.AsyncClient(
+        transport=transport or Http1Transport(limits), timeout=timeout, limits=limits, trust_env=False
+    )
 
 
 def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = None) -> Starlette:
@@ -115,10 +88,11 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool = Pool(config, initial_health=Health.LOADING)
-        async with make_client(config, transport) as client, anyio.create_task_group() as group:
+        upstream = (transport or Http1Transport)(upstream_limits(config))
+        async with make_client(config, upstream) as client, anyio.create_task_group() as group:
             monitor = Monitor(pool, client, config)
             await group.start(monitor.run)
-            app.state.runtime = Runtime(config, pool, client, monitor, PoolMetrics(pool))
+            app.state.runtime = Runtime(config, pool, client, upstream, monitor, PoolMetrics(pool))
             try:
                 yield
             finally:
@@ -150,7 +124,10 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
 
     app = Starlette(
         routes=[
-            *(Route(path, _completion_route(path), methods=["POST"]) for path in UPSTREAM_PATHS),
+            *(
+                Route(path, CompletionEndpoint(upstream), methods=["POST"])
+                for path, upstream in UPSTREAM_PATHS.items()
+            ),
             Route("/models", _models, methods=["GET"]),
             Route("/pool/status", _status, methods=["GET"]),
             Route("/pool/metrics", _metrics, methods=["GET"]),
@@ -228,64 +205,24 @@ class PoolMiddleware:
 # --- routes --------------------------------------------------------------------------------
 
 
-def openai_error(
-    status: int, message: str, error_type: str, code: str | None, *, retry_after: float | None = None
-) -> JSONResponse:
-    headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after is not None else None
-    body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+_NOT_STARTED = (
+    "the pool is not running: its lifespan was not started. When mounting it, create the host "
+    "with lifespan=pool_lifespan(pool_app); for a host without a lifespan (Django), wrap it in "
+    "PoolMiddleware(host_app, config)"
+)
 
 
-def _error_code(response: Response) -> str:
-    """The OpenAI error code of an answer the pool made itself, as the request's outcome."""
-    if response.status_code == 499:
-        return "client_gone"
-    try:
-        code = json.loads(bytes(response.body))["error"]["code"]
-    except (ValueError, KeyError, TypeError):
-        return f"status_{response.status_code}"
-    return str(code)
-
-
-def _pool_error(error: PoolError) -> JSONResponse:
-    body = error.to_openai()
-    err = body["error"]
-    return openai_error(error.status, err["message"], err["type"], err["code"], retry_after=error.retry_after)
+def _not_started() -> JSONResponse:
+    return openai_error(503, _NOT_STARTED, "service_unavailable", "pool_not_started")
 
 
 def _runtime(request: Request) -> Runtime | Response:
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
-    if runtime is None:
-        return openai_error(
-            503,
-            "the pool is not running: its lifespan was not started. When mounting it, create the host "
-            "with lifespan=pool_lifespan(pool_app); for a host without a lifespan (Django), wrap it in "
-            "PoolMiddleware(host_app, config)",
-            "service_unavailable",
-            "pool_not_started",
-        )
-    return runtime
+    return _not_started() if runtime is None else runtime
 
 
 def _authorized(request: Request, config: PoolConfig, *, browser: bool = False) -> bool:
-    """``Authorization: Bearer <key>``; for pages a browser opens, also Basic with the key as password."""
-    if not config.api_keys:
-        return True
-    given = request.headers.get("authorization", "")
-    scheme, _, token = given.partition(" ")
-    if browser and scheme.lower() == "basic":
-        try:
-            token = base64.b64decode(token.strip(), validate=True).decode().partition(":")[2]
-        except (ValueError, UnicodeDecodeError):
-            return False
-    elif scheme.lower() != "bearer":
-        return False
-    if not token:
-        return False
-    token_bytes = token.strip().encode()
-    # Compare against every key so the time taken does not say which one came close.
-    matches = [hmac.compare_digest(token_bytes, key.encode()) for key in config.api_keys]
-    return any(matches)
+    return authorized(request.headers.get("authorization", ""), config, browser=browser)
 
 
 def _unauthorized(*, browser: bool = False) -> JSONResponse:
@@ -300,278 +237,33 @@ def _unauthorized(*, browser: bool = False) -> JSONResponse:
     return response
 
 
-async def _read_body(request: Request, limit: int) -> bytes | Response:
-    declared = request.headers.get("content-length")
-    too_large = openai_error(
-        413, f"the request body is larger than {limit} bytes", "invalid_request_error", "body_too_large"
-    )
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+class CompletionEndpoint:
+    """POST /chat/completions, /completions or /embeddings, as a raw ASGI app (the gateway's hot path)."""
 
+    def __init__(self, upstream_path: str) -> None:
+        self.upstream_path = upstream_path
 
-def _session_key(request: Request, payload: Mapping[str, Any]) -> str | None:
-    """x-session-id, else the request's ``user``, else a hash of the conversation's start."""
-    header = request.headers.get("x-session-id")
-    if header:
-        return f"header:{header}"
-    user = payload.get("user")
-    if isinstance(user, str) and user:
-        return f"user:{user}"
-    messages = payload.get("messages")
-    if isinstance(messages, list) and messages:
-        prefix: list[Any] = []
-        for message in messages:
-            prefix.append(message)
-            if isinstance(message, dict) and message.get("role") == "user":
-                break
-        return "prefix:" + hashlib.sha256(json.dumps(prefix, sort_keys=True).encode()).hexdigest()[:32]
-    prompt = payload.get("prompt")
-    if isinstance(prompt, str) and prompt:
-        return "prefix:" + hashlib.sha256(prompt[:1024].encode()).hexdigest()[:32]
-    return None
-
-
-_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
-
-def _request_id(request: Request) -> str:
-    """The client's x-request-id when it is a plain token (it is sent on to the backend), else a new one."""
-    given = request.headers.get("x-request-id", "")
-    return given if _SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-
-
-def _completion_route(path: str) -> Callable[[Request], Any]:
-    upstream_path = UPSTREAM_PATHS[path]
-
-    async def route(request: Request) -> Response:
-        runtime = _runtime(request)
-        if isinstance(runtime, Response):
-            return runtime
-        record = RequestRecord(request_id=_request_id(request), model="-")
-        response = await handle(request, runtime, record)
-        if not isinstance(response, UpstreamResponse) and not record.reported:  # the pool's own answer
-            record.status = response.status_code
-            record.outcome = _error_code(response)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime: Runtime | None = scope["app"].state.runtime
+        if runtime is None:
+            await _not_started()(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        record = RequestRecord(request_id=request_id(headers), model="-")
+        try:
+            if not authorized(headers.get(b"authorization", b"").decode("latin-1"), runtime.config):
+                await refuse(send, _unauthorized(), record, runtime)
+                return
+            inbound = await read_inbound(receive, headers, runtime.config)
+        except ClientGone:
+            record.status, record.outcome = 499, "client_gone"
             runtime.metrics.observe(record)
-        return response
-
-    async def handle(request: Request, runtime: Runtime, record: RequestRecord) -> Response:
-        if not _authorized(request, runtime.config):
-            return _unauthorized()
-        try:
-            body = await _read_body(request, runtime.config.max_body_size)
-        except ClientDisconnect:
-            return Response(status_code=499)
-        if isinstance(body, Response):
-            return body
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return openai_error(
-                400, "the request body is not valid JSON", "invalid_request_error", "invalid_json"
-            )
-        if not isinstance(payload, dict):
-            return openai_error(
-                400, "the request body must be a JSON object", "invalid_request_error", "invalid_body"
-            )
-        model = payload.get("model")
-        if isinstance(model, str):
-            record.model = model
-        if not isinstance(model, str) or not model:
-            return openai_error(
-                400,
-                "'model' is required and must be a non-empty string",
-                "invalid_request_error",
-                "invalid_model",
-            )
-        priority_header = request.headers.get("x-priority", "0")
-        try:
-            priority = int(priority_header)
-        except ValueError:
-            return openai_error(
-                400,
-                f"x-priority must be an integer, not {priority_header!r}",
-                "invalid_request_error",
-                "invalid_priority",
-            )
-        session = _session_key(request, payload)
-        return await _forward(request, runtime, upstream_path, body, priority, session, record)
-
-    return route
-
-
-async def _acquire_unless_gone(
-    request: Request, pool: Pool, model: str, priority: int, session: str | None
-) -> Lease | None:
-    """A slot for the request; while it has to queue, watch the client: one that leaves frees its place."""
-    ticket = pool._submit(model=model, priority=priority, session=session, timeout=_DEFAULT, pin=None)
-    if ticket.state is not TicketState.WAITING:
-        return pool._take(ticket)  # the common case: a slot was free, nothing to wait for
-    lease: Lease | None = None
-    error: PoolError | None = None
-    async with anyio.create_task_group() as group:
-
-        async def watch_disconnect() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            group.cancel_scope.cancel()
-
-        group.start_soon(watch_disconnect)
-        try:
-            lease = await pool._wait(ticket)
+            return
         except PoolError as exc:
-            error = exc  # raised below: inside the group it would arrive wrapped in an ExceptionGroup
-        group.cancel_scope.cancel()
-    if error is not None:
-        raise error
-    return lease
-
-
-async def _forward(
-    request: Request,
-    runtime: Runtime,
-    upstream_path: str,
-    body: bytes,
-    priority: int,
-    session: str | None,
-    record: RequestRecord,
-) -> Response:
-    model = record.model
-    failures: list[str] = []
-    for _attempt in range(MAX_ATTEMPTS):
-        record.retries = len(failures)
-        try:
-            lease = await _acquire_unless_gone(request, runtime.pool, model, priority, session)
-        except NoCapacityError as exc:
-            if failures:
-                break  # the backends that refused were the last ones: report them, not "no capacity"
-            return _pool_error(exc)
-        except PoolError as exc:
-            return _pool_error(exc)
-        if lease is None:
-            return Response(status_code=499)  # the client left while queued: nobody to answer
-        try:  # every step after the acquire is inside: whatever fails, the lease goes back
-            upstream = runtime.client.build_request(
-                "POST",
-                lease.url + upstream_path,
-                content=body,
-                headers=upstream_headers(lease, record.request_id),
-            )
-            response = await runtime.client.send(upstream, stream=True)
-        except httpx.TimeoutException as exc:
-            lease.release()
-            record.backend = lease.backend
-            if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-                failures.append(f"{lease.backend}: {describe_http_error(exc)}")
-                runtime.monitor.unreachable(lease.backend, describe_http_error(exc))
-                continue
-            return openai_error(
-                504,
-                f"the backend {lease.backend} sent no response headers within {runtime.config.read_timeout}s",
-                "server_error",
-                "upstream_timeout",
-            )
-        except httpx.HTTPError as exc:
-            # Nothing reached the client yet: take the backend out and try another.
-            lease.release()
-            failures.append(f"{lease.backend}: {describe_http_error(exc)}")
-            runtime.monitor.unreachable(lease.backend, describe_http_error(exc))
-            continue
-        except BaseException:
-            lease.release()
-            raise
-        extra = {
-            "x-backend": lease.backend,
-            "x-queue-wait-ms": f"{lease.queue_wait * 1000:.1f}",
-            "x-request-id": record.request_id,
-        }
-        if lease.affinity is not None:
-            extra["x-session-affinity"] = lease.affinity.value
-        backend = record.backend = lease.backend
-        record.queue_wait = lease.queue_wait
-        try:  # until a response owns the lease, a failure here must still give it back
-            if response.status_code >= 500:
-                runtime.monitor.failed(backend, f"answered {response.status_code}")
-            else:
-                runtime.monitor.succeeded(backend)
-            if _small_answer(response):
-                return await _answer_whole(response, lease, extra, record, runtime)
-            return UpstreamResponse(
-                response,
-                lease,
-                extra,
-                on_failure=functools.partial(runtime.monitor.failed, backend),
-                record=record,
-                metrics=runtime.metrics,
-                send_timeout=runtime.config.send_timeout,
-            )
-        except BaseException:
-            if not lease.released:
-                with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
-                    await response.aclose()
-                lease.release()
-            raise
-    return openai_error(
-        502,
-        f"no backend for model {model!r} could be reached: {'; '.join(failures)}",
-        "server_error",
-        "upstream_unreachable",
-    )
-
-
-SMALL_ANSWER = 1 << 20
-
-
-def _small_answer(response: httpx.Response) -> bool:
-    """A non-streaming answer of a declared, modest size: read whole rather than relayed."""
-    length = response.headers.get("content-length", "")
-    content_type = response.headers.get("content-type", "")
-    return (
-        length.isdigit() and int(length) <= SMALL_ANSWER and not content_type.startswith("text/event-stream")
-    )
-
-
-async def _answer_whole(
-    response: httpx.Response, lease: Lease, extra: dict[str, str], record: RequestRecord, runtime: Runtime
-) -> Response:
-    """Read a small answer and send it in one message: no streaming machinery for a plain request.
-
-    Reading it first also means a backend that dies midway gets a clean 502, not a cut-off body.
-    """
-    try:
-        body = await response.aread()
-    except httpx.HTTPError as exc:
-        runtime.monitor.failed(lease.backend, f"died mid-response: {describe_http_error(exc)}")
-        record.outcome = "failed_midway"
-        answer: Response = openai_error(
-            502,
-            f"the backend {lease.backend} failed during the response: {describe_http_error(exc)}",
-            "server_error",
-            "upstream_failed",
-        )
-    else:
-        record.first_byte = time.monotonic() - record.started
-        usage = UsageSniffer(event_stream=False)
-        usage.feed(body)
-        usage.finish()
-        record.take_usage(usage.usage)
-        record.outcome = outcome_of(response.status_code)
-        answer = Response(body, status_code=response.status_code, headers=client_headers(response, extra))
-    finally:
-        with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
-            await response.aclose()
-        lease.release()
-    record.status = answer.status_code
-    runtime.metrics.observe(record)
-    return answer
+            await refuse(send, error_response(exc), record, runtime)
+            return
+        record.model = inbound.model
+        await forward(receive, send, runtime, self.upstream_path, inbound, record)
 
 
 async def _models(request: Request) -> Response:

@@ -4,6 +4,7 @@ The tree::
 
     PoolError
     ├── ConfigError (also ValueError)       invalid configuration: names the field, value, what is allowed
+    ├── InvalidRequestError                 400/401/413  a client's request the pool will not forward
     ├── ModelNotFoundError                  404  no backend lists the model
     ├── QueueFullError                      429  the waiting queue is at its limit
     ├── NoCapacityError                     503  no healthy backend can serve the model now
@@ -19,6 +20,8 @@ OpenAI error body ``{"error": {"message", "type", "param", "code"}}`` without a 
 from __future__ import annotations
 
 from typing import Any
+
+from starlette.responses import JSONResponse
 
 
 class PoolError(Exception):
@@ -46,6 +49,17 @@ class ConfigError(PoolError, ValueError):
     status = 500
     error_type = "configuration_error"
     code = "invalid_config"
+
+
+class InvalidRequestError(PoolError):
+    """A request refused before it reaches the queue; status and code vary with what is wrong."""
+
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, status: int = 400, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
 class ModelNotFoundError(PoolError):
@@ -99,3 +113,18 @@ class WrongEventLoopError(PoolError, RuntimeError):
     status = 500
     error_type = "server_error"
     code = "wrong_event_loop"
+
+
+def openai_error(
+    status: int, message: str, error_type: str, code: str | None, *, retry_after: float | None = None
+) -> JSONResponse:
+    """An answer in OpenAI's error shape, with ``retry-after`` when a retry may help."""
+    headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after is not None else None
+    body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_response(error: PoolError) -> JSONResponse:
+    return openai_error(
+        error.status, error.message, error.error_type, error.code, retry_after=error.retry_after
+    )

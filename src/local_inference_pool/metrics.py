@@ -142,27 +142,35 @@ class PoolMetrics:
             registry=self.registry,
         )
         self.registry.register(_PoolCollector(pool))
+        self.pool = pool
+        self._children: dict[tuple[object, ...], Any] = {}
         self.recent_first_byte: deque[float] = deque(maxlen=200)
         self.totals = {"requests": 0, "completion_tokens": 0, "prompt_tokens": 0}
 
     def observe(self, record: RequestRecord) -> None:
         record.reported = True
         duration = time.monotonic() - record.started
-        self.requests.labels(record.model, record.backend, record.outcome).inc()
+        # A model no backend serves is a client's typo or probe: one label for all of them, so that
+        # clients cannot grow the metrics without bound.
+        model = record.model if record.backend != "-" or self.pool.serves(record.model) else "(unknown)"
+        child = self._child
+        child(self.requests, model, record.backend, record.outcome).inc()
         self.totals["requests"] += 1
         if record.queue_wait is not None:
-            self.queue_wait.labels(record.model).observe(record.queue_wait)
+            child(self.queue_wait, model).observe(record.queue_wait)
         if record.first_byte is not None:
-            self.first_byte.labels(record.model, record.backend).observe(record.first_byte)
+            child(self.first_byte, model, record.backend).observe(record.first_byte)
             self.recent_first_byte.append(record.first_byte)
         if record.backend != "-":
-            self.duration.labels(record.model, record.backend).observe(duration)
+            child(self.duration, model, record.backend).observe(duration)
         for kind, value in (("prompt", record.prompt_tokens), ("completion", record.completion_tokens)):
             if value:
-                self.tokens.labels(record.model, record.backend, kind).inc(value)
+                child(self.tokens, model, record.backend, kind).inc(value)
                 self.totals[f"{kind}_tokens"] += value
         if record.retries:
-            self.retries.labels(record.model).inc(record.retries)
+            child(self.retries, model).inc(record.retries)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
         access_log.info(
             "request_id=%s model=%s backend=%s status=%d outcome=%s queue_wait_ms=%s ttfb_ms=%s "
             "duration_ms=%.1f completion_tokens=%s",
@@ -176,6 +184,14 @@ class PoolMetrics:
             duration * 1000,
             record.completion_tokens if record.completion_tokens is not None else "-",
         )
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per label set (prometheus_client locks each time)."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def traffic(self) -> dict[str, Any]:
         """Totals for the dashboard, which turns them into rates."""

@@ -423,6 +423,10 @@ class Pool:
                 group.start_soon(warm_one, http, backend.name)
         return results
 
+    def serves(self, model: str) -> bool:
+        """Whether any backend lists ``model`` now (healthy or not)."""
+        return self._scheduler.serves(model)
+
     def snapshot(self) -> dict[str, Any]:
         """The whole state, JSON-ready: backends, slots, leases per model, queue by model."""
         state = self._scheduler.snapshot()

@@ -1,16 +1,24 @@
-"""Forward one request to the backend a lease names, and relay the answer without buffering it.
+"""Forward one request to a backend the pool chose, and answer the client with what comes back.
 
-``UpstreamResponse`` differs from Starlette's ``StreamingResponse`` on purpose:
-- it owns the lease and the upstream response: its ``__call__`` wraps the parent's in ``try/finally``
-  so the upstream is closed (shielded, bounded) and the lease released exactly once on every exit:
-  the end of the body, a client disconnect (ASGI 2.3 ``receive`` race or 2.4 ``send`` raising), an
-  upstream read error, cancellation of the request task, or shutdown;
-- an upstream failure after the headers went out becomes a final SSE ``data: {"error": ...}`` event
-  for event streams (the status can no longer change); a JSON body is cut off instead, so that the
-  client sees a broken response rather than a truncated one that parses;
-- it relays the upstream's bytes as they come (``aiter_bytes``: byte for byte with the identity
-  encoding the proxy asks for, decoded if a backend compresses anyway, since ``content-encoding`` is
-  not passed on); there is no queue between upstream and client, so backpressure reaches the backend.
+The hot path of the gateway, in raw ASGI. What it guarantees:
+- the lease is released exactly once on every exit: a normal end, a client that leaves (ASGI 2.3
+  ``receive`` or 2.4 ``send`` raising), an upstream that fails, cancellation of the request task, an
+  error while handing the answer over; the upstream response is closed on each (shielded, bounded),
+  so the backend sees the connection close and stops generating;
+- before any answer reached the client, a backend that cannot be reached is taken out and the
+  request goes to another (at most ``MAX_ATTEMPTS`` backends); a backend's own 4xx/5xx passes through;
+- a non-streaming answer up to ``SMALL_ANSWER`` bytes is read whole, the slot freed, and sent in one
+  message; a backend that dies midway then gets a clean 502, not a cut-off body;
+- anything else is relayed byte for byte as it arrives, with no queue in between, so backpressure
+  reaches the backend. An upstream failure after the headers went out ends an event stream with a
+  final SSE ``data: {"error": ...}`` event (the status can no longer change) and cuts a JSON body
+  off, so the client sees a broken response rather than a truncated one that parses;
+- a client that stops reading for ``send_timeout`` seconds is given up on (one check every half
+  timeout, not a timer per chunk).
+
+Requests go through the shared client's transport directly: a proxy must not keep one client's
+cookies for the next, follows no redirects and adds no auth, which is all ``AsyncClient.send`` adds,
+at a measured 170 µs per request.
 """
 
 from __future__ import annotations
@@ -18,179 +26,453 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import cast
 
 import anyio
 import httpx
-from starlette.requests import ClientDisconnect
-from starlette.responses import StreamingResponse
-from starlette.types import Message, Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Message, Receive, Send
 
+from local_inference_pool.config import PoolConfig
+from local_inference_pool.errors import NoCapacityError, PoolError, error_response, openai_error
+from local_inference_pool.health import Monitor
+from local_inference_pool.inbound import Inbound
 from local_inference_pool.metrics import PoolMetrics, RequestRecord, UsageSniffer
-from local_inference_pool.pool import Lease
+from local_inference_pool.pool import _DEFAULT, Lease, Pool, describe_http_error
+from local_inference_pool.scheduler import TicketState
 
-__all__ = ["HOP_BY_HOP", "UpstreamResponse", "upstream_headers"]
+__all__ = ["HOP_BY_HOP", "Runtime", "UpstreamRelay", "forward", "refuse"]
 
 logger = logging.getLogger(__name__)
 
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "content-encoding",
-        "date",
-        "server",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"date",
+        b"server",
     }
 )
 CLOSE_UPSTREAM_SECONDS = 2.0
+MAX_ATTEMPTS = 3  # the first backend and up to two others after a connection failure
+SMALL_ANSWER = 1 << 20
+_URL_CACHE_SIZE = 1024
 
 
-def client_headers(upstream: httpx.Response, extra: Mapping[str, str]) -> dict[str, str]:
-    """The backend's headers a client may see (no hop-by-hop, no length or encoding), plus ours."""
-    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-    headers.update(extra)
-    return headers
+@dataclass
+class Runtime:
+    """What the lifespan made, shared by every request of one pool app."""
+
+    config: PoolConfig
+    pool: Pool
+    client: httpx.AsyncClient
+    transport: httpx.AsyncBaseTransport  # the client's own: the proxy sends through it
+    monitor: Monitor
+    metrics: PoolMetrics
+
+    def __post_init__(self) -> None:
+        config = self.config
+        self.timeouts = {
+            "connect": config.connect_timeout,
+            "read": config.read_timeout,
+            "write": 60.0,
+            "pool": config.connect_timeout,
+        }
+        self._urls: dict[str, httpx.URL] = {}
+
+    def upstream_url(self, base: str, path: str) -> httpx.URL:
+        """Parsed once per backend and path, not once per request."""
+        key = base + path
+        url = self._urls.get(key)
+        if url is None:
+            if len(self._urls) >= _URL_CACHE_SIZE:
+                self._urls.clear()
+            url = self._urls[key] = httpx.URL(key)
+        return url
 
 
 def outcome_of(status: int) -> str:
     return "ok" if status < 400 else "client_error" if status < 500 else "backend_error"
 
 
-def upstream_headers(lease: Lease, request_id: str | None) -> dict[str, str]:
+def upstream_headers(lease: Lease, request_id: str) -> list[tuple[bytes, bytes]]:
     """What the backend gets: JSON, no compression, its own key. Never the client's credentials."""
-    headers = {"content-type": "application/json", "accept-encoding": "identity"}
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"accept-encoding", b"identity"),
+        (b"x-request-id", request_id.encode()),
+    ]
     if lease.api_key:
-        headers["authorization"] = f"Bearer {lease.api_key}"
-    if request_id:
-        headers["x-request-id"] = request_id
+        headers.append((b"authorization", b"Bearer " + lease.api_key.encode()))
     return headers
 
 
-class UpstreamResponse(StreamingResponse):
+def client_headers(upstream: httpx.Response, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The backend's headers a client may see (no hop-by-hop, no length), then the pool's own."""
+    headers = [(name.lower(), value) for name, value in upstream.headers.raw]
+    return [h for h in headers if h[0] not in HOP_BY_HOP] + extra
+
+
+async def forward(
+    receive: Receive,
+    send: Send,
+    runtime: Runtime,
+    upstream_path: str,
+    inbound: Inbound,
+    record: RequestRecord,
+) -> None:
+    """Queue for a slot, send the request upstream, answer the client; every outcome is answered."""
+    failures: list[str] = []
+    for _attempt in range(MAX_ATTEMPTS):
+        record.retries = len(failures)
+        try:
+            lease = await _acquire_unless_gone(receive, runtime.pool, inbound)
+        except NoCapacityError as exc:
+            if failures:
+                break  # the backends that refused were the last ones: report them, not "no capacity"
+            await refuse(send, error_response(exc), record, runtime)
+            return
+        except PoolError as exc:
+            await refuse(send, error_response(exc), record, runtime)
+            return
+        if lease is None:  # the client left while queued: nobody to answer
+            record.status, record.outcome = 499, "client_gone"
+            runtime.metrics.observe(record)
+            return
+        record.backend = lease.backend
+        try:  # every step after the acquire is inside: whatever fails, the lease goes back
+            request = httpx.Request(
+                "POST",
+                runtime.upstream_url(lease.url, upstream_path),
+                headers=upstream_headers(lease, record.request_id),
+                content=inbound.body,
+                extensions={"timeout": runtime.timeouts},
+            )
+            response = await runtime.transport.handle_async_request(request)
+        except httpx.TimeoutException as exc:
+            lease.release()
+            if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+                failures.append(f"{lease.backend}: {describe_http_error(exc)}")
+                runtime.monitor.unreachable(lease.backend, describe_http_error(exc))
+                continue
+            error = openai_error(
+                504,
+                f"the backend {lease.backend} sent no response headers within {runtime.config.read_timeout}s",
+                "server_error",
+                "upstream_timeout",
+            )
+            await refuse(send, error, record, runtime)
+            return
+        except httpx.HTTPError as exc:
+            # Nothing reached the client yet: take the backend out and try another.
+            lease.release()
+            failures.append(f"{lease.backend}: {describe_http_error(exc)}")
+            runtime.monitor.unreachable(lease.backend, describe_http_error(exc))
+            continue
+        except BaseException:
+            lease.release()
+            raise
+        await _answer(receive, send, runtime, response, lease, record)
+        return
+    error = openai_error(
+        502,
+        f"no backend for model {inbound.model!r} could be reached: {'; '.join(failures)}",
+        "server_error",
+        "upstream_unreachable",
+    )
+    await refuse(send, error, record, runtime)
+
+
+async def refuse(send: Send, response: Response, record: RequestRecord, runtime: Runtime) -> None:
+    """Answer with the pool's own error, recorded under its OpenAI error code (unless already known)."""
+    record.status = response.status_code
+    if record.outcome == "ok":
+        record.outcome = _error_code(response)
+    runtime.metrics.observe(record)
+    await response({"type": "http"}, _nothing_to_receive, send)
+
+
+async def _nothing_to_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _error_code(response: Response) -> str:
+    try:
+        return str(json.loads(bytes(response.body))["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return f"status_{response.status_code}"
+
+
+async def _acquire_unless_gone(receive: Receive, pool: Pool, inbound: Inbound) -> Lease | None:
+    """A slot for the request; while it has to queue, watch the client: one that leaves frees its place."""
+    ticket = pool._submit(
+        model=inbound.model, priority=inbound.priority, session=inbound.session, timeout=_DEFAULT, pin=None
+    )
+    if ticket.state is not TicketState.WAITING:
+        return pool._take(ticket)  # the common case: a slot was free, nothing to wait for
+    lease: Lease | None = None
+    error: PoolError | None = None
+    async with anyio.create_task_group() as group:
+
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch_disconnect)
+        try:
+            lease = await pool._wait(ticket)
+        except PoolError as exc:
+            error = exc  # raised below: inside the group it would arrive wrapped in an ExceptionGroup
+        group.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return lease
+
+
+async def _answer(
+    receive: Receive,
+    send: Send,
+    runtime: Runtime,
+    response: httpx.Response,
+    lease: Lease,
+    record: RequestRecord,
+) -> None:
+    """Hand the upstream answer to the client; from here on it owns the lease."""
+    try:  # until the answer owns the lease, a failure here must still give it back
+        backend = lease.backend
+        record.queue_wait = lease.queue_wait
+        extra = [
+            (b"x-backend", backend.encode()),
+            (b"x-queue-wait-ms", f"{lease.queue_wait * 1000:.1f}".encode()),
+            (b"x-request-id", record.request_id.encode()),
+        ]
+        if lease.affinity is not None:
+            extra.append((b"x-session-affinity", lease.affinity.value.encode()))
+        if response.status_code >= 500:
+            runtime.monitor.failed(backend, f"answered {response.status_code}")
+        else:
+            runtime.monitor.succeeded(backend)
+        relay: UpstreamRelay | None = None
+        headers = client_headers(response, extra)
+        chunks = _raw(response)
+        streamed = response.headers.get("content-type", "").startswith("text/event-stream")
+        length = response.headers.get("content-length", "")
+        if streamed or (length.isdigit() and int(length) > SMALL_ANSWER):
+            relay = UpstreamRelay(response, lease, headers, chunks, runtime=runtime, record=record)
+    except BaseException:
+        with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
+            await response.aclose()
+        lease.release()
+        raise
+    if relay is None:
+        relay = await _answer_whole(send, response, lease, headers, chunks, record, runtime)
+    if relay is not None:
+        await relay(receive, send)
+
+
+async def _answer_whole(
+    send: Send,
+    response: httpx.Response,
+    lease: Lease,
+    headers: list[tuple[bytes, bytes]],
+    chunks: AsyncIterator[bytes],
+    record: RequestRecord,
+    runtime: Runtime,
+) -> UpstreamRelay | None:
+    """Read a plain answer and send it in one message, the slot freed first: no streaming machinery.
+
+    Reading it first also means a backend that dies midway gets a clean 502, not a cut-off body. An
+    answer that turns out larger than ``SMALL_ANSWER`` is relayed instead (the relay is returned).
+    """
+    body: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in chunks:
+            body.append(chunk)
+            size += len(chunk)
+            if size > SMALL_ANSWER:
+                return UpstreamRelay(
+                    response, lease, headers, _after(body, chunks), runtime=runtime, record=record
+                )
+    except httpx.HTTPError as exc:
+        with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
+            await response.aclose()
+        lease.release()
+        runtime.monitor.failed(lease.backend, f"died mid-response: {describe_http_error(exc)}")
+        error = openai_error(
+            502,
+            f"the backend {lease.backend} failed during the response: {describe_http_error(exc)}",
+            "server_error",
+            "upstream_failed",
+        )
+        record.outcome = "failed_midway"
+        await refuse(send, error, record, runtime)
+        return None
+    except BaseException:
+        with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
+            await response.aclose()
+        lease.release()
+        raise
+    await response.aclose()  # read to the end: closing only hands the connection back
+    lease.release()
+    whole = body[0] if len(body) == 1 else b"".join(body)
+    record.first_byte = time.monotonic() - record.started
+    usage = UsageSniffer(event_stream=False)
+    usage.feed(whole)
+    usage.finish()
+    record.take_usage(usage.usage)
+    record.status, record.outcome = response.status_code, outcome_of(response.status_code)
+    runtime.metrics.observe(record)
+    headers.append((b"content-length", str(len(whole)).encode()))
+    try:
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": whole})
+    except OSError:
+        logger.debug("client left before the answer from %s was sent", lease.backend)
+    return None
+
+
+def _raw(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The bytes as the backend sent them (identity encoding was asked for; anything else passes on)."""
+    return cast(httpx.AsyncByteStream, response.stream).__aiter__()
+
+
+async def _after(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in first:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
+
+
+class UpstreamRelay:
+    """Relays one upstream answer as it arrives; owns the lease and the upstream response."""
+
     def __init__(
         self,
         upstream: httpx.Response,
         lease: Lease,
-        extra_headers: Mapping[str, str],
+        headers: list[tuple[bytes, bytes]],
+        chunks: AsyncIterator[bytes],
         *,
-        on_failure: Callable[[str], None] | None = None,
-        record: RequestRecord | None = None,
-        metrics: PoolMetrics | None = None,
-        send_timeout: float | None = None,
+        runtime: Runtime,
+        record: RequestRecord,
     ) -> None:
         self.upstream = upstream
         self.lease = lease
-        self.on_failure = on_failure
+        self.runtime = runtime
         self.record = record
-        self.metrics = metrics
-        self.send_timeout = send_timeout
-        self._relayed_all = False
-        self._too_slow = False
-        content_type = upstream.headers.get("content-type", "application/json")
-        self.is_event_stream = content_type.startswith("text/event-stream")
-        headers = client_headers(upstream, extra_headers)
+        self.is_event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
         if self.is_event_stream:
-            headers["cache-control"] = "no-cache"
-            headers["x-accel-buffering"] = "no"
-        self._relay_iterator = self._relay()
+            headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+        self.headers = headers
         self._usage = UsageSniffer(self.is_event_stream)
-        super().__init__(self._relay_iterator, status_code=upstream.status_code, headers=headers)
+        self._relayed_all = False
+        self._client_gone = False
+        self._too_slow = False
+        self._sending_since: float | None = None
+        self._chunks = chunks
 
-    async def _relay(self) -> AsyncGenerator[bytes, None]:
-        record = self.record
+    async def __call__(self, receive: Receive, send: Send) -> None:
         try:
-            async for chunk in self.upstream.aiter_bytes():
-                if record is not None and record.first_byte is None:
-                    record.first_byte = time.monotonic() - record.started
-                self._usage.feed(chunk)
-                yield chunk
-            self._relayed_all = True
-        except Exception as exc:  # any transport's read error: the status is already sent
-            logger.warning(
-                "backend %s failed mid-response: %s", self.lease.backend, exc or type(exc).__name__
-            )
-            if self.on_failure is not None:
-                self.on_failure(f"died mid-response: {exc or type(exc).__name__}")
-            if record is not None:
-                record.outcome = "failed_midway"
-            if not self.is_event_stream:
-                raise
-            error = {
-                "error": {
-                    "message": f"the backend {self.lease.backend} failed during the response: "
-                    f"{exc or type(exc).__name__}",
-                    "type": "server_error",
-                    "param": None,
-                    "code": "upstream_failed",
-                }
-            }
-            yield b"data: " + json.dumps(error).encode() + b"\n\n"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        timeout = self.send_timeout
-        sending_since: float | None = None
-
-        async def timed_send(message: Message) -> None:
-            nonlocal sending_since
-            sending_since = time.monotonic()
-            await send(message)
-            sending_since = None
-
-        async def watchdog(scope_to_cancel: anyio.CancelScope) -> None:
-            # A client that stops reading fills the socket and blocks a send forever: one check every
-            # half timeout (not a timer per chunk) frees the slot and stops the backend.
-            assert timeout is not None
-            while True:
-                await anyio.sleep(timeout / 2)
-                if sending_since is not None and time.monotonic() - sending_since > timeout:
-                    self._too_slow = True
-                    scope_to_cancel.cancel()
-
-        try:
-            if timeout is None:
-                await self._respond(scope, receive, send)
-            else:
-                async with anyio.create_task_group() as group:
-                    group.start_soon(watchdog, group.cancel_scope)
-                    await self._respond(scope, receive, timed_send)
-                    group.cancel_scope.cancel()
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._watch_client, receive, group.cancel_scope)
+                await self._relay(send)
+                group.cancel_scope.cancel()
         finally:
             if self._too_slow:
                 logger.warning(
                     "client stopped reading the response from %s for %ss: gave up",
                     self.lease.backend,
-                    timeout,
+                    self.runtime.config.send_timeout,
                 )
-                if self.record is not None:
-                    self.record.outcome = "client_too_slow"
             with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
-                await self._relay_iterator.aclose()
+                aclose = getattr(self._chunks, "aclose", None)
+                if aclose is not None:
+                    await aclose()
                 await self.upstream.aclose()  # the backend sees the connection close and stops
             self.lease.release()
             self._report()
 
-    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _relay(self, send: Send) -> None:
+        record = self.record
+        chunks = self._chunks
         try:
-            await super().__call__(scope, receive, send)
-        except (ClientDisconnect, OSError):
-            # ASGI 2.4 reports a client that left as a failed send; leaving is not an error.
+            await send(
+                {"type": "http.response.start", "status": self.upstream.status_code, "headers": self.headers}
+            )
+            while True:
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:  # any transport's read error: the status is already sent
+                    await self._upstream_failed(send, exc)
+                    return
+                if record.first_byte is None:
+                    record.first_byte = time.monotonic() - record.started
+                self._usage.feed(chunk)
+                self._sending_since = time.monotonic()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                self._sending_since = None
+            self._relayed_all = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # ASGI 2.4 reports a client that left as a failed send; leaving is not an error
+            self._client_gone = True
             logger.debug("client left during the response from %s", self.lease.backend)
+
+    async def _upstream_failed(self, send: Send, exc: Exception) -> None:
+        reason = f"{exc or type(exc).__name__}"
+        logger.warning("backend %s failed mid-response: %s", self.lease.backend, reason)
+        self.runtime.monitor.failed(self.lease.backend, f"died mid-response: {reason}")
+        self.record.outcome = "failed_midway"
+        if not self.is_event_stream:
+            return  # ending without the final message: the client's connection is cut, not completed
+        error = {
+            "error": {
+                "message": f"the backend {self.lease.backend} failed during the response: {reason}",
+                "type": "server_error",
+                "param": None,
+                "code": "upstream_failed",
+            }
+        }
+        event = b"data: " + json.dumps(error).encode() + b"\n\n"
+        await send({"type": "http.response.body", "body": event, "more_body": False})
+
+    async def _watch_client(self, receive: Receive, relay: anyio.CancelScope) -> None:
+        """Stop the relay when the client leaves (ASGI 2.3) or stops reading for ``send_timeout``."""
+        timeout = self.runtime.config.send_timeout
+        while True:
+            message: Message | None = None
+            with anyio.move_on_after(timeout / 2 if timeout is not None else None):
+                message = await receive()
+            if message is not None and message["type"] == "http.disconnect":
+                self._client_gone = True
+                relay.cancel()
+                return
+            since = self._sending_since
+            if timeout is not None and since is not None and time.monotonic() - since > timeout:
+                self._too_slow = True
+                relay.cancel()
+                return
 
     def _report(self) -> None:
         record = self.record
-        if record is None or self.metrics is None:
-            return
-        record.status = self.status_code
+        record.status = self.upstream.status_code
         self._usage.finish()
         record.take_usage(self._usage.usage)
-        if record.outcome == "ok":
-            record.outcome = outcome_of(self.status_code) if self._relayed_all else "client_gone"
-        self.metrics.observe(record)
+        if self._too_slow:
+            record.outcome = "client_too_slow"
+        elif record.outcome == "ok":
+            record.outcome = outcome_of(record.status) if self._relayed_all else "client_gone"
+        self.runtime.metrics.observe(record)

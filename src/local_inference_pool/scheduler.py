@@ -719,6 +719,10 @@ class Scheduler:
             heapq.heappop(queue)
         return None
 
+    def serves(self, model: str) -> bool:
+        """Whether any backend lists the model (healthy or not)."""
+        return bool(self._serving.get(model))
+
     def _free_serving(self, model: str) -> Iterable[Backend]:
         serving = self._serving.get(model, set())
         return (

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import json
 import re
-import uuid
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +41,7 @@ class Inbound:
 def request_id(headers: Mapping[bytes, bytes]) -> str:
     """The client's x-request-id when it is a plain token (it is sent on to the backend), else a new one."""
     given = headers.get(b"x-request-id", b"").decode("latin-1")
-    return given if _SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    return given if _SAFE_REQUEST_ID.fullmatch(given) else secrets.token_hex(16)
 
 
 def authorized(authorization: str, config: PoolConfig, *, browser: bool = False) -> bool:

@@ -1,8 +1,8 @@
 """A fast fake OpenAI-style backend for the gateway benchmarks: raw ASGI, no framework.
 
-    python bench/fake_backend.py --port 9001 [--slots 256] [--tokens-per-second 0]
+    python bench/fake_backend.py --port 9001 [--slots 256] [--tokens-per-second 0] [--answer-ms 0]
 
-Non-streaming chat answers at once; streaming sends ``max_tokens`` SSE chunks, as fast as it can
+Non-streaming chat answers at once (or after ``--answer-ms``); streaming sends ``max_tokens`` SSE chunks, as fast as it can
 (rate 0) or at the set rate. It answers the llama.cpp probes the pool uses (/health, /props,
 /v1/models) and keeps its peak concurrency at GET /stats, so a benchmark can check that no gateway
 ever sent it more than its slots.
@@ -32,8 +32,9 @@ ANSWER_HEADERS = [*JSON, (b"content-length", str(len(ANSWER)).encode())]
 
 
 class FakeBackend:
-    def __init__(self, slots: int, tokens_per_second: float) -> None:
+    def __init__(self, slots: int, tokens_per_second: float, answer_ms: float = 0.0) -> None:
         self.slots = slots
+        self.answer_delay = answer_ms / 1000
         self.delay = 1 / tokens_per_second if tokens_per_second > 0 else 0.0
         self.running = 0
         self.peak = 0
@@ -80,6 +81,8 @@ class FakeBackend:
                     await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
                 await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
             else:
+                if self.answer_delay:
+                    await asyncio.sleep(self.answer_delay)
                 # With its length, as llama-server, vLLM and Ollama send a non-streaming answer.
                 await send({"type": "http.response.start", "status": 200, "headers": ANSWER_HEADERS})
                 await send({"type": "http.response.body", "body": ANSWER})
@@ -93,8 +96,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--slots", type=int, default=256)
     parser.add_argument("--tokens-per-second", type=float, default=0.0)
+    parser.add_argument(
+        "--answer-ms", type=float, default=0.0, help="time to a non-streaming answer (0: at once)"
+    )
     args = parser.parse_args()
-    app = FakeBackend(args.slots, args.tokens_per_second)
+    app = FakeBackend(args.slots, args.tokens_per_second, args.answer_ms)
     uvicorn.run(
         app,
         host="127.0.0.1",

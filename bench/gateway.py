@@ -32,6 +32,7 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 LITELLM_VENV = HERE / ".litellm-venv"
 KEY = "sk-bench"
+PACED_MS = 20.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GOALS = {
     "added p50 at c=1": "<= 0.5 ms",
@@ -109,7 +110,7 @@ class Setup:
     pid: int | None  # the gateway's process (None for direct)
 
 
-def fake_backend(port: int, slots: int = 1024, rate: float = 0.0) -> list[str]:
+def fake_backend(port: int, slots: int = 1024, rate: float = 0.0, answer_ms: float = 0.0) -> list[str]:
     return [
         sys.executable,
         str(HERE / "fake_backend.py"),
@@ -119,6 +120,8 @@ def fake_backend(port: int, slots: int = 1024, rate: float = 0.0) -> list[str]:
         str(slots),
         "--tokens-per-second",
         str(rate),
+        "--answer-ms",
+        str(answer_ms),
     ]
 
 
@@ -241,7 +244,9 @@ def wrk(url: str, connections: int, seconds: float, tmp: Path) -> dict[str, floa
     }
 
 
-def sse(url: str, concurrency: int, streams: int, tokens: int, rate: float = 0.0) -> dict[str, Any]:
+def sse(
+    url: str, concurrency: int, streams: int, tokens: int, rate: float = 0.0, duration: float = 0.0
+) -> dict[str, Any]:
     command = [
         sys.executable,
         str(HERE / "sse_client.py"),
@@ -256,6 +261,8 @@ def sse(url: str, concurrency: int, streams: int, tokens: int, rate: float = 0.0
         str(rate),
         "--key",
         KEY,
+        "--duration",
+        str(duration),
     ]
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=900).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
@@ -298,12 +305,17 @@ def main() -> None:
     names = args.setups.split(",")
     results: dict[str, dict[str, Any]] = {}
 
-    fast_port, slow_port = free_port(), free_port()
+    fast_port, slow_port, paced_port = free_port(), free_port(), free_port()
     queue_ports = [free_port() for _ in range(4)]
-    with process(fake_backend(fast_port)) as fast, process(fake_backend(slow_port, rate=20)):
+    with (
+        process(fake_backend(fast_port)) as fast,
+        process(fake_backend(slow_port, rate=20)),
+        process(fake_backend(paced_port, answer_ms=PACED_MS)),
+    ):
         fast_url, slow_url = f"http://127.0.0.1:{fast_port}", f"http://127.0.0.1:{slow_port}"
-        wait_ready(f"{fast_url}/health")
-        wait_ready(f"{slow_url}/health")
+        paced_url = f"http://127.0.0.1:{paced_port}"
+        for url in (fast_url, slow_url, paced_url):
+            wait_ready(f"{url}/health")
         for name in names:
             print(f"== {name}", flush=True)
             entry: dict[str, Any] = {}
@@ -317,15 +329,21 @@ def main() -> None:
                     print(f"   c={connections}: {entry[f'c{connections}']}", flush=True)
                 backend_before = cpu_seconds([fast.pid])
                 started = time.monotonic()
-                entry["stream"] = measured(setup, lambda: sse(setup.url, 8, 80, 256))
+                sse(setup.url, 8, 8, 16)  # warm-up, not measured
+                entry["stream"] = measured(setup, lambda: sse(setup.url, 8, 100_000, 256, duration=3.0))
                 entry["stream"]["backend_cores"] = round(
                     (cpu_seconds([fast.pid]) - backend_before) / (time.monotonic() - started), 2
                 )
                 print(f"   streaming: {entry['stream']}", flush=True)
             with gateway(name, [slow_url], 1024, tmp) as setup:
                 assert not isinstance(setup, str)
+                sse(setup.url, 500, 500, 2, rate=20)  # warm-up, not measured: connections opened
                 entry["slow"] = measured(setup, lambda: sse(setup.url, 500, 500, 100, rate=20))
                 print(f"   500 slow streams: {entry['slow']}", flush=True)
+            with gateway(name, [paced_url], 1024, tmp) as setup:
+                assert not isinstance(setup, str)
+                entry["paced"] = wrk(setup.url, 32, args.seconds, tmp)
+                print(f"   c=32 against a {PACED_MS:g} ms backend: {entry['paced']}", flush=True)
             results[name] = entry
 
     if any(n in names for n in ("pool", "haproxy")):
@@ -378,6 +396,12 @@ def report(results: dict[str, dict[str, Any]]) -> None:
             f"{r['c1']['rps']:9.0f} {r['c32']['rps']:8.0f} ({ratio[32]:.2f}x) {r['c128']['rps']:8.0f} ({ratio[128]:.2f}x) "
             f"{s['chunks_per_s']:13,} {s.get('gateway_cores', 0):6.2f} {s['ttfc_p50_ms']:8.2f}ms"
         )
+    lines += ["", f"c=32 against a backend that answers in {PACED_MS:g} ms (a short completion's time)"]
+    for name, r in results.items():
+        if "paced" in r:
+            p = r["paced"]
+            ratio = p["rps"] / direct["paced"]["rps"]
+            lines.append(f"{name:9} {p['rps']:8.0f} req/s ({ratio:.2f}x direct), p50 {p['p50_ms']:.2f} ms")
     lines += ["", f"{'setup':9} {'500 slow streams (20 tok/s, 100 tokens)':>40}"]
     for name, r in results.items():
         if "slow" in r:
@@ -435,7 +459,7 @@ def plot(results: dict[str, dict[str, Any]]) -> None:
     left.set_ylabel("requests/s (non-streaming)")
     left.legend()
     right.bar(names, [results[n]["stream"]["chunks_per_s"] for n in names])
-    right.set_ylabel("SSE chunks/s relayed (8 streams x 256 tokens)")
+    right.set_ylabel("SSE chunks/s relayed (8 at a time, 256 tokens each)")
     fig.tight_layout()
     fig.savefig(RESULTS / "gateway.png", dpi=110)
 

@@ -1,6 +1,6 @@
 """A streaming load generator, run as its own process so it does not share the gateway's loop.
 
-    python bench/sse_client.py URL --concurrency 8 --streams 200 --tokens 256 [--rate 20] [--key K]
+    python bench/sse_client.py URL --concurrency 8 --streams 200 --tokens 256 [--rate 20] [--key K] [--duration S]
 
 Prints one JSON line: streams done and failed, SSE events ("chunks"), elapsed, chunks/s, time to first chunk
 (p50/p99, ms), and with --rate the number of chunks that came more than 50 ms later than the rate
@@ -25,6 +25,12 @@ async def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--rate", type=float, default=0.0, help="the backend's token rate, to judge lateness")
     parser.add_argument("--key", default="sk-bench")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="start no new stream after this many seconds (0: no limit)",
+    )
     args = parser.parse_args()
     body = {
         "model": "bench",
@@ -36,13 +42,15 @@ async def main() -> None:
     first_chunk: list[float] = []
     late = 0
     worst = 0.0
-    chunks = failed = 0
+    chunks = failed = done = 0
     pending = args.streams
+    began = time.perf_counter()
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal chunks, failed, late, worst, pending
-        while pending > 0:
+        nonlocal chunks, failed, late, worst, pending, done
+        while pending > 0 and not (args.duration and time.perf_counter() - began > args.duration):
             pending -= 1
+            done += 1
             started = time.perf_counter()
             previous = None
             try:
@@ -77,7 +85,7 @@ async def main() -> None:
         elapsed = time.perf_counter() - started
     first_chunk.sort()
     result = {
-        "streams": args.streams - failed,
+        "streams": done - failed,
         "failed": failed,
         "chunks": chunks,
         "elapsed": round(elapsed, 3),

@@ -25,6 +25,7 @@ class FakeBackend:
     chunks: int = 3  # SSE chunks for a streamed answer
     fail_after: int | None = None  # raise a read error after this many chunks
     chunk_delay: float = 0.0
+    plain_size: int | None = None  # answer with this many bytes of JSON, streamed without a length
     closed: int = 0  # upstream streams closed (by us) before they ended
     requests: list[httpx.Request] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
@@ -75,6 +76,10 @@ class Fleet:
                 stream=BrokenBody(request),
             )
         payload = json.loads(body)
+        if backend.plain_size is not None:
+            return httpx.Response(
+                200, headers={"content-type": "application/json"}, stream=PlainBody(backend.plain_size)
+            )
         if payload.get("stream"):
             return httpx.Response(
                 200, headers={"content-type": "text/event-stream"}, stream=FakeSSE(backend, request)
@@ -114,3 +119,19 @@ class BrokenBody(httpx.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         yield b'{"object": "chat.completion", "choi'
         raise httpx.ReadError("backend went away", request=self.request)
+
+
+class PlainBody(httpx.AsyncByteStream):
+    """A JSON answer of ``size`` bytes in 64 KiB pieces, with no declared length (chunked on the wire)."""
+
+    def __init__(self, size: int) -> None:
+        self.data = plain_answer(size)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for start in range(0, len(self.data), 65536):
+            yield self.data[start : start + 65536]
+
+
+def plain_answer(size: int) -> bytes:
+    head = b'{"object": "chat.completion", "usage": {"completion_tokens": 7}, "pad": "'
+    return head + b"x" * (size - len(head) - 2) + b'"}'

@@ -14,7 +14,7 @@ from asgi_lifespan import LifespanManager
 
 from local_inference_pool.app import create_pool_app
 
-from .fakes import FakeBackend, Fleet
+from .fakes import FakeBackend, Fleet, plain_answer
 
 pytestmark = pytest.mark.anyio
 
@@ -387,3 +387,18 @@ async def test_a_failure_while_handing_the_lease_to_the_response_still_returns_i
             for _ in range(2):  # with one slot, a leak would make the second request hang
                 assert_openai_error(await client.post("/chat/completions", json=CHAT), 500, "internal_error")
             assert (await client.get("/pool/status")).json()["active_leases"] == 0
+
+
+@pytest.mark.parametrize("size", [10_000, 3 * 1024 * 1024], ids=["small", "over-1MiB"])
+async def test_an_answer_without_a_declared_length_arrives_whole(size: int) -> None:
+    """Read whole and sent with its length when small; relayed as it comes when larger."""
+    fleet = Fleet(a=FakeBackend(plain_size=size))
+    async with client_for(fleet) as client:
+        response = await client.post("/chat/completions", json=CHAT)
+        status = (await client.get("/pool/status")).json()
+    assert response.status_code == 200
+    assert response.content == plain_answer(size)
+    if size <= 1 << 20:
+        assert response.headers["content-length"] == str(size)
+        assert status["traffic"]["completion_tokens"] == 7  # usage is read from answers up to 1 MiB
+    assert status["active_leases"] == 0

@@ -61,9 +61,14 @@ UPSTREAM_PATHS = {
 
 
 def upstream_limits(config: PoolConfig) -> httpx.Limits:
-    """Enough connections for every slot of every backend, with room for probes."""
+    """Enough connections for every slot of every backend, with room for probes. Idle ones are dropped
+    after 4 s: servers commonly close theirs at 5 s (uvicorn, cpp-httplib in llama-server)."""
     slots = sum(b.slots or 4 for b in config.backends)
-    return httpx.Limits(max_connections=max(256, 4 * slots), max_keepalive_connections=max(64, 2 * slots))
+    return httpx.Limits(
+        max_connections=max(256, 4 * slots),
+        max_keepalive_connections=max(64, 2 * slots),
+        keepalive_expiry=4.0,
+    )
 
 
 def make_client(config: PoolConfig, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:

@@ -218,6 +218,9 @@ def serve(path: str | None, host: str, port: int, log_level: str) -> int:
             port=port,
             log_level=log_level,
             timeout_graceful_shutdown=max(1, round(config.shutdown_grace)),
+            # asyncio's own loop even where uvloop is installed: measured with wrk at 128 connections
+            # opened back to back, uvloop left 1% of requests waiting over a second, for 3% more req/s.
+            loop="asyncio",
         )
     except OSError as exc:  # the port is taken, or the address is not ours
         print(f"local-inference-pool: cannot listen on {host}:{port}: {exc}", file=sys.stderr)

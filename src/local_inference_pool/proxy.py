@@ -199,7 +199,10 @@ async def refuse(send: Send, response: Response, record: RequestRecord, runtime:
     if record.outcome == "ok":
         record.outcome = _error_code(response)
     runtime.metrics.observe(record)
-    await response({"type": "http"}, _nothing_to_receive, send)
+    try:
+        await response({"type": "http"}, _nothing_to_receive, send)
+    except OSError:  # ASGI 2.4: the client left before its answer; nobody to tell
+        logger.debug("client left before the pool's %d answer", response.status_code)
 
 
 async def _nothing_to_receive() -> Message:

@@ -191,3 +191,17 @@ async def test_client_leaving_while_queued_takes_no_slot() -> None:
             group.cancel_scope.cancel()
         assert leases(app) == 0
     assert len(fleet.backends["a"].requests) == 1
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [FakeBackend(plain_size=2000), FakeBackend(models=("other",)), FakeBackend(chunks=3)],
+    ids=["plain answer", "pool's own error", "stream"],
+)
+async def test_a_client_gone_before_its_answer_under_asgi_2_4_is_not_an_error(backend: FakeBackend) -> None:
+    """Under ASGI 2.4 a send to a client that left raises OSError: every kind of answer absorbs it."""
+    async with running_app(Fleet(a=backend)) as app:
+        client = Client(spec="2.4", leave_at_once=True)
+        await call(app, client)  # nothing escapes
+        assert leases(app) == 0
+    assert client.messages == []

@@ -159,23 +159,18 @@ async def forward(
                 extensions={"timeout": runtime.timeouts},
             )
             response = await runtime.transport.handle_async_request(request)
-        except httpx.TimeoutException as exc:
-            lease.release()
-            if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-                failures.append(f"{lease.backend}: {describe_http_error(exc)}")
-                runtime.monitor.unreachable(lease.backend, describe_http_error(exc))
-                continue
-            error = openai_error(
-                504,
-                f"the backend {lease.backend} sent no response headers within {runtime.config.read_timeout}s",
-                "server_error",
-                "upstream_timeout",
-            )
-            await refuse(send, error, record, runtime)
-            return
         except httpx.HTTPError as exc:
-            # Nothing reached the client yet: take the backend out and try another.
             lease.release()
+            if isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout):  # reached, but too slow
+                error = openai_error(
+                    504,
+                    f"the backend {lease.backend} sent no response headers within {runtime.config.read_timeout}s",
+                    "server_error",
+                    "upstream_timeout",
+                )
+                await refuse(send, error, record, runtime)
+                return
+            # Not reached, and nothing went to the client yet: take the backend out and try another.
             failures.append(f"{lease.backend}: {describe_http_error(exc)}")
             runtime.monitor.unreachable(lease.backend, describe_http_error(exc))
             continue

@@ -86,7 +86,7 @@ def make_client(config: PoolConfig, transport: httpx.AsyncBaseTransport | None =
 def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = None) -> Starlette:
     """An OpenAI-compatible app for ``config``'s backends, to mount at ``/v1`` or serve alone.
 
-    ``transport`` builds the shared client's transport from its connection limits (default: aiohttp);
+    ``transport`` builds the shared client's transport from its connection limits (default: ``Http1Transport``);
     tests pass ``httpx.MockTransport``-returning factories.
     """
 

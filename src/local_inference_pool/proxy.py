@@ -322,8 +322,10 @@ async def _answer_whole(
             await response.aclose()
         lease.release()
         raise
-    await response.aclose()  # read to the end: closing only hands the connection back
-    lease.release()
+    try:
+        await response.aclose()  # read to the end: closing only hands the connection back
+    finally:
+        lease.release()
     whole = body[0] if len(body) == 1 else b"".join(body)
     record.first_byte = time.monotonic() - record.started
     usage = UsageSniffer(event_stream=False)

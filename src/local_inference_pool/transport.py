@@ -1,8 +1,10 @@
 """A lean HTTP/1.1 transport for the shared httpx client: keep-alive connections, httptools parsing.
 
-Why not httpx's own pool or aiohttp under it: a gateway spends most of its time in its HTTP client.
-Measured on this machine (bench/transport.py), client CPU per small request to a local backend:
-httpx 0.28 with httpx-aiohttp 472 µs, aiohttp alone 197 µs, this transport about 40 µs. It speaks
+Why not httpx's own pool or aiohttp under it: a gateway spends much of its time in its HTTP client.
+Client CPU per small request to a local backend, measured on this machine: httpx 0.28 over
+httpx-aiohttp 472 µs, aiohttp alone 197 µs, this transport 125 µs including building the
+``httpx.Request`` (a bare httptools protocol: 36 µs); through ``AsyncClient`` at concurrency 32,
+``bench/transport.py``: 275 µs here, 411 µs over httpx-aiohttp, 4,088 µs over httpx's own pool. It speaks
 only what local inference servers need: HTTP/1.1 (and 1.0 answers), ``http`` and ``https``,
 ``Content-Length``, chunked and read-until-close bodies, keep-alive.
 
@@ -16,7 +18,9 @@ What it does that matters for a proxy:
   Go's net/http does; nothing else is ever retried here;
 - errors are httpx's own: ``ConnectError`` (refused), ``ConnectTimeout``, ``ReadTimeout`` (no
   headers or no next chunk within the read timeout), ``RemoteProtocolError`` (disconnected before
-  the answer was whole, or an answer that is not HTTP), ``PoolTimeout``.
+  the answer was whole, or an answer that is not HTTP), ``PoolTimeout``. There is no separate write
+  timeout: a request is written to the socket's buffer at once, and a server that does not read it
+  does not answer it either, which the read timeout catches.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import httpx
 __all__ = ["Http1Transport"]
 
 HIGH_WATER: Final = 256 * 1024  # unread body bytes before the socket is paused
-LOW_WATER: Final = 64 * 1024
 DEFAULT_LIMITS: Final = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=4.0)
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
+import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,7 +45,7 @@ class Server:
 
 
 @asynccontextmanager
-async def server(handler: Handler) -> AsyncIterator[Server]:
+async def server(handler: Handler, *, tls: ssl.SSLContext | None = None) -> AsyncIterator[Server]:
     state = Server(url="")
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -71,8 +73,9 @@ async def server(handler: Handler) -> AsyncIterator[Server]:
         finally:
             writer.close()
 
-    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
-    state.url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls)
+    scheme = "https" if tls else "http"
+    state.url = f"{scheme}://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
     try:
         yield state
     finally:
@@ -162,6 +165,22 @@ async def test_a_body_is_streamed_as_it_arrives() -> None:
         assert [c async for c in chunks] == [b"second"]
         await response.aclose()
     await transport.aclose()
+
+
+async def test_https_checks_the_certificate() -> None:
+    authority = trustme.CA()
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_side)
+    trusting = ssl.create_default_context()
+    authority.configure_trust(trusting)
+    async with server(ok, tls=server_side) as srv:
+        transport = Http1Transport(ssl_context=trusting)
+        assert await read_all(await transport.handle_async_request(request(srv.url, b"tls"))) == b"echo:tls"
+        await transport.aclose()
+        untrusting = Http1Transport()  # the system's authorities: this one is not among them
+        with pytest.raises(httpx.ConnectError, match="certificate"):
+            await untrusting.handle_async_request(request(srv.url))
+        await untrusting.aclose()
 
 
 async def test_a_refused_connection_is_a_connect_error() -> None:

@@ -450,14 +450,17 @@ def plot(results: dict[str, dict[str, Any]]) -> None:
         print("matplotlib missing: no plot (pip install matplotlib)")
         return
     names = [n for n, r in results.items() if "c1" in r]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         xs = [x + i * width for x in range(3)]
         left.bar(xs, [results[name][f"c{c}"]["rps"] for c in (1, 32, 128)], width, label=name)
     left.set_xticks([x + width * (len(names) - 1) / 2 for x in range(3)], ["c=1", "c=32", "c=128"])
-    left.set_ylabel("requests/s (non-streaming)")
+    left.set_ylabel("requests/s, backend answering at once")
     left.legend()
+    paced = [n for n in names if "paced" in results[n]]
+    middle.bar(paced, [results[n]["paced"]["rps"] for n in paced])
+    middle.set_ylabel(f"requests/s at c=32, backend taking {PACED_MS:g} ms")
     right.bar(names, [results[n]["stream"]["chunks_per_s"] for n in names])
     right.set_ylabel("SSE chunks/s relayed (8 at a time, 256 tokens each)")
     fig.tight_layout()

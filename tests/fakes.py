@@ -27,6 +27,7 @@ class FakeBackend:
     chunk_delay: float = 0.0
     plain_size: int | None = None  # answer with this many bytes of JSON, streamed without a length
     closed: int = 0  # upstream streams closed (by us) before they ended
+    abandoned: int = 0  # requests the pool stopped waiting for before any answer (mode "hang")
     requests: list[httpx.Request] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
 
@@ -66,7 +67,10 @@ class Fleet:
         if backend.mode == "timeout":
             raise httpx.ReadTimeout("no headers", request=request)
         if backend.mode == "hang":
-            await anyio.sleep_forever()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                backend.abandoned += 1  # the pool gave up on the request: its connection would close
         if backend.mode == "status":
             return httpx.Response(backend.status, json=backend.body)
         if backend.mode == "broken_json":  # declares its length, then dies halfway through the body

@@ -64,6 +64,7 @@ class _Stats:
     deferred: int = 0
     requests: int = 0
     completed: int = 0
+    abandoned: int = 0  # non-streaming requests stopped because their client disconnected
     model_loads: int = 0
     seen_headers: list[dict[str, str]] = field(default_factory=list)
 
@@ -240,8 +241,23 @@ class SimulatedBackend:
             return StreamingResponse(
                 stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        async with self._slot(model):
+        left = False
+        async with self._slot(model), anyio.create_task_group() as group:
+
+            async def watch_disconnect() -> None:
+                # As llama-server: a client that closes its connection cancels its generation.
+                nonlocal left
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                left = True
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch_disconnect)
             await anyio.sleep(tokens / self.config.tokens_per_second)
+            group.cancel_scope.cancel()
+        if left:
+            self.stats.abandoned += 1
+            return Response(status_code=499)
         self.stats.completed += 1
         return JSONResponse(reply.whole())
 

@@ -154,6 +154,22 @@ async def test_client_leaving_while_queued_never_reaches_the_backend() -> None:
         assert f.sims[0].stats.requests == 1  # the queued one never reached the backend
 
 
+async def test_a_client_leaving_while_its_plain_answer_is_generated_stops_the_backend() -> None:
+    async with fleet(sim(slots=1, tokens_per_second=100)) as f:
+        async with anyio.create_task_group() as group:
+            group.start_soon(post, f.client, {**CHAT, "max_tokens": 2000})  # 20 s of generation
+            with anyio.fail_after(5):
+                while not f.sims[0].stats.running:
+                    await anyio.sleep(0.01)
+            group.cancel_scope.cancel()  # the client goes away before any answer
+        with anyio.fail_after(5):
+            while f.sims[0].stats.running:
+                await anyio.sleep(0.01)
+        await f.quiet()
+        assert f.sims[0].stats.abandoned == 1
+        assert f.sims[0].stats.completed == 0
+
+
 async def test_a_client_that_stops_reading_gives_its_slot_back() -> None:
     # Big chunks fill the sockets quickly; the backend would go on for 20 s.
     async with fleet(sim(chunk_padding=32_000, tokens_per_second=100), send_timeout=1.0) as f:

@@ -53,6 +53,23 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"choices": [{"message": {"content": 'the word "usage": {"prompt_tokens": 99}'}}], "usage": USAGE},
+        {"usage": USAGE, "choices": [{"message": {"content": "usage"}}]},  # a later "usage" is a value
+        {"usage": USAGE, "choices": [{"message": {"content": "x"}}], "timings": {"predicted_n": 1}},
+    ],
+    ids=["quoted in the content", "a value after the key", "key not last"],
+)
+def test_the_answers_own_usage_is_read_wherever_the_word_appears(answer: dict[str, object]) -> None:
+    for body in (json.dumps(answer).encode(), json.dumps(answer, separators=(",", ":")).encode()):
+        sniffer = UsageSniffer(event_stream=False)
+        sniffer.feed(body)
+        sniffer.finish()
+        assert sniffer.usage == USAGE
+
+
 @pytest.mark.anyio
 async def test_metrics_count_requests_outcomes_and_read_the_pool(caplog: pytest.LogCaptureFixture) -> None:
     fleet = Fleet(a=FakeBackend(slots=3))

@@ -13,8 +13,10 @@ The hot path of the gateway, in raw ASGI. What it guarantees:
   reaches the backend. An upstream failure after the headers went out ends an event stream with a
   final SSE ``data: {"error": ...}`` event (the status can no longer change) and cuts a JSON body
   off, so the client sees a broken response rather than a truncated one that parses;
-- a client that stops reading for ``send_timeout`` seconds is given up on (one check every half
-  timeout, not a timer per chunk).
+- a client that leaves ends the work done for it wherever it is: queued (its place is freed), while
+  the backend works on the answer, streamed or not (the upstream connection is closed, so the backend
+  stops), or mid-relay; a client that stops reading for ``send_timeout`` seconds is given up on (one
+  check every half timeout, not a timer per chunk).
 
 Requests go through the shared client's transport directly: a proxy must not keep one client's
 cookies for the next, follows no redirects and adds no auth, which is all ``AsyncClient.send`` adds,

@@ -373,14 +373,22 @@ async def _answer(
         if streamed or (length.isdigit() and int(length) > SMALL_ANSWER):
             relay = UpstreamRelay(response, lease, headers, chunks, runtime=runtime, record=record)
     except BaseException:
-        with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
-            await response.aclose()
-        lease.release()
+        await _give_up(response, lease)
         raise
     if relay is None:
         relay = await _answer_whole(watch, send, response, lease, headers, chunks, record, runtime)
     if relay is not None:
         await relay(watch, send)
+
+
+async def _give_up(response: httpx.Response, lease: Lease) -> None:
+    """Close the upstream answer unread (the backend sees its connection close) and free the slot;
+    the closing is shielded from cancellation and bounded, so the slot is freed whatever happens."""
+    try:
+        with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
+            await response.aclose()
+    finally:
+        lease.release()
 
 
 async def _answer_whole(
@@ -412,9 +420,7 @@ async def _answer_whole(
                     )
             read_all = True
     except httpx.HTTPError as exc:
-        with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
-            await response.aclose()
-        lease.release()
+        await _give_up(response, lease)
         runtime.monitor.failed(lease.backend, f"died mid-response: {describe_http_error(exc)}")
         error = openai_error(
             502,
@@ -426,9 +432,7 @@ async def _answer_whole(
         await refuse(send, error, record, runtime)
         return None
     except BaseException:
-        with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
-            await response.aclose()
-        lease.release()
+        await _give_up(response, lease)
         raise
     try:
         await response.aclose()  # read to the end: this only hands the connection back

@@ -87,13 +87,7 @@ class Runtime:
     metrics: PoolMetrics
 
     def __post_init__(self) -> None:
-        config = self.config
-        self.timeouts = {
-            "connect": config.connect_timeout,
-            "read": config.read_timeout,
-            "write": 60.0,
-            "pool": config.connect_timeout,
-        }
+        self.timeouts = self.client.timeout.as_dict()  # the client's, for requests sent past it
         self._urls: dict[str, httpx.URL] = {}
 
     def upstream_url(self, base: str, path: str) -> httpx.URL:
@@ -499,9 +493,10 @@ class UpstreamRelay:
 
     async def __call__(self, watch: ClientWatch, send: Send) -> None:
         timeout = self.runtime.config.send_timeout
-        loop = asyncio.get_running_loop()
-        watchdog = None if timeout is None else loop.create_task(self._watch_sending(watch, timeout))
+        watchdog: asyncio.Task[None] | None = None
         try:
+            if timeout is not None:
+                watchdog = asyncio.get_running_loop().create_task(self._watch_sending(watch, timeout))
             async with watch.until_gone():
                 await self._relay(send)
         finally:

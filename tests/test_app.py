@@ -11,6 +11,7 @@ import anyio
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from starlette.types import ASGIApp
 
 from local_inference_pool.app import create_pool_app
 
@@ -27,8 +28,17 @@ CHAT = {
 @asynccontextmanager
 async def client_for(fleet: Fleet, **pool: Any) -> AsyncIterator[httpx.AsyncClient]:
     app = create_pool_app(fleet.config(**pool), transport=fleet.transport)
+    async with client_of(app, **pool) as client:
+        yield client
+
+
+@asynccontextmanager
+async def client_of(
+    app: ASGIApp, *, raise_app_exceptions: bool = True, **pool: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a running ``app``, once its first backend is healthy."""
     async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=raise_app_exceptions)
         async with httpx.AsyncClient(transport=transport, base_url="http://pool") as client:
             with anyio.fail_after(5):  # the first probes run at start-up
                 while (await client.get("/pool/status", headers=_auth(pool))).json()["backends"][0][
@@ -347,16 +357,11 @@ async def test_an_unexpected_error_after_the_acquire_still_returns_the_slot() ->
         return httpx.MockTransport(handle)
 
     app = create_pool_app(fleet.config(), transport=broken_transport)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://pool") as client:
-            with anyio.fail_after(5):
-                while (await client.get("/pool/status")).json()["backends"][0]["health"] != "healthy":
-                    await anyio.sleep(0.01)
-            for _ in range(3):  # with one slot, a leak would make the second request hang
-                response = await client.post("/chat/completions", json=CHAT)
-                assert_openai_error(response, 500, "internal_error")
-            assert (await client.get("/pool/status")).json()["active_leases"] == 0
+    async with client_of(app, raise_app_exceptions=False) as client:
+        for _ in range(3):  # with one slot, a leak would make the second request hang
+            response = await client.post("/chat/completions", json=CHAT)
+            assert_openai_error(response, 500, "internal_error")
+        assert (await client.get("/pool/status")).json()["active_leases"] == 0
 
 
 async def test_backend_dying_midway_through_a_small_answer_is_a_clean_502() -> None:
@@ -373,20 +378,15 @@ async def test_backend_dying_midway_through_a_small_answer_is_a_clean_502() -> N
 async def test_a_failure_while_handing_the_lease_to_the_response_still_returns_it() -> None:
     fleet = Fleet(a=FakeBackend(slots=1))
     app = create_pool_app(fleet.config(), transport=fleet.transport)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://pool") as client:
-            with anyio.fail_after(5):
-                while (await client.get("/pool/status")).json()["backends"][0]["health"] != "healthy":
-                    await anyio.sleep(0.01)
+    async with client_of(app, raise_app_exceptions=False) as client:
 
-            def broken(name: str) -> None:
-                raise RuntimeError("a bookkeeping bug")
+        def broken(name: str) -> None:
+            raise RuntimeError("a bookkeeping bug")
 
-            app.state.runtime.monitor.succeeded = broken
-            for _ in range(2):  # with one slot, a leak would make the second request hang
-                assert_openai_error(await client.post("/chat/completions", json=CHAT), 500, "internal_error")
-            assert (await client.get("/pool/status")).json()["active_leases"] == 0
+        app.state.runtime.monitor.succeeded = broken
+        for _ in range(2):  # with one slot, a leak would make the second request hang
+            assert_openai_error(await client.post("/chat/completions", json=CHAT), 500, "internal_error")
+        assert (await client.get("/pool/status")).json()["active_leases"] == 0
 
 
 @pytest.mark.parametrize("size", [10_000, 3 * 1024 * 1024], ids=["small", "over-1MiB"])

@@ -271,13 +271,8 @@ async def _forward(
         except httpx.HTTPError as exc:
             lease.release()
             if isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout):  # reached, but too slow
-                error = openai_error(
-                    504,
-                    f"the backend {lease.backend} sent no response headers within {runtime.config.read_timeout}s",
-                    "server_error",
-                    "upstream_timeout",
-                )
-                await refuse(send, error, record, runtime)
+                message = f"the backend {lease.backend} sent no response headers within {runtime.config.read_timeout}s"
+                await _refuse_upstream(send, 504, message, "upstream_timeout", record, runtime)
                 return
             # Not reached, and nothing went to the client yet: take the backend out and try another.
             failures.append(f"{lease.backend}: {describe_http_error(exc)}")
@@ -292,13 +287,15 @@ async def _forward(
             return
         await _answer(watch, send, runtime, response, lease, record)
         return
-    error = openai_error(
-        502,
-        f"no backend for model {inbound.model!r} could be reached: {'; '.join(failures)}",
-        "server_error",
-        "upstream_unreachable",
-    )
-    await refuse(send, error, record, runtime)
+    message = f"no backend for model {inbound.model!r} could be reached: {'; '.join(failures)}"
+    await _refuse_upstream(send, 502, message, "upstream_unreachable", record, runtime)
+
+
+async def _refuse_upstream(
+    send: Send, status: int, message: str, code: str, record: RequestRecord, runtime: Runtime
+) -> None:
+    """The pool's answer when the backend could not give one (a ``server_error``)."""
+    await refuse(send, openai_error(status, message, "server_error", code), record, runtime)
 
 
 async def refuse(send: Send, response: Response, record: RequestRecord, runtime: Runtime) -> None:
@@ -415,15 +412,11 @@ async def _answer_whole(
             read_all = True
     except httpx.HTTPError as exc:
         await _give_up(response, lease)
-        runtime.monitor.failed(lease.backend, f"died mid-response: {describe_http_error(exc)}")
-        error = openai_error(
-            502,
-            f"the backend {lease.backend} failed during the response: {describe_http_error(exc)}",
-            "server_error",
-            "upstream_failed",
-        )
+        reason = describe_http_error(exc)
+        runtime.monitor.failed(lease.backend, f"died mid-response: {reason}")
         record.outcome = "failed_midway"
-        await refuse(send, error, record, runtime)
+        message = f"the backend {lease.backend} failed during the response: {reason}"
+        await _refuse_upstream(send, 502, message, "upstream_failed", record, runtime)
         return None
     except BaseException:
         await _give_up(response, lease)

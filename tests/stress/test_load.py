@@ -53,7 +53,9 @@ async def wait_for(url: str, client: httpx.AsyncClient) -> None:
 
 async def test_two_thousand_concurrent_clients_nothing_lost_nothing_leaked(tmp_path: Path) -> None:
     processes: list[Process] = []
-    http = httpx.AsyncClient(trust_env=False, timeout=10)
+    # A new connection per call: a kept-alive one idle past the servers' 5 s may be closed by them
+    # just as it is reused, which httpx's own pool reports as an error instead of retrying.
+    http = httpx.AsyncClient(trust_env=False, timeout=10, limits=httpx.Limits(max_keepalive_connections=0))
     try:
         backend_urls = []
         for _ in range(BACKENDS):

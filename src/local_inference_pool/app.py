@@ -39,7 +39,7 @@ from local_inference_pool.metrics import PoolMetrics, RequestRecord
 from local_inference_pool.pool import Pool
 from local_inference_pool.proxy import Runtime, forward, refuse
 from local_inference_pool.scheduler import Health
-from local_inference_pool.transport import Http1Transport
+from local_inference_pool.upstream import AiohttpTransport
 
 __all__ = [
     "PoolMiddleware",
@@ -73,27 +73,27 @@ def upstream_limits(config: PoolConfig) -> httpx.Limits:
 
 def make_client(config: PoolConfig, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     """The one client for all upstream traffic: long reads (a first token may take minutes while a
-    model loads), bounded connects, no proxy variables; over ``Http1Transport`` unless told otherwise."""
+    model loads), bounded connects, no proxy variables; over ``AiohttpTransport`` unless told otherwise."""
     limits = upstream_limits(config)
     timeout = httpx.Timeout(
         connect=config.connect_timeout, read=config.read_timeout, write=60.0, pool=config.connect_timeout
     )
     return httpx.AsyncClient(
-        transport=transport or Http1Transport(limits), timeout=timeout, limits=limits, trust_env=False
+        transport=transport or AiohttpTransport(limits), timeout=timeout, limits=limits, trust_env=False
     )
 
 
 def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = None) -> Starlette:
     """An OpenAI-compatible app for ``config``'s backends, to mount at ``/v1`` or serve alone.
 
-    ``transport`` builds the shared client's transport from its connection limits (default: ``Http1Transport``);
+    ``transport`` builds the shared client's transport from its connection limits (default: ``AiohttpTransport``);
     tests pass ``httpx.MockTransport``-returning factories.
     """
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool = Pool(config, initial_health=Health.LOADING)
-        upstream = (transport or Http1Transport)(upstream_limits(config))
+        upstream = (transport or AiohttpTransport)(upstream_limits(config))
         async with make_client(config, upstream) as client, anyio.create_task_group() as group:
             monitor = Monitor(pool, client, config)
             await group.start(monitor.run)

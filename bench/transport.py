@@ -50,10 +50,10 @@ def clients() -> dict[str, Callable[[], Any]]:
         )
     except ImportError:
         made["httpx2"] = lambda: None
-    from local_inference_pool.transport import Http1Transport
+    from local_inference_pool.upstream import AiohttpTransport as PoolTransport
 
-    made["httpx + Http1Transport (the pool's)"] = lambda: httpx.AsyncClient(
-        transport=Http1Transport(limits), trust_env=False
+    made["httpx + the pool's aiohttp transport"] = lambda: httpx.AsyncClient(
+        transport=PoolTransport(limits), trust_env=False
     )
     try:
         from httpx_aiohttp import AiohttpTransport

@@ -22,6 +22,7 @@ class Request:
 class Reply:
     status: int
     body: object = None
+    hang_up: bool = False  # read the request, then close the connection without an answer
 
 
 @dataclass
@@ -52,6 +53,8 @@ async def serve(handler: Handler) -> AsyncIterator[Loopback]:
             request = Request(method, path, headers)
             loopback.requests.append(request)
             reply = handler(request)
+            if reply.hang_up:
+                return
             body = b"" if reply.body is None else json.dumps(reply.body).encode()
             await stream.send(
                 f"HTTP/1.1 {reply.status} X\r\ncontent-type: application/json\r\n"

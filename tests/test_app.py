@@ -303,20 +303,37 @@ async def test_shutdown_fails_queued_requests_with_503() -> None:
     assert_openai_error(responses[0], 503, "pool_closed")
 
 
-async def test_backend_answering_500s_is_taken_out_by_its_circuit() -> None:
+@pytest.mark.parametrize("status", [502, 503, 504])
+async def test_backend_answering_gateway_errors_is_taken_out_by_its_circuit(status: int) -> None:
     fleet = Fleet(a=FakeBackend(), b=FakeBackend())
     async with client_for(fleet, circuit_failures=2) as client:
-        fleet.backends["a"].mode = "status"  # 500 from here on, while its probes stay good
+        fleet.backends["a"].mode, fleet.backends["a"].status = "status", status  # probes stay good
         served = []
         for _ in range(8):
             response = await client.post("/chat/completions", json=CHAT, headers={"x-session-id": "pin"})
             served.append((response.headers.get("x-backend"), response.status_code))
-        status = {b["name"]: b for b in (await client.get("/pool/status")).json()["backends"]}
-    failures_from_a = [s for s in served if s == ("a:8080", 500)]
+        state = {b["name"]: b for b in (await client.get("/pool/status")).json()["backends"]}
+    failures_from_a = [s for s in served if s == ("a:8080", status)]
     assert 1 <= len(failures_from_a) <= 2  # passed through to the client, then no more traffic there
     assert served[-3:] == [("b:8080", 200)] * 3
-    assert status["a:8080"]["circuit"] == "open"
-    assert status["a:8080"]["health"] == "unhealthy"
+    assert state["a:8080"]["circuit"] == "open"
+    assert state["a:8080"]["health"] == "unhealthy"
+
+
+async def test_a_client_whose_own_request_makes_a_backend_answer_500_opens_no_circuit() -> None:
+    fleet = Fleet(a=FakeBackend())
+    async with client_for(fleet, circuit_failures=2) as client:
+        fleet.backends["a"].mode = "status"  # as llama.cpp answers a body it cannot handle
+        poisoned = [
+            (await client.post("/chat/completions", json={**CHAT, "max_tokens": 1e300})).status_code
+            for _ in range(5)
+        ]
+        fleet.backends["a"].mode = "ok"
+        other = await client.post("/chat/completions", json=CHAT)
+        state = (await client.get("/pool/status")).json()["backends"][0]
+    assert poisoned == [500] * 5  # passed through to the client that sent it
+    assert other.status_code == 200  # and nobody else is locked out
+    assert state["circuit"] == "closed"
 
 
 async def test_dashboard_page_and_browser_auth() -> None:

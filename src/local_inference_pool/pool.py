@@ -263,15 +263,25 @@ class Pool:
     async def _acquire(
         self, *, model: str, priority: int, session: str | None, timeout: float | None, pin: str | None
     ) -> Lease:
-        ticket = self._submit(model=model, priority=priority, session=session, timeout=timeout, pin=pin)
-        if ticket.state is not TicketState.WAITING:
-            return self._take(ticket)
-        return await self._wait(ticket)
+        ticket = self.submit(model, priority=priority, session=session, timeout=timeout, pin=pin)
+        lease = self.granted(ticket)
+        return lease if lease is not None else await self.wait(ticket)
 
-    def _submit(
-        self, *, model: str, priority: int, session: str | None, timeout: float | None, pin: str | None
+    def submit(
+        self,
+        model: str,
+        *,
+        priority: int = 0,
+        session: str | None = None,
+        timeout: float | None = _DEFAULT,
+        pin: str | None = None,
     ) -> Ticket:
-        """Queue a request (it may be granted at once); raises when it can never be served now."""
+        """Queue a request without waiting: it may come back granted (``granted``), else ``wait`` for it.
+
+        ``pin`` names the one backend that may serve it (ahead of that backend's queue). Raises when
+        it can never be served now. A waiting ticket is always waited for: ``wait`` withdraws it on
+        any exit, so a ticket that is abandoned unwaited holds its place until its deadline.
+        """
         self._bind_loop()
         if self._closed:
             raise PoolClosedError("the pool is closed")
@@ -283,7 +293,7 @@ class Pool:
             model, priority=priority, affinity_key=session, timeout=timeout, pin=pin
         )
 
-    async def _wait(self, ticket: Ticket) -> Lease:
+    async def wait(self, ticket: Ticket) -> Lease:
         """Wait for a queued ticket's grant. Whatever ends the wait, no slot is left behind."""
         scheduler = self._scheduler
         event = anyio.Event()
@@ -304,6 +314,27 @@ class Pool:
             if not taken:
                 # Cancelled, timed out or failed: withdraw, and pass on a grant we never took.
                 scheduler.cancel(ticket)
+
+    def granted(self, ticket: Ticket) -> Lease | None:
+        """The lease of a ticket granted at submission, None while it waits; raises if it failed."""
+        return None if ticket.state is TicketState.WAITING else self._take(ticket)
+
+    def another_backend(self, model: str, avoid: Iterable[str]) -> str | None:
+        """The best healthy backend for ``model`` other than ``avoid``: where a retry may be pinned."""
+        excluded = set(avoid)
+        others = [
+            b
+            for b in self._scheduler.backends.values()
+            if b.name not in excluded
+            and b.health is Health.HEALTHY
+            and b.models is not None
+            and model in b.models
+        ]
+        if not others:
+            return None
+        return min(
+            others, key=lambda b: (not b.can_take(model), b.needs_load(model), b.load_ratio, b.index)
+        ).name
 
     def _take(self, ticket: Ticket) -> Lease:
         if ticket.state is TicketState.FAILED and ticket.error is not None:

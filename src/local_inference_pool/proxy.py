@@ -45,8 +45,7 @@ from local_inference_pool.errors import NoCapacityError, PoolError, error_respon
 from local_inference_pool.health import Monitor
 from local_inference_pool.inbound import Inbound
 from local_inference_pool.metrics import PoolMetrics, RequestRecord, UsageSniffer
-from local_inference_pool.pool import _DEFAULT, Lease, Pool, describe_http_error
-from local_inference_pool.scheduler import TicketState
+from local_inference_pool.pool import Lease, Pool, describe_http_error
 
 __all__ = ["HOP_BY_HOP", "Runtime", "UpstreamRelay", "forward", "refuse"]
 
@@ -69,6 +68,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 CLOSE_UPSTREAM_SECONDS = 2.0
+GATEWAY_STATUSES = frozenset({502, 503, 504})  # the backend's own trouble, whatever the request
 MAX_ATTEMPTS = 3  # the first backend and up to two others after a connection failure
 SMALL_ANSWER = 1 << 20
 _URL_CACHE_SIZE = 1024
@@ -240,11 +240,24 @@ async def _forward(
     inbound: Inbound,
     record: RequestRecord,
 ) -> None:
+    """Every failure before an answer is classified (the table in the README and ``upstream.py``):
+
+    - not connected (refused, DNS, connect timeout): the backend is out until a probe finds it, and
+      the request goes to another, up to ``MAX_ATTEMPTS`` backends in all;
+    - written, no answer (reset, EOF before headers, not HTTP): counts toward that backend's circuit,
+      and the request is sent once more, pinned to another backend; after a second such failure it
+      is answered 502 and sent to no third backend, so a request that breaks backends cannot walk
+      the fleet;
+    - read timeout before headers: 504, counts for nothing (one long prefill is not a fault);
+    - the pool's own connection limit: 503, never the backend's fault.
+    """
     failures: list[str] = []
+    no_answer: list[str] = []  # backends that took the request and gave no answer
+    pin: str | None = None
     for _attempt in range(MAX_ATTEMPTS):
         record.retries = len(failures)
         try:
-            lease = await _acquire_unless_gone(watch, runtime.pool, inbound)
+            lease = await _acquire_unless_gone(watch, runtime.pool, inbound, pin)
         except NoCapacityError as exc:
             if failures:
                 break  # the backends that refused were the last ones: report them, not "no capacity"
@@ -270,13 +283,31 @@ async def _forward(
                 response = await runtime.transport.handle_async_request(request)
         except httpx.HTTPError as exc:
             lease.release()
+            reason = describe_http_error(exc)
             if isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout):  # reached, but too slow
                 message = f"the backend {lease.backend} sent no response headers within {runtime.config.read_timeout}s"
                 await _refuse_upstream(send, 504, message, "upstream_timeout", record, runtime)
                 return
-            # Not reached, and nothing went to the client yet: take the backend out and try another.
-            failures.append(f"{lease.backend}: {describe_http_error(exc)}")
-            runtime.monitor.unreachable(lease.backend, describe_http_error(exc))
+            if isinstance(exc, httpx.PoolTimeout):  # the pool's own limit, not the backend's fault
+                message = "the pool has no free upstream connection; retry shortly"
+                await refuse(
+                    send,
+                    openai_error(503, message, "service_unavailable", "upstream_busy", retry_after=1),
+                    record,
+                    runtime,
+                )
+                return
+            failures.append(f"{lease.backend}: {reason}")
+            if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.UnsupportedProtocol):
+                runtime.monitor.unreachable(lease.backend, reason)  # never reached: try another
+                pin = None
+                continue
+            # Written, and no answer: maybe the backend's fault, maybe the request's.
+            runtime.monitor.failed(lease.backend, f"no answer: {reason}")
+            no_answer.append(lease.backend)
+            pin = runtime.pool.another_backend(inbound.model, no_answer) if len(no_answer) < 2 else None
+            if pin is None:
+                break
             continue
         except BaseException:
             lease.release()
@@ -286,6 +317,10 @@ async def _forward(
             _client_gone(record, runtime)
             return
         await _answer(watch, send, runtime, response, lease, record)
+        return
+    if no_answer:
+        message = f"no backend answered the request for model {inbound.model!r}: {'; '.join(failures)}"
+        await _refuse_upstream(send, 502, message, "upstream_no_answer", record, runtime)
         return
     message = f"no backend for model {inbound.model!r} could be reached: {'; '.join(failures)}"
     await _refuse_upstream(send, 502, message, "upstream_unreachable", record, runtime)
@@ -321,15 +356,16 @@ def _error_code(response: Response) -> str:
         return f"status_{response.status_code}"
 
 
-async def _acquire_unless_gone(watch: ClientWatch, pool: Pool, inbound: Inbound) -> Lease | None:
+async def _acquire_unless_gone(
+    watch: ClientWatch, pool: Pool, inbound: Inbound, pin: str | None
+) -> Lease | None:
     """A slot for the request, or None if the client leaves while it queues (freeing its place)."""
-    ticket = pool._submit(
-        model=inbound.model, priority=inbound.priority, session=inbound.session, timeout=_DEFAULT, pin=None
-    )
-    if ticket.state is not TicketState.WAITING:
-        return pool._take(ticket)  # the common case: a slot was free, nothing to wait for
+    ticket = pool.submit(inbound.model, priority=inbound.priority, session=inbound.session, pin=pin)
+    lease = pool.granted(ticket)
+    if lease is not None:
+        return lease  # the common case: a slot was free, nothing to wait for
     async with watch.until_gone():
-        return await pool._wait(ticket)  # cancelled, it passes on any grant that raced the cancel
+        return await pool.wait(ticket)  # cancelled, it passes on any grant that raced the cancel
     return None  # the client left
 
 
@@ -352,10 +388,13 @@ async def _answer(
         ]
         if lease.affinity is not None:
             extra.append((b"x-session-affinity", lease.affinity.value.encode()))
-        if response.status_code >= 500:
+        if response.status_code in GATEWAY_STATUSES:
             runtime.monitor.failed(backend, f"answered {response.status_code}")
-        else:
+        elif response.status_code < 500:
             runtime.monitor.succeeded(backend)
+        # Any other 5xx is an answer, often to the request's own fault (llama.cpp answers 500 to a
+        # body it cannot handle): it passes through and counts neither way, or one client could open
+        # a backend's circuit for everyone. A backend that is broken for all fails its probes.
         relay: UpstreamRelay | None = None
         headers = client_headers(response, extra)
         chunks = _raw(response)

@@ -119,7 +119,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             headers=response.raw_headers,
             stream=_Body(response, request),
             request=request,
-            extensions={"http_version": f"HTTP/{response.version.major}.{response.version.minor}".encode()},
+            extensions={"http_version": _version(response.version)},
         )
 
     async def aclose(self) -> None:
@@ -180,6 +180,10 @@ def _mapped(request: httpx.Request, state: SimpleNamespace | None) -> Iterator[N
         raise httpx.RemoteProtocolError(f"the connection failed: {_reason(exc)}", request=request) from exc
     except aiohttp.InvalidURL as exc:
         raise httpx.UnsupportedProtocol(f"not a URL the pool can reach: {exc}", request=request) from exc
+
+
+def _version(version: aiohttp.HttpVersion | None) -> bytes:
+    return b"HTTP/1.1" if version is None else f"HTTP/{version.major}.{version.minor}".encode()
 
 
 def _reason(exc: BaseException) -> str:

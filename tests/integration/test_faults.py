@@ -20,6 +20,8 @@ from local_inference_pool import BackendConfig, PoolConfig, create_standalone_ap
 from local_inference_pool.serving import Served, running, serving
 from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
 
+from .. import loopback
+
 pytestmark = pytest.mark.anyio
 
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -123,14 +125,16 @@ async def test_backend_hanging_before_headers_is_504_at_the_deadline() -> None:
         await f.quiet()
 
 
-@pytest.mark.parametrize("status", [500, 503])
-async def test_backend_errors_pass_through_and_count_against_it(status: int) -> None:
+@pytest.mark.parametrize(("status", "counted"), [(500, 0), (503, 1)])
+async def test_backend_errors_pass_through_and_gateway_ones_count_against_it(
+    status: int, counted: int
+) -> None:
     async with fleet(sim()) as f:
         f.sims[0].faults.status = status
         response = await f.client.post("/chat/completions", json=CHAT)
         assert response.status_code == status
         assert response.json()["error"]["message"] == f"simulated failure {status}"
-        assert (await f.backend("sim0"))["consecutive_failures"] == 1
+        assert (await f.backend("sim0"))["consecutive_failures"] == counted
         await f.quiet()
 
 
@@ -211,4 +215,41 @@ async def test_a_backend_that_comes_back_serves_the_requests_waiting_for_it() ->
         response = await f.client.post("/chat/completions", json=CHAT)
         assert response.status_code == 200
         assert anyio.current_time() - started >= 0.3  # it waited for the load, then flowed
+        await f.quiet()
+
+
+async def test_a_request_that_breaks_backends_is_sent_twice_at_most_and_takes_no_one_down() -> None:
+    poison = {"model": "m", "messages": [{"role": "user", "content": "poison"}]}
+
+    def backend(request: loopback.Request) -> loopback.Reply:
+        if request.path == "/v1/models":
+            return loopback.Reply(200, {"object": "list", "data": [{"id": "m"}]})
+        if request.headers.get("x-request-id", "").startswith("poison"):
+            return loopback.Reply(0, hang_up=True)  # read it, then died without an answer
+        return loopback.Reply(200, {"object": "chat.completion", "choices": []})
+
+    async with AsyncExitStack() as stack:
+        backends = [await stack.enter_async_context(loopback.serve(backend)) for _ in range(3)]
+        config = PoolConfig(
+            backends=tuple(
+                BackendConfig(url=b.url, name=f"b{i}", kind="openai", slots=2) for i, b in enumerate(backends)
+            ),
+            health_interval=0.2,
+            public_status=True,
+            circuit_failures=3,
+        )
+        base = await stack.enter_async_context(running(create_standalone_app(config)))
+        client = await stack.enter_async_context(httpx.AsyncClient(base_url=f"{base}/v1", trust_env=False))
+        f = Fleet(client, [], [])
+        with anyio.fail_after(5):
+            while any(b["health"] != "healthy" for b in (await f.status())["backends"]):
+                await anyio.sleep(0.02)
+        response = await client.post("/chat/completions", json=poison, headers={"x-request-id": "poison-1"})
+        sent = [sum(r.path == "/v1/chat/completions" for r in b.requests) for b in backends]
+        after = await client.post("/chat/completions", json=poison | {"messages": []})
+        assert response.status_code == 502
+        assert response.json()["error"]["code"] == "upstream_no_answer"
+        assert sorted(sent) == [0, 1, 1]  # once on one backend, once more on another, never a third
+        assert after.status_code == 200  # the next request is not locked out of the fleet
+        assert all(b["health"] == "healthy" for b in (await f.status())["backends"])
         await f.quiet()

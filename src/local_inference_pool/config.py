@@ -44,7 +44,16 @@ def normalize_url(url: str, *, where: str = "url") -> str:
     cleaned = url.strip().rstrip("/")
     if cleaned.endswith("/v1"):
         cleaned = cleaned[: -len("/v1")].rstrip("/")
-    parts = urlsplit(cleaned)
+    try:
+        parts = urlsplit(cleaned)
+        userinfo = "@" in parts.netloc
+    except ValueError:
+        raise ConfigError(f"{where}: not a URL like 'http://host:port'") from None
+    if userinfo:  # said without the URL: it holds a password, which must not reach a log
+        raise ConfigError(
+            f"{where}: a backend URL must not carry a user name or password (status pages and logs "
+            "show backend URLs); put the backend's key in api_key instead"
+        )
     if parts.scheme not in ("http", "https"):
         raise ConfigError(f"{where}: {url!r} is not allowed; the scheme must be http or https")
     if not parts.hostname:
@@ -100,6 +109,10 @@ class PoolConfig:
     circuit_failures: int = 3
     circuit_cooldown: float = 10.0
     send_timeout: float = 60.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_header_size: int = 32 * 1024
+    max_headers: int = 100
 
     def __post_init__(self) -> None:
         _validate_fields(self, POOL_KEYS, "pool")
@@ -265,6 +278,10 @@ POOL_KEYS: dict[str, Parser] = {
     "circuit_failures": _int_at_least(1),
     "circuit_cooldown": _number(positive=True),
     "send_timeout": _number(positive=True),
+    "header_timeout": _number(positive=True),
+    "body_timeout": _number(positive=True),
+    "max_header_size": _int_at_least(1024),
+    "max_headers": _int_at_least(8),
 }
 
 BACKEND_KEYS: dict[str, Parser] = {

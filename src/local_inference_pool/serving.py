@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator, Generator
 from contextlib import asynccontextmanager, contextmanager
@@ -41,8 +42,10 @@ async def serving(
     port: int = 0,
     log_level: str = "warning",
     lifespan: Literal["auto", "on", "off"] = "auto",
+    http: type[asyncio.Protocol] | str = "auto",
 ) -> AsyncIterator[Served]:
-    """Serve ``app`` until the block ends (or ``stop()``). ``port=0`` picks a free port.
+    """Serve ``app`` until the block ends (or ``stop()``). ``port=0`` picks a free port; ``http`` is
+    uvicorn's protocol (``server_limits.bounded_protocol(config)`` for ``serve``'s head limits).
 
     The socket is bound before uvicorn starts, so the port is known and cannot be taken meanwhile.
     """
@@ -50,7 +53,9 @@ async def serving(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=log_level, lifespan=lifespan, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, log_level=log_level, lifespan=lifespan, timeout_graceful_shutdown=5, http=http
+    )
     server = _InProcessServer(config)
     served = Served(f"http://{host}:{bound_port}", server, anyio.Event())
 

@@ -132,7 +132,7 @@ def live() -> Iterator[Live]:
 
 def assert_clean(answer: Answer) -> None:
     assert answer.status != 500, answer.body
-    assert answer.status in {200, 400, 401, 404, 405, 413, 429, 502, 503, 504}, answer.status
+    assert answer.status in {200, 400, 401, 404, 405, 408, 413, 429, 502, 503, 504}, answer.status
     if answer.status >= 400:
         error = json.loads(answer.body)["error"]
         assert set(error) == {"message", "type", "param", "code"}
@@ -229,3 +229,60 @@ def test_no_backend_key_in_any_log_line_at_info(live: Live, caplog: pytest.LogCa
     text = "\n".join(record.getMessage() for record in caplog.records)
     assert "local_inference_pool.access" in {r.name for r in caplog.records}
     assert "key-a" not in text
+
+
+JSON = [(b"content-type", b"application/json")]
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b'{"model": "m", "x": ' + b"[" * 70 + b"]" * 70 + b"}", "too_deep"),
+        (b'{"model": "m", "x": ' + b"[" * 1900 + b"]" * 1900 + b"}", "too_deep"),
+        (b'{"model": "m", "x": ' + b'{"a":' * 600 + b"1" + b"}" * 600 + b"}", "too_deep"),
+        (b'{"model": "m", "model": "other"}', "duplicate_key"),
+    ],
+    ids=["deeper-than-64", "1900-deep", "600-deep-objects", "two-model-keys"],
+)
+def test_bodies_too_deep_or_with_a_key_twice_are_400(
+    live: Live, body: bytes, code: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    answer = live.call("POST", b"/chat/completions", JSON, [body])
+    assert_clean(answer)
+    assert (answer.status, json.loads(answer.body)["error"]["code"]) == (400, code)
+    assert not any(record.levelno >= logging.ERROR for record in caplog.records)
+
+
+def test_a_body_nested_within_the_bound_and_keys_repeated_inside_are_forwarded(live: Live) -> None:
+    body = b'{"model": "m", "x": ' + b"[" * 60 + b"]" * 60 + b', "messages": [{"a": 1}, {"a": 2}]}'
+    assert live.call("POST", b"/chat/completions", JSON, [body]).status == 200
+
+
+@pytest.mark.parametrize("value", [b"101", b"-101", b"9" * 5000, b"1.5", b""])
+def test_x_priority_out_of_range_is_400_with_a_short_message(live: Live, value: bytes) -> None:
+    answer = live.call("POST", b"/chat/completions", [*JSON, (b"x-priority", value)], [b'{"model": "m"}'])
+    error = json.loads(answer.body)["error"]
+    assert (answer.status, error["code"]) == (400, "invalid_priority")
+    assert len(error["message"]) < 120
+
+
+def test_priorities_at_the_ends_of_the_range_are_served(live: Live) -> None:
+    for value in (b"-100", b"100", b"0"):
+        answer = live.call("POST", b"/chat/completions", [*JSON, (b"x-priority", value)], [b'{"model": "m"}'])
+        assert answer.status == 200
+
+
+@pytest.mark.parametrize("path", [b"/chat/completions", b"/models", b"/pool/status"])
+def test_two_authorization_headers_are_refused_on_every_route(live: Live, path: bytes) -> None:
+    headers = [*JSON, (b"authorization", b"Bearer a"), (b"authorization", b"Bearer b")]
+    answer = live.call("POST" if path == b"/chat/completions" else "GET", path, headers, [b'{"model": "m"}'])
+    assert_clean(answer)
+    assert (answer.status, json.loads(answer.body)["error"]["code"]) == (400, "duplicate_authorization")
+
+
+def test_a_trailing_slash_is_a_404_naming_the_path_not_a_redirect(live: Live) -> None:
+    answer = live.call("GET", b"/pool/status/", [(b"host", b"evil.example")], [b""])
+    assert answer.status == 404
+    assert "location" not in answer.headers
+    assert "/pool/status/" in json.loads(answer.body)["error"]["message"]
+    assert b"evil.example" not in answer.body

@@ -7,7 +7,7 @@ import logging
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -132,3 +132,38 @@ async def test_two_apps_in_one_process_do_not_share_metrics() -> None:
             text_one = (await c1.get("/pool/metrics")).text
     assert "model_not_found" in text_one
     assert "model_not_found" not in text_two
+
+
+USAGE_EVENT = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}'
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=400), unique=True, max_size=10))
+def test_usage_is_read_from_an_event_stream_in_any_framing_split_anywhere(
+    newline: bytes, cuts: list[int]
+) -> None:
+    blank = newline * 2
+    stream = (
+        b'data: {"choices":[{"delta":{"content":"hi"}}]}'
+        + blank
+        + USAGE_EVENT
+        + blank
+        + b"data: [DONE]"
+        + blank
+    )
+    sniffer = UsageSniffer(event_stream=True)
+    edges = [0, *sorted(c for c in cuts if c < len(stream)), len(stream)]
+    for start, end in itertools.pairwise(edges):
+        sniffer.feed(stream[start:end])
+    sniffer.finish()
+    assert sniffer.usage == {"prompt_tokens": 3, "completion_tokens": 5}
+
+
+def test_an_event_too_long_to_keep_is_skipped_and_the_next_one_still_read() -> None:
+    sniffer = UsageSniffer(event_stream=True)
+    sniffer.feed(b'data: {"usage": "')
+    for _ in range(64):  # a 64 MiB event with no blank line: never held whole
+        sniffer.feed(b"x" * (1 << 20))
+    sniffer.feed(b'"}\r\n\r\n' + USAGE_EVENT + b"\r\n\r\n")
+    assert sniffer.usage == {"prompt_tokens": 3, "completion_tokens": 5}

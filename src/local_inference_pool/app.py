@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 from local_inference_pool.config import PoolConfig
 from local_inference_pool.errors import PoolError, error_response, openai_error
 from local_inference_pool.health import Monitor
-from local_inference_pool.inbound import ClientGone, authorized, read_inbound, request_id
+from local_inference_pool.inbound import ClientGone, authorization, authorized, read_inbound, request_id
 from local_inference_pool.metrics import PoolMetrics, RequestRecord
 from local_inference_pool.pool import Pool
 from local_inference_pool.proxy import Runtime, forward, refuse
@@ -123,6 +123,10 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
             "not_found",
         )
 
+    async def refused(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, PoolError)
+        return error_response(exc)
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
         return openai_error(500, f"internal error: {type(exc).__name__}", "server_error", "internal_error")
@@ -140,8 +144,9 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
             Route("/pool/dashboard", _dashboard, methods=["GET"]),
         ],
         lifespan=lifespan,
-        exception_handlers={HTTPException: not_found, Exception: unexpected},
+        exception_handlers={HTTPException: not_found, PoolError: refused, Exception: unexpected},
     )
+    app.router.redirect_slashes = False  # a redirect would name the client's Host header back to it
     app.state.runtime = None
     app.state.config = config
     return app
@@ -198,10 +203,10 @@ class PoolMiddleware:
             return
         path = scope.get("path", "")
         if scope["type"] in ("http", "websocket") and (path == self.path or path.startswith(self.path + "/")):
+            # ASGI's convention, as Starlette's Mount keeps it: ``path`` stays whole, ``root_path``
+            # says where the app is mounted, so answers name the path the client sent.
             child = dict(scope)
             child["root_path"] = scope.get("root_path", "") + self.path
-            child["path"] = path[len(self.path) :] or "/"
-            child["raw_path"] = child["path"].encode()
             await self.pool_app(child, receive, send)
             return
         await self.app(scope, receive, send)
@@ -227,7 +232,7 @@ def _runtime(request: Request) -> Runtime | Response:
 
 
 def _authorized(request: Request, config: PoolConfig, *, browser: bool = False) -> bool:
-    return authorized(request.headers.get("authorization", ""), config, browser=browser)
+    return authorized(authorization(request.scope["headers"]), config, browser=browser)
 
 
 def _unauthorized(*, browser: bool = False) -> JSONResponse:
@@ -256,7 +261,7 @@ class CompletionEndpoint:
         headers = dict(scope["headers"])
         record = RequestRecord(request_id=request_id(headers), model="-")
         try:
-            if not authorized(headers.get(b"authorization", b"").decode("latin-1"), runtime.config):
+            if not authorized(authorization(scope["headers"]), runtime.config):
                 await refuse(send, _unauthorized(), record, runtime)
                 return
             inbound = await read_inbound(receive, headers, runtime.config)

@@ -12,18 +12,32 @@ import hmac
 import json
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
+import anyio
 from starlette.types import Receive
 
 from local_inference_pool.config import PoolConfig
 from local_inference_pool.errors import InvalidRequestError
 
-__all__ = ["ClientGone", "Inbound", "authorized", "read_inbound", "request_id", "session_key"]
+__all__ = [
+    "MAX_DEPTH",
+    "PRIORITY_RANGE",
+    "ClientGone",
+    "Inbound",
+    "authorization",
+    "authorized",
+    "parse_body",
+    "read_inbound",
+    "request_id",
+    "session_key",
+]
 
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MAX_DEPTH: Final = 64  # nesting of arrays and objects in a request body
+PRIORITY_RANGE: Final = range(-100, 101)
 
 
 class ClientGone(Exception):
@@ -42,6 +56,18 @@ def request_id(headers: Mapping[bytes, bytes]) -> str:
     """The client's x-request-id when it is a plain token (it is sent on to the backend), else a new one."""
     given = headers.get(b"x-request-id", b"").decode("latin-1")
     return given if _SAFE_REQUEST_ID.fullmatch(given) else secrets.token_hex(16)
+
+
+def authorization(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The one ``Authorization`` header ('' when none). Two are refused on every route: servers
+    disagree on which of them counts, and the pool must never check one while a backend reads another."""
+    found = [value for name, value in headers if name == b"authorization"]
+    if len(found) > 1:
+        raise InvalidRequestError(
+            "the request has more than one Authorization header; send exactly one",
+            code="duplicate_authorization",
+        )
+    return found[0].decode("latin-1") if found else ""
 
 
 def authorized(authorization: str, config: PoolConfig, *, browser: bool = False) -> bool:
@@ -65,25 +91,86 @@ def authorized(authorization: str, config: PoolConfig, *, browser: bool = False)
 
 
 async def read_inbound(receive: Receive, headers: Mapping[bytes, bytes], config: PoolConfig) -> Inbound:
-    """The checked request, or ``InvalidRequestError`` saying what is wrong, or ``ClientGone``."""
-    body = await _read_body(receive, headers, config.max_body_size)
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequestError("the request body is not valid JSON", code="invalid_json") from None
-    if not isinstance(payload, dict):
-        raise InvalidRequestError("the request body must be a JSON object", code="invalid_body")
+    """The checked request, or ``InvalidRequestError`` saying what is wrong, or ``ClientGone``.
+
+    The body must arrive within ``config.body_timeout`` seconds (else 408), in any host server.
+    """
+    body: bytes | None = None
+    with anyio.move_on_after(config.body_timeout):
+        body = await _read_body(receive, headers, config.max_body_size)
+    if body is None:
+        raise InvalidRequestError(
+            f"the request body did not arrive within {config.body_timeout:g}s",
+            status=408,
+            code="body_timeout",
+        )
+    payload = parse_body(body)
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("'model' is required and must be a non-empty string", code="invalid_model")
-    priority_header = headers.get(b"x-priority", b"0").decode("latin-1")
+    return Inbound(body, model, _priority(headers), session_key(headers, payload))
+
+
+def _priority(headers: Mapping[bytes, bytes]) -> int:
+    given = headers.get(b"x-priority", b"0").decode("latin-1")
     try:
-        priority = int(priority_header)
+        priority = int(given) if len(given) <= 8 else None
     except ValueError:
+        priority = None
+    if priority is None or priority not in PRIORITY_RANGE:
+        shown = given if len(given) <= 16 else given[:16] + "..."
         raise InvalidRequestError(
-            f"x-priority must be an integer, not {priority_header!r}", code="invalid_priority"
-        ) from None
-    return Inbound(body, model, priority, session_key(headers, payload))
+            f"x-priority must be an integer from {PRIORITY_RANGE.start} to {PRIORITY_RANGE.stop - 1}, not {shown!r}",
+            code="invalid_priority",
+        )
+    return priority
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """A JSON object, at most ``MAX_DEPTH`` deep, with no key twice at its top level (a backend
+    may read the first of two ``model`` keys where the pool would route on the last)."""
+    top: list[list[tuple[str, Any]]] = [[]]
+
+    def keep_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        top[0] = pairs  # the outermost object is decoded last
+        return dict(pairs)
+
+    try:
+        payload = json.loads(body, object_pairs_hook=keep_pairs)
+    except RecursionError:
+        payload = None  # far deeper than MAX_DEPTH
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequestError("the request body is not valid JSON", code="invalid_json") from None
+    if payload is None or (body.count(b"[") + body.count(b"{") > MAX_DEPTH and _depth(payload) > MAX_DEPTH):
+        raise InvalidRequestError(
+            f"the request body is nested more than {MAX_DEPTH} levels deep", code="too_deep"
+        )
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("the request body must be a JSON object", code="invalid_body")
+    if len(top[0]) != len(payload):
+        seen: set[str] = set()
+        for key, _ in top[0]:
+            if key in seen:
+                raise InvalidRequestError(
+                    f"the request body has the key {key[:64]!r} more than once", code="duplicate_key"
+                )
+            seen.add(key)
+    return payload
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest, without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:
+                stack.extend(
+                    (child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)
+                )
+    return deepest
 
 
 async def _read_body(receive: Receive, headers: Mapping[bytes, bytes], limit: int) -> bytes:

@@ -31,6 +31,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 HEALTH_STATES = ("healthy", "loading", "unhealthy")
 MAX_SNIFFED_BODY = 1 << 20  # a JSON answer larger than this is relayed, but its usage is not read
+MAX_SNIFFED_EVENT = 1 << 20  # an event longer than this is relayed, but not read for usage
 
 
 @dataclass
@@ -64,35 +65,57 @@ def _count(value: object) -> int | None:
 class UsageSniffer:
     """Reads ``usage`` from the bytes passing through, without holding back or copying a stream.
 
-    For event streams it keeps only the unfinished tail of the current event, and parses only events
-    that mention ``"usage"`` (the final usage chunk); for JSON it keeps the body up to 1 MiB.
+    For event streams it keeps only the unfinished tail of the current event (at most
+    ``MAX_SNIFFED_EVENT`` bytes: a longer event is skipped, not buffered), and parses only events that
+    mention ``"usage"`` (the final usage chunk). Events end at a blank line in any of SSE's line
+    endings (LF, CRLF, CR): line endings are folded to LF as bytes arrive, a CR that ends one chunk
+    and an LF that starts the next counting once. Each byte is scanned once. For JSON it keeps the
+    body up to ``MAX_SNIFFED_BODY``.
     """
 
     def __init__(self, event_stream: bool) -> None:
         self.event_stream = event_stream
         self.usage: dict[str, Any] | None = None
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer already searched for an event's end
+        self._after_cr = False
+        self._skipping = False  # inside an event too long to keep
 
     def feed(self, chunk: bytes) -> None:
         if not self.event_stream:
             if len(self._buffer) + len(chunk) <= MAX_SNIFFED_BODY:
                 self._buffer += chunk
             return
-        self._buffer += chunk
-        *events, self._buffer = self._buffer.split(b"\n\n")
-        for event in events:
-            if b'"usage"' in event:
-                self._read(event.partition(b"data:")[2])
+        if self._after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        if not chunk:
+            return
+        self._after_cr = chunk.endswith(b"\r")
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buffer = self._buffer
+        buffer += chunk
+        while (end := buffer.find(b"\n\n", max(0, self._scanned - 1))) >= 0:
+            if not self._skipping and b'"usage"' in buffer[:end]:
+                self._read(bytes(buffer[:end]).partition(b"data:")[2])
+            self._skipping = False
+            del buffer[: end + 2]
+            self._scanned = 0
+        self._scanned = len(buffer)
+        if len(buffer) > MAX_SNIFFED_EVENT:
+            self._skipping = True
+            del buffer[:-1]  # the last byte may start the blank line that ends the event
+            self._scanned = 1
 
     def finish(self) -> None:
         if not self.event_stream:
-            self._read(self._buffer)
-        self._buffer = b""
+            self._read(bytes(self._buffer))
+        self._buffer.clear()
 
     def _read(self, payload: bytes) -> None:
         try:
             body = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         usage = body.get("usage") if isinstance(body, dict) else None
         if isinstance(usage, dict):

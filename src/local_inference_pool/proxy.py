@@ -118,9 +118,14 @@ def upstream_headers(lease: Lease, request_id: str) -> list[tuple[bytes, bytes]]
 
 
 def client_headers(upstream: httpx.Response, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The backend's headers a client may see (no hop-by-hop, no length), then the pool's own."""
+    """The backend's headers a client may see, then the pool's own: no hop-by-hop ones (RFC 9110
+    §7.6.1: the fixed set and any named in ``Connection``), no length (the pool frames the answer)."""
     headers = [(name.lower(), value) for name, value in upstream.headers.raw]
-    return [h for h in headers if h[0] not in HOP_BY_HOP] + extra
+    dropped: frozenset[bytes] | set[bytes] = HOP_BY_HOP
+    for name, value in headers:
+        if name == b"connection":
+            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
+    return [h for h in headers if h[0] not in dropped] + extra
 
 
 class ClientWatch:

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from starlette.types import ASGIApp, Message, Receive, Scope, Send

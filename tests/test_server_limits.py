@@ -6,6 +6,7 @@ import logging
 
 import anyio
 import pytest
+from starlette.types import Receive, Scope, Send
 
 from local_inference_pool.config import PoolConfig
 from local_inference_pool.server_limits import ClientLeftFilter, bounded_protocol
@@ -16,10 +17,10 @@ pytestmark = pytest.mark.anyio
 CONFIG = PoolConfig(header_timeout=0.3, max_header_size=4096, max_headers=20)
 
 
-async def app(scope: dict[str, object], receive: object, send: object) -> None:
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
     assert scope["type"] == "http"
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})  # type: ignore[operator]
-    await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
 
 
 async def exchange(url: str, data: bytes) -> bytes:

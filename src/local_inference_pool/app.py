@@ -32,12 +32,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 
 from local_inference_pool.config import PoolConfig
-from local_inference_pool.errors import PoolError, error_response, openai_error
+from local_inference_pool.errors import PoolError
 from local_inference_pool.health import Monitor
 from local_inference_pool.inbound import ClientGone, authorization, authorized, read_inbound, request_id
 from local_inference_pool.metrics import PoolMetrics, RequestRecord
 from local_inference_pool.pool import Pool
 from local_inference_pool.proxy import Runtime, forward, refuse
+from local_inference_pool.replies import error_response, openai_error
 from local_inference_pool.scheduler import Health
 from local_inference_pool.upstream import AiohttpTransport
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlette.responses import JSONResponse
-
 
 class PoolError(Exception):
     status: int = 500
@@ -113,18 +111,3 @@ class WrongEventLoopError(PoolError, RuntimeError):
     status = 500
     error_type = "server_error"
     code = "wrong_event_loop"
-
-
-def openai_error(
-    status: int, message: str, error_type: str, code: str | None, *, retry_after: float | None = None
-) -> JSONResponse:
-    """An answer in OpenAI's error shape, with ``retry-after`` when a retry may help."""
-    headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after is not None else None
-    body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def error_response(error: PoolError) -> JSONResponse:
-    return openai_error(
-        error.status, error.message, error.error_type, error.code, retry_after=error.retry_after
-    )

@@ -170,6 +170,24 @@ async def test_submit_fans_out_and_waits_for_a_release(pool: ServerPool) -> None
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("steps", [0, 1])
+async def test_a_submit_cancelled_before_its_caller_has_the_url_holds_no_slot(
+    pool: ServerPool, steps: int
+) -> None:
+    dispatcher = ConcurrentDispatcher(pool)
+    task = asyncio.create_task(dispatcher.submit("modelA"))
+    for _ in range(steps):  # v0.7's own tests: schedule, let it run a step, cancel
+        await asyncio.sleep(0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+    assert pool.servers[S0].active_requests == 0
+    assert pool.pool.scheduler.grants == {}
+    assert await dispatcher.submit("modelA") == S0  # the slot is free for the next caller
+
+
+@pytest.mark.anyio
 async def test_fail_fast_messages_carry_server_errors() -> None:
     empty = ServerPool([S0, S1])
     empty.servers[S0].last_refresh_error = "HTTP 401"

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, SupportsIndex
 
 import anyio
+import anyio.lowlevel
 import httpx
 
 from local_inference_pool.backends.openai import list_models
@@ -370,6 +371,14 @@ class ConcurrentDispatcher:
             raise
         finally:
             self.pending.discard(task)
+        try:
+            # v0.7 callers cancel a submit right after scheduling it and rely on it giving nothing
+            # back: until the caller resumes with the URL, a cancellation releases the slot.
+            await anyio.lowlevel.checkpoint()
+        except BaseException:
+            lease.release()
+            task.future.cancel()
+            raise
         url = self.pool._hold(lease)
         task.future.set_result(url)
         return url

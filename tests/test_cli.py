@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,59 @@ def test_demo_runs_and_stops_by_itself() -> None:
     assert done.returncode == 0, done.stderr
     assert "/v1/pool/" in done.stdout
     assert "/v1/pool/metrics" in done.stdout
-    assert "stopped: 24 requests" in done.stdout
-    assert "0 leases held" in done.stdout
+    assert "demo stopped: 24 requests done, 0 still running" in done.stdout
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["ctrl-c", "ctrl-c-twice"])
+def test_demo_stops_quietly_on_ctrl_c_to_its_process_group(signals: int) -> None:
+    """Under a pseudo-terminal, as a user runs it: SIGINT to the whole group, as a terminal sends."""
+    import pty
+    import select
+    import signal
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "local_inference_pool.cli", "demo", "--port", "0", "--requests", "400"],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        start_new_session=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    os.close(terminal)
+    output = b""
+
+    def read_until(text: bytes, seconds: float) -> None:
+        nonlocal output
+        deadline = time.monotonic() + seconds
+        while text not in output and time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], max(0.0, deadline - time.monotonic()))
+            if ready:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # the process closed the terminal
+                    return
+                if not chunk:
+                    return
+                output += chunk
+
+    try:
+        read_until(b"requests", 60)  # the workload is running
+        for _ in range(signals):
+            os.killpg(process.pid, signal.SIGINT)
+            read_until(b"SIGINT", 10)
+        read_until(b"\x00never", 30)  # everything until the terminal closes
+        assert process.wait(timeout=30) in ((0,) if signals == 1 else (0, 130))
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(controller)
+    text = output.decode(errors="replace")
+    assert "Traceback" not in text, text
+    assert "SIGINT: stopping" in text
+    if signals == 1:
+        assert "demo stopped by SIGINT:" in text
+        assert "still running" in text
 
 
 def test_simulate_rejects_bad_numbers(capsys: pytest.CaptureFixture[str]) -> None:

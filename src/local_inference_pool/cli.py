@@ -264,12 +264,19 @@ def demo(args: argparse.Namespace) -> int:
     _configure_logging("warning")
     console = Console()
     status = anyio.run(
-        lambda: run_demo(port=args.port, duration=args.duration, requests=args.requests, console=console)
+        lambda: run_demo(
+            port=args.port,
+            duration=args.duration,
+            requests=args.requests,
+            console=console,
+            stop_on_signals=True,
+        )
     )
     traffic = status["traffic"]
+    by = f" by {status['stopped_by']}" if status["stopped_by"] else ""
     console.print(
-        f"stopped: {traffic['requests']} requests, {traffic['completion_tokens']} tokens, "
-        f"{sum(b['model_loads'] for b in status['backends'])} model loads, {status['active_leases']} leases held"
+        f"demo stopped{by}: {traffic['requests']} requests done, {status['active_leases']} still running, "
+        f"{traffic['completion_tokens']} tokens, {sum(b['model_loads'] for b in status['backends'])} model loads"
     )
     return 0
 

@@ -5,7 +5,9 @@ Everything runs in this process on 127.0.0.1: no GPU, no model, no network.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from typing import Any
 
 import anyio
 import httpx
+from anyio.abc import TaskStatus
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -56,8 +59,55 @@ async def run_demo(
     console: Console,
     fleet: Sequence[DemoBackend] = FLEET,
     seed: int = 7,
+    stop_on_signals: bool = False,
 ) -> dict[str, Any]:
-    """Serve the demo; returns the pool's final status. Stops after ``duration`` s (None: Ctrl-C)."""
+    """Serve the demo; returns the pool's final status. Stops after ``duration`` s (None: Ctrl-C).
+
+    With ``stop_on_signals`` (the CLI, in the main thread), SIGINT or SIGTERM ends the workload and
+    the servers stop gracefully; a second one during that stops the process at once. The status then
+    has ``stopped_by``: the signal's name.
+    """
+    workload = anyio.CancelScope()
+    stopped_by: list[str] = []
+    async with anyio.create_task_group() as guard:
+        if stop_on_signals:
+            await guard.start(_stop_on_signals, workload, stopped_by, console)
+        try:
+            status = await _serve(port, duration, requests, console, fleet, seed, workload)
+        finally:
+            guard.cancel_scope.cancel()
+    status["stopped_by"] = stopped_by[0] if stopped_by else None
+    return status
+
+
+async def _stop_on_signals(
+    workload: anyio.CancelScope,
+    stopped_by: list[str],
+    console: Console,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for number in signals:
+            name = signal.Signals(number).name
+            if stopped_by:
+                console.print(f"{name} again: stopped at once")
+                os._exit(130)  # the user asked twice: no more waiting for anything
+            stopped_by.append(name)
+            console.print(f"{name}: stopping (press Ctrl-C again to stop at once)")
+            workload.cancel()
+
+
+async def _serve(
+    port: int,
+    duration: float | None,
+    requests: int,
+    console: Console,
+    fleet: Sequence[DemoBackend],
+    seed: int,
+    workload: anyio.CancelScope,
+) -> dict[str, Any]:
     async with AsyncExitStack() as stack:
         urls = [await stack.enter_async_context(running(SimulatedBackend(b.simulator))) for b in fleet]
         config = PoolConfig(
@@ -78,7 +128,7 @@ async def run_demo(
             console.print(
                 f"  backend {b.name}: {url}  slots {b.simulator.slots}  models {models}", style="dim"
             )
-        with anyio.move_on_after(duration if duration is not None else float("inf")):
+        with workload, anyio.move_on_after(duration if duration is not None else float("inf")):
             await _wait_until_healthy(http)
             await _drive(http, requests, console, random.Random(seed))
             console.print("workload done; still serving: open the dashboard, or press Ctrl-C to stop")

@@ -56,9 +56,23 @@ def model_file() -> str:
     return str(gemma.assemble())
 
 
+def died(url: str, code: int, log: Path) -> str:
+    """Why a server exited: its signal by name (the launcher reports a child's signal N as 256 - N,
+    so SIGILL, an instruction this CPU lacks, shows as 252), and the end of its log."""
+    number = (
+        -code if code < 0 else 256 - code if 256 - code in signal.valid_signals() and code > 128 else None
+    )
+    how = f"exited with {code}"
+    if number is not None:
+        how += f" ({signal.Signals(number).name}: {signal.strsignal(number)})"
+    tail = log.read_text(errors="replace").splitlines()[-20:] if log.exists() else ["(no log)"]
+    return f"llama-server at {url} {how}; the last lines of its log:\n" + "\n".join(tail)
+
+
 @pytest.fixture(scope="module")
-def llama_servers() -> Iterator[list[str]]:
+def llama_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     binary, model = server_binary(), model_file()
+    logs = tmp_path_factory.mktemp("llama-logs")
     processes: list[subprocess.Popen[bytes]] = []
     urls = []
     try:
@@ -83,17 +97,19 @@ def llama_servers() -> Iterator[list[str]]:
                 "1",
             ]
             # Its own process group: the launcher starts llama-server as a child, and both must go.
-            processes.append(
-                subprocess.Popen(
-                    command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            log = logs / f"llama-server-{port}.log"
+            with log.open("wb") as sink:
+                processes.append(
+                    subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
                 )
-            )
             urls.append(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + 120
         for url, process in zip(urls, processes, strict=True):
             while True:
                 if process.poll() is not None:
-                    pytest.fail(f"llama-server at {url} exited with {process.returncode}")
+                    pytest.fail(
+                        died(url, process.returncode, logs / f"llama-server-{url.rsplit(':', 1)[1]}.log")
+                    )
                 try:
                     if httpx.get(f"{url}/health", timeout=1, trust_env=False).status_code == 200:
                         break
@@ -291,3 +307,12 @@ async def test_affinity_keeps_conversations_on_their_prompt_cache(
         print(f"\nprompt-cache hit ratio on later turns: affinity on {with_affinity:.0%}, off {without:.0%}")
     assert with_affinity > without
     assert with_affinity >= 0.7
+
+
+def test_a_dead_server_is_diagnosed_by_signal_and_log(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    log.write_text("load_tensors: loading\nggml_cpu: AMX kernels\n")
+    text = died("http://127.0.0.1:1", 252, log)
+    assert "SIGILL" in text
+    assert "AMX kernels" in text
+    assert "SIGKILL" in died("http://127.0.0.1:1", -9, tmp_path / "absent.log")

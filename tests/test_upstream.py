@@ -348,15 +348,17 @@ async def test_an_oversized_answer_head_is_refused(head: bytes) -> None:
     await upstream.aclose()
 
 
-async def test_a_post_whose_connection_dies_after_it_was_written_is_not_sent_again() -> None:
-    async def closes_idle_ones(exchange: Exchange) -> bool:
-        if exchange.nth_on_connection == 2:
-            return False  # read the request, then hang up without an answer
-        await ok(exchange)
-        return True
+async def hangs_up_on_the_second(exchange: Exchange) -> bool:
+    """Answers a connection's first request; reads its second, then hangs up without an answer."""
+    if exchange.nth_on_connection == 2:
+        return False
+    await ok(exchange)
+    return True
 
+
+async def test_a_post_whose_connection_dies_after_it_was_written_is_not_sent_again() -> None:
     upstream = transport()
-    async with server(closes_idle_ones) as srv:
+    async with server(hangs_up_on_the_second) as srv:
         assert await read_all(await upstream.handle_async_request(request(srv.url, b"1"))) == b"echo:1"
         with pytest.raises(httpx.RemoteProtocolError, match="disconnected"):
             await upstream.handle_async_request(request(srv.url, b"2"))
@@ -365,14 +367,8 @@ async def test_a_post_whose_connection_dies_after_it_was_written_is_not_sent_aga
 
 
 async def test_a_get_on_a_connection_the_server_closed_is_retried() -> None:
-    async def closes_idle_ones(exchange: Exchange) -> bool:
-        if exchange.nth_on_connection == 2:
-            return False
-        await ok(exchange)
-        return True
-
     upstream = transport()
-    async with server(closes_idle_ones) as srv:
+    async with server(hangs_up_on_the_second) as srv:
         await read_all(await upstream.handle_async_request(request(srv.url, b"", method="GET")))
         response = await upstream.handle_async_request(request(srv.url, b"", method="GET"))
         assert response.status_code == 200  # idempotent: sent again on a new connection

@@ -52,6 +52,29 @@ async def test_an_oversized_request_head_is_431_and_closed(head: bytes) -> None:
     assert answer.startswith(b"HTTP/1.1 431 ")
 
 
+async def echo_length(scope: Scope, receive: Receive, send: Send) -> None:
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = str(size).encode()
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def test_a_large_body_sent_with_its_head_in_one_write_is_not_mistaken_for_a_large_head() -> None:
+    body = b"x" * 200_000
+    head = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+    async with serving(echo_length, http=bounded_protocol(CONFIG)) as served:
+        answer = await exchange(served.url, head + body)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(b"200000")
+
+
 async def test_an_unfinished_head_is_408_after_the_header_timeout() -> None:
     async with serving(app, http=bounded_protocol(CONFIG)) as served:
         answer = await exchange(served.url, b"GET / HTTP/1.1\r\nhost: x\r\n")

@@ -49,6 +49,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         self._head_fields = 0
+        self._head_size = 0  # the current head, measured field by field
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -60,18 +61,23 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        # An unfinished head is counted in raw bytes, before the feed and judged after it (a chunk
+        # may finish the head and carry a large body too); what httptools holds of it stays under
+        # the limit plus one read. A finished head is measured exactly, field by field.
         if self._in_head:
             self._head_bytes += len(data)
-            if self._head_bytes > self.max_header_size:
-                self._refuse(431, f"the request head is larger than {self.max_header_size} bytes")
-                return
+        self._feed(data)
+        if self._in_head and self._head_bytes > self.max_header_size:
+            self._refuse(431, f"the request head is larger than {self.max_header_size} bytes")
+
+    def _feed(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             if not isinstance(exc.__context__, _HeadTooLarge):
                 raise
-            self._refuse(431, f"the request has more than {self.max_headers} header fields")
+            self._refuse(431, str(exc.__context__))
         except httptools.HttpParserError:
             message = "Invalid HTTP request received."
             self.logger.warning(message)
@@ -85,14 +91,25 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_fields = 0
+        self._head_size = 0
         if self._head_timer is None:
             self._arm_head_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._grow_head(len(url))
+        super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_fields += 1
         if self._head_fields > self.max_headers:
-            raise _HeadTooLarge
+            raise _HeadTooLarge(f"the request has more than {self.max_headers} header fields")
+        self._grow_head(len(name) + len(value) + 4)  # with ": " and the line's end
         super().on_header(name, value)
+
+    def _grow_head(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > self.max_header_size:
+            raise _HeadTooLarge(f"the request head is larger than {self.max_header_size} bytes")
 
     def on_headers_complete(self) -> None:
         self._in_head = False

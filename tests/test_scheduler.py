@@ -437,3 +437,17 @@ def test_pinned_ticket_to_an_unhealthy_backend_fails_at_once(clock: Clock) -> No
     s.add_backend("a", "http://a", slots=1, models=["m"], health=Health.UNHEALTHY)
     with pytest.raises(NoCapacityError, match="'a' is unhealthy"):
         s.submit("m", pin="a")
+
+
+def test_a_retry_goes_to_another_healthy_backend_that_may_take_the_model_now(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("failed", "http://f", slots=2, models=["m"], resident=["m"])
+    s.add_backend("busy-with-other", "http://b", slots=2, models=["m", "x"], resident=["x"])
+    s.add_backend("down", "http://d", slots=2, models=["m"], health=Health.UNHEALTHY)
+    s.add_backend("cold", "http://c", slots=2, models=["m"])
+    s.add_backend("unrelated", "http://u", slots=2, models=["x"])
+    s.submit("x", pin="busy-with-other")  # model x in flight there: the drain guard keeps m away
+    assert s.alternative("m", ["failed"]) == "cold"
+    assert s.alternative("m", ["failed", "cold"]) == "busy-with-other"  # it may take m once drained
+    assert s.alternative("m", ["failed", "cold", "busy-with-other"]) is None  # never down, never x-only
+    assert s.alternative("nope", []) is None

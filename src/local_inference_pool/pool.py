@@ -321,20 +321,7 @@ class Pool:
 
     def another_backend(self, model: str, avoid: Iterable[str]) -> str | None:
         """The best healthy backend for ``model`` other than ``avoid``: where a retry may be pinned."""
-        excluded = set(avoid)
-        others = [
-            b
-            for b in self._scheduler.backends.values()
-            if b.name not in excluded
-            and b.health is Health.HEALTHY
-            and b.models is not None
-            and model in b.models
-        ]
-        if not others:
-            return None
-        return min(
-            others, key=lambda b: (not b.can_take(model), b.needs_load(model), b.load_ratio, b.index)
-        ).name
+        return self._scheduler.alternative(model, avoid)
 
     def _take(self, ticket: Ticket) -> Lease:
         if ticket.state is TicketState.FAILED and ticket.error is not None:

@@ -355,6 +355,19 @@ class Scheduler:
             self._serve_starving()
         return grant
 
+    def alternative(self, model: str, avoid: Iterable[str]) -> str | None:
+        """The backend to pin a retry to: healthy, serving ``model``, not in ``avoid``; one that can
+        take the model now (drain guard) first, then one that has it loaded, then the least loaded."""
+        excluded = set(avoid)
+        others = [
+            b for b in self._serving.get(model, ()) if b.name not in excluded and b.health is Health.HEALTHY
+        ]
+        if not others:
+            return None
+        return min(
+            others, key=lambda b: (not b.can_take(model), b.needs_load(model), b.load_ratio, b.index)
+        ).name
+
     def cancel(self, ticket: Ticket) -> None:
         """Withdraw a ticket. A grant its waiter never took is released and passed on."""
         if ticket.state is TicketState.WAITING:

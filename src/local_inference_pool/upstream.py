@@ -169,13 +169,17 @@ def _mapped(request: httpx.Request, state: SimpleNamespace | None) -> Iterator[N
     except aiohttp.SocketTimeoutError as exc:
         raise httpx.ReadTimeout("the server sent nothing within the read timeout", request=request) from exc
     except aiohttp.ClientConnectorError as exc:
-        raise httpx.ConnectError(f"cannot connect to {exc.host}:{exc.port}: {exc.strerror or exc}") from exc
+        raise httpx.ConnectError(
+            f"cannot connect to {exc.host}:{exc.port}: {exc.strerror or exc}", request=request
+        ) from exc
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionResetError) as exc:
         raise httpx.ReadError(f"the answer broke off: {_reason(exc)}", request=request) from exc
     except aiohttp.ServerDisconnectedError as exc:
         raise httpx.RemoteProtocolError("the server disconnected without an answer", request=request) from exc
     except aiohttp.ClientResponseError as exc:
-        raise httpx.RemoteProtocolError(f"the server's answer is not valid HTTP: {exc.message}") from exc
+        raise httpx.RemoteProtocolError(
+            f"the server's answer is not valid HTTP: {exc.message}", request=request
+        ) from exc
     except aiohttp.ClientOSError as exc:
         raise httpx.RemoteProtocolError(f"the connection failed: {_reason(exc)}", request=request) from exc
     except aiohttp.InvalidURL as exc:

@@ -37,10 +37,10 @@ import anyio
 import anyio.lowlevel
 import httpx
 
-from local_inference_pool.backends.openai import list_models
+from local_inference_pool.backends.openai import describe_http_error, list_models
 from local_inference_pool.config import BACKEND_KINDS, BackendConfig, BackendKind, PoolConfig, normalize_url
 from local_inference_pool.errors import ModelNotFoundError, NoCapacityError, QueueTimeoutError
-from local_inference_pool.pool import Lease, Pool, describe_http_error
+from local_inference_pool.pool import Lease, Pool
 from local_inference_pool.scheduler import Backend, Health
 
 __all__ = [

@@ -28,9 +28,10 @@ import httpx
 from anyio.abc import TaskStatus
 
 from local_inference_pool.backends import DetectedKind, Snapshot, detect, probe
+from local_inference_pool.backends.openai import describe_http_error
 from local_inference_pool.circuit import Circuit, CircuitState
 from local_inference_pool.config import BackendConfig, PoolConfig
-from local_inference_pool.pool import Pool, describe_http_error
+from local_inference_pool.pool import Pool
 from local_inference_pool.scheduler import Health
 
 __all__ = ["Monitor", "probe_once"]

@@ -20,20 +20,27 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Generator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
-import httpx
 
-from local_inference_pool.backends.openai import auth_headers, list_models
+from local_inference_pool.backends.openai import (
+    REQUEST_ERRORS,
+    client_or,
+    describe_http_error,
+    list_models,
+    warm,
+)
 from local_inference_pool.config import BackendConfig, PoolConfig
 from local_inference_pool.errors import PoolClosedError, WrongEventLoopError
 from local_inference_pool.scheduler import Affinity, Grant, Health, Scheduler, Ticket, TicketState
 
 if TYPE_CHECKING:
+    import httpx
+
     from local_inference_pool.compat import ServerPool
 
 __all__ = ["Lease", "Pool", "ServerPool"]
@@ -226,14 +233,14 @@ class Pool:
         async def probe(http: httpx.AsyncClient, backend: BackendConfig) -> None:
             try:
                 models = await list_models(http, backend.url, backend.api_key)
-            except (httpx.HTTPError, ValueError) as exc:
+            except REQUEST_ERRORS as exc:
                 errors[backend.name] = describe_http_error(exc)
                 return
             errors[backend.name] = None
             if backend.name in self._backend_configs:
                 self.update_backend(backend.name, models=models)
 
-        async with _client_or(client, self.config) as http, anyio.create_task_group() as group:
+        async with self._client(client) as http, anyio.create_task_group() as group:
             for backend in list(self._backend_configs.values()):
                 if backend.models is None:
                     group.start_soon(probe, http, backend)
@@ -422,13 +429,8 @@ class Pool:
                 results[name] = str(exc)
                 return
             try:
-                response = await http.post(
-                    f"{lease.url}/v1/chat/completions",
-                    json={"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1},
-                    headers=auth_headers(lease.api_key),
-                )
-                response.raise_for_status()
-            except httpx.HTTPError as exc:
+                await warm(http, lease.url, lease.api_key, model, prompt)
+            except REQUEST_ERRORS as exc:
                 results[name] = describe_http_error(exc)
             else:
                 results[name] = None
@@ -436,10 +438,15 @@ class Pool:
             finally:
                 lease.release()
 
-        async with _client_or(client, self.config) as http, anyio.create_task_group() as group:
+        async with self._client(client) as http, anyio.create_task_group() as group:
             for backend in serving[:backends]:
                 group.start_soon(warm_one, http, backend.name)
         return results
+
+    def _client(self, client: httpx.AsyncClient | None) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+        return client_or(
+            client, connect_timeout=self.config.connect_timeout, read_timeout=self.config.read_timeout
+        )
 
     def serves(self, model: str) -> bool:
         """Whether any backend lists ``model`` now (healthy or not)."""
@@ -478,26 +485,6 @@ class Pool:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
-
-
-def describe_http_error(exc: BaseException) -> str:
-    """A short text for a failed request, in the v0.7 style: ``HTTP 401`` or the error itself."""
-    if isinstance(exc, httpx.HTTPStatusError):
-        return f"HTTP {exc.response.status_code}"
-    return str(exc) or type(exc).__name__
-
-
-@asynccontextmanager
-async def _client_or(
-    client: httpx.AsyncClient | None, config: PoolConfig
-) -> AsyncIterator[httpx.AsyncClient]:
-    """The caller's client, or a short-lived one that ignores proxy environment variables."""
-    if client is not None:
-        yield client
-        return
-    timeout = httpx.Timeout(config.read_timeout, connect=config.connect_timeout)
-    async with httpx.AsyncClient(trust_env=False, timeout=timeout) as owned:
-        yield owned
 
 
 def __getattr__(name: str) -> Any:

@@ -40,12 +40,13 @@ import httpx
 from starlette.responses import Response
 from starlette.types import Message, Receive, Send
 
+from local_inference_pool.backends.openai import describe_http_error
 from local_inference_pool.config import PoolConfig
 from local_inference_pool.errors import NoCapacityError, PoolError
 from local_inference_pool.health import Monitor
 from local_inference_pool.inbound import Inbound
 from local_inference_pool.metrics import PoolMetrics, RequestRecord, UsageSniffer
-from local_inference_pool.pool import Lease, Pool, describe_http_error
+from local_inference_pool.pool import Lease, Pool
 from local_inference_pool.replies import error_response, openai_error
 
 __all__ = ["HOP_BY_HOP", "Runtime", "UpstreamRelay", "forward", "refuse"]

@@ -147,7 +147,15 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
+nested = st.tuples(st.integers(0, 1200), st.sampled_from([(b"[", b"]"), (b'{"k":', b"}")])).map(
+    lambda spec: b'{"model": "m", "x": ' + spec[1][0] * spec[0] + b"1" + spec[1][1] * spec[0] + b"}"
+)
+repeated_keys = st.lists(
+    st.sampled_from(["model", "stream", "messages", "user"]), min_size=1, max_size=6
+).map(lambda keys: ("{" + ", ".join(f'"{k}": "m"' for k in keys) + "}").encode())
 bodies = st.one_of(
+    nested,
+    repeated_keys,
     st.binary(max_size=600),
     json_values.map(lambda v: json.dumps(v).encode()),
     st.fixed_dictionaries(

@@ -542,7 +542,7 @@ class UpstreamRelay:
             if watchdog is not None:
                 watchdog.cancel()
             if self._too_slow:
-                logger.warning(
+                logger.info(
                     "client stopped reading the response from %s for %ss: gave up",
                     self.lease.backend,
                     self.runtime.config.send_timeout,

@@ -179,3 +179,13 @@ def test_readme_documents_every_key() -> None:
         assert re.search(rf"`{key}`", reference), f"README's configuration reference lacks `{key}`"
         if key in POOL_KEYS:
             assert f"LIP_{key.upper()}" in reference, f"README lacks the variable LIP_{key.upper()}"
+
+
+@pytest.mark.parametrize("url", ["http://admin:hunter2@gpu1:8080", "http://hunter2@gpu1:8080/v1"])
+def test_a_backend_url_with_a_password_is_refused_without_showing_it(url: str) -> None:
+    with pytest.raises(ConfigError, match="must not carry a user name or password") as refused:
+        BackendConfig(url=url)
+    assert "hunter2" not in str(refused.value)
+    with pytest.raises(ConfigError) as from_env:
+        load_config(environ={"LIP_BACKENDS": url})
+    assert "hunter2" not in str(from_env.value)

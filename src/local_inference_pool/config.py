@@ -37,6 +37,15 @@ BACKEND_KINDS: tuple[BackendKind, ...] = ("auto", "llamacpp", "lmstudio", "ollam
 ENV_PREFIX = "LIP_"
 
 
+def without_userinfo(url: object) -> object:
+    """``url`` as it may be shown: any ``user:password@`` taken out (other values as they are)."""
+    if isinstance(url, str) and "@" in url:
+        scheme, sep, rest = url.partition("://")
+        authority, slash, path = rest.partition("/")
+        return scheme + sep + authority.rpartition("@")[2] + slash + path
+    return url
+
+
 def normalize_url(url: str, *, where: str = "url") -> str:
     """Strip whitespace, trailing slashes and one trailing ``/v1``: both spellings mean one server."""
     if not isinstance(url, str):
@@ -81,7 +90,8 @@ class BackendConfig:
     api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        _validate_fields(self, BACKEND_KEYS, f"backend {self.name or self.url!r}", skip_empty={"name"})
+        shown = self.name or without_userinfo(self.url)
+        _validate_fields(self, BACKEND_KEYS, f"backend {shown!r}", skip_empty={"name"})
         url = self.url
         if not self.name:
             parts = urlsplit(url)

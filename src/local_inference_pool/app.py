@@ -153,7 +153,7 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
     return app
 
 
-def create_standalone_app(config: PoolConfig, *, transport: TransportFactory | None = None) -> ASGIApp:
+def create_standalone_app(config: PoolConfig, *, transport: TransportFactory | None = None) -> PoolMiddleware:
     """What ``local-inference-pool serve`` runs: the pool at ``/v1``, its lifespan run, nothing else.
 
     A thin path dispatch rather than a Starlette ``Mount``: a second Starlette app would wrap every

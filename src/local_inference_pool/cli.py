@@ -5,20 +5,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
+from anyio.abc import TaskStatus
 from rich.console import Console
 from rich.table import Table
 
 from local_inference_pool.config import PoolConfig, load_config
 from local_inference_pool.errors import ConfigError
 from local_inference_pool.scheduler import Health
+
+if TYPE_CHECKING:
+    import uvicorn
 
 REDACTED = "***"
 CONFIG_HELP = "TOML config file (default: $LIP_CONFIG; LIP_* variables apply on top)"
@@ -206,29 +212,81 @@ def serve(path: str | None, host: str, port: int, log_level: str) -> int:
     import uvicorn
 
     from local_inference_pool.app import create_standalone_app
-    from local_inference_pool.server_limits import ClientLeftFilter, bounded_protocol
+    from local_inference_pool.server_limits import (
+        CancelledAtShutdownFilter,
+        ClientLeftFilter,
+        bounded_protocol,
+    )
+    from local_inference_pool.serving import InProcessServer
 
     config = load_config(path)
     if not config.backends:
         raise ConfigError("no backends: add [[backends]] to the config file or set LIP_BACKENDS")
     _configure_logging(log_level)
-    logging.getLogger("uvicorn.error").addFilter(ClientLeftFilter())
-    try:
-        uvicorn.run(
-            create_standalone_app(config),
+    for quieter in (ClientLeftFilter(), CancelledAtShutdownFilter()):
+        logging.getLogger("uvicorn.error").addFilter(quieter)
+    app = create_standalone_app(config)
+    server = InProcessServer(
+        uvicorn.Config(
+            app,
             host=host,
             port=port,
             log_level=log_level,
-            http=bounded_protocol(config),  # head size, field count and time bounded (server_limits.py)
             timeout_graceful_shutdown=max(1, round(config.shutdown_grace)),
             # asyncio's own loop even where uvloop is installed: measured with wrk at 128 connections
             # opened back to back, uvloop left 1% of requests waiting over a second, for 3% more req/s.
             loop="asyncio",
+            http=bounded_protocol(config),  # head size, field count and time bounded (server_limits.py)
         )
-    except OSError as exc:  # the port is taken, or the address is not ours
+    )
+
+    def running() -> int:
+        runtime = app.pool_app.state.runtime
+        return 0 if runtime is None else int(runtime.pool.snapshot()["active_leases"])
+
+    try:
+        anyio.run(_serve_until_stopped, server, running, config.shutdown_grace, f"{host}:{port}")
+    except (OSError, SystemExit) as exc:  # the port is taken, or the address is not ours
+        if isinstance(exc, SystemExit) and not exc.code:
+            return 0
         print(f"local-inference-pool: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _serve_until_stopped(
+    server: uvicorn.Server, running: Callable[[], int], grace: float, where: str
+) -> None:
+    """Serve until SIGINT or SIGTERM (to the process or its whole group, as a terminal's Ctrl-C):
+    one line says what stops and how much is still running, which gets ``grace`` seconds; a second
+    signal stops the process at once, also with one line and no traceback."""
+    stopping: list[str] = []
+
+    async def on_signals(*, task_status: TaskStatus[None]) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for number in signals:
+                name = signal.Signals(number).name
+                count = running()
+                if stopping:
+                    print(f"{name} again: stopped at once, {_requests(count)} cut off", flush=True)
+                    os._exit(130)  # asked twice: no more waiting for anything
+                stopping.append(name)
+                print(
+                    f"{name}: stopping the pool on {where}; {_requests(count)} still running "
+                    f"get up to {grace:g} s (press Ctrl-C again to stop at once)",
+                    flush=True,
+                )
+                server.should_exit = True
+
+    async with anyio.create_task_group() as group:
+        await group.start(on_signals)
+        await server.serve()
+        group.cancel_scope.cancel()
+
+
+def _requests(count: int) -> str:
+    return f"{count} request{'' if count == 1 else 's'}"
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -283,6 +341,8 @@ def demo(args: argparse.Namespace) -> int:
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: a line per health probe. The pool logs what matters of them.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from local_inference_pool.config import PoolConfig
 
-__all__ = ["ClientLeftFilter", "bounded_protocol"]
+__all__ = ["CancelledAtShutdownFilter", "ClientLeftFilter", "bounded_protocol"]
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
@@ -171,4 +171,23 @@ class ClientLeftFilter(logging.Filter):
         ):
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.msg, record.args = "the client left before its response was complete", None
+        return True
+
+
+class CancelledAtShutdownFilter(logging.Filter):
+    """uvicorn logs a request it cancels when the shutdown grace runs out as an exception with a
+    traceback. In the pool that is the end of the grace, not a fault (the request's slot is released
+    on cancellation): one INFO line, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, asyncio.CancelledError) and record.getMessage().startswith(
+            "Exception in ASGI application"
+        ):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = (
+                "a request still running when the shutdown grace ran out was ended",
+                None,
+            )
+            record.exc_info, record.exc_text = None, None
         return True

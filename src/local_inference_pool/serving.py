@@ -14,8 +14,9 @@ import uvicorn
 from starlette.types import ASGIApp
 
 
-class _InProcessServer(uvicorn.Server):
-    """Leaves signals alone: several servers share this process, and Ctrl-C belongs to its owner."""
+class InProcessServer(uvicorn.Server):
+    """Leaves signals alone: several servers may share this process, and Ctrl-C belongs to its
+    owner (the tests, the demo, ``serve``'s own signal handling)."""
 
     @contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -56,7 +57,7 @@ async def serving(
     config = uvicorn.Config(
         app, log_level=log_level, lifespan=lifespan, timeout_graceful_shutdown=5, http=http
     )
-    server = _InProcessServer(config)
+    server = InProcessServer(config)
     served = Served(f"http://{host}:{bound_port}", server, anyio.Event())
 
     async def serve() -> None:

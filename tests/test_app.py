@@ -419,3 +419,18 @@ async def test_an_answer_without_a_declared_length_arrives_whole(size: int) -> N
         assert response.headers["content-length"] == str(size)
         assert status["traffic"]["completion_tokens"] == 7  # usage is read from answers up to 1 MiB
     assert status["active_leases"] == 0
+
+
+async def test_a_half_open_backend_whose_trial_is_answered_500_is_back_in_full() -> None:
+    fleet = Fleet(a=FakeBackend())
+    async with client_for(fleet, circuit_failures=2, circuit_cooldown=0.05, health_interval=0.05) as client:
+        fleet.backends["a"].mode, fleet.backends["a"].status = "status", 503
+        for _ in range(2):
+            await client.post("/chat/completions", json=CHAT)
+        assert (await client.get("/pool/status")).json()["backends"][0]["circuit"] == "open"
+        fleet.backends["a"].status = 500  # up and answering: a 500 is this request's own trouble
+        with anyio.fail_after(5):
+            while (await client.post("/chat/completions", json=CHAT)).status_code != 500:
+                await anyio.sleep(0.02)  # the cooldown passes, the trial goes through
+        backend = (await client.get("/pool/status")).json()["backends"][0]
+    assert (backend["circuit"], backend["health"]) == ("closed", "healthy")

@@ -397,11 +397,11 @@ async def _answer(
             extra.append((b"x-session-affinity", lease.affinity.value.encode()))
         if response.status_code in GATEWAY_STATUSES:
             runtime.monitor.failed(backend, f"answered {response.status_code}")
-        elif response.status_code < 500:
+        else:
+            # Any other answer, a 500 included, says the server is up and answering. A 500 is often
+            # the request's own fault (llama.cpp answers 500 to a body it cannot handle): counted
+            # against the backend, one client could open its circuit for everyone.
             runtime.monitor.succeeded(backend)
-        # Any other 5xx is an answer, often to the request's own fault (llama.cpp answers 500 to a
-        # body it cannot handle): it passes through and counts neither way, or one client could open
-        # a backend's circuit for everyone. A backend that is broken for all fails its probes.
         relay: UpstreamRelay | None = None
         headers = client_headers(response, extra)
         chunks = _raw(response)

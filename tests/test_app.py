@@ -434,3 +434,21 @@ async def test_a_half_open_backend_whose_trial_is_answered_500_is_back_in_full()
                 await anyio.sleep(0.02)  # the cooldown passes, the trial goes through
         backend = (await client.get("/pool/status")).json()["backends"][0]
     assert (backend["circuit"], backend["health"]) == ("closed", "healthy")
+
+
+async def test_without_the_shared_state_store_requests_get_503_state_unavailable() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nobody = sock.getsockname()[1]  # closed again: connections there are refused
+    fleet = Fleet(a=FakeBackend())
+    async with client_for(fleet, state=f"redis://:secret@127.0.0.1:{nobody}/0") as client:
+        with anyio.fail_after(10):  # within a few seconds, never a hang
+            response = await client.post("/chat/completions", json=CHAT)
+        status = (await client.get("/pool/status")).json()
+    assert_openai_error(response, 503, "state_unavailable")
+    assert "secret" not in response.text
+    assert status["shared_state"]["reachable"] is False
+    assert "secret" not in str(status)
+    assert status["active_leases"] == 0  # the slot taken for the claim was given back

@@ -451,3 +451,14 @@ def test_a_retry_goes_to_another_healthy_backend_that_may_take_the_model_now(clo
     assert s.alternative("m", ["failed", "cold"]) == "busy-with-other"  # it may take m once drained
     assert s.alternative("m", ["failed", "cold", "busy-with-other"]) is None  # never down, never x-only
     assert s.alternative("nope", []) is None
+
+
+def test_models_other_processes_have_active_count_in_the_drain_guard(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=4, models=["m", "x"], max_loaded_models=1)
+    s.update_backend("a", external_busy=1, foreign_models=["x"])  # another process runs x here
+    blocked = s.submit("m")
+    assert state(blocked) is TicketState.WAITING  # m would make two models active on a one-model server
+    assert backend_of(s.submit("x")) == "a"  # x may join the other process's work
+    s.update_backend("a", external_busy=0, foreign_models=[])  # theirs finished
+    assert state(blocked) is TicketState.WAITING  # our x is still in flight there

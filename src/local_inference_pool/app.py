@@ -95,7 +95,7 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool = Pool(config, initial_health=Health.LOADING)
         upstream = (transport or AiohttpTransport)(upstream_limits(config))
-        async with make_client(config, upstream) as client, anyio.create_task_group() as group:
+        async with make_client(config, upstream) as client, pool, anyio.create_task_group() as group:
             monitor = Monitor(pool, client, config)
             await group.start(monitor.run)
             app.state.runtime = Runtime(config, pool, client, upstream, monitor, PoolMetrics(pool))

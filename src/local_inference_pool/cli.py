@@ -19,7 +19,7 @@ from anyio.abc import TaskStatus
 from rich.console import Console
 from rich.table import Table
 
-from local_inference_pool.config import PoolConfig, load_config
+from local_inference_pool.config import PoolConfig, load_config, shown_state
 from local_inference_pool.errors import ConfigError
 from local_inference_pool.scheduler import Health
 
@@ -160,6 +160,7 @@ def effective_config(path: str | None) -> dict[str, Any]:
     config = load_config(path)
     data = asdict(config)
     data["api_keys"] = [REDACTED for _ in config.api_keys]
+    data["state"] = shown_state(config.state)
     for backend in data["backends"]:
         if backend["api_key"] is not None:
             backend["api_key"] = REDACTED

@@ -123,6 +123,8 @@ class PoolConfig:
     body_timeout: float = 30.0
     max_header_size: int = 32 * 1024
     max_headers: int = 100
+    state: str | None = field(default=None, repr=False)  # redis:// URL: leases shared by processes
+    lease_ttl: float = 30.0
 
     def __post_init__(self) -> None:
         _validate_fields(self, POOL_KEYS, "pool")
@@ -266,6 +268,24 @@ def _kind(where: str, value: Any) -> BackendKind:
     return cast(BackendKind, value)
 
 
+def _state_url(where: str, value: Any) -> str:
+    """A Redis URL; never echoed, since it may hold the store's password."""
+    if not isinstance(value, str) or urlsplit(value.strip()).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{where}: expected a URL like 'redis://host:6379/0' (rediss:// for TLS)")
+    return value.strip()
+
+
+def shown_state(url: str | None) -> str | None:
+    """The state store's URL as it may be shown or logged: any password replaced by ***."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
 def _url(where: str, value: Any) -> str:
     return normalize_url(value, where=where)
 
@@ -292,6 +312,8 @@ POOL_KEYS: dict[str, Parser] = {
     "body_timeout": _number(positive=True),
     "max_header_size": _int_at_least(1024),
     "max_headers": _int_at_least(8),
+    "state": lambda where, value: None if value is None else _state_url(where, value),
+    "lease_ttl": _number(positive=True),
 }
 
 BACKEND_KEYS: dict[str, Parser] = {

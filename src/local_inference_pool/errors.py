@@ -10,6 +10,7 @@ The tree::
     ├── NoCapacityError                     503  no healthy backend can serve the model now
     ├── QueueTimeoutError (also TimeoutError) 503  waited past the deadline for a slot
     ├── PoolClosedError                     503  the pool is shutting down or closed
+    ├── StateUnavailableError               503  the shared state store (Redis) cannot be reached
     └── WrongEventLoopError (also RuntimeError) the pool was used from a second event loop
 
 Each carries ``status``, ``error_type`` and ``code`` so that the app can turn any of them into the
@@ -105,6 +106,15 @@ class PoolClosedError(PoolError):
     error_type = "service_unavailable"
     code = "pool_closed"
     retry_after = 5.0
+
+
+class StateUnavailableError(PoolError):
+    """The fleet's shared state (``[pool] state``) cannot be reached: new work fails closed."""
+
+    status = 503
+    error_type = "service_unavailable"
+    code = "state_unavailable"
+    retry_after = 2.0
 
 
 class WrongEventLoopError(PoolError, RuntimeError):

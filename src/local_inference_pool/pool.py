@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Generator, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -34,14 +34,16 @@ from local_inference_pool.backends.openai import (
     list_models,
     warm,
 )
-from local_inference_pool.config import BackendConfig, PoolConfig
-from local_inference_pool.errors import PoolClosedError, WrongEventLoopError
+from local_inference_pool.config import BackendConfig, PoolConfig, shown_state
+from local_inference_pool.errors import PoolClosedError, StateUnavailableError, WrongEventLoopError
 from local_inference_pool.scheduler import Affinity, Grant, Health, Scheduler, Ticket, TicketState
 
 if TYPE_CHECKING:
     import httpx
+    from anyio.abc import TaskStatus
 
     from local_inference_pool.compat import ServerPool
+    from local_inference_pool.shared_state import FleetView, SharedLeases
 
 __all__ = ["Lease", "Pool", "ServerPool"]
 
@@ -158,6 +160,14 @@ class Pool:
         self._loop_thread: int | None = None
         self._closed = False
         self._drained: anyio.Event | None = None
+        # Shared state (``config.state``): the fleet's leases in Redis; made on ``async with``.
+        self._shared: SharedLeases | None = None
+        self._shared_tasks: AsyncExitStack | None = None
+        self._fleet_releases: list[str] = []
+        self._fleet_release_wanted: anyio.Event | None = None
+        self._fleet_external: dict[str, int] = {}
+        self._probe_external: dict[str, int] = {}
+        self.state_reachable = True
         for backend in config.backends:
             self.add_backend(backend, health=initial_health)
 
@@ -213,7 +223,8 @@ class Pool:
             changes["external_busy"] = external_busy
         if server_busy is not None:
             ours = self._scheduler.backends[name].active_total
-            changes["external_busy"] = max(0, server_busy - ours)
+            self._probe_external[name] = max(0, server_busy - ours)
+            changes["external_busy"] = max(self._probe_external[name], self._fleet_external.get(name, 0))
         if trial is not None:
             changes["trial"] = trial
         self._scheduler.update_backend(name, **changes)
@@ -272,7 +283,61 @@ class Pool:
     ) -> Lease:
         ticket = self.submit(model, priority=priority, session=session, timeout=timeout, pin=pin)
         lease = self.granted(ticket)
-        return lease if lease is not None else await self.wait(ticket)
+        if lease is not None and self._shared is None:
+            return lease
+        return await self.settle(ticket, lease)
+
+    @property
+    def shared(self) -> bool:
+        """Whether leases are shared with other processes (``config.state``): then a grant is only
+        a candidate until ``settle`` has claimed it fleet-wide."""
+        return self.config.state is not None
+
+    async def settle(self, ticket: Ticket, lease: Lease | None = None) -> Lease:
+        """The ticket's lease once it is granted and, with shared state, claimed fleet-wide.
+
+        A claim that loses (other processes hold the backend's slots, or another model is active
+        there) hands the grant back, takes what the claim saw as outside load, and queues the
+        request again with what is left of its deadline. Cancelled at any point, nothing is held.
+        """
+        while True:
+            if lease is None:
+                lease = await self.wait(ticket)
+            shared = self._shared
+            if shared is None:
+                if self.config.state is not None:
+                    lease.release()
+                    raise StateUnavailableError(
+                        "this pool shares its state: use it as 'async with Pool(config) as pool' "
+                        "(the app's lifespan does), so that it connects and renews its leases"
+                    )
+                return lease
+            grant = lease._grant
+            backend = grant.backend
+            try:
+                won, view = await shared.claim(
+                    shared.lease_id(grant.id),
+                    backend.name,
+                    grant.model,
+                    capacity=max(1, backend.slots - self._probe_external.get(backend.name, 0)),
+                    max_models=backend.max_loaded_models,
+                )
+            except BaseException:
+                lease.release()  # also gives back a claim that may have reached the store
+                raise
+            self._apply_fleet(backend.name, view)
+            if won:
+                return lease
+            lease.release()
+            deadline = ticket.deadline
+            ticket = self.submit(
+                ticket.model,
+                priority=ticket.priority,
+                session=ticket.affinity_key,
+                timeout=None if deadline is None else max(0.0, deadline - self._clock()),
+                pin=ticket.pin,
+            )
+            lease = self.granted(ticket)
 
     def submit(
         self,
@@ -358,7 +423,14 @@ class Pool:
             loop.call_soon_threadsafe(self._release_on_loop, grant)
 
     def _release_on_loop(self, grant: Grant) -> None:
-        if self._scheduler.release(grant) and self._drained is not None and not self._scheduler.grants:
+        released = self._scheduler.release(grant)
+        shared = self._shared
+        if shared is not None and self._fleet_release_wanted is not None:
+            lease_id = shared.lease_id(grant.id)
+            if lease_id in shared.held:
+                self._fleet_releases.append(lease_id)
+                self._fleet_release_wanted.set()
+        if released and self._drained is not None and not self._scheduler.grants:
             self._drained.set()
 
     def _release_dropped(self, grant: Grant) -> None:
@@ -461,6 +533,18 @@ class Pool:
             backend["warm_models"] = sorted(self._warm.get(backend["name"], {}))
             backend.update(self._info.get(backend["name"], {}))
         state["closed"] = self._closed
+        shared = self._shared
+        state["shared_state"] = (
+            None
+            if self.config.state is None
+            else {
+                "store": shown_state(self.config.state),
+                "reachable": self.state_reachable and shared is not None,
+                "process": None if shared is None else shared.process,
+                "leases_held": 0 if shared is None else len(shared.held),
+                "lease_ttl": self.config.lease_ttl,
+            }
+        )
         return state
 
     @property
@@ -479,12 +563,117 @@ class Pool:
                 await self._drained.wait()
 
     async def __aenter__(self) -> Pool:
+        """With ``config.state``: connect to the shared store and start renewing leases, listening
+        for releases in other processes and sending this one's releases."""
+        if self.config.state is not None and self._shared_tasks is None:
+            from local_inference_pool.shared_state import SharedLeases
+
+            self._bind_loop()
+            stack = AsyncExitStack()
+            shared = SharedLeases(self.config.state, lease_ttl=self.config.lease_ttl)
+            stack.push_async_callback(shared.aclose)
+            group = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(group.cancel_scope.cancel)
+            self._fleet_release_wanted = anyio.Event()
+            self._shared, self._shared_tasks = shared, stack
+            await group.start(self._keep_shared, shared)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+        stack, self._shared_tasks = self._shared_tasks, None
+        if stack is not None:
+            shared = self._shared
+            with anyio.move_on_after(2, shield=True):
+                await self._send_fleet_releases(shared)  # the last ones, while the store is there
+            self._shared = None
+            await stack.aclose()
+
+    # --- shared state ----------------------------------------------------------------------
+
+    async def _keep_shared(self, shared: SharedLeases, *, task_status: TaskStatus[None]) -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._renew_leases, shared)
+            group.start_soon(self._hear_releases, shared)
+            group.start_soon(self._release_leases, shared)
+            task_status.started()
+
+    def _apply_fleet(self, name: str, view: FleetView) -> None:
+        """What the other processes hold on a backend, as the scheduler's outside load and the
+        models its drain guard must respect."""
+        shared = self._shared
+        if shared is None or name not in self._scheduler.backends:
+            return
+        own, own_models = shared.own(name)
+        self._fleet_external[name] = max(0, view.leases - own)
+        self._scheduler.update_backend(
+            name,
+            external_busy=max(self._fleet_external[name], self._probe_external.get(name, 0)),
+            foreign_models=[m for m, n in view.models.items() if n > own_models.get(m, 0)],
+        )
+
+    def _reachable(self, reachable: bool, why: str = "") -> None:
+        if reachable != self.state_reachable:
+            self.state_reachable = reachable
+            if reachable:
+                logger.info("shared state store reachable again")
+            else:
+                logger.warning("shared state store unreachable (new requests get 503): %s", why)
+
+    async def _renew_leases(self, shared: SharedLeases) -> None:
+        """Every ``lease_ttl / 3`` or 2 s, whichever is sooner: extend this process's leases and
+        re-read every backend (a safety net for a lost notification, and how the leases of a dead
+        process stop counting here)."""
+        while True:
+            try:
+                views = await shared.renew(list(self._scheduler.backends))
+            except StateUnavailableError as exc:
+                self._reachable(False, str(exc))
+            else:
+                self._reachable(True)
+                for name, view in views.items():
+                    self._apply_fleet(name, view)
+            # Renewal needs a third of the ttl; re-reading the fleet, at most 2 s: the leases of a
+            # process that died expire without a release to announce them.
+            await anyio.sleep(min(self.config.lease_ttl / 3, 2.0))
+
+    async def _hear_releases(self, shared: SharedLeases) -> None:
+        """Wake waiters here when a lease is released anywhere: the backend is read again at once."""
+        while True:
+            try:
+                async for name in shared.released():
+                    if name in self._scheduler.backends:
+                        views = await shared.renew([name])
+                        self._apply_fleet(name, views[name])
+            except StateUnavailableError as exc:
+                self._reachable(False, str(exc))
+                await anyio.sleep(1.0)  # then subscribe again; renewal re-reads meanwhile
+
+    async def _release_leases(self, shared: SharedLeases) -> None:
+        wanted = self._fleet_release_wanted
+        assert wanted is not None
+        while True:
+            await wanted.wait()
+            self._fleet_release_wanted = wanted = anyio.Event()
+            if not await self._send_fleet_releases(shared):
+                await anyio.sleep(1.0)  # the store is away: the leases stay listed, tried again
+                wanted.set()
+
+    async def _send_fleet_releases(self, shared: SharedLeases | None) -> bool:
+        """Send the releases made since the last time; True when all reached the store."""
+        if shared is None:
+            return True
+        pending, self._fleet_releases = self._fleet_releases, []
+        for index, lease_id in enumerate(pending):
+            try:
+                await shared.release(lease_id)
+            except StateUnavailableError as exc:
+                self._reachable(False, str(exc))
+                self._fleet_releases = pending[index:] + self._fleet_releases
+                return False
+        return True
 
 
 def __getattr__(name: str) -> Any:

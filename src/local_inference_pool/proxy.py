@@ -369,10 +369,12 @@ async def _acquire_unless_gone(
     """A slot for the request, or None if the client leaves while it queues (freeing its place)."""
     ticket = pool.submit(inbound.model, priority=inbound.priority, session=inbound.session, pin=pin)
     lease = pool.granted(ticket)
-    if lease is not None:
+    if lease is not None and not pool.shared:
         return lease  # the common case: a slot was free, nothing to wait for
     async with watch.until_gone():
-        return await pool.wait(ticket)  # cancelled, it passes on any grant that raced the cancel
+        # Waits if needed, and with shared state claims the slot fleet-wide; cancelled, it passes
+        # on any grant that raced the cancel and gives back any claim.
+        return await pool.settle(ticket, lease)
     return None  # the client left
 
 

@@ -83,6 +83,7 @@ class Backend:
     health: Health
     index: int
     external_busy: int = 0  # slots busy with work that did not come through this pool
+    foreign_models: frozenset[str] = frozenset()  # models other pool processes have active here
     active: dict[str, int] = field(default_factory=dict)  # model -> leases, only counts > 0
     active_total: int = 0
     resident: list[str] = field(default_factory=list)  # most recent first
@@ -109,7 +110,14 @@ class Backend:
             return False
         if self.barrier is not None and self.barrier != model:
             return False
-        return model in self.active or len(self.active) < self.max_loaded_models
+        if model in self.active:
+            return True
+        if not self.foreign_models:  # one process, or nothing of others' here: the hot path
+            return len(self.active) < self.max_loaded_models
+        return (
+            model in self.foreign_models
+            or len(self.foreign_models | self.active.keys()) < self.max_loaded_models
+        )
 
     def needs_load(self, model: str) -> bool:
         return model not in self.active and model not in self.resident
@@ -255,6 +263,7 @@ class Scheduler:
         resident: Sequence[str] = _UNSET,
         health: Health = _UNSET,
         external_busy: int = _UNSET,
+        foreign_models: Iterable[str] = _UNSET,
         weight: float = _UNSET,
         max_loaded_models: int = _UNSET,
         trial: bool = _UNSET,
@@ -270,6 +279,8 @@ class Scheduler:
             self._set_resident(backend, backend.resident)
         if external_busy is not _UNSET:
             backend.external_busy = max(0, external_busy)
+        if foreign_models is not _UNSET:
+            backend.foreign_models = frozenset(foreign_models)
         if trial is not _UNSET:
             backend.trial = trial
         if models is not _UNSET:

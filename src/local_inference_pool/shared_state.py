@@ -1,0 +1,245 @@
+"""Slot leases shared by every process of one fleet, in Redis (or Valkey): the fleet-wide truth.
+
+Each process's scheduler still places requests (pure, in memory); a grant is only a candidate until
+its lease is claimed here. The claim is one Lua script, atomic in Redis: it expires the leases of
+processes that died, then takes a slot only while the backend has fewer leases than slots and only
+if the drain guard allows the model (another model active there and no room for a second: refused).
+A refused claim tells the process what the others hold, which its scheduler takes as outside load.
+
+- Leases live in a sorted set per backend, scored by their expiry on Redis's clock (``TIME``), so
+  clocks of the processes never matter. Live processes renew theirs every ``lease_ttl / 3``; the
+  leases of a process killed with SIGKILL expire within ``lease_ttl``.
+- A release is a script too (idempotent) and publishes the backend's name, so waiters in every
+  process are woken at once. It leaves a tombstone for ``lease_ttl``: a claim cancelled on its way
+  (sent, its answer never read), or a renewal that read the lease just before, may reach Redis
+  after the release, and must not leave a slot taken that nobody holds; the renewal pass also re-reads every backend (a lost notification
+  costs at most one pass).
+- Renewal re-adds a lease Redis no longer has (a restarted Redis without persistence), so a live
+  process's leases are counted again within one pass.
+- All keys share one hash tag (``{prefix}``), so the scripts also run on Redis Cluster.
+
+What stays per process: the queue and its order, circuit breakers, health probes (each process
+probes; a probe is three GETs per interval per backend), session affinity.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from local_inference_pool.errors import StateUnavailableError
+
+__all__ = ["FleetView", "SharedLeases"]
+
+logger = logging.getLogger(__name__)
+
+_EXPIRE = """
+local now_t = redis.call('TIME')
+local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, id in ipairs(dead) do
+  local model = redis.call('HGET', KEYS[2], id)
+  if model and redis.call('HINCRBY', KEYS[3], model, -1) <= 0 then redis.call('HDEL', KEYS[3], model) end
+  redis.call('HDEL', KEYS[2], id)
+end
+if #dead > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
+"""
+
+# KEYS: leases (zset id -> expiry), owners (hash id -> model), models (hash model -> leases), and
+# the lease's tombstone (left by a release that came before its claim: that claim must not land)
+_CLAIM = (
+    _EXPIRE
+    + """
+local count = redis.call('ZCARD', KEYS[1])
+local ok = 1
+if redis.call('EXISTS', KEYS[4]) == 1 then ok = 0 end
+if count >= tonumber(ARGV[3]) then ok = 0 end
+if ok == 1 and redis.call('HEXISTS', KEYS[3], ARGV[2]) == 0
+   and redis.call('HLEN', KEYS[3]) >= tonumber(ARGV[4]) then ok = 0 end
+if ok == 1 then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), ARGV[1])
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+  count = count + 1
+end
+local reply = {ok, count}
+for _, entry in ipairs(redis.call('HGETALL', KEYS[3])) do table.insert(reply, entry) end
+return reply
+"""
+)
+
+_RELEASE = """
+-- The tombstone: a claim cancelled on its way, or a renewal that read the lease just before, may
+-- still reach Redis after this release; both find it and leave the lease released.
+redis.call('SET', KEYS[4], 1, 'PX', ARGV[4])
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+local model = redis.call('HGET', KEYS[2], ARGV[1])
+if model and redis.call('HINCRBY', KEYS[3], model, -1) <= 0 then redis.call('HDEL', KEYS[3], model) end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+
+# ARGV: ttl_ms, then (lease id, model) pairs; KEYS[4...]: each pair's tombstone
+_RENEW = (
+    _EXPIRE
+    + """
+for i = 2, #ARGV, 2 do
+  local tombstone = KEYS[3 + i / 2]
+  if redis.call('EXISTS', tombstone) == 0
+     and redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) == 1 then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    redis.call('HINCRBY', KEYS[3], ARGV[i + 1], 1)
+  end
+end
+local reply = {redis.call('ZCARD', KEYS[1])}
+for _, entry in ipairs(redis.call('HGETALL', KEYS[3])) do table.insert(reply, entry) end
+return reply
+"""
+)
+
+
+@dataclass(frozen=True)
+class FleetView:
+    """What every process together holds on one backend: leases, and leases per model."""
+
+    leases: int
+    models: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_reply(cls, reply: list[Any]) -> FleetView:
+        pairs = reply[1:]
+        return cls(int(reply[0]), {_text(pairs[i]): int(pairs[i + 1]) for i in range(0, len(pairs), 2)})
+
+
+@dataclass
+class _Held:
+    backend: str
+    model: str
+    claimed: bool = False  # the claim won; until then it may or may not be in the store
+
+
+class SharedLeases:
+    """One process's handle on the fleet's leases. Every method raises ``StateUnavailableError`` when
+    the store cannot be reached (within ``timeout`` seconds), never a Redis error."""
+
+    def __init__(self, url: str, *, lease_ttl: float, prefix: str = "lip", timeout: float = 2.0) -> None:
+        self.process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.lease_ttl = lease_ttl
+        self.channel = f"{{{prefix}}}:freed"
+        self._prefix = prefix
+        self._client: redis.Redis = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+        )
+        self._claim = self._client.register_script(_CLAIM)
+        self._release = self._client.register_script(_RELEASE)
+        self._renew = self._client.register_script(_RENEW)
+        self.held: dict[str, _Held] = {}  # lease id -> where: claimed, or maybe claimed (in flight)
+
+    def _keys(self, backend: str, lease_id: str = "") -> list[str]:
+        base = f"{{{self._prefix}}}:{backend}"
+        return [f"{base}:leases", f"{base}:owners", f"{base}:models", f"{base}:released:{lease_id}"]
+
+    def lease_id(self, grant_id: int) -> str:
+        return f"{self.process}:{grant_id}"
+
+    async def claim(
+        self, lease_id: str, backend: str, model: str, *, capacity: int, max_models: int
+    ) -> tuple[bool, FleetView]:
+        """Take a fleet-wide slot: ``(True, view)``, or ``(False, view)`` when the others hold it.
+
+        The lease counts as held before the claim is sent: if the call fails or is cancelled after
+        Redis ran it, the next release pass removes it (releasing is idempotent), so nothing leaks.
+        """
+        self.held[lease_id] = _Held(backend, model)
+        try:
+            reply = await self._claim(
+                keys=self._keys(backend, lease_id),
+                args=[lease_id, model, capacity, max_models, int(self.lease_ttl * 1000)],
+            )
+        except RedisError as exc:
+            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+        view = FleetView.from_reply(reply[1:])
+        if int(reply[0]):
+            self.held[lease_id].claimed = True
+        else:
+            del self.held[lease_id]
+        return bool(int(reply[0])), view
+
+    async def release(self, lease_id: str) -> None:
+        """Give a lease back fleet-wide (idempotent). Kept as held while the store is away."""
+        held = self.held.get(lease_id)
+        if held is None:
+            return
+        try:
+            await self._release(
+                keys=self._keys(held.backend, lease_id),
+                args=[lease_id, self.channel, held.backend, int(self.lease_ttl * 1000)],
+            )
+        except RedisError as exc:
+            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+        self.held.pop(lease_id, None)
+
+    async def renew(self, backends: Iterable[str]) -> dict[str, FleetView]:
+        """Extend the held leases on ``backends`` (re-adding any the store lost) and read each one's
+        fleet view, in one round trip."""
+        by_backend: dict[str, list[str]] = {name: [] for name in backends}
+        for lease_id, held in self.held.items():
+            # Only claims that won: one still on its way may yet lose, and must not be added here.
+            if held.claimed and held.backend in by_backend:
+                by_backend[held.backend].append(lease_id)
+        views: dict[str, FleetView] = {}
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for backend, ids in by_backend.items():
+                    tombstones = [self._keys(backend, lease_id)[3] for lease_id in ids]
+                    pairs = [item for lease_id in ids for item in (lease_id, self.held[lease_id].model)]
+                    await self._renew(
+                        keys=[*self._keys(backend)[:3], *tombstones],
+                        args=[int(self.lease_ttl * 1000), *pairs],
+                        client=pipe,
+                    )
+                replies = await pipe.execute()
+        except RedisError as exc:
+            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+        for backend, reply in zip(by_backend, replies, strict=True):
+            views[backend] = FleetView.from_reply(reply)
+        return views
+
+    async def released(self) -> AsyncIterator[str]:
+        """The names of backends where a lease is released, by any process, as it happens."""
+        try:
+            async with self._client.pubsub(ignore_subscribe_messages=True) as subscription:
+                await subscription.subscribe(self.channel)
+                async for message in subscription.listen():
+                    yield _text(message["data"])
+        except RedisError as exc:
+            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def own(self, backend: str) -> tuple[int, dict[str, int]]:
+        """This process's leases on ``backend``, in all and per model (claims in flight included)."""
+        models: dict[str, int] = {}
+        for held in self.held.values():
+            if held.backend == backend:
+                models[held.model] = models.get(held.model, 0) + 1
+        return sum(models.values()), models
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _why(exc: BaseException) -> str:
+    # redis-py's messages name the host and port, never the password; keep them short all the same.
+    return (str(exc) or type(exc).__name__)[:200]

@@ -1,0 +1,247 @@
+"""Several pools, one fleet: leases shared through a real redis-server (each test starts its own on a
+free loopback port, persistence off, and stops it). The store's own counts are checked, not the pools'."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+import pytest
+import redis
+
+from local_inference_pool import BackendConfig, Pool, PoolConfig
+from local_inference_pool.errors import StateUnavailableError
+from local_inference_pool.pool import Lease
+
+pytestmark = pytest.mark.anyio
+
+SLOTS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Store:
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            pytest.fail("redis-server is missing: apt-get install redis-server (.ci/run does)")
+        self.process = subprocess.Popen(
+            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if self.process.poll() is not None:
+                    pytest.fail(f"redis-server exited with {self.process.returncode}")
+                time.sleep(0.05)
+        pytest.fail("redis-server did not answer PING within 5 s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def leases(self, backend: str = "a") -> int:
+        return int(redis.Redis(port=self.port).zcard(f"{{lip}}:{backend}:leases"))
+
+    def models(self, backend: str = "a") -> dict[str, int]:
+        raw: dict[bytes, bytes] = redis.Redis(port=self.port).hgetall(f"{{lip}}:{backend}:models")  # type: ignore[assignment]
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+
+@pytest.fixture
+def store() -> Iterator[Store]:
+    running = Store(free_port())
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def config(store: Store, **pool: object) -> PoolConfig:
+    backend = BackendConfig(
+        url="http://a:8080", name="a", slots=SLOTS, models=("m", "x"), max_loaded_models=1
+    )
+    return PoolConfig(backends=(backend,), state=store.url, **{"lease_ttl": 30.0, **pool})  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def pools(store: Store, count: int, **settings: object) -> AsyncIterator[list[Pool]]:
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(Pool(config(store, **settings))) for _ in range(count)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_no_backend_ever_has_more_leases_than_slots_or_two_models_across_pools(
+    store: Store, seed: int
+) -> None:
+    rng = random.Random(seed)
+    held: list[Lease] = []
+    async with pools(store, 3) as fleet, anyio.create_task_group() as group:
+        waiting: list[anyio.CancelScope] = []
+
+        async def acquire(pool: Pool, model: str, scope: anyio.CancelScope) -> None:
+            with scope:
+                held.append(await pool.acquire(model, timeout=None))
+
+        for _step in range(60):
+            action = rng.random()
+            if action < 0.5:
+                scope = anyio.CancelScope()
+                waiting.append(scope)
+                group.start_soon(acquire, rng.choice(fleet), rng.choice(["m", "m", "x"]), scope)
+            elif action < 0.85 and held:
+                held.pop(rng.randrange(len(held))).release()
+            elif waiting:
+                waiting.pop(rng.randrange(len(waiting))).cancel()  # a client that gave up
+            for _ in range(20):  # let claims, releases and wake-ups run
+                await anyio.lowlevel.checkpoint()
+            await anyio.sleep(0.005)
+            assert store.leases() <= SLOTS
+            assert len(store.models()) <= 1
+            assert len([lease for lease in held if not lease.released]) <= SLOTS
+        for scope in waiting:
+            scope.cancel()
+        while held:
+            held.pop().release()
+        with anyio.fail_after(5):
+            while store.leases():
+                await anyio.sleep(0.02)
+    assert store.models() == {}
+
+
+async def test_a_model_active_in_one_pool_holds_another_model_back_in_another(store: Store) -> None:
+    async with pools(store, 2) as (first, second):
+        lease = await first.acquire("m")
+        got: list[Lease] = []
+
+        async def other_model() -> None:
+            got.append(await second.acquire("x", timeout=None))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(other_model)
+            await anyio.sleep(0.3)
+            assert got == []  # a slot is free, but the backend is busy with model m
+            assert store.models() == {"m": 1}
+            lease.release()
+        assert store.models() == {"x": 1}
+        got[0].release()
+
+
+async def test_a_release_in_one_pool_wakes_a_waiter_in_another_without_polling(store: Store) -> None:
+    async with pools(store, 2) as (first, second):  # lease_ttl 30 s: the next renewal is 10 s away
+        leases = [await first.acquire("m") for _ in range(SLOTS)]
+        got: list[Lease] = []
+        ready = anyio.Event()
+
+        async def wait_for_one() -> None:
+            got.append(await second.acquire("m", timeout=None))
+            ready.set()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(wait_for_one)
+            await anyio.sleep(0.3)
+            assert got == []
+            leases.pop().release()
+            with anyio.fail_after(2):  # a notification, not the renewal pass
+                await ready.wait()
+        assert store.leases() == SLOTS
+        for lease in [*leases, *got]:
+            lease.release()
+
+
+HOLDER = textwrap.dedent(
+    """
+    import anyio, sys
+    from local_inference_pool import BackendConfig, Pool, PoolConfig
+
+    async def main() -> None:
+        backend = BackendConfig(url="http://a:8080", name="a", slots=3, models=("m", "x"), max_loaded_models=1)
+        async with Pool(PoolConfig(backends=(backend,), state=sys.argv[1], lease_ttl=1.0)) as pool:
+            leases = [await pool.acquire("m") for _ in range(3)]
+            print("holding", len(leases), flush=True)
+            await anyio.sleep_forever()
+
+    anyio.run(main)
+    """
+)
+
+
+async def test_leases_of_a_process_killed_with_sigkill_come_back_within_lease_ttl(store: Store) -> None:
+    holder = await anyio.open_process([sys.executable, "-c", HOLDER, store.url])
+    try:
+        assert holder.stdout is not None
+        with anyio.fail_after(10):
+            assert b"holding 3" in await holder.stdout.receive()
+        assert store.leases() == SLOTS
+        holder.send_signal(signal.SIGKILL)
+        await holder.wait()
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+    async with pools(store, 1) as (survivor,):
+        with anyio.fail_after(5):  # lease_ttl 1 s: expired on the next claim after it
+            lease = await survivor.acquire("m", timeout=None)
+        lease.release()
+
+
+async def test_live_leases_are_renewed_and_never_expire(store: Store) -> None:
+    async with pools(store, 1, lease_ttl=0.6) as (pool,):
+        lease = await pool.acquire("m")
+        await anyio.sleep(2.0)  # three times the ttl: renewed every 0.2 s
+        assert store.leases() == 1
+        lease.release()
+
+
+async def test_without_the_store_new_work_fails_closed_and_comes_back_with_it(store: Store) -> None:
+    async with pools(store, 1, lease_ttl=1.5) as (pool,):
+        held = await pool.acquire("m")
+        store.stop()
+        with anyio.fail_after(5), pytest.raises(StateUnavailableError):  # never a hang
+            await pool.acquire("m")
+        held.release()  # in flight when the store went: released here, sent when it is back
+        assert not pool.scheduler.grants
+        store.start()  # an empty store: no persistence
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    lease = await pool.acquire("m")
+                    break
+                except StateUnavailableError:
+                    await anyio.sleep(0.2)
+        with anyio.fail_after(5):
+            while store.leases() != 1:  # the earlier lease, re-asserted by renewal, is released
+                await anyio.sleep(0.05)
+        lease.release()
+        with anyio.fail_after(5):
+            while store.leases():
+                await anyio.sleep(0.05)

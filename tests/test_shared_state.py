@@ -245,3 +245,16 @@ async def test_without_the_store_new_work_fails_closed_and_comes_back_with_it(st
         with anyio.fail_after(5):
             while store.leases():
                 await anyio.sleep(0.05)
+
+
+async def test_busy_slots_a_server_reports_for_other_pools_are_not_counted_twice(store: Store) -> None:
+    async with pools(store, 2) as (first, second):
+        theirs = [await first.acquire("m") for _ in range(SLOTS - 1)]
+        # The server's own count of busy slots (llama.cpp's /slots), as a probe of `second` sees it:
+        # the other pool's requests, which the store already counts.
+        second.update_backend("a", server_busy=SLOTS - 1)
+        with anyio.fail_after(2):
+            mine = await second.acquire("m")  # the last slot is free
+        assert store.leases() == SLOTS
+        for lease in [*theirs, mine]:
+            lease.release()

@@ -319,7 +319,7 @@ class Pool:
                     shared.lease_id(grant.id),
                     backend.name,
                     grant.model,
-                    capacity=max(1, backend.slots - self._probe_external.get(backend.name, 0)),
+                    capacity=max(1, backend.slots - self._outside_load(backend.name)),
                     max_models=backend.max_loaded_models,
                 )
             except BaseException:
@@ -599,6 +599,11 @@ class Pool:
             group.start_soon(self._hear_releases, shared)
             group.start_soon(self._release_leases, shared)
             task_status.started()
+
+    def _outside_load(self, name: str) -> int:
+        """Slots busy with work from outside the pool: what the server reports busy beyond this
+        process's leases, less what the other pool processes hold (the store counts those)."""
+        return max(0, self._probe_external.get(name, 0) - self._fleet_external.get(name, 0))
 
     def _apply_fleet(self, name: str, view: FleetView) -> None:
         """What the other processes hold on a backend, as the scheduler's outside load and the

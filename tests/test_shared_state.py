@@ -4,86 +4,24 @@ free loopback port, persistence off, and stops it). The store's own counts are c
 from __future__ import annotations
 
 import random
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 
 import anyio
 import pytest
-import redis
 
 from local_inference_pool import BackendConfig, Pool, PoolConfig
 from local_inference_pool.errors import StateUnavailableError
 from local_inference_pool.pool import Lease
 
+from .redis_store import Store
+
 pytestmark = pytest.mark.anyio
 
 SLOTS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Store:
-    port: int
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        server = shutil.which("redis-server")
-        if server is None:
-            pytest.fail("redis-server is missing: apt-get install redis-server (.ci/run does)")
-        self.process = subprocess.Popen(
-            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if self.process.poll() is not None:
-                    pytest.fail(f"redis-server exited with {self.process.returncode}")
-                time.sleep(0.05)
-        pytest.fail("redis-server did not answer PING within 5 s")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-    def leases(self, backend: str = "a") -> int:
-        return int(redis.Redis(port=self.port).zcard(f"{{lip}}:{backend}:leases"))
-
-    def models(self, backend: str = "a") -> dict[str, int]:
-        raw: dict[bytes, bytes] = redis.Redis(port=self.port).hgetall(f"{{lip}}:{backend}:models")  # type: ignore[assignment]
-        return {k.decode(): int(v) for k, v in raw.items()}
-
-
-@pytest.fixture
-def store() -> Iterator[Store]:
-    running = Store(free_port())
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def config(store: Store, **pool: object) -> PoolConfig:

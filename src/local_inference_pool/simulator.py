@@ -62,6 +62,7 @@ class _Stats:
     running: int = 0
     peak: int = 0
     deferred: int = 0
+    peak_in_flight: int = 0  # the most requests it had at once, running or waiting for a slot
     requests: int = 0
     completed: int = 0
     abandoned: int = 0  # non-streaming requests stopped because their client disconnected
@@ -291,6 +292,8 @@ class SimulatedBackend:
                 backend._slots = anyio.Semaphore(backend.config.slots)
                 backend._load_lock = anyio.Lock()
             backend.stats.deferred += 1
+            in_flight = backend.stats.deferred + backend.stats.running
+            backend.stats.peak_in_flight = max(backend.stats.peak_in_flight, in_flight)
             try:
                 await backend._slots.acquire()
             finally:

@@ -1,0 +1,82 @@
+"""Several serving processes, one fleet: the FastAPI example as two replicas and under ``uvicorn
+--workers 2``, in front of one backend with 2 slots. Without shared state each process believes it
+owns both slots (two replicas put 4 requests on the backend at once); with ``state`` the backend
+never has more requests than its slots, running or waiting."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from anyio.abc import Process
+
+from local_inference_pool.serving import running
+from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+
+from ..redis_store import Store, free_port
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).parent.parent.parent
+CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40}
+
+
+@asynccontextmanager
+async def fastapi_example(env: dict[str, str], *extra: str) -> AsyncIterator[str]:
+    """The example under uvicorn in a process of its own, until its pool says the backend is healthy."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--port", str(port), *extra]
+    process: Process = await anyio.open_process([*command, "--log-level", "warning"], cwd=ROOT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    async with httpx.AsyncClient(base_url=base, trust_env=False) as once:
+                        if (await once.get("/v1/pool/status")).json()["backends"][0]["health"] == "healthy":
+                            break
+                except (httpx.TransportError, KeyError, IndexError, ValueError):
+                    pass
+                await anyio.sleep(0.05)
+        yield base
+    finally:
+        process.terminate()
+        with anyio.fail_after(20):
+            await process.wait()
+
+
+async def ask(base: str, statuses: list[int]) -> None:
+    async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=30) as own:
+        statuses.append((await own.post("/v1/chat/completions", json=CHAT)).status_code)
+
+
+@pytest.mark.parametrize("shape", ["two-replicas", "two-workers"])
+async def test_several_processes_never_exceed_a_backends_slots(store: Store, shape: str) -> None:
+    backend = SimulatedBackend(SimulatorConfig(models=("sim",), slots=2, tokens_per_second=40))
+    async with running(backend) as backend_url:
+        env = {
+            **os.environ,
+            "LIP_BACKENDS": backend_url,
+            "LIP_STATE": store.url,
+            "LIP_HEALTH_INTERVAL": "5",  # probes see busy slots too: the store alone must hold it
+            "LIP_PUBLIC_STATUS": "true",
+        }
+        statuses: list[int] = []
+        async with AsyncExitStack() as stack:
+            if shape == "two-replicas":
+                bases = [await stack.enter_async_context(fastapi_example(env)) for _ in range(2)]
+            else:
+                bases = [await stack.enter_async_context(fastapi_example(env, "--workers", "2"))]
+            async with anyio.create_task_group() as group:
+                for index in range(12):
+                    group.start_soon(ask, bases[index % len(bases)], statuses)
+    assert statuses == [200] * 12
+    assert backend.stats.peak_in_flight <= 2  # never a request beyond its slots, running or waiting
+    assert backend.stats.completed == 12
+    assert store.leases(backend_url.removeprefix("http://")) == 0

@@ -147,3 +147,15 @@ def test_every_command_has_complete_help() -> None:
         assert done.returncode == 0
         assert "usage: local-inference-pool" in done.stdout
         assert len(done.stdout.splitlines()) > 4
+
+
+def test_serve_with_several_workers_and_no_shared_state_is_refused_with_what_to_set(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LIP_BACKENDS", "http://127.0.0.1:9")
+    monkeypatch.delenv("LIP_STATE", raising=False)
+    assert main(["serve", "--workers", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "oversubscribe" in error
+    assert "pool.state" in error
+    assert "LIP_STATE" in error

@@ -50,14 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the pool under uvicorn, at /v1",
         description=(
             "Serve the OpenAI-compatible pool under uvicorn, mounted at /v1: point any OpenAI client at "
-            "http://HOST:PORT/v1. One process owns the slot accounting, so there is no worker count. "
-            "SIGINT/SIGTERM stop it cleanly: queued requests get 503, in-flight ones may finish within "
-            "pool.shutdown_grace seconds."
+            "http://HOST:PORT/v1. With --workers N, N processes serve one port and share their slot "
+            "accounting through pool.state (Redis). SIGINT/SIGTERM stop it cleanly: queued requests "
+            "get 503, in-flight ones may finish within pool.shutdown_grace seconds; a second signal "
+            "stops at once."
         ),
     )
     serve.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="serving processes on the one port; more than 1 needs pool.state (default: %(default)s)",
+    )
     _log_level(serve)
 
     check = commands.add_parser(
@@ -143,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return anyio.run(check, load_config(args.config), Console())
         if args.command == "serve":
-            return serve(args.config, args.host, args.port, args.log_level)
+            return serve(args.config, args.host, args.port, args.log_level, workers=args.workers)
         if args.command == "simulate":
             return simulate(args)
         if args.command == "demo":
@@ -209,7 +216,29 @@ async def check(config: PoolConfig, console: Console) -> int:
     return 0
 
 
-def serve(path: str | None, host: str, port: int, log_level: str) -> int:
+def serve(path: str | None, host: str, port: int, log_level: str, *, workers: int = 1) -> int:
+    config = load_config(path)
+    if not config.backends:
+        raise ConfigError("no backends: add [[backends]] to the config file or set LIP_BACKENDS")
+    if workers < 1:
+        raise ConfigError(f"--workers: {workers} is not allowed; expected 1 or more")
+    if workers > 1 and config.state is None:
+        raise ConfigError(
+            f"--workers {workers}: each process would count every slot as its own and together they "
+            'would oversubscribe the backends; set pool.state = "redis://host:6379/0" in the config '
+            "(or LIP_STATE) so that the processes share their leases, or serve with one worker"
+        )
+    _configure_logging(log_level)
+    if workers == 1:
+        return _serve_process(config, host, port, log_level, sockets=None, name="the pool")
+    return _serve_workers(path, host, port, log_level, workers)
+
+
+def _serve_process(
+    config: PoolConfig, host: str, port: int, log_level: str, *, sockets: list[Any] | None, name: str
+) -> int:
+    """One serving process: uvicorn without its own signal handling, ours instead (one line, no
+    traceback); on ``sockets`` when a parent bound them for its workers."""
     import uvicorn
 
     from local_inference_pool.app import create_standalone_app
@@ -220,10 +249,6 @@ def serve(path: str | None, host: str, port: int, log_level: str) -> int:
     )
     from local_inference_pool.serving import InProcessServer
 
-    config = load_config(path)
-    if not config.backends:
-        raise ConfigError("no backends: add [[backends]] to the config file or set LIP_BACKENDS")
-    _configure_logging(log_level)
     for quieter in (ClientLeftFilter(), CancelledAtShutdownFilter()):
         logging.getLogger("uvicorn.error").addFilter(quieter)
     app = create_standalone_app(config)
@@ -246,7 +271,9 @@ def serve(path: str | None, host: str, port: int, log_level: str) -> int:
         return 0 if runtime is None else int(runtime.pool.snapshot()["active_leases"])
 
     try:
-        anyio.run(_serve_until_stopped, server, running, config.shutdown_grace, f"{host}:{port}")
+        anyio.run(
+            _serve_until_stopped, server, running, config.shutdown_grace, f"{name} on {host}:{port}", sockets
+        )
     except (OSError, SystemExit) as exc:  # the port is taken, or the address is not ours
         if isinstance(exc, SystemExit) and not exc.code:
             return 0
@@ -255,8 +282,66 @@ def serve(path: str | None, host: str, port: int, log_level: str) -> int:
     return 0
 
 
+def _serve_workers(path: str | None, host: str, port: int, log_level: str, workers: int) -> int:
+    """``workers`` processes on one socket bound here, as uvicorn's own workers do; the kernel
+    spreads connections over them and the shared state spreads the slots. A terminal's Ctrl-C
+    reaches every process; a signal sent to this one alone is passed on to them."""
+    import multiprocessing
+
+    import uvicorn
+
+    try:
+        sock = uvicorn.Config(app=_no_app, host=host, port=port).bind_socket()
+    except SystemExit:
+        return 1  # uvicorn said why (the port is taken, or the address is not ours)
+    spawn = multiprocessing.get_context("spawn")
+    children = [
+        spawn.Process(target=_worker, args=(path, host, port, log_level, sock, index + 1, workers))
+        for index in range(workers)
+    ]
+    for child in children:
+        child.start()
+    sock.close()
+
+    def pass_on(number: int, _frame: object) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, number)
+
+    previous = {number: signal.signal(number, pass_on) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for child in children:
+            child.join()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    codes = [child.exitcode for child in children]
+    print(f"local-inference-pool: {workers} workers stopped (exit codes {codes})", flush=True)
+    return 0 if all(code in (0, 130) for code in codes) else 1
+
+
+def _worker(
+    path: str | None, host: str, port: int, log_level: str, sock: Any, index: int, workers: int
+) -> None:
+    # Signals reach every worker of a terminal's process group, and its parent passes on the rest:
+    # a worker must not also take SIGINT as KeyboardInterrupt before its loop handles it.
+    _configure_logging(log_level)
+    code = _serve_process(
+        load_config(path), host, port, log_level, sockets=[sock], name=f"worker {index}/{workers}"
+    )
+    sys.exit(code)
+
+
+async def _no_app(scope: Any, receive: Any, send: Any) -> None:
+    """uvicorn's Config needs an app to bind a socket; the workers bring their own."""
+
+
 async def _serve_until_stopped(
-    server: uvicorn.Server, running: Callable[[], int], grace: float, where: str
+    server: uvicorn.Server,
+    running: Callable[[], int],
+    grace: float,
+    where: str,
+    sockets: list[Any] | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM (to the process or its whole group, as a terminal's Ctrl-C):
     one line says what stops and how much is still running, which gets ``grace`` seconds; a second
@@ -274,7 +359,7 @@ async def _serve_until_stopped(
                     os._exit(130)  # asked twice: no more waiting for anything
                 stopping.append(name)
                 print(
-                    f"{name}: stopping the pool on {where}; {_requests(count)} still running "
+                    f"{name}: stopping {where}; {_requests(count)} still running "
                     f"get up to {grace:g} s (press Ctrl-C again to stop at once)",
                     flush=True,
                 )
@@ -282,7 +367,7 @@ async def _serve_until_stopped(
 
     async with anyio.create_task_group() as group:
         await group.start(on_signals)
-        await server.serve()
+        await server.serve(sockets=sockets)
         group.cancel_scope.cancel()
 
 

@@ -27,11 +27,17 @@ ROOT = Path(__file__).parent.parent.parent
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40}
 
 
+def fastapi_example(port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--port", str(port), *extra]
+
+
+def pool_serve(port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "local_inference_pool.cli", "serve", "--port", str(port), *extra]
+
+
 @asynccontextmanager
-async def fastapi_example(env: dict[str, str], *extra: str) -> AsyncIterator[str]:
-    """The example under uvicorn in a process of its own, until its pool says the backend is healthy."""
-    port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--port", str(port), *extra]
+async def serving_process(command: list[str], port: int, env: dict[str, str]) -> AsyncIterator[str]:
+    """A server in a process of its own, until its pool says the backend is healthy."""
     process: Process = await anyio.open_process([*command, "--log-level", "warning"], cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -56,7 +62,7 @@ async def ask(base: str, statuses: list[int]) -> None:
         statuses.append((await own.post("/v1/chat/completions", json=CHAT)).status_code)
 
 
-@pytest.mark.parametrize("shape", ["two-replicas", "two-workers"])
+@pytest.mark.parametrize("shape", ["two-replicas", "two-uvicorn-workers", "serve-workers-2"])
 async def test_several_processes_never_exceed_a_backends_slots(store: Store, shape: str) -> None:
     backend = SimulatedBackend(SimulatorConfig(models=("sim",), slots=2, tokens_per_second=40))
     async with running(backend) as backend_url:
@@ -69,10 +75,16 @@ async def test_several_processes_never_exceed_a_backends_slots(store: Store, sha
         }
         statuses: list[int] = []
         async with AsyncExitStack() as stack:
-            if shape == "two-replicas":
-                bases = [await stack.enter_async_context(fastapi_example(env)) for _ in range(2)]
-            else:
-                bases = [await stack.enter_async_context(fastapi_example(env, "--workers", "2"))]
+            ports = [free_port(), free_port()]
+            commands = {
+                "two-replicas": [fastapi_example(ports[0]), fastapi_example(ports[1])],
+                "two-uvicorn-workers": [fastapi_example(ports[0], "--workers", "2")],
+                "serve-workers-2": [pool_serve(ports[0], "--workers", "2")],
+            }[shape]
+            bases = [
+                await stack.enter_async_context(serving_process(command, port, env))
+                for command, port in zip(commands, ports, strict=False)
+            ]
             async with anyio.create_task_group() as group:
                 for index in range(12):
                     group.start_soon(ask, bases[index % len(bases)], statuses)

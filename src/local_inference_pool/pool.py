@@ -166,6 +166,7 @@ class Pool:
         self._fleet_releases: list[str] = []
         self._fleet_release_wanted: anyio.Event | None = None
         self._fleet_external: dict[str, int] = {}
+        self._views: dict[str, FleetView] = {}  # the last each backend's fleet was seen
         self._probe_external: dict[str, int] = {}
         self.state_reachable = True
         for backend in config.backends:
@@ -423,13 +424,19 @@ class Pool:
             loop.call_soon_threadsafe(self._release_on_loop, grant)
 
     def _release_on_loop(self, grant: Grant) -> None:
-        released = self._scheduler.release(grant)
         shared = self._shared
         if shared is not None and self._fleet_release_wanted is not None:
             lease_id = shared.lease_id(grant.id)
-            if lease_id in shared.held:
+            backend = shared.releasing(lease_id)
+            if backend is not None:
+                # The slot stays taken here until the store has the release: granted again sooner,
+                # its next claim would only lose to this very lease.
                 self._fleet_releases.append(lease_id)
                 self._fleet_release_wanted.set()
+                view = self._views.get(backend)
+                if view is not None:
+                    self._apply_fleet(backend, view)
+        released = self._scheduler.release(grant)
         if released and self._drained is not None and not self._scheduler.grants:
             self._drained.set()
 
@@ -607,16 +614,16 @@ class Pool:
 
     def _apply_fleet(self, name: str, view: FleetView) -> None:
         """What the other processes hold on a backend, as the scheduler's outside load and the
-        models its drain guard must respect."""
+        models its drain guard must respect; this process's releases still on their way count too."""
         shared = self._shared
         if shared is None or name not in self._scheduler.backends:
             return
-        own, own_models = shared.own(name)
-        self._fleet_external[name] = max(0, view.leases - own)
+        self._views[name] = view
+        self._fleet_external[name] = view.leases  # the others' (the store tells ours from theirs)
         self._scheduler.update_backend(
             name,
-            external_busy=max(self._fleet_external[name], self._probe_external.get(name, 0)),
-            foreign_models=[m for m, n in view.models.items() if n > own_models.get(m, 0)],
+            external_busy=max(view.leases, self._probe_external.get(name, 0)) + shared.releasing_on(name),
+            foreign_models=[m for m, n in view.models.items() if n > 0],
         )
 
     def _reachable(self, reachable: bool, why: str = "") -> None:
@@ -650,8 +657,7 @@ class Pool:
             try:
                 async for name in shared.released():
                     if name in self._scheduler.backends:
-                        views = await shared.renew([name])
-                        self._apply_fleet(name, views[name])
+                        self._apply_fleet(name, await shared.view(name))
             except StateUnavailableError as exc:
                 self._reachable(False, str(exc))
                 await anyio.sleep(1.0)  # then subscribe again; renewal re-reads meanwhile
@@ -671,13 +677,15 @@ class Pool:
         if shared is None:
             return True
         pending, self._fleet_releases = self._fleet_releases, []
-        for index, lease_id in enumerate(pending):
-            try:
-                await shared.release(lease_id)
-            except StateUnavailableError as exc:
-                self._reachable(False, str(exc))
-                self._fleet_releases = pending[index:] + self._fleet_releases
-                return False
+        try:
+            released = await shared.release(pending)  # one round trip for all of them
+        except StateUnavailableError as exc:
+            self._reachable(False, str(exc))
+            self._fleet_releases = pending + self._fleet_releases
+            return False
+        latest = dict(released)  # in order: the last view of each backend counts
+        for backend, view in latest.items():
+            self._apply_fleet(backend, view)  # the slots are free here now too
         return True
 
 

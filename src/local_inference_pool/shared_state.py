@@ -41,7 +41,30 @@ __all__ = ["FleetView", "SharedLeases"]
 
 logger = logging.getLogger(__name__)
 
-_EXPIRE = """
+_OTHERS = """
+-- What the other processes hold on this backend: their leases, and theirs per model. A lease id
+-- starts with its process's prefix, so the store itself tells ours from theirs at this moment.
+local function others(prefix)
+  local count, models, n = 0, {}, #prefix
+  local entries = redis.call('HGETALL', KEYS[2])
+  for i = 1, #entries, 2 do
+    if string.sub(entries[i], 1, n) ~= prefix then
+      count = count + 1
+      models[entries[i + 1]] = (models[entries[i + 1]] or 0) + 1
+    end
+  end
+  local reply = {count}
+  for model, leases in pairs(models) do
+    table.insert(reply, model)
+    table.insert(reply, leases)
+  end
+  return reply
+end
+"""
+
+_EXPIRE = (
+    _OTHERS
+    + """
 local now_t = redis.call('TIME')
 local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -52,6 +75,7 @@ for _, id in ipairs(dead) do
 end
 if #dead > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
 """
+)
 
 # KEYS: leases (zset id -> expiry), owners (hash id -> model), models (hash model -> leases), and
 # the lease's tombstone (left by a release that came before its claim: that claim must not land)
@@ -70,46 +94,56 @@ if ok == 1 then
   redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
   count = count + 1
 end
-local reply = {ok, count}
-for _, entry in ipairs(redis.call('HGETALL', KEYS[3])) do table.insert(reply, entry) end
+local reply = others(ARGV[6])
+table.insert(reply, 1, ok)
 return reply
 """
 )
 
-_RELEASE = """
+_RELEASE = (
+    _OTHERS
+    + """
 -- The tombstone: a claim cancelled on its way, or a renewal that read the lease just before, may
 -- still reach Redis after this release; both find it and leave the lease released.
 redis.call('SET', KEYS[4], 1, 'PX', ARGV[4])
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-local model = redis.call('HGET', KEYS[2], ARGV[1])
-if model and redis.call('HINCRBY', KEYS[3], model, -1) <= 0 then redis.call('HDEL', KEYS[3], model) end
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return 1
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  local model = redis.call('HGET', KEYS[2], ARGV[1])
+  if model and redis.call('HINCRBY', KEYS[3], model, -1) <= 0 then redis.call('HDEL', KEYS[3], model) end
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
+return others(ARGV[5])
 """
+)
 
-# ARGV: ttl_ms, then (lease id, model) pairs; KEYS[4...]: each pair's tombstone
+# What every process holds on one backend, its dead processes' leases expired first.
+_VIEW = (
+    _EXPIRE
+    + """
+return others(ARGV[1])
+"""
+)
+
+# ARGV: the process's prefix, ttl_ms, then (lease id, model) pairs; KEYS[4...]: each pair's tombstone
 _RENEW = (
     _EXPIRE
     + """
-for i = 2, #ARGV, 2 do
-  local tombstone = KEYS[3 + i / 2]
+for i = 3, #ARGV, 2 do
+  local tombstone = KEYS[3 + (i - 1) / 2]
   if redis.call('EXISTS', tombstone) == 0
-     and redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) == 1 then
+     and redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[i]) == 1 then
     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
     redis.call('HINCRBY', KEYS[3], ARGV[i + 1], 1)
   end
 end
-local reply = {redis.call('ZCARD', KEYS[1])}
-for _, entry in ipairs(redis.call('HGETALL', KEYS[3])) do table.insert(reply, entry) end
-return reply
+return others(ARGV[1])
 """
 )
 
 
 @dataclass(frozen=True)
 class FleetView:
-    """What every process together holds on one backend: leases, and leases per model."""
+    """What the other processes hold on one backend, as the store saw it: leases, and per model."""
 
     leases: int
     models: dict[str, int] = field(default_factory=dict)
@@ -125,6 +159,7 @@ class _Held:
     backend: str
     model: str
     claimed: bool = False  # the claim won; until then it may or may not be in the store
+    releasing: bool = False  # given back here; the store has not heard yet
 
 
 class SharedLeases:
@@ -133,6 +168,7 @@ class SharedLeases:
 
     def __init__(self, url: str, *, lease_ttl: float, prefix: str = "lip", timeout: float = 2.0) -> None:
         self.process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._ours = self.process + ":"  # every lease id of this process starts so
         self.lease_ttl = lease_ttl
         self.channel = f"{{{prefix}}}:freed"
         self._prefix = prefix
@@ -142,6 +178,7 @@ class SharedLeases:
         self._claim = self._client.register_script(_CLAIM)
         self._release = self._client.register_script(_RELEASE)
         self._renew = self._client.register_script(_RENEW)
+        self._view = self._client.register_script(_VIEW)
         self.held: dict[str, _Held] = {}  # lease id -> where: claimed, or maybe claimed (in flight)
 
     def _keys(self, backend: str, lease_id: str = "") -> list[str]:
@@ -163,7 +200,7 @@ class SharedLeases:
         try:
             reply = await self._claim(
                 keys=self._keys(backend, lease_id),
-                args=[lease_id, model, capacity, max_models, int(self.lease_ttl * 1000)],
+                args=[lease_id, model, capacity, max_models, int(self.lease_ttl * 1000), self._ours],
             )
         except RedisError as exc:
             raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
@@ -174,19 +211,43 @@ class SharedLeases:
             del self.held[lease_id]
         return bool(int(reply[0])), view
 
-    async def release(self, lease_id: str) -> None:
-        """Give a lease back fleet-wide (idempotent). Kept as held while the store is away."""
+    def releasing(self, lease_id: str) -> str | None:
+        """Mark a held lease as given back here (its release is on its way); its backend, or None."""
         held = self.held.get(lease_id)
         if held is None:
-            return
+            return None
+        held.releasing = True
+        return held.backend
+
+    async def release(self, lease_ids: list[str]) -> list[tuple[str, FleetView]]:
+        """Give leases back fleet-wide, in one round trip (idempotent); each backend's fleet view
+        after its release. All of them stay held while the store is away."""
+        wanted = [(lease_id, self.held[lease_id]) for lease_id in lease_ids if lease_id in self.held]
+        if not wanted:
+            return []
         try:
-            await self._release(
-                keys=self._keys(held.backend, lease_id),
-                args=[lease_id, self.channel, held.backend, int(self.lease_ttl * 1000)],
-            )
+            async with self._client.pipeline(transaction=False) as pipe:
+                for lease_id, held in wanted:
+                    await self._release(
+                        keys=self._keys(held.backend, lease_id),
+                        args=[
+                            lease_id,
+                            self.channel,
+                            f"{held.backend}\n{self.process}",
+                            int(self.lease_ttl * 1000),
+                            self._ours,
+                        ],
+                        client=pipe,
+                    )
+                replies = await pipe.execute()
         except RedisError as exc:
             raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
-        self.held.pop(lease_id, None)
+        for lease_id, _ in wanted:
+            self.held.pop(lease_id, None)
+        return [
+            (held.backend, FleetView.from_reply(reply))
+            for (_, held), reply in zip(wanted, replies, strict=True)
+        ]
 
     async def renew(self, backends: Iterable[str]) -> dict[str, FleetView]:
         """Extend the held leases on ``backends`` (re-adding any the store lost) and read each one's
@@ -204,7 +265,7 @@ class SharedLeases:
                     pairs = [item for lease_id in ids for item in (lease_id, self.held[lease_id].model)]
                     await self._renew(
                         keys=[*self._keys(backend)[:3], *tombstones],
-                        args=[int(self.lease_ttl * 1000), *pairs],
+                        args=[self._ours, int(self.lease_ttl * 1000), *pairs],
                         client=pipe,
                     )
                 replies = await pipe.execute()
@@ -214,26 +275,33 @@ class SharedLeases:
             views[backend] = FleetView.from_reply(reply)
         return views
 
+    async def view(self, backend: str) -> FleetView:
+        """What every process holds on ``backend`` now (read only: nothing is renewed)."""
+        try:
+            return FleetView.from_reply(await self._view(keys=self._keys(backend), args=[self._ours]))
+        except RedisError as exc:
+            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+
     async def released(self) -> AsyncIterator[str]:
-        """The names of backends where a lease is released, by any process, as it happens."""
+        """The names of backends where another process released a lease, as it happens (this
+        process's own releases are known here already)."""
         try:
             async with self._client.pubsub(ignore_subscribe_messages=True) as subscription:
                 await subscription.subscribe(self.channel)
                 async for message in subscription.listen():
-                    yield _text(message["data"])
+                    backend, _, process = _text(message["data"]).partition("\n")
+                    if process != self.process:
+                        yield backend
         except RedisError as exc:
             raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def own(self, backend: str) -> tuple[int, dict[str, int]]:
-        """This process's leases on ``backend``, in all and per model (claims in flight included)."""
-        models: dict[str, int] = {}
-        for held in self.held.values():
-            if held.backend == backend:
-                models[held.model] = models.get(held.model, 0) + 1
-        return sum(models.values()), models
+    def releasing_on(self, backend: str) -> int:
+        """This process's leases on ``backend`` given back here whose release the store has not had
+        yet: still taken there, so they must stay taken here too."""
+        return sum(1 for held in self.held.values() if held.backend == backend and held.releasing)
 
 
 def _text(value: Any) -> str:

@@ -38,6 +38,14 @@ def pool_serve(port: int, *extra: str) -> list[str]:
 @asynccontextmanager
 async def serving_process(command: list[str], port: int, env: dict[str, str]) -> AsyncIterator[str]:
     """A server in a process of its own, until its pool says the backend is healthy."""
+    async with serving_process_handle(command, port, env) as (base, _process):
+        yield base
+
+
+@asynccontextmanager
+async def serving_process_handle(
+    command: list[str], port: int, env: dict[str, str]
+) -> AsyncIterator[tuple[str, Process]]:
     process: Process = await anyio.open_process([*command, "--log-level", "warning"], cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -50,9 +58,10 @@ async def serving_process(command: list[str], port: int, env: dict[str, str]) ->
                 except (httpx.TransportError, KeyError, IndexError, ValueError):
                     pass
                 await anyio.sleep(0.05)
-        yield base
+        yield base, process
     finally:
-        process.terminate()
+        if process.returncode is None:
+            process.terminate()
         with anyio.fail_after(20):
             await process.wait()
 
@@ -91,4 +100,44 @@ async def test_several_processes_never_exceed_a_backends_slots(store: Store, sha
     assert statuses == [200] * 12
     assert backend.stats.peak_in_flight <= 2  # never a request beyond its slots, running or waiting
     assert backend.stats.completed == 12
+    assert store.leases(backend_url.removeprefix("http://")) == 0
+
+
+async def test_a_replica_killed_mid_stream_gives_its_slot_back_within_lease_ttl(store: Store) -> None:
+    backend = SimulatedBackend(SimulatorConfig(models=("sim",), slots=2, tokens_per_second=20))
+    async with running(backend) as backend_url:
+        env = {
+            **os.environ,
+            "LIP_BACKENDS": backend_url,
+            "LIP_STATE": store.url,
+            "LIP_LEASE_TTL": "2",
+            "LIP_HEALTH_INTERVAL": "5",
+            "LIP_PUBLIC_STATUS": "true",
+        }
+        ports = [free_port() for _ in range(3)]
+        async with AsyncExitStack() as stack:
+            replicas = [
+                await stack.enter_async_context(serving_process_handle(pool_serve(port), port, env))
+                for port in ports
+            ]
+            body = {**CHAT, "stream": True, "max_tokens": 400}  # 20 s of tokens: long past the kill
+            doomed = await stack.enter_async_context(
+                httpx.AsyncClient(base_url=replicas[0][0], trust_env=False, timeout=30)
+            )
+            stream = await stack.enter_async_context(doomed.stream("POST", "/v1/chat/completions", json=body))
+            chunks = stream.aiter_bytes()
+            await anext(chunks)  # replica 0 holds one of the 2 slots, mid-stream
+            survivor = await stack.enter_async_context(
+                httpx.AsyncClient(base_url=replicas[1][0], trust_env=False, timeout=30)
+            )
+            held = await stack.enter_async_context(survivor.stream("POST", "/v1/chat/completions", json=body))
+            held_chunks = held.aiter_bytes()  # kept: a dropped iterator closes its response
+            await anext(held_chunks)  # the other slot, held by a live replica all along
+            replicas[0][1].kill()  # SIGKILL: no release, no goodbye
+            await replicas[0][1].wait()
+            statuses: list[int] = []
+            with anyio.fail_after(10):  # only once the dead replica's lease expires (lease_ttl 2 s)
+                await ask(replicas[2][0], statuses)
+    assert statuses == [200]
+    assert backend.stats.peak_in_flight <= 2
     assert store.leases(backend_url.removeprefix("http://")) == 0

@@ -141,3 +141,50 @@ async def test_a_replica_killed_mid_stream_gives_its_slot_back_within_lease_ttl(
     assert statuses == [200]
     assert backend.stats.peak_in_flight <= 2
     assert store.leases(backend_url.removeprefix("http://")) == 0
+
+
+async def test_the_store_killed_and_restarted_mid_load_fails_closed_then_recovers(store: Store) -> None:
+    backend = SimulatedBackend(SimulatorConfig(models=("sim",), slots=2, tokens_per_second=20))
+    async with running(backend) as backend_url:
+        env = {
+            **os.environ,
+            "LIP_BACKENDS": backend_url,
+            "LIP_STATE": store.url,
+            "LIP_LEASE_TTL": "3",
+            "LIP_HEALTH_INTERVAL": "5",
+            "LIP_PUBLIC_STATUS": "true",
+        }
+        port = free_port()
+        async with AsyncExitStack() as stack:
+            base = await stack.enter_async_context(serving_process(pool_serve(port), port, env))
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(base_url=base, trust_env=False, timeout=30)
+            )
+            body = {**CHAT, "stream": True, "max_tokens": 60}  # 3 s of tokens
+            in_flight = await stack.enter_async_context(
+                client.stream("POST", "/v1/chat/completions", json=body)
+            )
+            chunks = in_flight.aiter_bytes()
+            received = await anext(chunks)
+            store.stop()  # the store goes away mid-stream
+            with anyio.fail_after(10):  # a clear answer within a few seconds, never a hang
+                refused = await client.post("/v1/chat/completions", json=CHAT)
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "state_unavailable"
+            async for chunk in chunks:  # the request already under way finishes
+                received += chunk
+            assert received.rstrip().endswith(b"data: [DONE]")
+            store.start()  # back, and empty: no persistence
+            with anyio.fail_after(15):
+                while (answer := await client.post("/v1/chat/completions", json=CHAT)).status_code != 200:
+                    assert answer.json()["error"]["code"] == "state_unavailable"
+                    await anyio.sleep(0.2)
+            statuses: list[int] = []
+            async with anyio.create_task_group() as group:
+                for _ in range(6):
+                    group.start_soon(ask, base, statuses)
+            with anyio.fail_after(10):  # releases sent while the store was away are sent now
+                while store.leases(backend_url.removeprefix("http://")):
+                    await anyio.sleep(0.05)
+    assert statuses == [200] * 6
+    assert backend.stats.peak_in_flight <= 2

@@ -315,7 +315,11 @@ async def _status(request: Request) -> Response:
     runtime = _observer(request)
     if isinstance(runtime, Response):
         return runtime
-    return JSONResponse({**runtime.pool.snapshot(), "traffic": runtime.metrics.traffic()})
+    snapshot = runtime.pool.snapshot()
+    if snapshot["shared_state"] is not None:
+        with anyio.move_on_after(2):  # a status page never hangs on the store
+            snapshot["shared_state"]["processes"] = await runtime.pool.fleet()
+    return JSONResponse({**snapshot, "traffic": runtime.metrics.traffic()})
 
 
 async def _metrics(request: Request) -> Response:

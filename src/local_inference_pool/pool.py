@@ -554,6 +554,17 @@ class Pool:
         )
         return state
 
+    async def fleet(self) -> list[dict[str, Any]] | None:
+        """With shared state: every live process of the fleet and its leases (None: no shared
+        state; a list with only an error when the store cannot be reached)."""
+        shared = self._shared
+        if shared is None:
+            return None
+        try:
+            return await shared.processes()
+        except StateUnavailableError as exc:
+            return [{"error": str(exc)}]
+
     @property
     def scheduler(self) -> Scheduler:
         return self._scheduler
@@ -641,6 +652,7 @@ class Pool:
         while True:
             try:
                 views = await shared.renew(list(self._scheduler.backends))
+                await shared.heartbeat(len(shared.held))
             except StateUnavailableError as exc:
                 self._reachable(False, str(exc))
             else:

@@ -24,6 +24,7 @@ probes; a probe is three GETs per interval per backend), session affinity.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -248,6 +249,28 @@ class SharedLeases:
             (held.backend, FleetView.from_reply(reply))
             for (_, held), reply in zip(wanted, replies, strict=True)
         ]
+
+    async def heartbeat(self, leases: int) -> None:
+        """Say this process is alive, with how many leases it holds; gone within ``lease_ttl``."""
+        record = json.dumps({"process": self.process, "leases": leases, "lease_ttl": self.lease_ttl})
+        try:
+            await self._client.set(
+                f"{{{self._prefix}}}:process:{self.process}", record, px=int(self.lease_ttl * 1000)
+            )
+        except RedisError as exc:
+            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+
+    async def processes(self) -> list[dict[str, Any]]:
+        """Every live process of the fleet, with its leases (from their heartbeats)."""
+        try:
+            keys = [
+                key async for key in self._client.scan_iter(match=f"{{{self._prefix}}}:process:*", count=100)
+            ]
+            records = await self._client.mget(keys) if keys else []
+        except RedisError as exc:
+            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+        alive = [json.loads(record) for record in records if record is not None]
+        return sorted(alive, key=lambda record: str(record["process"]))
 
     async def renew(self, backends: Iterable[str]) -> dict[str, FleetView]:
         """Extend the held leases on ``backends`` (re-adding any the store lost) and read each one's

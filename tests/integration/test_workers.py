@@ -138,6 +138,14 @@ async def test_a_replica_killed_mid_stream_gives_its_slot_back_within_lease_ttl(
             statuses: list[int] = []
             with anyio.fail_after(10):  # only once the dead replica's lease expires (lease_ttl 2 s)
                 await ask(replicas[2][0], statuses)
+            with anyio.fail_after(10):  # the fleet, as any replica shows it: the two alive
+                while True:
+                    status = (await survivor.get("/v1/pool/status")).json()["shared_state"]
+                    if len(status["processes"]) == 2:
+                        break
+                    await anyio.sleep(0.1)
+            assert {p["leases"] for p in status["processes"]} <= {0, 1}
+            assert status["process"] in {p["process"] for p in status["processes"]}
     assert statuses == [200]
     assert backend.stats.peak_in_flight <= 2
     assert store.leases(backend_url.removeprefix("http://")) == 0

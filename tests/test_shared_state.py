@@ -3,6 +3,7 @@ free loopback port, persistence off, and stops it). The store's own counts are c
 
 from __future__ import annotations
 
+import asyncio
 import random
 import signal
 import sys
@@ -196,3 +197,24 @@ async def test_busy_slots_a_server_reports_for_other_pools_are_not_counted_twice
         assert store.leases() == SLOTS
         for lease in [*theirs, mine]:
             lease.release()
+
+
+async def test_two_v07_programs_on_one_store_share_the_drain_guard(store: Store) -> None:
+    from local_inference_pool.compat import ConcurrentDispatcher, ServerPool
+
+    url = "http://gpu:1234"
+
+    def program() -> ServerPool:
+        pool = ServerPool([url], config=PoolConfig(state=store.url))
+        pool.servers[url].available_models = ["model-a", "model-b"]
+        return pool
+
+    async with program() as first, program() as second:
+        held = await ConcurrentDispatcher(first).submit("model-a")
+        other = asyncio.ensure_future(ConcurrentDispatcher(second).submit("model-b", timeout=10))
+        await anyio.sleep(0.3)
+        assert not other.done()  # the server is busy with model-a in the other program
+        first.release_server(held)
+        with anyio.fail_after(5):
+            assert await other == url
+        second.release_server(url)

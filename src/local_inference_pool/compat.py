@@ -240,6 +240,16 @@ class ServerPool:
 
     # --- manifests -------------------------------------------------------------------------
 
+    async def __aenter__(self) -> ServerPool:
+        """Not in v0.7: with ``config=PoolConfig(state=...)`` the pool must be entered, so that it
+        connects to the shared store and renews its leases (``async with ServerPool(...) as pool``).
+        Two programs entered on one store share their slots and the drain guard."""
+        await self.pool.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.pool.__aexit__(None, None, None)
+
     async def refresh_all_manifests(self) -> None:
         """GET /v1/models on every server (with its key). Never raises: errors are stored."""
         async with (

@@ -66,6 +66,19 @@ async def serving_process_handle(
             await process.wait()
 
 
+def fleet_env(backend_url: str, store: Store, **pool: str) -> dict[str, str]:
+    """What every serving process of one test's fleet gets: the backend, the store, its settings.
+    Probes every 5 s: they read busy slots too, and the store alone must hold the slots here."""
+    settings = {
+        "backends": backend_url,
+        "state": store.url,
+        "health_interval": "5",
+        "public_status": "true",
+        **pool,
+    }
+    return {**os.environ, **{f"LIP_{key.upper()}": value for key, value in settings.items()}}
+
+
 async def ask(base: str, statuses: list[int]) -> None:
     async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=30) as own:
         statuses.append((await own.post("/v1/chat/completions", json=CHAT)).status_code)
@@ -75,13 +88,7 @@ async def ask(base: str, statuses: list[int]) -> None:
 async def test_several_processes_never_exceed_a_backends_slots(store: Store, shape: str) -> None:
     backend = SimulatedBackend(SimulatorConfig(models=("sim",), slots=2, tokens_per_second=40))
     async with running(backend) as backend_url:
-        env = {
-            **os.environ,
-            "LIP_BACKENDS": backend_url,
-            "LIP_STATE": store.url,
-            "LIP_HEALTH_INTERVAL": "5",  # probes see busy slots too: the store alone must hold it
-            "LIP_PUBLIC_STATUS": "true",
-        }
+        env = fleet_env(backend_url, store)
         statuses: list[int] = []
         async with AsyncExitStack() as stack:
             ports = [free_port(), free_port()]
@@ -106,14 +113,7 @@ async def test_several_processes_never_exceed_a_backends_slots(store: Store, sha
 async def test_a_replica_killed_mid_stream_gives_its_slot_back_within_lease_ttl(store: Store) -> None:
     backend = SimulatedBackend(SimulatorConfig(models=("sim",), slots=2, tokens_per_second=20))
     async with running(backend) as backend_url:
-        env = {
-            **os.environ,
-            "LIP_BACKENDS": backend_url,
-            "LIP_STATE": store.url,
-            "LIP_LEASE_TTL": "2",
-            "LIP_HEALTH_INTERVAL": "5",
-            "LIP_PUBLIC_STATUS": "true",
-        }
+        env = fleet_env(backend_url, store, lease_ttl="2")
         ports = [free_port() for _ in range(3)]
         async with AsyncExitStack() as stack:
             replicas = [
@@ -154,14 +154,7 @@ async def test_a_replica_killed_mid_stream_gives_its_slot_back_within_lease_ttl(
 async def test_the_store_killed_and_restarted_mid_load_fails_closed_then_recovers(store: Store) -> None:
     backend = SimulatedBackend(SimulatorConfig(models=("sim",), slots=2, tokens_per_second=20))
     async with running(backend) as backend_url:
-        env = {
-            **os.environ,
-            "LIP_BACKENDS": backend_url,
-            "LIP_STATE": store.url,
-            "LIP_LEASE_TTL": "3",
-            "LIP_HEALTH_INTERVAL": "5",
-            "LIP_PUBLIC_STATUS": "true",
-        }
+        env = fleet_env(backend_url, store, lease_ttl="3")
         port = free_port()
         async with AsyncExitStack() as stack:
             base = await stack.enter_async_context(serving_process(pool_serve(port), port, env))

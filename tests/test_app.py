@@ -447,8 +447,10 @@ async def test_without_the_shared_state_store_requests_get_503_state_unavailable
         with anyio.fail_after(10):  # within a few seconds, never a hang
             response = await client.post("/chat/completions", json=CHAT)
         status = (await client.get("/pool/status")).json()
+        metrics = (await client.get("/pool/metrics")).text
     assert_openai_error(response, 503, "state_unavailable")
     assert "secret" not in response.text
     assert status["shared_state"]["reachable"] is False
     assert "secret" not in str(status)
     assert status["active_leases"] == 0  # the slot taken for the claim was given back
+    assert "lip_state_reachable 0.0" in metrics

@@ -269,3 +269,19 @@ class _PoolCollector(Collector):
         for result in ("hit", "miss", "repin"):
             affinity.add_metric([result], state["stats"][f"affinity_{result}"])
         yield from (depth, oldest, slots, busy, health, loads, openings, affinity)
+        shared = state["shared_state"]
+        if shared is not None:  # only where leases are shared with other processes
+            reachable = GaugeMetricFamily("lip_state_reachable", "1 while the shared state store answers.")
+            reachable.add_metric([], 1.0 if shared["reachable"] else 0.0)
+            held = GaugeMetricFamily(
+                "lip_state_leases_held", "Leases this process holds in the shared state."
+            )
+            held.add_metric([], shared["leases_held"])
+            fleet = GaugeMetricFamily(
+                "lip_backend_fleet_leases",
+                "Leases other processes hold per backend, as last seen.",
+                labels=["backend"],
+            )
+            for backend in state["backends"]:
+                fleet.add_metric([backend["name"]], backend.get("fleet_leases", 0))
+            yield from (reachable, held, fleet)

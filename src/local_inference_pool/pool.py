@@ -538,6 +538,8 @@ class Pool:
             configured = self._backend_configs.get(backend["name"])
             backend["kind"] = configured.kind if configured else "auto"
             backend["warm_models"] = sorted(self._warm.get(backend["name"], {}))
+            if self.config.state is not None:
+                backend["fleet_leases"] = self._fleet_external.get(backend["name"], 0)
             backend.update(self._info.get(backend["name"], {}))
         state["closed"] = self._closed
         shared = self._shared

@@ -60,3 +60,8 @@ class Store:
     def models(self, backend: str = "a") -> dict[str, int]:
         raw: dict[bytes, bytes] = redis.Redis(port=self.port).hgetall(f"{{lip}}:{backend}:models")  # type: ignore[assignment]
         return {k.decode(): int(v) for k, v in raw.items()}
+
+    def queue(self, model: str) -> dict[str, int]:
+        """The fleet's queue for ``model``: each process's head, as how many wait there."""
+        raw: dict[bytes, bytes] = redis.Redis(port=self.port).hgetall(f"{{lip}}:queue:{model}")  # type: ignore[assignment]
+        return {k.decode(): int(v.split()[3]) for k, v in raw.items()}

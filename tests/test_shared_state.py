@@ -17,6 +17,7 @@ import pytest
 from local_inference_pool import BackendConfig, Pool, PoolConfig
 from local_inference_pool.errors import StateUnavailableError
 from local_inference_pool.pool import Lease
+from local_inference_pool.scheduler import Affinity
 
 from .redis_store import Store
 
@@ -218,3 +219,172 @@ async def test_two_v07_programs_on_one_store_share_the_drain_guard(store: Store)
         with anyio.fail_after(5):
             assert await other == url
         second.release_server(url)
+
+
+async def queued(store: Store, model: str, processes: int) -> None:
+    """Until the fleet's queue for ``model`` holds a head from ``processes`` processes."""
+    with anyio.fail_after(5):
+        while len(store.queue(model)) < processes:
+            await anyio.sleep(0.01)
+
+
+async def test_a_freed_slot_goes_to_the_earliest_waiter_of_the_fleet_not_of_its_process(
+    store: Store,
+) -> None:
+    async with pools(store, 2) as (first, second), anyio.create_task_group() as group:
+        held = [await first.acquire("m") for _ in range(SLOTS)]
+        order: list[str] = []
+
+        async def wait(pool: Pool, name: str) -> None:
+            lease = await pool.acquire("m", timeout=None)
+            order.append(name)
+            held.append(lease)
+
+        group.start_soon(wait, second, "second's, earlier")
+        await queued(store, "m", 1)
+        group.start_soon(wait, first, "first's, later")
+        await queued(store, "m", 2)
+        held.pop(0).release()  # in the process of the later waiter: it must still go to the earlier
+        with anyio.fail_after(5):
+            while not order:
+                await anyio.sleep(0.01)
+        assert order == ["second's, earlier"]
+        held.pop(0).release()
+        with anyio.fail_after(5):
+            while len(order) < 2:
+                await anyio.sleep(0.01)
+        assert order == ["second's, earlier", "first's, later"]
+        for lease in held:
+            lease.release()
+
+
+async def test_a_process_with_many_waiters_does_not_starve_one_with_few(store: Store) -> None:
+    async with pools(store, 2) as (crowd, single), anyio.create_task_group() as group:
+        held = [await crowd.acquire("m") for _ in range(SLOTS)]
+        order: list[str] = []
+
+        async def wait(pool: Pool, name: str) -> None:
+            lease = await pool.acquire("m", timeout=None)
+            order.append(name)
+            lease.release()  # at once: the next one in the fleet's order gets the slot
+
+        for number in range(4):
+            group.start_soon(wait, crowd, f"crowd {number}")
+            with anyio.fail_after(5):
+                while crowd.scheduler.waiting < number + 1:
+                    await anyio.sleep(0.01)
+        await queued(store, "m", 1)
+        group.start_soon(wait, single, "single")
+        await queued(store, "m", 2)
+        for number in range(4, 8):
+            group.start_soon(wait, crowd, f"crowd {number}")
+        with anyio.fail_after(5):
+            while crowd.scheduler.waiting < 8:
+                await anyio.sleep(0.01)
+        lease = held.pop()
+        lease.release()
+        with anyio.fail_after(10):
+            while len(order) < 9:
+                await anyio.sleep(0.01)
+        assert order.index("single") <= 4, order  # after the 4 that came before it, not after all 8
+        for lease in held:
+            lease.release()
+
+
+async def test_batching_by_model_holds_fleet_wide_until_a_waiter_starves(store: Store) -> None:
+    # One slot, one model at a time. A stream of requests for m in one process keeps the backend
+    # on m; a request for x in the other waits (no swap for it) until it starves, then the backend
+    # drains and serves it.
+    async with pools(store, 2, starvation_bound=0.5) as (busy, other):
+        stop = anyio.Event()
+        served_m = 0
+
+        async def stream_of_m() -> None:
+            nonlocal served_m
+            while not stop.is_set():
+                async with busy.acquire("m", timeout=None):
+                    served_m += 1
+                    await anyio.sleep(0.02)
+
+        async with anyio.create_task_group() as group:
+            for _ in range(SLOTS + 1):
+                group.start_soon(stream_of_m)
+            with anyio.fail_after(5):
+                while served_m < SLOTS:
+                    await anyio.sleep(0.01)
+            started = anyio.current_time()
+            with anyio.fail_after(10):
+                lease = await other.acquire("x", timeout=None)
+            waited = anyio.current_time() - started
+            assert store.models() == {"x": 1}  # the backend drained for it
+            assert served_m > SLOTS  # m kept being served meanwhile: no swap before it starved
+            assert waited >= 0.4, waited
+            lease.release()
+            stop.set()
+
+
+async def test_a_session_goes_back_to_its_backend_from_another_process(store: Store) -> None:
+    backends = tuple(
+        BackendConfig(url=f"http://{name}:8080", name=name, slots=1, models=("m",)) for name in "ab"
+    )
+    settings = PoolConfig(backends=backends, state=store.url)
+    async with Pool(settings) as first, Pool(settings) as second:
+        blocker = await first.acquire("m")  # on a: the session's first turn goes to b
+        turn = await first.acquire("m", session="conversation-1")
+        assert (blocker.backend, turn.backend) == ("a", "b")
+        blocker.release()
+        turn.release()
+        with anyio.fail_after(5):
+            while store.leases("a") or store.leases("b"):
+                await anyio.sleep(0.01)
+        # The next turn lands on the other process, where both backends are idle and a is first.
+        next_turn = await second.acquire("m", session="conversation-1")
+        assert next_turn.backend == "b"
+        assert next_turn.affinity is Affinity.HIT
+        next_turn.release()
+
+
+HEAD_HOLDER = textwrap.dedent(
+    """
+    import anyio, sys
+    from local_inference_pool import BackendConfig, Pool, PoolConfig
+
+    async def main() -> None:
+        backend = BackendConfig(url="http://a:8080", name="a", slots=3, models=("m", "x"), max_loaded_models=1)
+        async with Pool(PoolConfig(backends=(backend,), state=sys.argv[1], lease_ttl=1.0)) as pool:
+            leases = [await pool.acquire("m") for _ in range(3)]
+
+            async def wait() -> None:
+                await pool.acquire("m", timeout=None)  # the head of this process's queue
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait)
+                while pool.scheduler.waiting < 1:
+                    await anyio.sleep(0.01)
+                print("holding", len(leases), "and waiting", flush=True)
+                await anyio.sleep_forever()
+
+    anyio.run(main)
+    """
+)
+
+
+async def test_the_queue_head_of_a_process_killed_with_sigkill_stops_holding_slots(store: Store) -> None:
+    holder = await anyio.open_process([sys.executable, "-c", HEAD_HOLDER, store.url])
+    try:
+        assert holder.stdout is not None
+        with anyio.fail_after(10):
+            assert b"and waiting" in await holder.stdout.receive()
+        await queued(store, "m", 1)
+        holder.send_signal(signal.SIGKILL)
+        await holder.wait()
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+    async with pools(store, 1) as (survivor,):
+        with anyio.fail_after(5):  # lease_ttl 1 s: its leases and its waiting head expire
+            leases = [await survivor.acquire("m", timeout=None) for _ in range(SLOTS)]
+        assert store.queue("m") == {}
+        for lease in leases:
+            lease.release()

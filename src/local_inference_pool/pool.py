@@ -36,6 +36,7 @@ from local_inference_pool.backends.openai import (
 )
 from local_inference_pool.config import BackendConfig, PoolConfig, shown_state
 from local_inference_pool.errors import PoolClosedError, StateUnavailableError, WrongEventLoopError
+from local_inference_pool.fleet import Claimed, FleetView, Head, Standing
 from local_inference_pool.scheduler import Affinity, Grant, Health, Scheduler, Ticket, TicketState
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
     from local_inference_pool.compat import ServerPool
-    from local_inference_pool.shared_state import FleetView, SharedLeases
+    from local_inference_pool.shared_state import SharedLeases
 
 __all__ = ["Lease", "Pool", "ServerPool"]
 
@@ -167,6 +168,8 @@ class Pool:
         self._fleet_release_wanted: anyio.Event | None = None
         self._fleet_external: dict[str, int] = {}
         self._views: dict[str, FleetView] = {}  # the last each backend's fleet was seen
+        self._heads_wanted: anyio.Event | None = None  # set when this process's queue heads changed
+        self._published_heads: dict[str, tuple[int, float]] = {}  # model -> (priority, arrival)
         self._probe_external: dict[str, int] = {}
         self.state_reachable = True
         for backend in config.backends:
@@ -282,11 +285,28 @@ class Pool:
     async def _acquire(
         self, *, model: str, priority: int, session: str | None, timeout: float | None, pin: str | None
     ) -> Lease:
+        if session is not None:
+            await self.recall_session(session)
         ticket = self.submit(model, priority=priority, session=session, timeout=timeout, pin=pin)
         lease = self.granted(ticket)
         if lease is not None and self._shared is None:
             return lease
         return await self.settle(ticket, lease)
+
+    async def recall_session(self, session: str) -> None:
+        """With shared state, before submitting a request of ``session``: learn which backend the
+        fleet last served the session on (a turn that went to another process), so placement
+        prefers it. Without shared state, or when the store cannot be reached, nothing."""
+        shared = self._shared
+        if shared is None or not self.config.affinity:
+            return
+        try:
+            backend = await shared.session(session)
+        except StateUnavailableError as exc:
+            self._reachable(False, str(exc))
+            return  # the claim that follows fails closed
+        if backend is not None:
+            self._scheduler.remember_affinity(session, backend)
 
     @property
     def shared(self) -> bool:
@@ -297,9 +317,10 @@ class Pool:
     async def settle(self, ticket: Ticket, lease: Lease | None = None) -> Lease:
         """The ticket's lease once it is granted and, with shared state, claimed fleet-wide.
 
-        A claim that loses (other processes hold the backend's slots, or another model is active
-        there) hands the grant back, takes what the claim saw as outside load, and queues the
-        request again with what is left of its deadline. Cancelled at any point, nothing is held.
+        A claim that loses (other processes hold the backend's slots, another model is active
+        there, or the free slots belong to requests that came earlier to other processes) hands the
+        grant back, takes what the claim saw as outside load, and queues the request again in its
+        place, with what is left of its deadline. Cancelled at any point, nothing is held.
         """
         while True:
             if lease is None:
@@ -314,20 +335,26 @@ class Pool:
                     )
                 return lease
             grant = lease._grant
-            backend = grant.backend
+            ticket = grant.ticket
+            name = grant.backend.name
             try:
-                won, view = await shared.claim(
+                outcome, view = await shared.claim(
                     shared.lease_id(grant.id),
-                    backend.name,
+                    name,
                     grant.model,
-                    capacity=max(1, backend.slots - self._outside_load(backend.name)),
-                    max_models=backend.max_loaded_models,
+                    self._standing(name),
+                    priority=ticket.priority,
+                    waited=self._clock() - ticket.arrival,
+                    queued=ticket.pin is None,  # a pinned retry already waited its turn
+                    session=ticket.affinity_key,
                 )
             except BaseException:
                 lease.release()  # also gives back a claim that may have reached the store
                 raise
-            self._apply_fleet(backend.name, view)
-            if won:
+            # On a loss to earlier waiters elsewhere, the view holds the free slots for them, so
+            # the request is not granted here again until the fleet changes.
+            self._apply_fleet(name, view)
+            if outcome is Claimed.WON:
                 return lease
             lease.release()
             deadline = ticket.deadline
@@ -337,6 +364,7 @@ class Pool:
                 session=ticket.affinity_key,
                 timeout=None if deadline is None else max(0.0, deadline - self._clock()),
                 pin=ticket.pin,
+                arrival=ticket.arrival,
             )
             lease = self.granted(ticket)
 
@@ -348,10 +376,12 @@ class Pool:
         session: str | None = None,
         timeout: float | None = _DEFAULT,
         pin: str | None = None,
+        arrival: float | None = None,
     ) -> Ticket:
         """Queue a request without waiting: it may come back granted (``granted``), else ``wait`` for it.
 
-        ``pin`` names the one backend that may serve it (ahead of that backend's queue). Raises when
+        ``pin`` names the one backend that may serve it (ahead of that backend's queue). ``arrival``
+        (on the pool's clock) keeps the place of a request queued again. Raises when
         it can never be served now. A waiting ticket is always waited for: ``wait`` withdraws it on
         any exit, so a ticket that is abandoned unwaited holds its place until its deadline.
         """
@@ -362,9 +392,12 @@ class Pool:
             raise ValueError(f"model must be a non-empty string, not {model!r}")
         if timeout is _DEFAULT:
             timeout = self.config.queue_timeout
-        return self._scheduler.submit(
-            model, priority=priority, affinity_key=session, timeout=timeout, pin=pin
+        ticket = self._scheduler.submit(
+            model, priority=priority, affinity_key=session, timeout=timeout, pin=pin, arrival=arrival
         )
+        if ticket.state is TicketState.WAITING:
+            self._queue_changed()
+        return ticket
 
     async def wait(self, ticket: Ticket) -> Lease:
         """Wait for a queued ticket's grant. Whatever ends the wait, no slot is left behind."""
@@ -387,6 +420,7 @@ class Pool:
             if not taken:
                 # Cancelled, timed out or failed: withdraw, and pass on a grant we never took.
                 scheduler.cancel(ticket)
+                self._queue_changed()
 
     def granted(self, ticket: Ticket) -> Lease | None:
         """The lease of a ticket granted at submission, None while it waits; raises if it failed."""
@@ -407,6 +441,7 @@ class Pool:
         event = self._waiters.get(ticket.id)
         if event is not None:
             event.set()
+        self._queue_changed()
 
     def release_threadsafe(self, lease: Lease) -> None:
         """Release a lease from any thread (a worker thread, a sync library's callback).
@@ -590,11 +625,17 @@ class Pool:
 
             self._bind_loop()
             stack = AsyncExitStack()
-            shared = SharedLeases(self.config.state, lease_ttl=self.config.lease_ttl)
+            shared = SharedLeases(
+                self.config.state,
+                lease_ttl=self.config.lease_ttl,
+                starvation_bound=self.config.starvation_bound,
+                affinity_ttl=self.config.affinity_ttl,
+            )
             stack.push_async_callback(shared.aclose)
             group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(group.cancel_scope.cancel)
             self._fleet_release_wanted = anyio.Event()
+            self._heads_wanted = anyio.Event()
             self._shared, self._shared_tasks = shared, stack
             await group.start(self._keep_shared, shared)
         return self
@@ -608,6 +649,7 @@ class Pool:
             shared = self._shared
             with anyio.move_on_after(2, shield=True):
                 await self._send_fleet_releases(shared)  # the last ones, while the store is there
+                await self._publish_heads(shared)  # nothing waits here any more
             self._shared = None
             await stack.aclose()
 
@@ -618,6 +660,7 @@ class Pool:
             group.start_soon(self._renew_leases, shared)
             group.start_soon(self._hear_releases, shared)
             group.start_soon(self._release_leases, shared)
+            group.start_soon(self._publish_queue, shared)
             task_status.started()
 
     def _outside_load(self, name: str) -> int:
@@ -635,9 +678,54 @@ class Pool:
         self._fleet_external[name] = view.leases  # the others' (the store tells ours from theirs)
         self._scheduler.update_backend(
             name,
-            external_busy=max(view.leases, self._probe_external.get(name, 0)) + shared.releasing_on(name),
+            external_busy=max(view.leases, self._probe_external.get(name, 0))
+            + shared.releasing_on(name)
+            + view.reserved,
             foreign_models=[m for m, n in view.models.items() if n > 0],
         )
+        if view.newest_age is not None:
+            self._scheduler.passed_over(self._clock() - view.newest_age)
+
+    def _standing(self, name: str) -> Standing:
+        """A backend as this process sees it, and its best waiter here (priority, then the longest
+        wait): what the fleet's scripts need to tell which free slots are held for earlier waiters."""
+        backend = self._scheduler.backends.get(name)
+        if backend is None:  # removed here, still leased
+            return Standing(capacity=1, max_models=1, models=())
+        models = tuple(sorted(backend.models or ()))
+        best: tuple[int, float] | None = None
+        now = self._clock()
+        for model in self._scheduler.waiting_models():
+            head = self._scheduler.head(model) if model in models else None
+            if head is not None and (best is None or (head.priority, now - head.arrival) > best):
+                best = (head.priority, now - head.arrival)
+        priority, waited = best or (0, 0.0)
+        return Standing(
+            capacity=max(1, backend.slots - self._outside_load(name)),
+            max_models=backend.max_loaded_models,
+            models=models,
+            priority=priority,
+            waited=waited,
+        )
+
+    def _standings(self, names: Iterable[str] | None = None) -> dict[str, Standing]:
+        return {name: self._standing(name) for name in (self._scheduler.backends if names is None else names)}
+
+    def _queue_changed(self) -> None:
+        if self._heads_wanted is not None:
+            self._heads_wanted.set()
+
+    def _heads(self) -> tuple[dict[str, Head], dict[str, tuple[int, float]]]:
+        """This process's head of each model queue, and what identifies each: (priority, arrival)."""
+        now = self._clock()
+        heads: dict[str, Head] = {}
+        places: dict[str, tuple[int, float]] = {}
+        for model in self._scheduler.waiting_models():
+            head = self._scheduler.head(model)
+            if head is not None:
+                heads[model] = Head(head.priority, now - head.arrival, self._scheduler.waiting_for(model))
+                places[model] = (head.priority, head.arrival)
+        return heads, places
 
     def _reachable(self, reachable: bool, why: str = "") -> None:
         if reachable != self.state_reachable:
@@ -649,32 +737,86 @@ class Pool:
 
     async def _renew_leases(self, shared: SharedLeases) -> None:
         """Every ``lease_ttl / 3`` or 2 s, whichever is sooner: extend this process's leases and
-        re-read every backend (a safety net for a lost notification, and how the leases of a dead
-        process stop counting here)."""
+        queue heads, and re-read every backend (a safety net for a lost notification, and how the
+        leases and heads of a dead process stop counting here)."""
         while True:
             try:
-                views = await shared.renew(list(self._scheduler.backends))
-                await shared.heartbeat(len(shared.held))
+                views = await shared.renew(self._standings())
+                self._apply_views(views)
+                await self._publish_heads(shared, everything=True)
+                await shared.heartbeat(len(shared.held), self._scheduler.waiting)
             except StateUnavailableError as exc:
                 self._reachable(False, str(exc))
             else:
                 self._reachable(True)
-                for name, view in views.items():
-                    self._apply_fleet(name, view)
             # Renewal needs a third of the ttl; re-reading the fleet, at most 2 s: the leases of a
             # process that died expire without a release to announce them.
             await anyio.sleep(min(self.config.lease_ttl / 3, 2.0))
 
+    def _apply_views(self, views: dict[str, FleetView]) -> None:
+        for name, view in views.items():
+            self._apply_fleet(name, view)
+
+    def _held_for_others(self) -> list[str]:
+        """Backends whose free slots this process last saw held for earlier waiters elsewhere."""
+        return [
+            name for name, view in self._views.items() if view.reserved and name in self._scheduler.backends
+        ]
+
     async def _hear_releases(self, shared: SharedLeases) -> None:
-        """Wake waiters here when a lease is released anywhere: the backend is read again at once."""
+        """Wake waiters here when a lease is released anywhere, or another process's queue
+        changes (slots held for its waiters may be free now): the backends are read again at once."""
         while True:
             try:
-                async for name in shared.released():
-                    if name in self._scheduler.backends:
-                        self._apply_fleet(name, await shared.view(name))
+                async for name in shared.notices():
+                    if name is None:  # a queue elsewhere: what it held may be ours now
+                        names = (
+                            list(self._scheduler.backends)
+                            if self._scheduler.waiting
+                            else self._held_for_others()
+                        )
+                    else:
+                        names = [name] if name in self._scheduler.backends else []
+                    if names:
+                        self._apply_views(await shared.view(self._standings(names)))
             except StateUnavailableError as exc:
                 self._reachable(False, str(exc))
                 await anyio.sleep(1.0)  # then subscribe again; renewal re-reads meanwhile
+
+    async def _publish_queue(self, shared: SharedLeases) -> None:
+        """Put this process's queue heads in the fleet's queue as they change, coalesced."""
+        wanted = self._heads_wanted
+        assert wanted is not None
+        while True:
+            await wanted.wait()
+            self._heads_wanted = wanted = anyio.Event()
+            try:
+                if await self._publish_heads(shared):
+                    # A better head here may own slots this process saw held for others.
+                    held = self._held_for_others()
+                    if held:
+                        self._apply_views(await shared.view(self._standings(held)))
+            except StateUnavailableError as exc:
+                self._reachable(False, str(exc))
+                await anyio.sleep(1.0)
+                wanted.set()
+
+    async def _publish_heads(self, shared: SharedLeases | None, *, everything: bool = False) -> bool:
+        """Send the heads that changed since last sent, telling the other processes; with
+        ``everything``, the others too (renewing them). True when a head changed. Raises
+        ``StateUnavailableError``."""
+        if shared is None:
+            return False
+        heads, places = self._heads()
+        published = self._published_heads
+        changed: dict[str, Head | None] = {m: None for m in published if m not in places}
+        changed.update((m, heads[m]) for m, place in places.items() if published.get(m) != place)
+        sent = {**heads, **changed} if everything else changed
+        if not sent:
+            return False
+        await shared.publish_heads(sent, tell=bool(changed))
+        self._published_heads = places
+        return bool(changed)
 
     async def _release_leases(self, shared: SharedLeases) -> None:
         wanted = self._fleet_release_wanted
@@ -692,7 +834,8 @@ class Pool:
             return True
         pending, self._fleet_releases = self._fleet_releases, []
         try:
-            released = await shared.release(pending)  # one round trip for all of them
+            backends = {held.backend for lease_id in pending if (held := shared.held.get(lease_id))}
+            released = await shared.release(pending, self._standings(backends))  # one round trip
         except StateUnavailableError as exc:
             self._reachable(False, str(exc))
             self._fleet_releases = pending + self._fleet_releases

@@ -25,6 +25,7 @@ and everyone waits, nobody is being passed over, so no server is drained for not
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 from collections import OrderedDict, deque
@@ -145,8 +146,8 @@ class Ticket:
     error: PoolError | None = None
 
     @property
-    def order(self) -> tuple[int, int]:
-        return (-self.priority, self.id)
+    def order(self) -> tuple[int, float, int]:
+        return (-self.priority, self.arrival, self.id)
 
 
 @dataclass(eq=False, slots=True)
@@ -192,7 +193,7 @@ class Scheduler:
         )  # fmt: skip
         self._ids = itertools.count(1)
         self._backend_order = itertools.count()
-        self._queues: dict[str, list[tuple[tuple[int, int], Ticket]]] = {}
+        self._queues: dict[str, list[tuple[tuple[int, float, int], Ticket]]] = {}
         self._arrivals: dict[str, deque[Ticket]] = {}  # arrival order, for the oldest wait
         self._waiting: dict[str, int] = {}  # model -> waiting tickets (pinned included)
         self._waiting_total = 0
@@ -305,8 +306,12 @@ class Scheduler:
         affinity_key: str | None = None,
         timeout: float | None = None,
         pin: str | None = None,
+        arrival: float | None = None,
     ) -> Ticket:
-        """Queue a request; it may come back already granted. Raises when it can never be served now."""
+        """Queue a request; it may come back already granted. Raises when it can never be served now.
+
+        ``arrival``: when the request first arrived, for one queued again (its place is kept).
+        """
         now = self.clock()
         self._check_servable(model, pin)
         if self._waiting_total >= self.queue_limit and not self._free:
@@ -315,7 +320,7 @@ class Scheduler:
             id=next(self._ids),
             model=model,
             priority=priority,
-            arrival=now,
+            arrival=now if arrival is None else min(arrival, now),
             deadline=None if timeout is None else now + timeout,
             affinity_key=affinity_key if self.affinity_enabled else None,
             pin=pin,
@@ -451,6 +456,31 @@ class Scheduler:
         for arrivals in self._arrivals.values():
             yield from (t for t in arrivals if t.state is TicketState.WAITING)
 
+    def head(self, model: str) -> Ticket | None:
+        """The model's next waiting ticket in queue order (priority, then arrival); pinned ones aside."""
+        return self._head(model)
+
+    def waiting_models(self) -> list[str]:
+        """The models with waiting tickets (pinned included)."""
+        return list(self._waiting)
+
+    def waiting_for(self, model: str) -> int:
+        return self._waiting.get(model, 0)
+
+    def passed_over(self, arrival: float) -> None:
+        """A request that arrived at ``arrival`` was granted elsewhere (another process of the
+        fleet): waiters here that arrived ``starvation_bound`` before it starve, as if it were here."""
+        if arrival > self._newest_granted:
+            self._newest_granted = arrival
+            if self._waiting:
+                self._serve_starving()
+
+    def remember_affinity(self, key: str, backend: str) -> None:
+        """Where a session was last served (another process of the fleet says): its next grant
+        prefers that backend."""
+        if self.affinity_enabled and backend in self.backends:
+            self._remember_affinity(key, self.backends[backend])
+
     def oldest_waiting(self, model: str) -> Ticket | None:
         arrivals = self._arrivals.get(model)
         while arrivals:
@@ -553,7 +583,7 @@ class Scheduler:
             else (m for m in backend.models if m in waiting)
         )
         best: Ticket | None = None
-        best_key: tuple[bool, int, bool, int] | None = None
+        best_key: tuple[bool, int, bool, float, int] | None = None
         for model in models:
             if not backend.can_take(model):
                 continue
@@ -563,7 +593,7 @@ class Scheduler:
             starving = self._starving(head)
             if backend.needs_swap(model) and not starving and not self._swap_worthwhile(model):
                 continue
-            key = (not starving, -head.priority, backend.needs_load(model), head.id)
+            key = (not starving, -head.priority, backend.needs_load(model), head.arrival, head.id)
             if best_key is None or key < best_key:
                 best, best_key = head, key
         return best
@@ -712,7 +742,11 @@ class Scheduler:
             self.backends[ticket.pin].pinned.append(ticket)
         else:
             heapq.heappush(self._queues.setdefault(ticket.model, []), (ticket.order, ticket))
-        self._arrivals.setdefault(ticket.model, deque()).append(ticket)
+        arrivals = self._arrivals.setdefault(ticket.model, deque())
+        if arrivals and arrivals[-1].arrival > ticket.arrival:  # queued again: back in its place
+            arrivals.insert(bisect.bisect(arrivals, ticket.arrival, key=lambda t: t.arrival), ticket)
+        else:
+            arrivals.append(ticket)
         self._waiting[ticket.model] = self._waiting.get(ticket.model, 0) + 1
         self._waiting_total += 1
         if ticket.deadline is not None:

@@ -12,147 +12,241 @@ A refused claim tells the process what the others hold, which its scheduler take
 - A release is a script too (idempotent) and publishes the backend's name, so waiters in every
   process are woken at once. It leaves a tombstone for ``lease_ttl``: a claim cancelled on its way
   (sent, its answer never read), or a renewal that read the lease just before, may reach Redis
-  after the release, and must not leave a slot taken that nobody holds; the renewal pass also re-reads every backend (a lost notification
-  costs at most one pass).
+  after the release, and must not leave a slot taken that nobody holds. The renewal pass also
+  re-reads every backend, so a lost notification costs at most one pass.
 - Renewal re-adds a lease Redis no longer has (a restarted Redis without persistence), so a live
   process's leases are counted again within one pass.
+- The fleet's queue order: each process puts its head of each model's queue (priority, arrival on
+  Redis's clock) in a hash per model, one entry per process, renewed like leases. A claim loses
+  when the backend's free slots all belong to earlier heads of other processes that the backend
+  could take now (the model active or resident there: batching by model and the drain guard hold
+  fleet-wide) or that have starved. The arrival of the newest request granted anywhere is shared
+  too, so a waiter starves by the same rule in every process. Only heads are compared, so the
+  scripts' work is bounded by the number of processes, not of waiters.
+- Session affinity: a claim with a session records its backend (the session's key hashed).
 - All keys share one hash tag (``{prefix}``), so the scripts also run on Redis Cluster.
 
-What stays per process: the queue and its order, circuit breakers, health probes (each process
-probes; a probe is three GETs per interval per backend), session affinity.
+What stays per process: circuit breakers (each process learns a failing server by itself), health
+probes (each process probes; a probe is three GETs per interval per backend), the prefix-hash
+affinity's memory beyond what claims record.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from local_inference_pool.errors import StateUnavailableError
+from local_inference_pool.fleet import Claimed, FleetView, Head, Standing
 
-__all__ = ["FleetView", "SharedLeases"]
+__all__ = ["SharedLeases"]
 
 logger = logging.getLogger(__name__)
 
-_OTHERS = """
--- What the other processes hold on this backend: their leases, and theirs per model. A lease id
--- starts with its process's prefix, so the store itself tells ours from theirs at this moment.
-local function others(prefix)
-  local count, models, n = 0, {}, #prefix
+# Every script on one backend shares this layout.
+# KEYS: 1 leases (zset id -> expiry), 2 owners (hash id -> model), 3 models (hash model -> leases),
+#   4 resident (list, most recent first: the models granted there lately), 5 newest (the arrival of
+#   the latest request granted anywhere), 6 active (hash model -> leases on every backend), then
+#   ARGV[8] queues (hash process -> its head, one per model the backend serves), then the script's
+#   own keys.
+# ARGV: 1 this process's lease prefix, 2 this process, 3-4 the priority and age (ms) of the request
+#   the reply's ``reserved`` is for, 5 starvation bound (ms), 6 max_models, 7 capacity, 8 queues,
+#   then the script's own.
+_COMMON = """
+local now_t = redis.call('TIME')
+local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
+local nq = tonumber(ARGV[8])
+local own = 6 + nq  -- KEYS after this one are the script's own
+
+local function forget(model)  -- one lease of ``model`` here is gone
+  if redis.call('HINCRBY', KEYS[3], model, -1) <= 0 then redis.call('HDEL', KEYS[3], model) end
+  if redis.call('HINCRBY', KEYS[6], model, -1) <= 0 then redis.call('HDEL', KEYS[6], model) end
+end
+
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, id in ipairs(dead) do
+  local model = redis.call('HGET', KEYS[2], id)
+  if model then forget(model) end
+  redis.call('HDEL', KEYS[2], id)
+end
+if #dead > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
+
+-- A place in the fleet's queue: priority first, then arrival on Redis's clock.
+local function score(priority, arrival)
+  return (100 - math.max(-100, math.min(100, priority))) * 1e13 + arrival
+end
+
+-- How many of ``free`` slots here the other processes' waiters that came before (priority, age)
+-- have a claim to: each process's head of each model queue whose model the backend can take now
+-- without a swap (batching by model, the drain guard). A head that cannot, and has starved (it
+-- arrived the starvation bound or more before) while its model runs nowhere, holds every slot:
+-- the backend drains for it. Heads of processes that stopped renewing are dropped.
+local function ahead(priority, age, free)
+  if free <= 0 then return 0 end
+  local arrival = now - age
+  local mine = score(priority, arrival)
+  local bound = tonumber(ARGV[5])
+  local max_models = tonumber(ARGV[6])
+  local active = redis.call('HLEN', KEYS[3])
+  local resident = redis.call('LRANGE', KEYS[4], 0, -1)
+  local count = 0
+  for k = 7, own do
+    local model = string.match(KEYS[k], ':queue:(.*)$')
+    local fits = redis.call('HEXISTS', KEYS[3], model) == 1
+    if not fits and active < max_models then
+      fits = #resident < max_models
+      for _, name in ipairs(resident) do
+        if name == model then fits = true end
+      end
+    end
+    local heads = redis.call('HGETALL', KEYS[k])
+    for i = 1, #heads, 2 do
+      local s, a, e = string.match(heads[i + 1], '^(%S+) (%S+) (%S+)')
+      if tonumber(e) <= now then
+        redis.call('HDEL', KEYS[k], heads[i])
+      elseif heads[i] ~= ARGV[2] and tonumber(s) < mine then
+        if fits then
+          count = count + 1
+          if count >= free then return free end
+        elseif arrival - tonumber(a) >= bound and not redis.call('HGET', KEYS[6], model) then
+          return free
+        end
+      end
+    end
+  end
+  return count
+end
+
+-- The reply: the others' leases, the slots held for earlier waiters elsewhere, how long ago the
+-- newest granted request arrived (ms, -1: never), then the others' leases per model. A lease id
+-- starts with its process's prefix, so the store itself tells ours from theirs.
+local function fleet(reserved)
+  local count, models, n = 0, {}, #ARGV[1]
   local entries = redis.call('HGETALL', KEYS[2])
   for i = 1, #entries, 2 do
-    if string.sub(entries[i], 1, n) ~= prefix then
+    if string.sub(entries[i], 1, n) ~= ARGV[1] then
       count = count + 1
       models[entries[i + 1]] = (models[entries[i + 1]] or 0) + 1
     end
   end
-  local reply = {count}
+  local newest = redis.call('GET', KEYS[5])
+  local reply = {count, reserved, newest and (now - tonumber(newest)) or -1}
   for model, leases in pairs(models) do
     table.insert(reply, model)
     table.insert(reply, leases)
   end
   return reply
 end
+
+local function free() return tonumber(ARGV[7]) - redis.call('ZCARD', KEYS[1]) end
 """
 
-_EXPIRE = (
-    _OTHERS
-    + """
-local now_t = redis.call('TIME')
-local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-for _, id in ipairs(dead) do
-  local model = redis.call('HGET', KEYS[2], id)
-  if model and redis.call('HINCRBY', KEYS[3], model, -1) <= 0 then redis.call('HDEL', KEYS[3], model) end
-  redis.call('HDEL', KEYS[2], id)
-end
-if #dead > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
-"""
-)
-
-# KEYS: leases (zset id -> expiry), owners (hash id -> model), models (hash model -> leases), and
-# the lease's tombstone (left by a release that came before its claim: that claim must not land)
+# Own ARGV: 9 lease id, 10 model, 11 ttl ms, 12 priority, 13 age ms, 14 '1' to skip the queue (a
+# retry that already waited), 15 backend name, 16 session ttl ms; own KEYS: the lease's tombstone
+# (left by a release that came before its claim: that claim must not land), the session's key.
+# Reply: 1 won, 0 full, 2 another model active, 3 an earlier waiter elsewhere, 4 released already.
 _CLAIM = (
-    _EXPIRE
+    _COMMON
     + """
-local count = redis.call('ZCARD', KEYS[1])
-local ok = 1
-if redis.call('EXISTS', KEYS[4]) == 1 then ok = 0 end
-if count >= tonumber(ARGV[3]) then ok = 0 end
-if ok == 1 and redis.call('HEXISTS', KEYS[3], ARGV[2]) == 0
-   and redis.call('HLEN', KEYS[3]) >= tonumber(ARGV[4]) then ok = 0 end
-if ok == 1 then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), ARGV[1])
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-  redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
-  count = count + 1
+local model, max_models = ARGV[10], tonumber(ARGV[6])
+local room = free()
+local outcome = 1
+if redis.call('EXISTS', KEYS[own + 1]) == 1 then outcome = 4
+elseif room <= 0 then outcome = 0
+elseif redis.call('HEXISTS', KEYS[3], model) == 0 and redis.call('HLEN', KEYS[3]) >= max_models then
+  outcome = 2
 end
-local reply = others(ARGV[6])
-table.insert(reply, 1, ok)
+local before = 0
+if ARGV[14] ~= '1' then before = ahead(tonumber(ARGV[12]), tonumber(ARGV[13]), room) end
+if outcome == 1 and before >= room then outcome = 3 end
+if outcome == 1 then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[11]), ARGV[9])
+  redis.call('HSET', KEYS[2], ARGV[9], model)
+  redis.call('HINCRBY', KEYS[3], model, 1)
+  redis.call('HINCRBY', KEYS[6], model, 1)
+  redis.call('LREM', KEYS[4], 0, model)
+  redis.call('LPUSH', KEYS[4], model)
+  redis.call('LTRIM', KEYS[4], 0, max_models - 1)
+  local arrival = now - tonumber(ARGV[13])
+  if arrival > tonumber(redis.call('GET', KEYS[5]) or '0') then redis.call('SET', KEYS[5], arrival) end
+  if #KEYS > own + 1 then redis.call('SET', KEYS[own + 2], ARGV[15], 'PX', ARGV[16]) end
+end
+local reply = fleet(before)
+table.insert(reply, 1, outcome)
 return reply
 """
 )
 
+# Own ARGV: 9 lease id, 10 channel, 11 message, 12 ttl ms; own KEYS: the lease's tombstone.
 _RELEASE = (
-    _OTHERS
+    _COMMON
     + """
 -- The tombstone: a claim cancelled on its way, or a renewal that read the lease just before, may
 -- still reach Redis after this release; both find it and leave the lease released.
-redis.call('SET', KEYS[4], 1, 'PX', ARGV[4])
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
-  local model = redis.call('HGET', KEYS[2], ARGV[1])
-  if model and redis.call('HINCRBY', KEYS[3], model, -1) <= 0 then redis.call('HDEL', KEYS[3], model) end
-  redis.call('HDEL', KEYS[2], ARGV[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+redis.call('SET', KEYS[own + 1], 1, 'PX', ARGV[12])
+if redis.call('ZREM', KEYS[1], ARGV[9]) == 1 then
+  local model = redis.call('HGET', KEYS[2], ARGV[9])
+  if model then forget(model) end
+  redis.call('HDEL', KEYS[2], ARGV[9])
+  redis.call('PUBLISH', ARGV[10], ARGV[11])
 end
-return others(ARGV[5])
+return fleet(ahead(tonumber(ARGV[3]), tonumber(ARGV[4]), free()))
 """
 )
 
-# What every process holds on one backend, its dead processes' leases expired first.
 _VIEW = (
-    _EXPIRE
+    _COMMON
     + """
-return others(ARGV[1])
+return fleet(ahead(tonumber(ARGV[3]), tonumber(ARGV[4]), free()))
 """
 )
 
-# ARGV: the process's prefix, ttl_ms, then (lease id, model) pairs; KEYS[4...]: each pair's tombstone
+# Own ARGV: 9 ttl ms, then (lease id, model) pairs; own KEYS: each pair's tombstone.
 _RENEW = (
-    _EXPIRE
+    _COMMON
     + """
-for i = 3, #ARGV, 2 do
-  local tombstone = KEYS[3 + (i - 1) / 2]
+for i = 10, #ARGV, 2 do
+  local tombstone = KEYS[own + (i - 8) / 2]
   if redis.call('EXISTS', tombstone) == 0
-     and redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[i]) == 1 then
+     and redis.call('ZADD', KEYS[1], now + tonumber(ARGV[9]), ARGV[i]) == 1 then
     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
     redis.call('HINCRBY', KEYS[3], ARGV[i + 1], 1)
+    redis.call('HINCRBY', KEYS[6], ARGV[i + 1], 1)
   end
 end
-return others(ARGV[1])
+return fleet(ahead(tonumber(ARGV[3]), tonumber(ARGV[4]), free()))
 """
 )
 
-
-@dataclass(frozen=True)
-class FleetView:
-    """What the other processes hold on one backend, as the store saw it: leases, and per model."""
-
-    leases: int
-    models: dict[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def from_reply(cls, reply: list[Any]) -> FleetView:
-        pairs = reply[1:]
-        return cls(int(reply[0]), {_text(pairs[i]): int(pairs[i + 1]) for i in range(0, len(pairs), 2)})
+# This process's head of each model queue. KEYS: the model queues; ARGV: 1 process, 2 ttl ms,
+# 3 channel ('' to tell nobody), then per queue: priority ('' when nothing waits), age ms, waiting.
+_HEADS = """
+local now_t = redis.call('TIME')
+local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
+for k = 1, #KEYS do
+  local priority, age, waiting = ARGV[1 + 3 * k], ARGV[2 + 3 * k], ARGV[3 + 3 * k]
+  if priority == '' then
+    redis.call('HDEL', KEYS[k], ARGV[1])
+  else
+    local arrival = now - tonumber(age)
+    local place = (100 - math.max(-100, math.min(100, tonumber(priority)))) * 1e13 + arrival
+    redis.call('HSET', KEYS[k], ARGV[1],
+      string.format('%.0f %.0f %.0f %d', place, arrival, now + tonumber(ARGV[2]), tonumber(waiting)))
+  end
+end
+if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[1]) end
+return 1
+"""
 
 
 @dataclass
@@ -164,14 +258,27 @@ class _Held:
 
 
 class SharedLeases:
-    """One process's handle on the fleet's leases. Every method raises ``StateUnavailableError`` when
-    the store cannot be reached (within ``timeout`` seconds), never a Redis error."""
+    """One process's handle on the fleet's leases and queue. Every method raises
+    ``StateUnavailableError`` when the store cannot be reached (within ``timeout`` seconds), never a
+    Redis error."""
 
-    def __init__(self, url: str, *, lease_ttl: float, prefix: str = "lip", timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        lease_ttl: float,
+        starvation_bound: float = 30.0,
+        affinity_ttl: float = 1800.0,
+        prefix: str = "lip",
+        timeout: float = 2.0,
+    ) -> None:
         self.process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._ours = self.process + ":"  # every lease id of this process starts so
         self.lease_ttl = lease_ttl
+        self._bound_ms = int(starvation_bound * 1000)
+        self._affinity_ms = max(1, int(affinity_ttl * 1000))
         self.channel = f"{{{prefix}}}:freed"
+        self.queue_channel = f"{{{prefix}}}:queued"
         self._prefix = prefix
         self._client: redis.Redis = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
@@ -180,37 +287,93 @@ class SharedLeases:
         self._release = self._client.register_script(_RELEASE)
         self._renew = self._client.register_script(_RENEW)
         self._view = self._client.register_script(_VIEW)
+        self._heads = self._client.register_script(_HEADS)
         self.held: dict[str, _Held] = {}  # lease id -> where: claimed, or maybe claimed (in flight)
 
-    def _keys(self, backend: str, lease_id: str = "") -> list[str]:
+    def _keys(self, backend: str, standing: Standing) -> list[str]:
         base = f"{{{self._prefix}}}:{backend}"
-        return [f"{base}:leases", f"{base}:owners", f"{base}:models", f"{base}:released:{lease_id}"]
+        return [
+            f"{base}:leases",
+            f"{base}:owners",
+            f"{base}:models",
+            f"{base}:resident",
+            f"{{{self._prefix}}}:newest",
+            f"{{{self._prefix}}}:active",
+            *(self._queue_key(model) for model in standing.models),
+        ]
+
+    def _queue_key(self, model: str) -> str:
+        return f"{{{self._prefix}}}:queue:{model}"
+
+    def _tombstone(self, backend: str, lease_id: str) -> str:
+        return f"{{{self._prefix}}}:{backend}:released:{lease_id}"
+
+    def _session_key(self, session: str) -> str:
+        # Hashed: a session key may be a hash of a prompt, or a client's own id; neither is stored.
+        return f"{{{self._prefix}}}:session:{hashlib.sha256(session.encode()).hexdigest()[:32]}"
+
+    def _args(self, standing: Standing) -> list[Any]:
+        return [
+            self._ours,
+            self.process,
+            standing.priority,
+            _ms(standing.waited),
+            self._bound_ms,
+            standing.max_models,
+            standing.capacity,
+            len(standing.models),
+        ]
 
     def lease_id(self, grant_id: int) -> str:
         return f"{self.process}:{grant_id}"
 
     async def claim(
-        self, lease_id: str, backend: str, model: str, *, capacity: int, max_models: int
-    ) -> tuple[bool, FleetView]:
-        """Take a fleet-wide slot: ``(True, view)``, or ``(False, view)`` when the others hold it.
+        self,
+        lease_id: str,
+        backend: str,
+        model: str,
+        standing: Standing,
+        *,
+        priority: int,
+        waited: float,
+        queued: bool = True,
+        session: str | None = None,
+    ) -> tuple[Claimed, FleetView]:
+        """Take a fleet-wide slot for a request of ``priority`` that has ``waited`` seconds: it wins
+        when a slot is free, the drain guard allows the model, and (``queued``) no earlier waiter
+        elsewhere has a claim to the free slots. The view's ``reserved`` is for this request.
+        Won with a ``session``, the fleet remembers the backend for it.
 
         The lease counts as held before the claim is sent: if the call fails or is cancelled after
         Redis ran it, the next release pass removes it (releasing is idempotent), so nothing leaks.
         """
         self.held[lease_id] = _Held(backend, model)
+        keys = [*self._keys(backend, standing), self._tombstone(backend, lease_id)]
+        if session is not None:
+            keys.append(self._session_key(session))
         try:
             reply = await self._claim(
-                keys=self._keys(backend, lease_id),
-                args=[lease_id, model, capacity, max_models, int(self.lease_ttl * 1000), self._ours],
+                keys=keys,
+                args=[
+                    *self._args(standing),
+                    lease_id,
+                    model,
+                    _ms(self.lease_ttl),
+                    priority,
+                    _ms(waited),
+                    "0" if queued else "1",
+                    backend,
+                    self._affinity_ms,
+                ],
             )
         except RedisError as exc:
             raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
-        view = FleetView.from_reply(reply[1:])
-        if int(reply[0]):
+        outcome = Claimed(int(reply[0]))
+        if outcome is Claimed.WON:
             self.held[lease_id].claimed = True
         else:
             del self.held[lease_id]
-        return bool(int(reply[0])), view
+        return outcome, FleetView.from_reply(reply[1:])
 
     def releasing(self, lease_id: str) -> str | None:
         """Mark a held lease as given back here (its release is on its way); its backend, or None."""
@@ -220,7 +383,9 @@ class SharedLeases:
         held.releasing = True
         return held.backend
 
-    async def release(self, lease_ids: list[str]) -> list[tuple[str, FleetView]]:
+    async def release(
+        self, lease_ids: list[str], standings: dict[str, Standing]
+    ) -> list[tuple[str, FleetView]]:
         """Give leases back fleet-wide, in one round trip (idempotent); each backend's fleet view
         after its release. All of them stay held while the store is away."""
         wanted = [(lease_id, self.held[lease_id]) for lease_id in lease_ids if lease_id in self.held]
@@ -229,14 +394,15 @@ class SharedLeases:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for lease_id, held in wanted:
+                    standing = standings[held.backend]
                     await self._release(
-                        keys=self._keys(held.backend, lease_id),
+                        keys=[*self._keys(held.backend, standing), self._tombstone(held.backend, lease_id)],
                         args=[
+                            *self._args(standing),
                             lease_id,
                             self.channel,
                             f"{held.backend}\n{self.process}",
-                            int(self.lease_ttl * 1000),
-                            self._ours,
+                            _ms(self.lease_ttl),
                         ],
                         client=pipe,
                     )
@@ -250,18 +416,43 @@ class SharedLeases:
             for (_, held), reply in zip(wanted, replies, strict=True)
         ]
 
-    async def heartbeat(self, leases: int) -> None:
-        """Say this process is alive, with how many leases it holds; gone within ``lease_ttl``."""
-        record = json.dumps({"process": self.process, "leases": leases, "lease_ttl": self.lease_ttl})
+    async def publish_heads(self, heads: dict[str, Head | None], *, tell: bool = True) -> None:
+        """Put this process's head of each model queue in the fleet's queue (None: nothing waits
+        for it here any more), and (``tell``) wake the other processes to look again. Heads expire
+        with ``lease_ttl`` unless sent again."""
+        if not heads:
+            return
+        args: list[Any] = [self.process, _ms(self.lease_ttl), self.queue_channel if tell else ""]
+        for head in heads.values():
+            args.extend(("", 0, 0) if head is None else (head.priority, _ms(head.waited), head.waiting))
+        try:
+            await self._heads(keys=[self._queue_key(model) for model in heads], args=args)
+        except RedisError as exc:
+            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+
+    async def session(self, session: str) -> str | None:
+        """The backend the fleet last served ``session`` on, if it remembers."""
+        try:
+            backend = await self._client.get(self._session_key(session))
+        except RedisError as exc:
+            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+        return None if backend is None else _text(backend)
+
+    async def heartbeat(self, leases: int, waiting: int) -> None:
+        """Say this process is alive, with how many leases it holds and requests it has waiting;
+        gone within ``lease_ttl``."""
+        record = json.dumps(
+            {"process": self.process, "leases": leases, "waiting": waiting, "lease_ttl": self.lease_ttl}
+        )
         try:
             await self._client.set(
-                f"{{{self._prefix}}}:process:{self.process}", record, px=int(self.lease_ttl * 1000)
+                f"{{{self._prefix}}}:process:{self.process}", record, px=_ms(self.lease_ttl)
             )
         except RedisError as exc:
             raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
 
     async def processes(self) -> list[dict[str, Any]]:
-        """Every live process of the fleet, with its leases (from their heartbeats)."""
+        """Every live process of the fleet, with its leases and waiting requests (from heartbeats)."""
         try:
             keys = [
                 key async for key in self._client.scan_iter(match=f"{{{self._prefix}}}:process:*", count=100)
@@ -272,46 +463,61 @@ class SharedLeases:
         alive = [json.loads(record) for record in records if record is not None]
         return sorted(alive, key=lambda record: str(record["process"]))
 
-    async def renew(self, backends: Iterable[str]) -> dict[str, FleetView]:
-        """Extend the held leases on ``backends`` (re-adding any the store lost) and read each one's
-        fleet view, in one round trip."""
-        by_backend: dict[str, list[str]] = {name: [] for name in backends}
+    async def renew(self, standings: dict[str, Standing]) -> dict[str, FleetView]:
+        """Extend the held leases on the backends of ``standings`` (re-adding any the store lost)
+        and read each one's fleet view, in one round trip."""
+        by_backend: dict[str, list[str]] = {name: [] for name in standings}
         for lease_id, held in self.held.items():
             # Only claims that won: one still on its way may yet lose, and must not be added here.
             if held.claimed and held.backend in by_backend:
                 by_backend[held.backend].append(lease_id)
-        views: dict[str, FleetView] = {}
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for backend, ids in by_backend.items():
-                    tombstones = [self._keys(backend, lease_id)[3] for lease_id in ids]
+                    standing = standings[backend]
                     pairs = [item for lease_id in ids for item in (lease_id, self.held[lease_id].model)]
                     await self._renew(
-                        keys=[*self._keys(backend)[:3], *tombstones],
-                        args=[self._ours, int(self.lease_ttl * 1000), *pairs],
+                        keys=[
+                            *self._keys(backend, standing),
+                            *(self._tombstone(backend, lease_id) for lease_id in ids),
+                        ],
+                        args=[*self._args(standing), _ms(self.lease_ttl), *pairs],
                         client=pipe,
                     )
                 replies = await pipe.execute()
         except RedisError as exc:
             raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
-        for backend, reply in zip(by_backend, replies, strict=True):
-            views[backend] = FleetView.from_reply(reply)
-        return views
+        return {
+            backend: FleetView.from_reply(reply) for backend, reply in zip(by_backend, replies, strict=True)
+        }
 
-    async def view(self, backend: str) -> FleetView:
-        """What every process holds on ``backend`` now (read only: nothing is renewed)."""
+    async def view(self, standings: dict[str, Standing]) -> dict[str, FleetView]:
+        """What every process holds on each backend of ``standings`` now, in one round trip (read
+        only: nothing is renewed)."""
         try:
-            return FleetView.from_reply(await self._view(keys=self._keys(backend), args=[self._ours]))
+            async with self._client.pipeline(transaction=False) as pipe:
+                for backend, standing in standings.items():
+                    await self._view(
+                        keys=self._keys(backend, standing), args=self._args(standing), client=pipe
+                    )
+                replies = await pipe.execute()
         except RedisError as exc:
             raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+        return {
+            backend: FleetView.from_reply(reply) for backend, reply in zip(standings, replies, strict=True)
+        }
 
-    async def released(self) -> AsyncIterator[str]:
-        """The names of backends where another process released a lease, as it happens (this
-        process's own releases are known here already)."""
+    async def notices(self) -> AsyncIterator[str | None]:
+        """As it happens in another process: the name of a backend where a lease was released, or
+        None when its queue changed (this process's own are known here already)."""
         try:
             async with self._client.pubsub(ignore_subscribe_messages=True) as subscription:
-                await subscription.subscribe(self.channel)
+                await subscription.subscribe(self.channel, self.queue_channel)
                 async for message in subscription.listen():
+                    if _text(message["channel"]) == self.queue_channel:
+                        if _text(message["data"]) != self.process:
+                            yield None
+                        continue
                     backend, _, process = _text(message["data"]).partition("\n")
                     if process != self.process:
                         yield backend
@@ -325,6 +531,10 @@ class SharedLeases:
         """This process's leases on ``backend`` given back here whose release the store has not had
         yet: still taken there, so they must stay taken here too."""
         return sum(1 for held in self.held.values() if held.backend == backend and held.releasing)
+
+
+def _ms(seconds: float) -> int:
+    return max(0, int(seconds * 1000))
 
 
 def _text(value: Any) -> str:

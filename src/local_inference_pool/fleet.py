@@ -1,0 +1,68 @@
+"""What the fleet's shared store says, and what a process tells it: plain values, no I/O (the
+store's client is ``shared_state``; the pool reads these without loading it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+__all__ = ["Claimed", "FleetView", "Head", "Standing"]
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What a script on one backend needs from this process: the backend as the process sees it,
+    and the request (the process's best waiter for it) whose view of the fleet's queue it asks for."""
+
+    capacity: int  # slots, less busy slots from outside the pool
+    max_models: int
+    models: tuple[str, ...]  # the backend's models: whose queues hold slots for earlier waiters
+    priority: int = 0  # default: a request arriving now at the default priority
+    waited: float = 0.0  # seconds
+
+
+@dataclass(frozen=True)
+class Head:
+    """A process's next waiting request for one model: what the fleet's queue order compares."""
+
+    priority: int
+    waited: float  # seconds, when sent
+    waiting: int  # how many wait for the model in that process
+
+
+@dataclass(frozen=True)
+class FleetView:
+    """One backend as the store saw it: the other processes' leases (in all, and per model), the
+    free slots held for earlier waiters elsewhere, and how long ago (s) the newest request granted
+    anywhere arrived (None: none yet)."""
+
+    leases: int
+    models: dict[str, int] = field(default_factory=dict)
+    reserved: int = 0
+    newest_age: float | None = None
+
+    @classmethod
+    def from_reply(cls, reply: list[Any]) -> FleetView:
+        pairs = reply[3:]
+        newest = int(reply[2])
+        return cls(
+            int(reply[0]),
+            {_text(pairs[i]): int(pairs[i + 1]) for i in range(0, len(pairs), 2)},
+            reserved=int(reply[1]),
+            newest_age=None if newest < 0 else newest / 1000,
+        )
+
+
+class Claimed(IntEnum):
+    """How a claim ended."""
+
+    WON = 1
+    FULL = 0  # the fleet holds every slot
+    OTHER_MODEL = 2  # the drain guard: another model is active there, no room for a second
+    QUEUED_ELSEWHERE = 3  # the free slots belong to requests that came earlier to other processes
+    RELEASED = 4  # the lease was released before its claim arrived
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -13,11 +13,17 @@ a redis-server of its own (persistence off), the fake backend (``fake_backend.py
    B's acquire returns (through Redis pub/sub, as between processes); p50 and p99 of 200.
 5. Queue throughput: 1,000 waiters spread over 4 pools on 8 slots, each lease released at once;
    grants per second against one in-process pool.
+6. Queue order across pools: 4 pools on 4 slots, 600 requests arriving at 1.5x what the slots
+   serve (20 ms each), 70% of them at one pool. For each request, how long it waited behind a
+   request that arrived later at another pool (from the first such grant to its own): max and p99,
+   and the mean queue wait at the busy pool against the quiet ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 import re
 import shutil
 import socket
@@ -186,6 +192,41 @@ async def queue_throughput(redis_url: str | None, pools: int) -> float:
         return 1000 / (time.perf_counter() - start)
 
 
+async def queue_order(redis_url: str) -> str:
+    backend = BackendConfig(url="http://a:8080", name="a", slots=4, models=("m",))
+    config = PoolConfig(backends=(backend,), state=redis_url, queue_limit=10_000, lease_ttl=300)
+    rng = random.Random(7)
+    records: list[tuple[int, float, float]] = []  # pool, arrival, grant
+    async with AsyncExitStack() as stack:
+        fleet = [await stack.enter_async_context(Pool(config)) for _ in range(4)]
+
+        async def one(index: int, delay: float) -> None:
+            await asyncio.sleep(delay)
+            arrival = time.perf_counter()
+            lease = await fleet[index].acquire("m", timeout=60)
+            records.append((index, arrival, time.perf_counter()))
+            await asyncio.sleep(0.02)
+            lease.release()
+
+        rate = 1.5 * 4 / 0.02
+        delays = list(itertools.accumulate(rng.expovariate(rate) for _ in range(600)))
+        pools = [0 if rng.random() < 0.7 else rng.randrange(1, 4) for _ in delays]
+        await asyncio.gather(*(one(index, delay) for index, delay in zip(pools, delays, strict=True)))
+    behind = []
+    for index, arrival, grant in records:
+        overtaking = [g for i, a, g in records if i != index and a > arrival and g < grant]
+        behind.append(grant - min(overtaking) if overtaking else 0.0)
+    behind.sort()
+    waits = {busy: [g - a for i, a, g in records if (i == 0) == busy] for busy in (True, False)}
+    return (
+        f"queue order over 4 pools: waited behind a later arrival elsewhere max "
+        f"{behind[-1] * 1000:.1f} ms, p99 {behind[int(len(behind) * 0.99) - 1] * 1000:.1f} ms, "
+        f"{sum(1 for b in behind if b > 0) / len(behind):.0%} of requests; mean wait at the busy pool "
+        f"{statistics.mean(waits[True]) * 1000:.0f} ms, at the quiet ones "
+        f"{statistics.mean(waits[False]) * 1000:.0f} ms"
+    )
+
+
 def main() -> None:
     server = shutil.which("redis-server")
     if server is None or shutil.which("wrk") is None:
@@ -210,6 +251,7 @@ def main() -> None:
             f"1,000 waiters on 8 slots: one in-process pool {local:,.0f} grants/s; "
             f"4 pools sharing state {shared:,.0f} grants/s ({shared / local:.2f}x)"
         )
+        lines.append(asyncio.run(queue_order(redis_url)))
     for line in lines:
         print(line)
     (HERE / "results").mkdir(exist_ok=True)

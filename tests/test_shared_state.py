@@ -13,9 +13,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
 import pytest
+import redis
+from prometheus_client import generate_latest
 
 from local_inference_pool import BackendConfig, Pool, PoolConfig
 from local_inference_pool.errors import StateUnavailableError
+from local_inference_pool.metrics import PoolMetrics
 from local_inference_pool.pool import Lease
 from local_inference_pool.scheduler import Affinity
 
@@ -219,6 +222,8 @@ async def test_two_v07_programs_on_one_store_share_the_drain_guard(store: Store)
         with anyio.fail_after(5):
             assert await other == url
         second.release_server(url)
+        with pytest.raises(RuntimeError, match="synchronously"):  # it would bypass the store
+            first.find_and_acquire("model-a")
 
 
 async def queued(store: Store, model: str, processes: int) -> None:
@@ -256,6 +261,9 @@ async def test_a_freed_slot_goes_to_the_earliest_waiter_of_the_fleet_not_of_its_
         assert order == ["second's, earlier", "first's, later"]
         for lease in held:
             lease.release()
+    exposition = generate_latest(PoolMetrics(first).registry).decode()
+    assert 'lip_state_claims_total{outcome="won"}' in exposition
+    assert "lip_backend_fleet_reserved" in exposition
 
 
 async def test_a_process_with_many_waiters_does_not_starve_one_with_few(store: Store) -> None:
@@ -388,3 +396,18 @@ async def test_the_queue_head_of_a_process_killed_with_sigkill_stops_holding_slo
         assert store.queue("m") == {}
         for lease in leases:
             lease.release()
+
+
+async def test_scripts_the_store_lost_are_loaded_again_for_a_batch(store: Store) -> None:
+    from local_inference_pool.fleet import Standing
+    from local_inference_pool.shared_state import SharedLeases
+
+    shared = SharedLeases(store.url, lease_ttl=30.0)
+    standing = Standing(capacity=2, max_models=1, models=("m",))
+    try:
+        await shared.view({"a": standing})  # the script is loaded
+        redis.Redis(port=store.port).script_flush()  # as after a restart of the store
+        views = await shared.view({"a": standing, "b": standing})  # a batch of two
+        assert views["a"].leases == views["b"].leases == 0
+    finally:
+        await shared.aclose()

@@ -283,7 +283,16 @@ class ServerPool:
     # --- slots -----------------------------------------------------------------------------
 
     def find_and_acquire(self, model_id: str) -> str | None:
-        """Take a slot for the model now, or return None. Synchronous: nothing can interleave."""
+        """Take a slot for the model now, or return None. Synchronous: nothing can interleave.
+
+        Not with shared state (``config=PoolConfig(state=...)``): a fleet-wide slot is claimed in
+        the store, which takes a round trip; ``await ConcurrentDispatcher(pool).submit(model)`` does.
+        """
+        if self.pool.shared:
+            raise RuntimeError(
+                "find_and_acquire() cannot claim a slot in the shared state store synchronously; "
+                "use 'await ConcurrentDispatcher(pool).submit(model)'"
+            )
         self.pool.bind_running_loop()
         grant = self.pool.scheduler.try_acquire(model_id)
         if grant is None:

@@ -62,6 +62,7 @@ class Claimed(IntEnum):
     OTHER_MODEL = 2  # the drain guard: another model is active there, no room for a second
     QUEUED_ELSEWHERE = 3  # the free slots belong to requests that came earlier to other processes
     RELEASED = 4  # the lease was released before its claim arrived
+    SESSION_ELSEWHERE = 5  # the fleet served the request's session on another backend
 
 
 def _text(value: Any) -> str:

@@ -282,6 +282,20 @@ class _PoolCollector(Collector):
                 "Leases other processes hold per backend, as last seen.",
                 labels=["backend"],
             )
+            reserved = GaugeMetricFamily(
+                "lip_backend_fleet_reserved",
+                "Free slots per backend held for requests that came earlier to other processes.",
+                labels=["backend"],
+            )
             for backend in state["backends"]:
                 fleet.add_metric([backend["name"]], backend.get("fleet_leases", 0))
-            yield from (reachable, held, fleet)
+                reserved.add_metric([backend["name"]], backend.get("fleet_reserved", 0))
+            claims = CounterMetricFamily(
+                "lip_state_claims",
+                "Fleet-wide claims of a slot this process made, by outcome (won, full, other_model, "
+                "queued_elsewhere, released).",
+                labels=["outcome"],
+            )
+            for outcome, count in shared["claims"].items():
+                claims.add_metric([outcome], count)
+            yield from (reachable, held, fleet, reserved, claims)

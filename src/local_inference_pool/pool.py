@@ -170,6 +170,7 @@ class Pool:
         self._views: dict[str, FleetView] = {}  # the last each backend's fleet was seen
         self._heads_wanted: anyio.Event | None = None  # set when this process's queue heads changed
         self._published_heads: dict[str, tuple[int, float]] = {}  # model -> (priority, arrival)
+        self._claims: dict[str, int] = dict.fromkeys((c.name.lower() for c in Claimed), 0)
         self._probe_external: dict[str, int] = {}
         self.state_reachable = True
         for backend in config.backends:
@@ -285,28 +286,11 @@ class Pool:
     async def _acquire(
         self, *, model: str, priority: int, session: str | None, timeout: float | None, pin: str | None
     ) -> Lease:
-        if session is not None:
-            await self.recall_session(session)
         ticket = self.submit(model, priority=priority, session=session, timeout=timeout, pin=pin)
         lease = self.granted(ticket)
         if lease is not None and self._shared is None:
             return lease
         return await self.settle(ticket, lease)
-
-    async def recall_session(self, session: str) -> None:
-        """With shared state, before submitting a request of ``session``: learn which backend the
-        fleet last served the session on (a turn that went to another process), so placement
-        prefers it. Without shared state, or when the store cannot be reached, nothing."""
-        shared = self._shared
-        if shared is None or not self.config.affinity:
-            return
-        try:
-            backend = await shared.session(session)
-        except StateUnavailableError as exc:
-            self._reachable(False, str(exc))
-            return  # the claim that follows fails closed
-        if backend is not None:
-            self._scheduler.remember_affinity(session, backend)
 
     @property
     def shared(self) -> bool:
@@ -320,8 +304,11 @@ class Pool:
         A claim that loses (other processes hold the backend's slots, another model is active
         there, or the free slots belong to requests that came earlier to other processes) hands the
         grant back, takes what the claim saw as outside load, and queues the request again in its
-        place, with what is left of its deadline. Cancelled at any point, nothing is held.
+        place, with what is left of its deadline. A request whose session the fleet last served on
+        another backend (a turn that went to another process) is placed again preferring that
+        backend, once. Cancelled at any point, nothing is held.
         """
+        check_session = True
         while True:
             if lease is None:
                 lease = await self.wait(ticket)
@@ -338,7 +325,7 @@ class Pool:
             ticket = grant.ticket
             name = grant.backend.name
             try:
-                outcome, view = await shared.claim(
+                outcome, session_backend, view = await shared.claim(
                     shared.lease_id(grant.id),
                     name,
                     grant.model,
@@ -347,15 +334,20 @@ class Pool:
                     waited=self._clock() - ticket.arrival,
                     queued=ticket.pin is None,  # a pinned retry already waited its turn
                     session=ticket.affinity_key,
+                    check_session=check_session,
                 )
             except BaseException:
                 lease.release()  # also gives back a claim that may have reached the store
                 raise
             # On a loss to earlier waiters elsewhere, the view holds the free slots for them, so
             # the request is not granted here again until the fleet changes.
+            self._claims[outcome.name.lower()] += 1
             self._apply_fleet(name, view)
             if outcome is Claimed.WON:
                 return lease
+            if outcome is Claimed.SESSION_ELSEWHERE and ticket.affinity_key and session_backend:
+                self._scheduler.remember_affinity(ticket.affinity_key, session_backend)
+                check_session = False  # placed again preferring it; wherever that lands, it stays
             lease.release()
             deadline = ticket.deadline
             ticket = self.submit(
@@ -575,6 +567,8 @@ class Pool:
             backend["warm_models"] = sorted(self._warm.get(backend["name"], {}))
             if self.config.state is not None:
                 backend["fleet_leases"] = self._fleet_external.get(backend["name"], 0)
+                view = self._views.get(backend["name"])
+                backend["fleet_reserved"] = 0 if view is None else view.reserved
             backend.update(self._info.get(backend["name"], {}))
         state["closed"] = self._closed
         shared = self._shared
@@ -586,6 +580,7 @@ class Pool:
                 "reachable": self.state_reachable and shared is not None,
                 "process": None if shared is None else shared.process,
                 "leases_held": 0 if shared is None else len(shared.held),
+                "claims": dict(self._claims),
                 "lease_ttl": self.config.lease_ttl,
             }
         )

@@ -367,21 +367,14 @@ async def _acquire_unless_gone(
     watch: ClientWatch, pool: Pool, inbound: Inbound, pin: str | None
 ) -> Lease | None:
     """A slot for the request, or None if the client leaves while it queues (freeing its place)."""
-    if not pool.shared:
-        ticket = pool.submit(inbound.model, priority=inbound.priority, session=inbound.session, pin=pin)
-        lease = pool.granted(ticket)
-        if lease is not None:
-            return lease  # the common case: a slot was free, nothing to wait for
-        async with watch.until_gone():
-            return await pool.settle(ticket, lease)  # cancelled, it passes on a grant that raced
-        return None  # the client left
+    ticket = pool.submit(inbound.model, priority=inbound.priority, session=inbound.session, pin=pin)
+    lease = pool.granted(ticket)
+    if lease is not None and not pool.shared:
+        return lease  # the common case: a slot was free, nothing to wait for
     async with watch.until_gone():
-        if inbound.session is not None and pin is None:
-            await pool.recall_session(inbound.session)  # a turn may have gone to another process
-        ticket = pool.submit(inbound.model, priority=inbound.priority, session=inbound.session, pin=pin)
-        # Waits if needed and claims the slot fleet-wide; cancelled, it passes on any grant that
-        # raced the cancel and gives back any claim.
-        return await pool.settle(ticket, pool.granted(ticket))
+        # Waits if needed, and with shared state claims the slot fleet-wide; cancelled, it passes
+        # on any grant that raced the cancel and gives back any claim.
+        return await pool.settle(ticket, lease)
     return None  # the client left
 
 

@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from local_inference_pool.errors import StateUnavailableError
 from local_inference_pool.fleet import Claimed, FleetView, Head, Standing
@@ -152,16 +153,21 @@ local function free() return tonumber(ARGV[7]) - redis.call('ZCARD', KEYS[1]) en
 """
 
 # Own ARGV: 9 lease id, 10 model, 11 ttl ms, 12 priority, 13 age ms, 14 '1' to skip the queue (a
-# retry that already waited), 15 backend name, 16 session ttl ms; own KEYS: the lease's tombstone
-# (left by a release that came before its claim: that claim must not land), the session's key.
-# Reply: 1 won, 0 full, 2 another model active, 3 an earlier waiter elsewhere, 4 released already.
+# retry that already waited), 15 backend name, 16 session ttl ms, 17 '1' to refuse the claim when
+# the fleet served the session elsewhere; own KEYS: the lease's tombstone (left by a release that
+# came before its claim: that claim must not land), the session's key.
+# Reply: the outcome (1 won, 0 full, 2 another model active, 3 an earlier waiter elsewhere,
+# 4 released already, 5 the session's backend is another), the session's backend ('' if none).
 _CLAIM = (
     _COMMON
     + """
 local model, max_models = ARGV[10], tonumber(ARGV[6])
 local room = free()
 local outcome = 1
+local session = ''
+if #KEYS > own + 1 then session = redis.call('GET', KEYS[own + 2]) or '' end
 if redis.call('EXISTS', KEYS[own + 1]) == 1 then outcome = 4
+elseif ARGV[17] == '1' and session ~= '' and session ~= ARGV[15] then outcome = 5
 elseif room <= 0 then outcome = 0
 elseif redis.call('HEXISTS', KEYS[3], model) == 0 and redis.call('HLEN', KEYS[3]) >= max_models then
   outcome = 2
@@ -182,6 +188,7 @@ if outcome == 1 then
   if #KEYS > own + 1 then redis.call('SET', KEYS[own + 2], ARGV[15], 'PX', ARGV[16]) end
 end
 local reply = fleet(before)
+table.insert(reply, 1, session)
 table.insert(reply, 1, outcome)
 return reply
 """
@@ -324,6 +331,25 @@ class SharedLeases:
             len(standing.models),
         ]
 
+    async def _run(self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run one script for each (keys, args), in one round trip. Not redis-py's script pipeline:
+        that asks SCRIPT EXISTS first on every execute, a second round trip; a script the store
+        lost (a restart, SCRIPT FLUSH) is loaded and the batch sent again instead."""
+        if len(calls) == 1:
+            keys, args = calls[0]
+            return [await script(keys=keys, args=args)]  # loads the script itself if missing
+        for attempt in range(2):
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for keys, args in calls:
+                        pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    return list(await pipe.execute())
+            except NoScriptError:
+                if attempt:
+                    raise
+                await self._client.script_load(script.script)
+        raise AssertionError("unreachable")
+
     def lease_id(self, grant_id: int) -> str:
         return f"{self.process}:{grant_id}"
 
@@ -338,11 +364,14 @@ class SharedLeases:
         waited: float,
         queued: bool = True,
         session: str | None = None,
-    ) -> tuple[Claimed, FleetView]:
+        check_session: bool = True,
+    ) -> tuple[Claimed, str | None, FleetView]:
         """Take a fleet-wide slot for a request of ``priority`` that has ``waited`` seconds: it wins
         when a slot is free, the drain guard allows the model, and (``queued``) no earlier waiter
         elsewhere has a claim to the free slots. The view's ``reserved`` is for this request.
-        Won with a ``session``, the fleet remembers the backend for it.
+        With a ``session`` (and ``check_session``), it loses when the fleet last served the session
+        on another backend, which it returns; won, the fleet remembers this backend for it. So a
+        session costs no extra round trip where it stays put.
 
         The lease counts as held before the claim is sent: if the call fails or is cancelled after
         Redis ran it, the next release pass removes it (releasing is idempotent), so nothing leaks.
@@ -364,6 +393,7 @@ class SharedLeases:
                     "0" if queued else "1",
                     backend,
                     self._affinity_ms,
+                    "1" if check_session else "0",
                 ],
             )
         except RedisError as exc:
@@ -373,7 +403,7 @@ class SharedLeases:
             self.held[lease_id].claimed = True
         else:
             del self.held[lease_id]
-        return outcome, FleetView.from_reply(reply[1:])
+        return outcome, _text(reply[1]) or None, FleetView.from_reply(reply[2:])
 
     def releasing(self, lease_id: str) -> str | None:
         """Mark a held lease as given back here (its release is on its way); its backend, or None."""
@@ -392,21 +422,25 @@ class SharedLeases:
         if not wanted:
             return []
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for lease_id, held in wanted:
-                    standing = standings[held.backend]
-                    await self._release(
-                        keys=[*self._keys(held.backend, standing), self._tombstone(held.backend, lease_id)],
-                        args=[
-                            *self._args(standing),
+            replies = await self._run(
+                self._release,
+                [
+                    (
+                        [
+                            *self._keys(held.backend, standings[held.backend]),
+                            self._tombstone(held.backend, lease_id),
+                        ],
+                        [
+                            *self._args(standings[held.backend]),
                             lease_id,
                             self.channel,
                             f"{held.backend}\n{self.process}",
                             _ms(self.lease_ttl),
                         ],
-                        client=pipe,
                     )
-                replies = await pipe.execute()
+                    for lease_id, held in wanted
+                ],
+            )
         except RedisError as exc:
             raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
         for lease_id, _ in wanted:
@@ -429,14 +463,6 @@ class SharedLeases:
             await self._heads(keys=[self._queue_key(model) for model in heads], args=args)
         except RedisError as exc:
             raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
-
-    async def session(self, session: str) -> str | None:
-        """The backend the fleet last served ``session`` on, if it remembers."""
-        try:
-            backend = await self._client.get(self._session_key(session))
-        except RedisError as exc:
-            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
-        return None if backend is None else _text(backend)
 
     async def heartbeat(self, leases: int, waiting: int) -> None:
         """Say this process is alive, with how many leases it holds and requests it has waiting;
@@ -472,19 +498,23 @@ class SharedLeases:
             if held.claimed and held.backend in by_backend:
                 by_backend[held.backend].append(lease_id)
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for backend, ids in by_backend.items():
-                    standing = standings[backend]
-                    pairs = [item for lease_id in ids for item in (lease_id, self.held[lease_id].model)]
-                    await self._renew(
-                        keys=[
-                            *self._keys(backend, standing),
+            replies = await self._run(
+                self._renew,
+                [
+                    (
+                        [
+                            *self._keys(backend, standings[backend]),
                             *(self._tombstone(backend, lease_id) for lease_id in ids),
                         ],
-                        args=[*self._args(standing), _ms(self.lease_ttl), *pairs],
-                        client=pipe,
+                        [
+                            *self._args(standings[backend]),
+                            _ms(self.lease_ttl),
+                            *(item for lease_id in ids for item in (lease_id, self.held[lease_id].model)),
+                        ],
                     )
-                replies = await pipe.execute()
+                    for backend, ids in by_backend.items()
+                ],
+            )
         except RedisError as exc:
             raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
         return {
@@ -495,12 +525,13 @@ class SharedLeases:
         """What every process holds on each backend of ``standings`` now, in one round trip (read
         only: nothing is renewed)."""
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for backend, standing in standings.items():
-                    await self._view(
-                        keys=self._keys(backend, standing), args=self._args(standing), client=pipe
-                    )
-                replies = await pipe.execute()
+            replies = await self._run(
+                self._view,
+                [
+                    (self._keys(backend, standing), self._args(standing))
+                    for backend, standing in standings.items()
+                ],
+            )
         except RedisError as exc:
             raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
         return {

@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import anyio
 import pytest
 import redis
+from anyio.streams.buffered import BufferedByteReceiveStream
 from prometheus_client import generate_latest
 
 from local_inference_pool import BackendConfig, Pool, PoolConfig
@@ -143,7 +144,7 @@ async def test_leases_of_a_process_killed_with_sigkill_come_back_within_lease_tt
     try:
         assert holder.stdout is not None
         with anyio.fail_after(10):
-            assert b"holding 3" in await holder.stdout.receive()
+            assert b"holding 3" in await BufferedByteReceiveStream(holder.stdout).receive_until(b"\n", 1000)
         assert store.leases() == SLOTS
         holder.send_signal(signal.SIGKILL)
         await holder.wait()
@@ -382,7 +383,7 @@ async def test_the_queue_head_of_a_process_killed_with_sigkill_stops_holding_slo
     try:
         assert holder.stdout is not None
         with anyio.fail_after(10):
-            assert b"and waiting" in await holder.stdout.receive()
+            assert b"and waiting" in await BufferedByteReceiveStream(holder.stdout).receive_until(b"\n", 1000)
         await queued(store, "m", 1)
         holder.send_signal(signal.SIGKILL)
         await holder.wait()
@@ -411,3 +412,26 @@ async def test_scripts_the_store_lost_are_loaded_again_for_a_batch(store: Store)
         assert views["a"].leases == views["b"].leases == 0
     finally:
         await shared.aclose()
+
+
+async def test_across_the_fleet_a_higher_priority_goes_first_even_when_it_came_later(store: Store) -> None:
+    async with pools(store, 2) as (first, second), anyio.create_task_group() as group:
+        held = [await first.acquire("m") for _ in range(SLOTS)]
+        order: list[str] = []
+
+        async def wait(pool: Pool, name: str, priority: int) -> None:
+            lease = await pool.acquire("m", priority=priority, timeout=None)
+            order.append(name)
+            held.append(lease)
+
+        group.start_soon(wait, first, "earlier, priority 0", 0)
+        await queued(store, "m", 1)
+        group.start_soon(wait, second, "later, priority 5", 5)
+        await queued(store, "m", 2)
+        held.pop(0).release()  # in the process of the earlier, lower priority
+        with anyio.fail_after(5):
+            while not order:
+                await anyio.sleep(0.01)
+        assert order == ["later, priority 5"]
+        for lease in held:
+            lease.release()

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -32,13 +33,25 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 
 from local_inference_pool.config import PoolConfig
-from local_inference_pool.errors import PoolError
+from local_inference_pool.dialects import ANTHROPIC, OPENAI, Dialect
+from local_inference_pool.errors import InvalidRequestError, PoolError
 from local_inference_pool.health import Monitor
-from local_inference_pool.inbound import ClientGone, authorization, authorized, read_inbound, request_id
+from local_inference_pool.inbound import (
+    ClientGone,
+    Inbound,
+    authorization,
+    authorized,
+    priority,
+    read_body,
+    read_form,
+    read_inbound,
+    request_id,
+)
 from local_inference_pool.metrics import PoolMetrics, RequestRecord
 from local_inference_pool.pool import Pool
-from local_inference_pool.proxy import Runtime, forward, refuse
+from local_inference_pool.proxy import PASSED_HEADERS, RESPONSE_ID, Call, Runtime, forward, refuse
 from local_inference_pool.replies import error_response, openai_error
+from local_inference_pool.routes import ModelFrom, RouteSpec, routes_for
 from local_inference_pool.scheduler import Health
 from local_inference_pool.upstream import AiohttpTransport
 
@@ -54,11 +67,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TransportFactory = Callable[[httpx.Limits], httpx.AsyncBaseTransport]
-UPSTREAM_PATHS = {
-    "/chat/completions": "/v1/chat/completions",
-    "/completions": "/v1/completions",
-    "/embeddings": "/v1/embeddings",
-}
 
 
 def upstream_limits(config: PoolConfig) -> httpx.Limits:
@@ -107,19 +115,24 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
                 app.state.runtime = None
                 group.cancel_scope.cancel()
 
+    routes = routes_for(config)
+    served = ", ".join(dict.fromkeys(route.path for route in routes))
+
     async def not_found(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        anthropic = request.url.path.removeprefix(request.scope.get("root_path", "")).startswith("/messages")
+        dialect = ANTHROPIC if anthropic else OPENAI
         if exc.status_code == 405:
-            return openai_error(
+            return dialect.error(
                 405,
                 f"{request.method} is not allowed on {request.url.path}",
                 "invalid_request_error",
                 "method_not_allowed",
             )
-        return openai_error(
+        return dialect.error(
             exc.status_code,
-            f"no route {request.method} {request.url.path}; this endpoint serves /chat/completions, "
-            "/completions, /embeddings, /models and /pool/status",
+            f"no route {request.method} {request.url.path}; this endpoint serves {served}, /models "
+            "and /pool/status",
             "invalid_request_error",
             "not_found",
         )
@@ -134,10 +147,7 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
 
     app = Starlette(
         routes=[
-            *(
-                Route(path, CompletionEndpoint(upstream), methods=["POST"])
-                for path, upstream in UPSTREAM_PATHS.items()
-            ),
+            *(Route(route.path, RouteEndpoint(route), methods=list(route.methods)) for route in routes),
             Route("/models", _models, methods=["GET"]),
             Route("/pool/status", _status, methods=["GET"]),
             Route("/pool/metrics", _metrics, methods=["GET"]),
@@ -236,10 +246,11 @@ def _authorized(request: Request, config: PoolConfig, *, browser: bool = False) 
     return authorized(authorization(request.scope["headers"]), config, browser=browser)
 
 
-def _unauthorized(*, browser: bool = False) -> JSONResponse:
-    response = openai_error(
+def _unauthorized(*, browser: bool = False, dialect: Dialect = OPENAI) -> JSONResponse:
+    how = "'x-api-key: <key>' or " if dialect is ANTHROPIC else ""
+    response = dialect.error(
         401,
-        "missing or invalid API key: send 'Authorization: Bearer <key>' with one of the pool's keys",
+        f"missing or invalid API key: send {how}'Authorization: Bearer <key>' with one of the pool's keys",
         "invalid_request_error",
         "invalid_api_key",
     )
@@ -248,33 +259,105 @@ def _unauthorized(*, browser: bool = False) -> JSONResponse:
     return response
 
 
-class CompletionEndpoint:
-    """POST /chat/completions, /completions or /embeddings, as a raw ASGI app (the gateway's hot path)."""
+class RouteEndpoint:
+    """One route of the table (``routes.py``) as a raw ASGI app: the gateway's hot path."""
 
-    def __init__(self, upstream_path: str) -> None:
-        self.upstream_path = upstream_path
+    def __init__(self, route: RouteSpec) -> None:
+        self.route = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         runtime: Runtime | None = scope["app"].state.runtime
+        route = self.route
+        dialect = route.dialect
         if runtime is None:
-            await _not_started()(scope, receive, send)
+            await dialect.error(503, _NOT_STARTED, "service_unavailable", "pool_not_started")(
+                scope, receive, send
+            )
             return
         headers = dict(scope["headers"])
-        record = RequestRecord(request_id=request_id(headers), model="-")
+        record = RequestRecord(request_id=request_id(headers), model="-", route=route.path)
         try:
-            if not authorized(authorization(scope["headers"]), runtime.config):
-                await refuse(send, _unauthorized(), record, runtime)
+            if not authorized(dialect.credentials(scope["headers"]), runtime.config):
+                await refuse(send, _unauthorized(dialect=dialect), record, runtime)
                 return
-            inbound = await read_inbound(receive, headers, runtime.config)
+            inbound, call = await _read_request(scope, receive, headers, runtime, route)
         except ClientGone:
             record.status, record.outcome = 499, "client_gone"
             runtime.metrics.observe(record)
             return
         except PoolError as exc:
-            await refuse(send, error_response(exc), record, runtime)
+            await refuse(send, dialect.error_for(exc), record, runtime)
             return
-        record.model = inbound.model
-        await forward(receive, send, runtime, self.upstream_path, inbound, record)
+        record.model = inbound.model or "-"
+        await forward(receive, send, runtime, call, inbound, record)
+
+
+async def _read_request(
+    scope: Scope, receive: Receive, headers: dict[bytes, bytes], runtime: Runtime, route: RouteSpec
+) -> tuple[Inbound, Call]:
+    """The checked request and how it goes upstream, by the route's kind; raises ``PoolError``."""
+    config = runtime.config
+    passed = tuple((name, headers[name]) for name in PASSED_HEADERS if name in headers)
+    method = scope["method"]
+    if route.model is ModelFrom.RESPONSE:
+        response_id = scope["path_params"]["response_id"]
+        if not RESPONSE_ID.fullmatch(response_id):
+            raise InvalidRequestError(
+                f"{response_id[:64]!r} is not a response id", code="invalid_response_id"
+            )
+        backend = await runtime.pool.response_backend(response_id)
+        if backend is None:
+            raise InvalidRequestError(
+                f"no response {response_id!r} was made through this pool (or it expired after "
+                f"{config.response_ttl:g}s)",
+                status=404,
+                code="response_not_found",
+            )
+        body = await read_body(receive, headers, config) if method == "POST" else b""
+        path = route.upstream.replace("{response_id}", quote(response_id, safe=""))
+        content_type = b"application/json" if body else None
+        inbound = Inbound(body, "", priority(headers), None)
+        return inbound, Call(route, path, method, content_type, passed, pin=backend)
+    if route.model is ModelFrom.FORM:
+        inbound = await read_form(receive, headers, config)
+        return inbound, Call(route, route.upstream, method, headers.get(b"content-type"), passed)
+    inbound = await read_inbound(
+        receive,
+        headers,
+        config,
+        session_key=route.dialect.session_key,
+        model_required=route.model is ModelFrom.BODY,
+    )
+    if not inbound.model:
+        inbound.model = _only_model(runtime)
+    pin = None
+    previous = inbound.payload.get("previous_response_id") if route.remembers_response else None
+    if previous is not None:
+        if not isinstance(previous, str) or not RESPONSE_ID.fullmatch(previous):
+            raise InvalidRequestError(
+                "'previous_response_id' is not a response id", code="invalid_response_id"
+            )
+        pin = await runtime.pool.response_backend(previous)
+        if pin is None:
+            raise InvalidRequestError(
+                f"no response {previous!r} was made through this pool (or it expired after "
+                f"{config.response_ttl:g}s)",
+                status=404,
+                code="response_not_found",
+            )
+    return inbound, Call(route, route.upstream, method, b"application/json", passed, pin=pin)
+
+
+def _only_model(runtime: Runtime) -> str:
+    """The model of a request that names none: the pool's only one."""
+    models = runtime.pool.models()
+    if len(models) == 1:
+        return models[0]
+    listed = ", ".join(models[:20]) + (", ..." if len(models) > 20 else "")
+    raise InvalidRequestError(
+        f"'model' is required here: this pool serves {len(models)} models ({listed or 'none yet'})",
+        code="invalid_model",
+    )
 
 
 async def _models(request: Request) -> Response:
@@ -316,6 +399,9 @@ async def _status(request: Request) -> Response:
     if isinstance(runtime, Response):
         return runtime
     snapshot = runtime.pool.snapshot()
+    lacking = runtime.routes.snapshot()
+    for backend in snapshot["backends"]:
+        backend["lacks_routes"] = lacking.get(backend["name"], [])
     if snapshot["shared_state"] is not None:
         with anyio.move_on_after(2):  # a status page never hangs on the store
             snapshot["shared_state"]["processes"] = await runtime.pool.fleet()

@@ -27,6 +27,7 @@ __all__ = [
     "BackendConfig",
     "BackendKind",
     "PoolConfig",
+    "RouteConfig",
     "ServerConfig",
     "load_config",
     "normalize_url",
@@ -99,9 +100,31 @@ class BackendConfig:
             object.__setattr__(self, "name", f"{parts.hostname}:{port}")
 
 
+ROUTE_MODELS = ("body", "optional", "form")
+ROUTE_DIALECTS = ("openai", "responses", "anthropic")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One more route of a kind the pool knows (``[[routes]]``): ``path`` under the mount, passed to
+    the backend's ``upstream`` path; ``model`` from the JSON body (``body``), optional there when the
+    pool serves one model (``optional``), or a multipart form field (``form``); ``slot``: whether it
+    takes a slot; ``dialect``: the shape of the pool's own errors."""
+
+    path: str
+    upstream: str
+    model: str = "body"
+    slot: bool = True
+    dialect: str = "openai"
+
+    def __post_init__(self) -> None:
+        _validate_fields(self, ROUTE_KEYS, f"route {self.path!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     backends: tuple[BackendConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
     queue_limit: int = 1000
     queue_timeout: float | None = None
     starvation_bound: float = 30.0
@@ -125,6 +148,8 @@ class PoolConfig:
     max_headers: int = 100
     state: str | None = field(default=None, repr=False)  # redis:// URL: leases shared by processes
     lease_ttl: float = 30.0
+    response_ttl: float = 3600.0
+    response_max_ids: int = 10_000
 
     def __post_init__(self) -> None:
         _validate_fields(self, POOL_KEYS, "pool")
@@ -147,7 +172,7 @@ class PoolConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PoolConfig:
         """Build from the TOML shape: ``{"pool": {...}, "backends": [{...}, ...]}``."""
-        _reject_unknown(data, {"pool", "backends"}, "config")
+        _reject_unknown(data, {"pool", "backends", "routes"}, "config")
         pool_section = data.get("pool", {})
         if not isinstance(pool_section, Mapping):
             raise ConfigError(f"pool: {pool_section!r} is not allowed; expected a table")
@@ -157,7 +182,14 @@ class PoolConfig:
         backends = tuple(
             _backend_from_dict(entry, f"backends[{index}]") for index, entry in enumerate(backends_section)
         )
-        return cls(backends=backends, **_parse_section(pool_section, POOL_KEYS, "pool"))
+        routes_section = data.get("routes", [])
+        if not isinstance(routes_section, list) or not all(isinstance(r, Mapping) for r in routes_section):
+            raise ConfigError(f"routes: {routes_section!r} is not allowed; expected an array of tables")
+        routes = tuple(
+            RouteConfig(**_parse_section(entry, ROUTE_KEYS, f"routes[{index}]"))
+            for index, entry in enumerate(routes_section)
+        )
+        return cls(backends=backends, routes=routes, **_parse_section(pool_section, POOL_KEYS, "pool"))
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> PoolConfig:
@@ -314,6 +346,35 @@ POOL_KEYS: dict[str, Parser] = {
     "max_headers": _int_at_least(8),
     "state": lambda where, value: None if value is None else _state_url(where, value),
     "lease_ttl": _number(positive=True),
+    "response_ttl": _number(positive=True),
+    "response_max_ids": _int_at_least(1),
+}
+
+
+def _route_path(where: str, value: Any) -> str:
+    path = _string(where, value)
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", path):
+        raise ConfigError(
+            f"{where}: {path!r} is not allowed; a path like '/v1/something' (letters, digits, . _ ~ -)"
+        )
+    return path
+
+
+def _choice(*allowed: str) -> Parser:
+    def parse(where: str, value: Any) -> str:
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not allowed; one of {', '.join(allowed)}")
+        return str(value)
+
+    return parse
+
+
+ROUTE_KEYS: dict[str, Parser] = {
+    "path": _route_path,
+    "upstream": _route_path,
+    "model": _choice(*ROUTE_MODELS),
+    "slot": _bool,
+    "dialect": _choice(*ROUTE_DIALECTS),
 }
 
 BACKEND_KEYS: dict[str, Parser] = {
@@ -327,7 +388,7 @@ BACKEND_KEYS: dict[str, Parser] = {
     "api_key": _optional_key,
 }
 
-assert set(POOL_KEYS) == {f.name for f in fields(PoolConfig)} - {"backends"}
+assert set(POOL_KEYS) == {f.name for f in fields(PoolConfig)} - {"backends", "routes"}
 assert set(BACKEND_KEYS) == {f.name for f in fields(BackendConfig)}
 
 

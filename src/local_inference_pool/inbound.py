@@ -7,16 +7,17 @@ the headers it needs are five lookups in one dict.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import json
 import re
 import secrets
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import anyio
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive
 
 from local_inference_pool.config import PoolConfig
@@ -30,9 +31,12 @@ __all__ = [
     "authorization",
     "authorized",
     "parse_body",
+    "priority",
+    "read_body",
+    "read_form",
     "read_inbound",
     "request_id",
-    "session_key",
+    "single_header",
 ]
 
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -50,6 +54,7 @@ class Inbound:
     model: str
     priority: int
     session: str | None
+    payload: Mapping[str, Any] = field(default_factory=dict)
 
 
 def request_id(headers: Mapping[bytes, bytes]) -> str:
@@ -61,10 +66,15 @@ def request_id(headers: Mapping[bytes, bytes]) -> str:
 def authorization(headers: Iterable[tuple[bytes, bytes]]) -> str:
     """The one ``Authorization`` header ('' when none). Two are refused on every route: servers
     disagree on which of them counts, and the pool must never check one while a backend reads another."""
-    found = [value for name, value in headers if name == b"authorization"]
+    return single_header(headers, b"authorization", "Authorization")
+
+
+def single_header(headers: Iterable[tuple[bytes, bytes]], name: bytes, shown: str) -> str:
+    """The value of a credential header the request may have at most once ('' when none)."""
+    found = [value for key, value in headers if key == name]
     if len(found) > 1:
         raise InvalidRequestError(
-            "the request has more than one Authorization header; send exactly one",
+            f"the request has more than one {shown} header; send exactly one",
             code="duplicate_authorization",
         )
     return found[0].decode("latin-1") if found else ""
@@ -90,11 +100,32 @@ def authorized(authorization: str, config: PoolConfig, *, browser: bool = False)
     return any(matches)
 
 
-async def read_inbound(receive: Receive, headers: Mapping[bytes, bytes], config: PoolConfig) -> Inbound:
+SessionKey = Callable[[Mapping[bytes, bytes], Mapping[str, Any]], "str | None"]
+
+
+async def read_inbound(
+    receive: Receive,
+    headers: Mapping[bytes, bytes],
+    config: PoolConfig,
+    *,
+    session_key: SessionKey,
+    model_required: bool = True,
+) -> Inbound:
     """The checked request, or ``InvalidRequestError`` saying what is wrong, or ``ClientGone``.
 
     The body must arrive within ``config.body_timeout`` seconds (else 408), in any host server.
+    Without ``model_required``, a body without ``model`` comes back with ``model`` empty.
     """
+    body = await read_body(receive, headers, config)
+    payload = parse_body(body)
+    model = payload.get("model")
+    if (model_required or model is not None) and (not isinstance(model, str) or not model):
+        raise InvalidRequestError("'model' is required and must be a non-empty string", code="invalid_model")
+    return Inbound(body, model or "", priority(headers), session_key(headers, payload), payload)
+
+
+async def read_body(receive: Receive, headers: Mapping[bytes, bytes], config: PoolConfig) -> bytes:
+    """The whole body, at most ``max_body_size`` bytes (else 413), within ``body_timeout`` (else 408)."""
     body: bytes | None = None
     with anyio.move_on_after(config.body_timeout):
         body = await _read_body(receive, headers, config.max_body_size)
@@ -104,14 +135,68 @@ async def read_inbound(receive: Receive, headers: Mapping[bytes, bytes], config:
             status=408,
             code="body_timeout",
         )
-    payload = parse_body(body)
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequestError("'model' is required and must be a non-empty string", code="invalid_model")
-    return Inbound(body, model, _priority(headers), session_key(headers, payload))
+    return body
 
 
-def _priority(headers: Mapping[bytes, bytes]) -> int:
+async def read_form(receive: Receive, headers: Mapping[bytes, bytes], config: PoolConfig) -> Inbound:
+    """A multipart form (an audio upload) and its ``model`` field. The body is bounded like any
+    other (``max_body_size``); python-multipart's parser finds the field, skipping file parts."""
+    kind, options = parse_options_header(headers.get(b"content-type", b""))
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        raise InvalidRequestError(
+            "the request body must be multipart/form-data (with a boundary)", code="invalid_body"
+        )
+    body = await read_body(receive, headers, config)
+    model = _form_field(body, boundary, "model")
+    if not model:
+        raise InvalidRequestError("the form field 'model' is required", code="invalid_model")
+    return Inbound(body, model, priority(headers), None)
+
+
+def _form_field(body: bytes, boundary: bytes, wanted: str) -> str:
+    """The value of one short text field of a multipart body (its first 256 bytes), '' if absent."""
+    value = bytearray()
+    part: dict[str, Any] = {"header": bytearray(), "value": bytearray(), "name": None}
+
+    def header_field(data: bytes, start: int, end: int) -> None:
+        part["header"] += data[start:end]
+
+    def header_value(data: bytes, start: int, end: int) -> None:
+        part["value"] += data[start:end]
+
+    def header_end() -> None:
+        if bytes(part["header"]).lower() == b"content-disposition":
+            _, disposition = parse_options_header(bytes(part["value"]))
+            if b"filename" not in disposition:  # a field, not a file
+                part["name"] = disposition.get(b"name", b"").decode("latin-1")
+        part["header"], part["value"] = bytearray(), bytearray()
+
+    def part_data(data: bytes, start: int, end: int) -> None:
+        if part["name"] == wanted and len(value) < 256:
+            value.extend(data[start : min(end, start + 256 - len(value))])
+
+    def part_end() -> None:
+        part["name"] = None
+
+    callbacks = {
+        "on_header_field": header_field,
+        "on_header_value": header_value,
+        "on_header_end": header_end,
+        "on_part_data": part_data,
+        "on_part_end": part_end,
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError:
+        raise InvalidRequestError("the multipart form is malformed", code="invalid_body") from None
+    return bytes(value).decode("utf-8", "replace").strip()
+
+
+def priority(headers: Mapping[bytes, bytes]) -> int:
+    """The request's ``x-priority`` (default 0), checked."""
     given = headers.get(b"x-priority", b"0").decode("latin-1")
     try:
         priority = int(given) if len(given) <= 8 else None
@@ -193,25 +278,3 @@ async def _read_body(receive: Receive, headers: Mapping[bytes, bytes], limit: in
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def session_key(headers: Mapping[bytes, bytes], payload: Mapping[str, Any]) -> str | None:
-    """x-session-id, else the request's ``user``, else a hash of the conversation's start."""
-    header = headers.get(b"x-session-id")
-    if header:
-        return "header:" + header.decode("latin-1")
-    user = payload.get("user")
-    if isinstance(user, str) and user:
-        return f"user:{user}"
-    messages = payload.get("messages")
-    if isinstance(messages, list) and messages:
-        prefix: list[Any] = []
-        for message in messages:
-            prefix.append(message)
-            if isinstance(message, dict) and message.get("role") == "user":
-                break
-        return "prefix:" + hashlib.sha256(json.dumps(prefix, sort_keys=True).encode()).hexdigest()[:32]
-    prompt = payload.get("prompt")
-    if isinstance(prompt, str) and prompt:
-        return "prefix:" + hashlib.sha256(prompt[:1024].encode()).hexdigest()[:32]
-    return None

@@ -40,6 +40,7 @@ class RequestRecord:
 
     request_id: str
     model: str
+    route: str = "/chat/completions"
     started: float = field(default_factory=time.monotonic)
     backend: str = "-"
     status: int = 0
@@ -52,10 +53,12 @@ class RequestRecord:
     reported: bool = False
 
     def take_usage(self, usage: dict[str, Any] | None) -> None:
-        """Token counts from a backend's ``usage``, ignoring anything that is not a count."""
+        """Token counts from a backend's ``usage`` (OpenAI's ``prompt_tokens``/``completion_tokens``,
+        or ``input_tokens``/``output_tokens`` of Anthropic's API and OpenAI's Responses), ignoring
+        anything that is not a count."""
         usage = usage or {}
-        self.prompt_tokens = _count(usage.get("prompt_tokens"))
-        self.completion_tokens = _count(usage.get("completion_tokens"))
+        self.prompt_tokens = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+        self.completion_tokens = _count(usage.get("completion_tokens", usage.get("output_tokens")))
 
 
 def _count(value: object) -> int | None:
@@ -67,15 +70,21 @@ class UsageSniffer:
 
     For event streams it keeps only the unfinished tail of the current event (at most
     ``MAX_SNIFFED_EVENT`` bytes: a longer event is skipped, not buffered), and parses only events that
-    mention ``"usage"`` (the final usage chunk). Events end at a blank line in any of SSE's line
-    endings (LF, CRLF, CR): line endings are folded to LF as bytes arrive, a CR that ends one chunk
-    and an LF that starts the next counting once. Each byte is scanned once. For JSON it keeps the
-    body up to ``MAX_SNIFFED_BODY``.
+    mention ``"usage"`` (OpenAI's final usage chunk, Anthropic's ``message_start`` and
+    ``message_delta``, the Responses API's ``response.completed``; their counts are merged). Events
+    end at a blank line in any of SSE's line endings (LF, CRLF, CR): line endings are folded to LF as
+    bytes arrive, a CR that ends one chunk and an LF that starts the next counting once. Each byte is
+    scanned once. For JSON it keeps the body up to ``MAX_SNIFFED_BODY``.
+
+    With ``want_id`` it also reads the answer's ``id`` (a stored response's, from the JSON body or
+    the stream's ``response.created`` event) into ``response_id``.
     """
 
-    def __init__(self, event_stream: bool) -> None:
+    def __init__(self, event_stream: bool, *, want_id: bool = False) -> None:
         self.event_stream = event_stream
         self.usage: dict[str, Any] | None = None
+        self.want_id = want_id
+        self.response_id: str | None = None
         self._buffer = bytearray()
         self._scanned = 0  # bytes of the buffer already searched for an event's end
         self._after_cr = False
@@ -96,7 +105,9 @@ class UsageSniffer:
         buffer = self._buffer
         buffer += chunk
         while (end := buffer.find(b"\n\n", max(0, self._scanned - 1))) >= 0:
-            if not self._skipping and b'"usage"' in buffer[:end]:
+            if not self._skipping and (
+                b'"usage"' in buffer[:end] or (self.want_id and self.response_id is None)
+            ):
                 self._read(bytes(buffer[:end]).partition(b"data:")[2])
             self._skipping = False
             del buffer[: end + 2]
@@ -117,9 +128,18 @@ class UsageSniffer:
             body = json.loads(payload)
         except (ValueError, RecursionError):
             return
-        usage = body.get("usage") if isinstance(body, dict) else None
-        if isinstance(usage, dict):
-            self.usage = usage
+        if not isinstance(body, dict):
+            return
+        nested = body.get("message") or body.get("response")  # Anthropic's, the Responses API's
+        for holder in (body, nested):
+            usage = holder.get("usage") if isinstance(holder, dict) else None
+            if isinstance(usage, dict):
+                self.usage = {**(self.usage or {}), **{k: v for k, v in usage.items() if v is not None}}
+        if self.want_id and self.response_id is None:
+            holder = nested if isinstance(nested, dict) and self.event_stream else body
+            given = holder.get("id")
+            if isinstance(given, str):
+                self.response_id = given
 
 
 class PoolMetrics:
@@ -158,6 +178,12 @@ class PoolMetrics:
             ["model", "backend", "kind"],
             registry=self.registry,
         )
+        self.routes = Counter(
+            "lip_route_requests",
+            "Requests finished, by route (under the mount) and outcome.",
+            ["route", "outcome"],
+            registry=self.registry,
+        )
         self.retries = Counter(
             "lip_upstream_retries",
             "Requests sent to another backend after one could not be reached.",
@@ -178,6 +204,7 @@ class PoolMetrics:
         model = record.model if record.backend != "-" or self.pool.serves(record.model) else "(unknown)"
         child = self._child
         child(self.requests, model, record.backend, record.outcome).inc()
+        child(self.routes, record.route, record.outcome).inc()
         self.totals["requests"] += 1
         if record.queue_wait is not None:
             child(self.queue_wait, model).observe(record.queue_wait)
@@ -195,9 +222,10 @@ class PoolMetrics:
         if not access_log.isEnabledFor(logging.INFO):
             return
         access_log.info(
-            "request_id=%s model=%s backend=%s status=%d outcome=%s queue_wait_ms=%s ttfb_ms=%s "
-            "duration_ms=%.1f completion_tokens=%s",
+            "request_id=%s route=%s model=%s backend=%s status=%d outcome=%s queue_wait_ms=%s "
+            "ttfb_ms=%s duration_ms=%.1f prompt_tokens=%s completion_tokens=%s",
             record.request_id,
+            record.route,
             json.dumps(record.model),
             record.backend,
             record.status,
@@ -205,6 +233,7 @@ class PoolMetrics:
             _ms(record.queue_wait),
             _ms(record.first_byte),
             duration * 1000,
+            record.prompt_tokens if record.prompt_tokens is not None else "-",
             record.completion_tokens if record.completion_tokens is not None else "-",
         )
 

@@ -20,6 +20,7 @@ import math
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
@@ -35,7 +36,12 @@ from local_inference_pool.backends.openai import (
     warm,
 )
 from local_inference_pool.config import BackendConfig, PoolConfig, shown_state
-from local_inference_pool.errors import PoolClosedError, StateUnavailableError, WrongEventLoopError
+from local_inference_pool.errors import (
+    NoCapacityError,
+    PoolClosedError,
+    StateUnavailableError,
+    WrongEventLoopError,
+)
 from local_inference_pool.fleet import Claimed, FleetView, Head, Standing
 from local_inference_pool.scheduler import Affinity, Grant, Health, Scheduler, Ticket, TicketState
 
@@ -46,7 +52,7 @@ if TYPE_CHECKING:
     from local_inference_pool.compat import ServerPool
     from local_inference_pool.shared_state import SharedLeases
 
-__all__ = ["Lease", "Pool", "ServerPool"]
+__all__ = ["Lease", "Pool", "ServerPool", "Unleased"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +109,24 @@ class Lease:
     def __repr__(self) -> str:
         state = "released" if self.released else "held"
         return f"<Lease {self.model!r} on {self.backend} ({self.url}) {state}>"
+
+
+class Unleased:
+    """A backend chosen for a request that takes no slot (tokenize, count_tokens, reading a stored
+    response): the face of a lease, with nothing to release."""
+
+    __slots__ = ("api_key", "backend", "url")
+    affinity: Affinity | None = None
+    queue_wait = 0.0
+    released = False
+
+    def __init__(self, backend: str, url: str, api_key: str | None) -> None:
+        self.backend = backend
+        self.url = url
+        self.api_key = api_key
+
+    def release(self) -> None:
+        """Nothing to give back."""
 
 
 class _Acquire:
@@ -171,6 +195,7 @@ class Pool:
         self._heads_wanted: anyio.Event | None = None  # set when this process's queue heads changed
         self._published_heads: dict[str, tuple[int, float]] = {}  # model -> (priority, arrival)
         self._claims: dict[str, int] = dict.fromkeys((c.name.lower() for c in Claimed), 0)
+        self._responses: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> backend, expiry
         self._probe_external: dict[str, int] = {}
         self.state_reachable = True
         for backend in config.backends:
@@ -417,6 +442,48 @@ class Pool:
     def granted(self, ticket: Ticket) -> Lease | None:
         """The lease of a ticket granted at submission, None while it waits; raises if it failed."""
         return None if ticket.state is TicketState.WAITING else self._take(ticket)
+
+    def pick(self, model: str, *, avoid: Iterable[str] = (), backend: str | None = None) -> Unleased:
+        """A healthy backend for a request that takes no slot: ``backend`` itself, or the best one
+        serving ``model`` other than ``avoid``. Raises as ``submit`` does when there is none."""
+        if self._closed:
+            raise PoolClosedError("the pool is closed")
+        if backend is None:
+            self._scheduler.check_servable(model)
+            backend = self._scheduler.alternative(model, avoid)
+            if backend is None:
+                raise NoCapacityError(f"no healthy backend for model {model!r} now; retry later", model=model)
+        found = self._scheduler.backends.get(backend)
+        if found is None or found.health is not Health.HEALTHY:
+            raise NoCapacityError(f"the backend {backend!r} is not available now; retry later", model=model)
+        return Unleased(found.name, found.url, self._api_keys.get(found.name))
+
+    def models(self) -> list[str]:
+        """Every model some backend lists, sorted."""
+        return self._scheduler.models()
+
+    async def remember_response(self, response_id: str, backend: str) -> None:
+        """Which backend stores a response (OpenAI Responses API), for ``response_ttl``: here, and
+        fleet-wide with shared state. Bounded by ``response_max_ids`` here (oldest first out)."""
+        responses = self._responses
+        responses[response_id] = (backend, self._clock() + self.config.response_ttl)
+        responses.move_to_end(response_id)
+        while len(responses) > self.config.response_max_ids:
+            responses.popitem(last=False)
+        if self._shared is not None:
+            try:
+                await self._shared.remember(f"response:{response_id}", backend, self.config.response_ttl)
+            except StateUnavailableError as exc:
+                self._reachable(False, str(exc))  # remembered here; other processes will not know it
+
+    async def response_backend(self, response_id: str) -> str | None:
+        """The backend that stores ``response_id``, if this pool (or its fleet) saw it made."""
+        entry = self._responses.get(response_id)
+        if entry is not None and entry[1] > self._clock():
+            return entry[0]
+        if self._shared is None:
+            return None
+        return await self._shared.recall(f"response:{response_id}")
 
     def another_backend(self, model: str, avoid: Iterable[str]) -> str | None:
         """The best healthy backend for ``model`` other than ``avoid``: where a retry may be pinned."""

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import cast
 
@@ -42,14 +42,15 @@ from starlette.types import Message, Receive, Send
 
 from local_inference_pool.backends.openai import describe_http_error
 from local_inference_pool.config import PoolConfig
+from local_inference_pool.dialects import Dialect
 from local_inference_pool.errors import NoCapacityError, PoolError
 from local_inference_pool.health import Monitor
 from local_inference_pool.inbound import Inbound
 from local_inference_pool.metrics import PoolMetrics, RequestRecord, UsageSniffer
-from local_inference_pool.pool import Lease, Pool
-from local_inference_pool.replies import error_response, openai_error
+from local_inference_pool.pool import Lease, Pool, Unleased
+from local_inference_pool.routes import RouteSpec, RouteSupport
 
-__all__ = ["HOP_BY_HOP", "Runtime", "UpstreamRelay", "forward", "refuse"]
+__all__ = ["HOP_BY_HOP", "Call", "Runtime", "UpstreamRelay", "forward", "refuse"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ CLOSE_UPSTREAM_SECONDS = 2.0
 GATEWAY_STATUSES = frozenset({502, 503, 504})  # the backend's own trouble, whatever the request
 MAX_ATTEMPTS = 3  # the first backend and up to two others after a connection failure
 SMALL_ANSWER = 1 << 20
+RESPONSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,256}")  # ids the pool remembers and looks up
+LACKING_BODY = 4096  # of a 404 answer, read to tell a missing route from a missing model
+PASSED_HEADERS = (b"anthropic-version", b"anthropic-beta")  # the API's version, not a credential
 _URL_CACHE_SIZE = 1024
 WATCH_AFTER = 0.05  # seconds a wait lasts before the client's connection is watched
 
@@ -87,6 +91,7 @@ class Runtime:
     transport: httpx.AsyncBaseTransport  # the client's own: the proxy sends through it
     monitor: Monitor
     metrics: PoolMetrics
+    routes: RouteSupport = field(default_factory=RouteSupport)
 
     def __post_init__(self) -> None:
         self.timeouts = self.client.timeout.as_dict()  # the client's, for requests sent past it
@@ -107,15 +112,37 @@ def outcome_of(status: int) -> str:
     return "ok" if status < 400 else "client_error" if status < 500 else "backend_error"
 
 
-def upstream_headers(lease: Lease, request_id: str) -> list[tuple[bytes, bytes]]:
-    """What the backend gets: JSON, no compression, its own key. Never the client's credentials."""
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"accept-encoding", b"identity"),
-        (b"x-request-id", request_id.encode()),
-    ]
-    if lease.api_key:
-        headers.append((b"authorization", b"Bearer " + lease.api_key.encode()))
+Target = Lease | Unleased  # where a request goes: with a slot, or (tokenize, count_tokens) without
+
+
+@dataclass(slots=True)
+class Call:
+    """How one request goes upstream: its route, the backend's path for it, the method, the body's
+    type, and the client's headers the backend may see (an API version, never a credential)."""
+
+    route: RouteSpec
+    path: str
+    method: str = "POST"
+    content_type: bytes | None = b"application/json"
+    passed: tuple[tuple[bytes, bytes], ...] = ()
+    pin: str | None = None  # the one backend that may serve it (it stores the response named)
+
+    @property
+    def dialect(self) -> Dialect:
+        return self.route.dialect
+
+
+def upstream_headers(target: Target, request_id: str, call: Call) -> list[tuple[bytes, bytes]]:
+    """What the backend gets: the body's type, no compression, its own key. Never the client's
+    credentials."""
+    headers = [(b"accept-encoding", b"identity"), (b"x-request-id", request_id.encode()), *call.passed]
+    if call.content_type is not None:
+        headers.append((b"content-type", call.content_type))
+    if target.api_key:
+        key = target.api_key.encode()
+        headers.append((b"authorization", b"Bearer " + key))
+        if call.dialect.name == "anthropic":
+            headers.append((b"x-api-key", key))  # what servers speaking Anthropic's API may read
     return headers
 
 
@@ -221,15 +248,15 @@ async def forward(
     receive: Receive,
     send: Send,
     runtime: Runtime,
-    upstream_path: str,
+    call: Call,
     inbound: Inbound,
     record: RequestRecord,
 ) -> None:
-    """Queue for a slot, send the request upstream, answer the client; every outcome is answered,
-    and a client that leaves at any point stops the work done for it."""
+    """Queue for a slot (if the route takes one), send the request upstream, answer the client;
+    every outcome is answered, and a client that leaves at any point stops the work done for it."""
     watch = ClientWatch(receive)
     try:
-        await _forward(watch, send, runtime, upstream_path, inbound, record)
+        await _forward(watch, send, runtime, call, inbound, record)
     finally:
         watch.close()
 
@@ -243,7 +270,7 @@ async def _forward(
     watch: ClientWatch,
     send: Send,
     runtime: Runtime,
-    upstream_path: str,
+    call: Call,
     inbound: Inbound,
     record: RequestRecord,
 ) -> None:
@@ -256,32 +283,49 @@ async def _forward(
       is answered 502 and sent to no third backend, so a request that breaks backends cannot walk
       the fleet;
     - read timeout before headers: 504, counts for nothing (one long prefill is not a fault);
-    - the pool's own connection limit: 503, never the backend's fault.
+    - the pool's own connection limit: 503, never the backend's fault;
+    - a backend that lacks the route (404 or 405 on a route that learns): it is marked so for a
+      while and the request goes to another backend of the model; none left, 404.
+
+    A request pinned to the backend that stores its response (``call.pin``) goes nowhere else.
     """
+    dialect = call.dialect
+    route = call.route
     failures: list[str] = []
     no_answer: list[str] = []  # backends that took the request and gave no answer
-    pin: str | None = None
-    for _attempt in range(MAX_ATTEMPTS):
+    lacking = runtime.routes.lacking(call.path) if route.learns else set()
+    tried_lacking: list[str] = []
+    pin: str | None = call.pin
+    attempts = 0
+    while attempts < MAX_ATTEMPTS:
         record.retries = len(failures)
         try:
-            lease = await _acquire_unless_gone(watch, runtime.pool, inbound, pin)
+            target = await _target(watch, runtime.pool, call, inbound, pin, lacking)
         except NoCapacityError as exc:
             if failures:
                 break  # the backends that refused were the last ones: report them, not "no capacity"
-            await refuse(send, error_response(exc), record, runtime)
+            await refuse(send, dialect.error_for(exc), record, runtime)
             return
         except PoolError as exc:
-            await refuse(send, error_response(exc), record, runtime)
+            await refuse(send, dialect.error_for(exc), record, runtime)
             return
-        if lease is None:  # the client left while queued: nobody to answer
+        if target is None:  # the client left while queued: nobody to answer
             _client_gone(record, runtime)
             return
-        record.backend = lease.backend
-        try:  # every step after the acquire is inside: whatever fails, the lease goes back
+        if target.backend in lacking and call.pin is None:
+            target.release()  # placed where the route is missing: go to another backend of the model
+            pin = runtime.pool.another_backend(inbound.model, lacking | set(no_answer))
+            if pin is None:
+                await _refuse_lacking(send, call, inbound, sorted(lacking), record, runtime)
+                return
+            continue
+        attempts += 1
+        record.backend = target.backend
+        try:  # every step after the acquire is inside: whatever fails, the slot goes back
             request = httpx.Request(
-                "POST",
-                runtime.upstream_url(lease.url, upstream_path),
-                headers=upstream_headers(lease, record.request_id),
+                call.method,
+                runtime.upstream_url(target.url, call.path),
+                headers=upstream_headers(target, record.request_id, call),
                 content=inbound.body,
                 extensions={"timeout": runtime.timeouts},
             )
@@ -289,55 +333,122 @@ async def _forward(
             async with watch.until_gone():
                 response = await runtime.transport.handle_async_request(request)
         except httpx.HTTPError as exc:
-            lease.release()
+            target.release()
             reason = describe_http_error(exc)
             if isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout):  # reached, but too slow
-                message = f"the backend {lease.backend} sent no response headers within {runtime.config.read_timeout}s"
-                await _refuse_upstream(send, 504, message, "upstream_timeout", record, runtime)
+                message = f"the backend {target.backend} sent no response headers within {runtime.config.read_timeout}s"
+                await _refuse_upstream(send, dialect, 504, message, "upstream_timeout", record, runtime)
                 return
             if isinstance(exc, httpx.PoolTimeout):  # the pool's own limit, not the backend's fault
                 message = "the pool has no free upstream connection; retry shortly"
-                await refuse(
-                    send,
-                    openai_error(503, message, "service_unavailable", "upstream_busy", retry_after=1),
-                    record,
-                    runtime,
-                )
+                error = dialect.error(503, message, "service_unavailable", "upstream_busy", retry_after=1)
+                await refuse(send, error, record, runtime)
                 return
-            failures.append(f"{lease.backend}: {reason}")
+            failures.append(f"{target.backend}: {reason}")
             if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.UnsupportedProtocol):
-                runtime.monitor.unreachable(lease.backend, reason)  # never reached: try another
+                runtime.monitor.unreachable(target.backend, reason)  # never reached: try another
+                if call.pin is not None:
+                    break  # the response it names is stored there only
                 pin = None
                 continue
             # Written, and no answer: maybe the backend's fault, maybe the request's.
-            runtime.monitor.failed(lease.backend, f"no answer: {reason}")
-            no_answer.append(lease.backend)
-            pin = runtime.pool.another_backend(inbound.model, no_answer) if len(no_answer) < 2 else None
+            runtime.monitor.failed(target.backend, f"no answer: {reason}")
+            no_answer.append(target.backend)
+            if call.pin is not None or len(no_answer) >= 2:
+                break
+            pin = runtime.pool.another_backend(inbound.model, [*no_answer, *lacking])
             if pin is None:
                 break
             continue
         except BaseException:
-            lease.release()
+            target.release()
             raise
         if response is None:  # the client left while the backend worked; its connection closed
-            lease.release()
+            target.release()
             _client_gone(record, runtime)
             return
-        await _answer(watch, send, runtime, response, lease, record)
+        prefetched: list[bytes] = []
+        if route.learns and call.pin is None and response.status_code in (404, 405):
+            try:
+                missing = await _lacks_route(response, prefetched)
+            except BaseException:
+                await _give_up(response, target)
+                raise
+            if missing:
+                await _give_up(response, target)
+                logger.info(
+                    "backend %s lacks %s %s: sending elsewhere", target.backend, call.method, call.path
+                )
+                runtime.routes.mark_lacking(target.backend, call.path)
+                lacking.add(target.backend)
+                tried_lacking.append(target.backend)
+                attempts -= 1  # not a failure of the backend
+                pin = runtime.pool.another_backend(inbound.model, lacking | set(no_answer))
+                if pin is None:
+                    await _refuse_lacking(send, call, inbound, sorted(lacking), record, runtime)
+                    return
+                continue
+        await _answer(watch, send, runtime, response, target, record, call, prefetched)
         return
     if no_answer:
         message = f"no backend answered the request for model {inbound.model!r}: {'; '.join(failures)}"
-        await _refuse_upstream(send, 502, message, "upstream_no_answer", record, runtime)
+        await _refuse_upstream(send, dialect, 502, message, "upstream_no_answer", record, runtime)
         return
     message = f"no backend for model {inbound.model!r} could be reached: {'; '.join(failures)}"
-    await _refuse_upstream(send, 502, message, "upstream_unreachable", record, runtime)
+    await _refuse_upstream(send, dialect, 502, message, "upstream_unreachable", record, runtime)
+
+
+async def _target(
+    watch: ClientWatch, pool: Pool, call: Call, inbound: Inbound, pin: str | None, lacking: set[str]
+) -> Target | None:
+    """Where the request goes: a slot (queued if need be), or for a route that takes none, a
+    backend chosen now. None if the client left while queued."""
+    if call.route.slot:
+        return await _acquire_unless_gone(watch, pool, inbound, pin)
+    return pool.pick(inbound.model, avoid=lacking, backend=pin)
+
+
+async def _lacks_route(response: httpx.Response, prefetched: list[bytes]) -> bool:
+    """Whether a 404/405 says the route is missing (rather than, say, the model): 405 always; a 404
+    unless its body (the first ``LACKING_BODY`` bytes, kept in ``prefetched``) names a model."""
+    if response.status_code == 405:
+        return True
+    size = 0
+    async for chunk in _raw(response):
+        prefetched.append(chunk)
+        size += len(chunk)
+        if size >= LACKING_BODY:
+            break
+    return b"model" not in b"".join(prefetched)[:LACKING_BODY].lower()
+
+
+async def _refuse_lacking(
+    send: Send, call: Call, inbound: Inbound, lacking: list[str], record: RequestRecord, runtime: Runtime
+) -> None:
+    model = f" for model {inbound.model!r}" if inbound.model else ""
+    message = (
+        f"no backend{model} serves {call.method} {call.route.path} "
+        f"(lacking it: {', '.join(lacking) or 'all'})"
+    )
+    await refuse(
+        send,
+        call.dialect.error(404, message, "invalid_request_error", "route_not_supported"),
+        record,
+        runtime,
+    )
 
 
 async def _refuse_upstream(
-    send: Send, status: int, message: str, code: str, record: RequestRecord, runtime: Runtime
+    send: Send,
+    dialect: Dialect,
+    status: int,
+    message: str,
+    code: str,
+    record: RequestRecord,
+    runtime: Runtime,
 ) -> None:
     """The pool's answer when the backend could not give one (a ``server_error``)."""
-    await refuse(send, openai_error(status, message, "server_error", code), record, runtime)
+    await refuse(send, dialect.error(status, message, "server_error", code), record, runtime)
 
 
 async def refuse(send: Send, response: Response, record: RequestRecord, runtime: Runtime) -> None:
@@ -357,10 +468,8 @@ async def _nothing_to_receive() -> Message:
 
 
 def _error_code(response: Response) -> str:
-    try:
-        return str(json.loads(bytes(response.body))["error"]["code"])
-    except (ValueError, KeyError, TypeError):
-        return f"status_{response.status_code}"
+    code = getattr(response, "code", None)  # the pool's own answers (replies.ErrorReply) carry it
+    return str(code) if code else f"status_{response.status_code}"
 
 
 async def _acquire_unless_gone(
@@ -383,10 +492,13 @@ async def _answer(
     send: Send,
     runtime: Runtime,
     response: httpx.Response,
-    lease: Lease,
+    lease: Target,
     record: RequestRecord,
+    call: Call,
+    prefetched: list[bytes],
 ) -> None:
-    """Hand the upstream answer to the client; from here on it owns the lease."""
+    """Hand the upstream answer to the client; from here on it owns the lease. ``prefetched``: the
+    answer's first chunks, already read."""
     try:  # until the answer owns the lease, a failure here must still give it back
         backend = lease.backend
         record.queue_wait = lease.queue_wait
@@ -406,21 +518,21 @@ async def _answer(
             runtime.monitor.succeeded(backend)
         relay: UpstreamRelay | None = None
         headers = client_headers(response, extra)
-        chunks = _raw(response)
+        chunks = _after(prefetched, _raw(response)) if prefetched else _raw(response)
         streamed = response.headers.get("content-type", "").startswith("text/event-stream")
         length = response.headers.get("content-length", "")
         if streamed or (length.isdigit() and int(length) > SMALL_ANSWER):
-            relay = UpstreamRelay(response, lease, headers, chunks, runtime=runtime, record=record)
+            relay = UpstreamRelay(response, lease, headers, chunks, runtime=runtime, record=record, call=call)
     except BaseException:
         await _give_up(response, lease)
         raise
     if relay is None:
-        relay = await _answer_whole(watch, send, response, lease, headers, chunks, record, runtime)
+        relay = await _answer_whole(watch, send, response, lease, headers, chunks, record, runtime, call)
     if relay is not None:
         await relay(watch, send)
 
 
-async def _give_up(response: httpx.Response, lease: Lease) -> None:
+async def _give_up(response: httpx.Response, lease: Target) -> None:
     """Close the upstream answer unread (the backend sees its connection close) and free the slot;
     the closing is shielded from cancellation and bounded, so the slot is freed whatever happens."""
     try:
@@ -434,11 +546,12 @@ async def _answer_whole(
     watch: ClientWatch,
     send: Send,
     response: httpx.Response,
-    lease: Lease,
+    lease: Target,
     headers: list[tuple[bytes, bytes]],
     chunks: AsyncIterator[bytes],
     record: RequestRecord,
     runtime: Runtime,
+    call: Call,
 ) -> UpstreamRelay | None:
     """Read a plain answer and send it in one message, the slot freed first: no streaming machinery.
 
@@ -455,7 +568,13 @@ async def _answer_whole(
                 size += len(chunk)
                 if size > SMALL_ANSWER:
                     return UpstreamRelay(
-                        response, lease, headers, _after(body, chunks), runtime=runtime, record=record
+                        response,
+                        lease,
+                        headers,
+                        _after(body, chunks),
+                        runtime=runtime,
+                        record=record,
+                        call=call,
                     )
             read_all = True
     except httpx.HTTPError as exc:
@@ -464,7 +583,7 @@ async def _answer_whole(
         runtime.monitor.failed(lease.backend, f"died mid-response: {reason}")
         record.outcome = "failed_midway"
         message = f"the backend {lease.backend} failed during the response: {reason}"
-        await _refuse_upstream(send, 502, message, "upstream_failed", record, runtime)
+        await _refuse_upstream(send, call.dialect, 502, message, "upstream_failed", record, runtime)
         return None
     except BaseException:
         await _give_up(response, lease)
@@ -478,10 +597,12 @@ async def _answer_whole(
         return None
     whole = body[0] if len(body) == 1 else b"".join(body)
     record.first_byte = time.monotonic() - record.started
-    usage = UsageSniffer(event_stream=False)
+    usage = UsageSniffer(event_stream=False, want_id=call.route.remembers_response)
     usage.feed(whole)
     usage.finish()
     record.take_usage(usage.usage)
+    if usage.response_id is not None and response.status_code < 300:
+        await _remember(runtime, usage.response_id, lease.backend)  # before the client can name it
     record.status, record.outcome = response.status_code, outcome_of(response.status_code)
     runtime.metrics.observe(record)
     headers.append((b"content-length", str(len(whole)).encode()))
@@ -491,6 +612,13 @@ async def _answer_whole(
     except OSError:
         logger.debug("client left before the answer from %s was sent", lease.backend)
     return None
+
+
+async def _remember(runtime: Runtime, response_id: str, backend: str) -> None:
+    """Note which backend stores a response, if its id is one the pool may keep (a backend's id is
+    input like any other: bounded, no spaces or control characters)."""
+    if RESPONSE_ID.fullmatch(response_id):
+        await runtime.pool.remember_response(response_id, backend)
 
 
 def _raw(response: httpx.Response) -> AsyncIterator[bytes]:
@@ -511,22 +639,25 @@ class UpstreamRelay:
     def __init__(
         self,
         upstream: httpx.Response,
-        lease: Lease,
+        lease: Target,
         headers: list[tuple[bytes, bytes]],
         chunks: AsyncIterator[bytes],
         *,
         runtime: Runtime,
         record: RequestRecord,
+        call: Call,
     ) -> None:
         self.upstream = upstream
         self.lease = lease
         self.runtime = runtime
         self.record = record
+        self.dialect = call.dialect
+        self._remembers = call.route.remembers_response and upstream.status_code < 300
         self.is_event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
         if self.is_event_stream:
             headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         self.headers = headers
-        self._usage = UsageSniffer(self.is_event_stream)
+        self._usage = UsageSniffer(self.is_event_stream, want_id=self._remembers)
         self._relayed_all = False
         self._too_slow = False
         self._sending_since: float | None = None
@@ -575,6 +706,9 @@ class UpstreamRelay:
                 if record.first_byte is None:
                     record.first_byte = time.monotonic() - record.started
                 self._usage.feed(chunk)
+                if self._remembers and self._usage.response_id is not None:
+                    self._remembers = False  # once, before the client has the id
+                    await _remember(self.runtime, self._usage.response_id, self.lease.backend)
                 self._sending_since = time.monotonic()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 self._sending_since = None
@@ -590,15 +724,8 @@ class UpstreamRelay:
         self.record.outcome = "failed_midway"
         if not self.is_event_stream:
             return  # ending without the final message: the client's connection is cut, not completed
-        error = {
-            "error": {
-                "message": f"the backend {self.lease.backend} failed during the response: {reason}",
-                "type": "server_error",
-                "param": None,
-                "code": "upstream_failed",
-            }
-        }
-        event = b"data: " + json.dumps(error).encode() + b"\n\n"
+        message = f"the backend {self.lease.backend} failed during the response: {reason}"
+        event = self.dialect.stream_error(message, "upstream_failed")
         await send({"type": "http.response.body", "body": event, "more_body": False})
 
     async def _watch_sending(self, watch: ClientWatch, timeout: float) -> None:

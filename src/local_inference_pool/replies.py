@@ -10,19 +10,28 @@ from starlette.responses import JSONResponse
 
 from local_inference_pool.errors import PoolError
 
-__all__ = ["error_response", "openai_error"]
+__all__ = ["ErrorReply", "error_response", "openai_error"]
+
+
+class ErrorReply(JSONResponse):
+    """One of the pool's own error answers, in any API's shape; ``code`` is the pool's machine code
+    for it (what metrics and the access log record), whether or not the shape has room for it."""
+
+    def __init__(self, body: object, *, status: int, code: str | None, retry_after: float | None) -> None:
+        headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after is not None else None
+        super().__init__(body, status_code=status, headers=headers)
+        self.code = code
 
 
 def openai_error(
     status: int, message: str, error_type: str, code: str | None, *, retry_after: float | None = None
-) -> JSONResponse:
+) -> ErrorReply:
     """An answer in OpenAI's error shape, with ``retry-after`` when a retry may help."""
-    headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after is not None else None
     body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return ErrorReply(body, status=status, code=code, retry_after=retry_after)
 
 
-def error_response(error: PoolError) -> JSONResponse:
+def error_response(error: PoolError) -> ErrorReply:
     """A pool error as its answer: its status, its OpenAI body, and ``retry-after`` where set."""
     return openai_error(
         error.status, error.message, error.error_type, error.code, retry_after=error.retry_after

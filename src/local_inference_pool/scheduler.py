@@ -313,7 +313,7 @@ class Scheduler:
         ``arrival``: when the request first arrived, for one queued again (its place is kept).
         """
         now = self.clock()
-        self._check_servable(model, pin)
+        self.check_servable(model, pin)
         if self._waiting_total >= self.queue_limit and not self._free:
             raise self._queue_full()
         ticket = Ticket(
@@ -683,7 +683,13 @@ class Scheduler:
 
     # --- bookkeeping -----------------------------------------------------------------------
 
-    def _check_servable(self, model: str, pin: str | None) -> None:
+    def models(self) -> list[str]:
+        """Every model some backend lists (healthy or not), sorted."""
+        return sorted(self._serving)
+
+    def check_servable(self, model: str, pin: str | None = None) -> None:
+        """Raise as ``submit`` would when the model cannot be served now (unknown, or no healthy
+        backend; waiting for discovery counts as servable)."""
         if pin is not None:
             backend = self.backends.get(pin)
             if backend is None:

@@ -464,6 +464,21 @@ class SharedLeases:
         except RedisError as exc:
             raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
 
+    async def remember(self, key: str, value: str, ttl: float) -> None:
+        """Keep ``value`` under ``key`` (in this fleet's namespace) for ``ttl`` seconds."""
+        try:
+            await self._client.set(f"{{{self._prefix}}}:{key}", value, px=_ms(ttl))
+        except RedisError as exc:
+            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+
+    async def recall(self, key: str) -> str | None:
+        """What ``remember`` kept under ``key``, if it has not expired."""
+        try:
+            value = await self._client.get(f"{{{self._prefix}}}:{key}")
+        except RedisError as exc:
+            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+        return None if value is None else _text(value)
+
     async def heartbeat(self, leases: int, waiting: int) -> None:
         """Say this process is alive, with how many leases it holds and requests it has waiting;
         gone within ``lease_ttl``."""

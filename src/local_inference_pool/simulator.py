@@ -45,6 +45,10 @@ class SimulatorConfig:
     api_key: str | None = None
     n_ctx: int = 4096
     chunk_padding: int = 0  # extra bytes in every streamed chunk, to fill sockets quickly in tests
+    stateful_responses: bool = (
+        False  # keeps responses, as LM Studio does: previous_response_id works here only
+    )
+    lacks: tuple[str, ...] = ()  # paths it answers 404 to, as a server without that route
 
 
 @dataclass
@@ -82,6 +86,7 @@ class SimulatedBackend:
         self._slots: anyio.Semaphore | None = None
         self._load_lock: anyio.Lock | None = None
         self._cache: set[str] = set()
+        self.responses: dict[str, dict[str, Any]] = {}  # stored responses (stateful_responses)
         self._app = Starlette(
             routes=[
                 Route("/health", self._health),
@@ -96,6 +101,12 @@ class SimulatedBackend:
                 Route("/completions", self._completions, methods=["POST"]),
                 Route("/v1/embeddings", self._embeddings, methods=["POST"]),
                 Route("/embeddings", self._embeddings, methods=["POST"]),
+                Route("/v1/messages", self._messages, methods=["POST"]),
+                Route("/v1/messages/count_tokens", self._count_tokens, methods=["POST"]),
+                Route("/v1/responses", self._responses, methods=["POST"]),
+                Route("/v1/responses/{response_id}", self._stored_response, methods=["GET", "DELETE"]),
+                Route("/tokenize", self._tokenize, methods=["POST"]),
+                Route("/v1/audio/transcriptions", self._transcribe, methods=["POST"]),
                 Route("/sim/stats", self._stats, methods=["GET"]),
             ]
         )
@@ -109,6 +120,9 @@ class SimulatedBackend:
         self._started = time.monotonic()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.config.lacks:
+            await _error(404, "File Not Found", "not_found_error")(scope, receive, send)
+            return
         if scope["type"] == "http":
             if self._loading():
                 await _error(503, "Loading model", "unavailable_error")(scope, receive, send)
@@ -217,6 +231,57 @@ class SimulatedBackend:
             }
         )
 
+    # --- other APIs: Anthropic Messages, OpenAI Responses, llama.cpp's tokenize, audio ------------
+
+    async def _messages(self, request: Request) -> Response:
+        """Anthropic's Messages API, as llama-server serves it (named events when streamed)."""
+        return await self._generate(request, "message")
+
+    async def _count_tokens(self, request: Request) -> Response:
+        parsed = await self._model_request(request)
+        if isinstance(parsed, Response):
+            return parsed
+        return JSONResponse({"input_tokens": self._prompt_cache(parsed[0], remember=False)[0]})
+
+    async def _responses(self, request: Request) -> Response:
+        """OpenAI's Responses API; with ``stateful_responses``, a ``previous_response_id`` must be
+        one this server made (LM Studio's behaviour)."""
+        body = await _json_body(request)
+        if isinstance(body, Response):
+            return body
+        previous = body.get("previous_response_id")
+        if self.config.stateful_responses and previous is not None and previous not in self.responses:
+            return _error(404, f"response '{previous}' not found", "invalid_request_error")
+        return await self._generate(request, "response")
+
+    async def _stored_response(self, request: Request) -> Response:
+        response_id = request.path_params["response_id"]
+        stored = self.responses.get(response_id) if self.config.stateful_responses else None
+        if stored is None:
+            return _error(404, f"response '{response_id}' not found", "invalid_request_error")
+        if request.method == "DELETE":
+            del self.responses[response_id]
+            return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+        return JSONResponse(stored)
+
+    async def _tokenize(self, request: Request) -> Response:
+        body = await _json_body(request)
+        if isinstance(body, Response):
+            return body
+        content = str(body.get("content", ""))
+        return JSONResponse({"tokens": [len(word) for word in content.split()]})
+
+    async def _transcribe(self, request: Request) -> Response:
+        async with request.form(max_part_size=16 * 1024 * 1024) as form:
+            model = form.get("model")
+            upload = form.get("file")
+            if not isinstance(model, str) or model not in self.config.models:
+                return _error(404, f"model '{model}' not found", "invalid_request_error")
+            size = len(await upload.read()) if upload is not None and not isinstance(upload, str) else 0
+        async with self._slot(model):
+            await anyio.sleep(0.01)
+        return JSONResponse({"text": f"{size} bytes of audio heard by {model}"})
+
     # --- generation ------------------------------------------------------------------------
 
     async def _generate(self, request: Request, kind: str) -> Response:
@@ -233,12 +298,22 @@ class SimulatedBackend:
             await anyio.sleep_forever()
         if faults.status is not None:
             return _error(faults.status, f"simulated failure {faults.status}", "server_error")
-        tokens = int(body.get("max_tokens") or body.get("n_predict") or self.config.completion_tokens)
+        tokens = int(
+            body.get("max_tokens")
+            or body.get("max_output_tokens")
+            or body.get("n_predict")
+            or self.config.completion_tokens
+        )
         prompt_tokens, cached = self._prompt_cache(body)
         reply = _Reply(kind=kind, model=model, tokens=tokens, prompt_tokens=prompt_tokens, cached=cached)
+        if kind == "response" and self.config.stateful_responses:
+            self.responses[f"resp_{reply.id}"] = reply.whole()
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            stream = self._stream(reply, include_usage, faults.die_after_tokens)
+            if kind in ("message", "response"):
+                stream = self._named_events(reply, faults.die_after_tokens)
+            else:
+                stream = self._stream(reply, include_usage, faults.die_after_tokens)
             return StreamingResponse(
                 stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
@@ -279,6 +354,20 @@ class SimulatedBackend:
             if include_usage:
                 yield _sse(reply.usage_chunk())
             yield b"data: [DONE]\n\n"
+        self.stats.completed += 1
+
+    async def _named_events(self, reply: _Reply, die_after: int | None) -> AsyncIterator[bytes]:
+        """A streamed answer of Anthropic's Messages or OpenAI's Responses API: named events."""
+        async with self._slot(reply.model):
+            for name, data in reply.opening_events():
+                yield _event(name, data)
+            for index in range(reply.tokens):
+                if die_after is not None and index >= die_after:
+                    raise ConnectionAbortedError("simulated backend died mid-stream")
+                await anyio.sleep(1 / self.config.tokens_per_second)
+                yield _event(*reply.delta_event(f"tok{index} "))
+            for name, data in reply.closing_events():
+                yield _event(name, data)
         self.stats.completed += 1
 
     class _SlotContext:
@@ -327,13 +416,13 @@ class SimulatedBackend:
                 del self.loaded[self.config.max_loaded_models :]
                 self.stats.model_loads += 1
 
-    def _prompt_cache(self, body: dict[str, Any]) -> tuple[int, int]:
+    def _prompt_cache(self, body: dict[str, Any], *, remember: bool = True) -> tuple[int, int]:
         """Prompt tokens, and how many of them this server has seen as a prefix before."""
-        messages = body.get("messages")
+        messages = body.get("messages", body.get("input"))
         parts = (
             [json.dumps(m, sort_keys=True) for m in messages]
             if isinstance(messages, list)
-            else [str(body.get("prompt", ""))]
+            else [str(body.get("prompt", messages or ""))]
         )
         total = sum(len(p) // 4 + 1 for p in parts)
         cached = 0
@@ -341,7 +430,7 @@ class SimulatedBackend:
             if _digest(parts[:end]) in self._cache:
                 cached = sum(len(p) // 4 + 1 for p in parts[:end])
                 break
-        for end in range(1, len(parts) + 1):
+        for end in range(1, len(parts) + 1 if remember else 1):
             self._cache.add(_digest(parts[:end]))
         return total, min(cached, total - 1) if cached else 0
 
@@ -353,11 +442,11 @@ class _Reply:
     tokens: int
     prompt_tokens: int
     cached: int
-    id: str = field(default_factory=lambda: f"chatcmpl-sim{time.monotonic_ns()}")
+    id: str = field(default_factory=lambda: f"sim{time.monotonic_ns()}")
     created: int = field(default_factory=lambda: int(time.time()))
 
     def _base(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        return {"id": f"chatcmpl-{self.id}", "object": obj, "created": self.created, "model": self.model}
 
     def usage(self) -> dict[str, Any]:
         return {
@@ -374,8 +463,110 @@ class _Reply:
             "predicted_n": self.tokens,
         }
 
+    @property
+    def text(self) -> str:
+        return "".join(f"tok{i} " for i in range(self.tokens))
+
+    def anthropic_usage(self) -> dict[str, Any]:
+        return {
+            "input_tokens": self.prompt_tokens - self.cached,
+            "cache_read_input_tokens": self.cached,
+            "output_tokens": self.tokens,
+        }
+
+    def responses_usage(self) -> dict[str, Any]:
+        return {
+            "input_tokens": self.prompt_tokens,
+            "output_tokens": self.tokens,
+            "total_tokens": self.prompt_tokens + self.tokens,
+            "input_tokens_details": {"cached_tokens": self.cached},
+        }
+
+    def message(self, *, text: str, done: bool) -> dict[str, Any]:
+        usage = self.anthropic_usage() if done else {**self.anthropic_usage(), "output_tokens": 0}
+        return {
+            "id": f"msg_{self.id}",
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "text", "text": text}] if done else [],
+            "model": self.model,
+            "stop_reason": "max_tokens" if done else None,
+            "stop_sequence": None,
+            "usage": usage,
+        }
+
+    def response(self, *, done: bool) -> dict[str, Any]:
+        output = [
+            {
+                "type": "message",
+                "id": f"msg_{self.id}",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": self.text, "annotations": []}],
+            }
+        ]
+        return {
+            "id": f"resp_{self.id}",
+            "object": "response",
+            "created_at": self.created,
+            "status": "completed" if done else "in_progress",
+            "model": self.model,
+            "output": output if done else [],
+            "usage": self.responses_usage() if done else None,
+        }
+
+    def opening_events(self) -> list[tuple[str, dict[str, Any]]]:
+        if self.kind == "message":
+            return [
+                ("message_start", {"type": "message_start", "message": self.message(text="", done=False)}),
+                (
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": 0,
+                        "content_block": {"type": "text", "text": ""},
+                    },
+                ),
+            ]
+        return [
+            ("response.created", {"type": "response.created", "response": self.response(done=False)}),
+            ("response.in_progress", {"type": "response.in_progress", "response": self.response(done=False)}),
+        ]
+
+    def delta_event(self, text: str) -> tuple[str, dict[str, Any]]:
+        if self.kind == "message":
+            delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
+            return "content_block_delta", delta
+        return "response.output_text.delta", {
+            "type": "response.output_text.delta",
+            "item_id": f"msg_{self.id}",
+            "output_index": 0,
+            "content_index": 0,
+            "delta": text,
+        }
+
+    def closing_events(self) -> list[tuple[str, dict[str, Any]]]:
+        if self.kind == "message":
+            return [
+                ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                (
+                    "message_delta",
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                        "usage": {"output_tokens": self.tokens},
+                    },
+                ),
+                ("message_stop", {"type": "message_stop"}),
+            ]
+        return [("response.completed", {"type": "response.completed", "response": self.response(done=True)})]
+
     def whole(self) -> dict[str, Any]:
-        text = "".join(f"tok{i} " for i in range(self.tokens))
+        text = self.text
+        if self.kind == "message":
+            return self.message(text=text, done=True)
+        if self.kind == "response":
+            return self.response(done=True)
         if self.kind == "chat.completion":
             choice: dict[str, Any] = {
                 "index": 0,
@@ -416,6 +607,10 @@ class _Reply:
     def usage_chunk(self) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
         return {**self._base(obj), "choices": [], "usage": self.usage(), "timings": self.timings()}
+
+
+def _event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\n".encode() + _sse(data)
 
 
 def _sse(data: dict[str, Any]) -> bytes:

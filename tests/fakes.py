@@ -79,7 +79,7 @@ class Fleet:
                 headers={"content-type": "application/json", "content-length": "64"},
                 stream=BrokenBody(request),
             )
-        payload = json.loads(body)
+        payload = json.loads(body) if body.startswith(b"{") else {}
         if backend.plain_size is not None:
             return httpx.Response(
                 200, headers={"content-type": "application/json"}, stream=PlainBody(backend.plain_size)
@@ -89,7 +89,8 @@ class Fleet:
                 200, headers={"content-type": "text/event-stream"}, stream=FakeSSE(backend, request)
             )
         return httpx.Response(
-            200, json={"object": "chat.completion", "model": payload["model"], "served_by": request.url.host}
+            200,
+            json={"object": "chat.completion", "model": payload.get("model"), "served_by": request.url.host},
         )
 
 

@@ -130,12 +130,18 @@ def live() -> Iterator[Live]:
         yield Live(portal, manager.app, fleet, app.state.runtime.pool)
 
 
-def assert_clean(answer: Answer) -> None:
+def assert_clean(answer: Answer, *, anthropic: bool = False) -> None:
+    """A status the pool means, its error in the route's dialect (OpenAI's, or Anthropic's), no key."""
     assert answer.status != 500, answer.body
-    assert answer.status in {200, 400, 401, 404, 405, 408, 413, 429, 502, 503, 504}, answer.status
+    assert answer.status in {200, 400, 401, 404, 405, 408, 413, 429, 502, 503, 504, 529}, answer.status
     if answer.status >= 400:
-        error = json.loads(answer.body)["error"]
-        assert set(error) == {"message", "type", "param", "code"}
+        body = json.loads(answer.body)
+        error = body["error"]
+        if anthropic:
+            assert body["type"] == "error"
+            assert set(error) == {"type", "message"}
+        else:
+            assert set(error) == {"message", "type", "param", "code"}
         assert isinstance(error["message"], str)
         assert error["message"]
     assert b"key-a" not in answer.body
@@ -195,7 +201,65 @@ def test_any_path_and_method_get_a_clean_answer(live: Live, method: str, path: b
     answer = live.call(method, path, [], [b'{"model": "m"}'])
     assert answer.status != 500, (method, path, answer.body)
     if answer.status >= 400 and method != "HEAD":
-        assert set(json.loads(answer.body)["error"]) == {"message", "type", "param", "code"}
+        error = json.loads(answer.body)["error"]
+        anthropic = path.startswith(b"/messages")
+        assert set(error) == ({"type", "message"} if anthropic else {"message", "type", "param", "code"})
+
+
+JSON_ROUTES = [b"/messages", b"/messages/count_tokens", b"/responses", b"/tokenize", b"/rerank", b"/infill"]
+
+
+@SETTINGS
+@given(route=st.sampled_from(JSON_ROUTES), body=bodies, cut=st.integers(1, 64))
+def test_any_body_on_any_route_gets_a_clean_answer_in_its_dialect(
+    live: Live, route: bytes, body: bytes, cut: int
+) -> None:
+    chunks = [body[i : i + cut] for i in range(0, len(body), cut)]
+    answer = live.call("POST", route, [(b"content-type", b"application/json")], chunks)
+    assert_clean(answer, anthropic=route.startswith(b"/messages"))
+    assert not live.pool.scheduler.grants  # nothing leaked
+
+
+@SETTINGS
+@given(
+    response_id=st.binary(min_size=1, max_size=300).map(
+        lambda b: b.replace(b"/", b"").replace(b"?", b"") or b"x"
+    ),
+    tail=st.sampled_from([b"", b"/cancel", b"/input_items"]),
+)
+def test_any_response_id_gets_a_clean_answer(live: Live, response_id: bytes, tail: bytes) -> None:
+    method = "POST" if tail == b"/cancel" else "GET"
+    answer = live.call(method, b"/responses/" + response_id + tail, [], [b""])
+    assert_clean(answer)
+    assert answer.status in {400, 404}  # the pool made no response: none is looked for upstream
+
+
+@SETTINGS
+@given(
+    boundary=st.sampled_from([b"", b"b0undary", b"x" * 80]),
+    body=st.binary(max_size=600)
+    | st.lists(
+        st.tuples(st.sampled_from(["model", "file", "x"]), st.binary(max_size=40), st.booleans()), max_size=4
+    ).map(
+        lambda parts: (
+            b"".join(
+                b'--b0undary\r\nContent-Disposition: form-data; name="'
+                + name.encode()
+                + (b'"; filename="a.wav' if is_file else b"")
+                + b'"\r\n\r\n'
+                + value
+                + b"\r\n"
+                for name, value, is_file in parts
+            )
+            + b"--b0undary--\r\n"
+        )
+    ),
+)
+def test_any_multipart_upload_gets_a_clean_answer(live: Live, boundary: bytes, body: bytes) -> None:
+    content_type = b"multipart/form-data; boundary=" + boundary if boundary else b"multipart/form-data"
+    answer = live.call("POST", b"/audio/transcriptions", [(b"content-type", content_type)], [body])
+    assert_clean(answer)
+    assert not live.pool.scheduler.grants
 
 
 header_names = st.sampled_from(

@@ -353,7 +353,7 @@ POOL_KEYS: dict[str, Parser] = {
 
 def _route_path(where: str, value: Any) -> str:
     path = _string(where, value)
-    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", path):
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", path) or {".", ".."} & set(path.split("/")):
         raise ConfigError(
             f"{where}: {path!r} is not allowed; a path like '/v1/something' (letters, digits, . _ ~ -)"
         )

@@ -37,18 +37,20 @@ class RouteSpec:
     slot: bool = True
     dialect: Dialect = OPENAI
     remembers_response: bool = False  # its answer's id names the backend that stores the response
+    optional: bool = True  # a backend of the model may lack it (every one serves chat completions)
 
     @property
     def learns(self) -> bool:
-        """Whether a 404/405 here says the backend lacks the route (not that an id is unknown)."""
-        return self.model is not ModelFrom.RESPONSE
+        """Whether a 404/405 here says the backend lacks the route: not on routes every backend
+        serves (there a 404 is about the request) nor where it says a stored response is unknown."""
+        return self.optional and self.model is not ModelFrom.RESPONSE
 
 
 _R: Final = "/v1/responses/{response_id}"
 ROUTES: Final = (
-    RouteSpec("/chat/completions", "/v1/chat/completions"),
-    RouteSpec("/completions", "/v1/completions"),
-    RouteSpec("/embeddings", "/v1/embeddings"),
+    RouteSpec("/chat/completions", "/v1/chat/completions", optional=False),
+    RouteSpec("/completions", "/v1/completions", optional=False),
+    RouteSpec("/embeddings", "/v1/embeddings", optional=False),
     RouteSpec("/messages", "/v1/messages", dialect=ANTHROPIC),
     RouteSpec("/messages/count_tokens", "/v1/messages/count_tokens", slot=False, dialect=ANTHROPIC),
     RouteSpec("/responses", "/v1/responses", dialect=RESPONSES, remembers_response=True),

@@ -1,0 +1,98 @@
+"""Each API family's strategy: error shapes, stream error events, credentials, session keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from local_inference_pool.dialects import ANTHROPIC, OPENAI, RESPONSES
+from local_inference_pool.errors import InvalidRequestError, QueueFullError, QueueTimeoutError
+
+
+def body_of(response: object) -> dict[str, object]:
+    return dict(json.loads(response.body))  # type: ignore[attr-defined]
+
+
+def test_anthropic_errors_have_anthropics_shape_and_types_by_status() -> None:
+    shapes = {
+        status: body_of(ANTHROPIC.error(status, "why", "x", "code"))
+        for status in (400, 401, 403, 404, 413, 429, 500, 502)
+    }
+    assert shapes[404] == {"type": "error", "error": {"type": "not_found_error", "message": "why"}}
+    assert {s: b["error"]["type"] for s, b in shapes.items()} == {  # type: ignore[index]
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        413: "request_too_large",
+        429: "rate_limit_error",
+        500: "api_error",
+        502: "api_error",
+    }
+
+
+def test_pool_overload_is_anthropics_529_and_a_full_queue_its_rate_limit() -> None:
+    overloaded = ANTHROPIC.error_for(QueueTimeoutError("waited", model="m", waited=1.0))
+    full = ANTHROPIC.error_for(QueueFullError("full"))
+    assert overloaded.status_code == 529
+    assert body_of(overloaded)["error"] == {"type": "overloaded_error", "message": "waited"}
+    assert (full.status_code, full.headers["retry-after"]) == (429, "1")
+    assert body_of(full)["error"] == {"type": "rate_limit_error", "message": "full"}
+    assert (overloaded.code, full.code) == ("queue_timeout", "queue_full")  # for metrics
+
+
+def test_openai_routes_keep_openais_shape() -> None:
+    for dialect in (OPENAI, RESPONSES):
+        answer = dialect.error(404, "why", "invalid_request_error", "model_not_found")
+        assert body_of(answer) == {
+            "error": {
+                "message": "why",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "model_not_found",
+            }
+        }
+
+
+def test_each_family_ends_a_failed_stream_with_its_own_error_event() -> None:
+    anthropic = ANTHROPIC.stream_error("gone", "upstream_failed").decode()
+    responses = RESPONSES.stream_error("gone", "upstream_failed").decode()
+    chat = OPENAI.stream_error("gone", "upstream_failed").decode()
+    assert anthropic.startswith("event: error\ndata: ")
+    assert json.loads(anthropic.split("data: ")[1])["error"] == {"type": "api_error", "message": "gone"}
+    assert responses.startswith("event: error\ndata: ")
+    assert json.loads(responses.split("data: ")[1])["code"] == "upstream_failed"
+    assert chat.startswith("data: ")
+    assert json.loads(chat.removeprefix("data: "))["error"]["code"] == "upstream_failed"
+    for event in (anthropic, responses, chat):
+        assert event.endswith("\n\n")
+
+
+def test_anthropic_clients_key_is_x_api_key_and_two_are_refused() -> None:
+    assert ANTHROPIC.credentials([(b"x-api-key", b"sk-1")]) == "Bearer sk-1"
+    assert ANTHROPIC.credentials([(b"authorization", b"Bearer sk-2")]) == "Bearer sk-2"
+    assert OPENAI.credentials([(b"x-api-key", b"sk-1")]) == ""  # not on OpenAI routes
+    with pytest.raises(InvalidRequestError) as twice:
+        ANTHROPIC.credentials([(b"x-api-key", b"a"), (b"x-api-key", b"b")])
+    assert twice.value.code == "duplicate_authorization"
+
+
+def test_session_keys_by_family() -> None:
+    header = {b"x-session-id": b"s-1"}
+    assert ANTHROPIC.session_key(header, {}) == "header:s-1"
+    assert ANTHROPIC.session_key({}, {"metadata": {"user_id": "u-7"}}) == "user:u-7"
+    turn_1 = {"system": "be brief", "messages": [{"role": "user", "content": "hi"}]}
+    turn_2 = {**turn_1, "messages": [*turn_1["messages"], {"role": "assistant", "content": "yo"}]}
+    assert ANTHROPIC.session_key({}, turn_1) == ANTHROPIC.session_key({}, turn_2)  # one conversation
+    other_system = {**turn_1, "system": "be long"}
+    assert ANTHROPIC.session_key({}, other_system) != ANTHROPIC.session_key({}, turn_1)
+    assert RESPONSES.session_key({}, {"prompt_cache_key": "k"}) == "prompt_cache_key:k"
+    first = {"instructions": "i", "input": [{"role": "user", "content": "a"}]}
+    later = {
+        "instructions": "i",
+        "input": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+    }
+    assert RESPONSES.session_key({}, first) == RESPONSES.session_key({}, later)
+    assert RESPONSES.session_key({}, {"input": "hello"}) is not None
+    assert RESPONSES.session_key({}, {}) is None

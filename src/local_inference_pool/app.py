@@ -49,9 +49,11 @@ from local_inference_pool.inbound import (
 )
 from local_inference_pool.metrics import PoolMetrics, RequestRecord
 from local_inference_pool.pool import Pool
-from local_inference_pool.proxy import PASSED_HEADERS, RESPONSE_ID, Call, Runtime, forward, refuse
+from local_inference_pool.proxy import forward
+from local_inference_pool.relay import refuse
 from local_inference_pool.replies import error_response, openai_error
 from local_inference_pool.routes import ModelFrom, RouteSpec, routes_for
+from local_inference_pool.runtime import PASSED_HEADERS, RESPONSE_ID, Call, Runtime
 from local_inference_pool.scheduler import Health
 from local_inference_pool.upstream import AiohttpTransport
 

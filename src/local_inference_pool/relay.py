@@ -1,0 +1,390 @@
+"""Hand a backend's answer to the client, and read its usage on the way.
+
+What it guarantees, from the moment it owns the lease:
+- the lease is released exactly once on every exit: a normal end, a client that leaves (ASGI 2.3
+  ``receive`` or 2.4 ``send`` raising), an upstream that fails, cancellation of the request task, an
+  error while handing the answer over; the upstream response is closed on each (shielded, bounded),
+  so the backend sees the connection close and stops generating;
+- a non-streaming answer up to ``SMALL_ANSWER`` bytes is read whole, the slot freed, and sent in one
+  message; a backend that dies midway then gets a clean 502, not a cut-off body;
+- anything else is relayed byte for byte as it arrives, with no queue in between, so backpressure
+  reaches the backend. An upstream failure after the headers went out ends an event stream with the
+  route's error event (the status can no longer change) and cuts a JSON body off, so the client sees
+  a broken response rather than a truncated one that parses;
+- a client that stops reading for ``send_timeout`` seconds is given up on (one check every half
+  timeout, not a timer per chunk);
+- a stored response's id is remembered with its backend before the client has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import cast
+
+import anyio
+import httpx
+from starlette.responses import Response
+from starlette.types import Message, Send
+
+from local_inference_pool.backends.openai import describe_http_error
+from local_inference_pool.client_watch import ClientWatch
+from local_inference_pool.dialects import Dialect
+from local_inference_pool.metrics import RequestRecord, UsageSniffer
+from local_inference_pool.runtime import RESPONSE_ID, Call, Runtime, Target
+
+__all__ = [
+    "GATEWAY_STATUSES",
+    "HOP_BY_HOP",
+    "SMALL_ANSWER",
+    "UpstreamRelay",
+    "answer",
+    "client_gone",
+    "client_headers",
+    "give_up",
+    "raw_chunks",
+    "refuse",
+    "refuse_upstream",
+]
+
+logger = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"date",
+        b"server",
+    }
+)
+CLOSE_UPSTREAM_SECONDS = 2.0
+GATEWAY_STATUSES = frozenset({502, 503, 504})  # the backend's own trouble, whatever the request
+SMALL_ANSWER = 1 << 20
+
+
+def outcome_of(status: int) -> str:
+    return "ok" if status < 400 else "client_error" if status < 500 else "backend_error"
+
+
+def client_headers(upstream: httpx.Response, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The backend's headers a client may see, then the pool's own: no hop-by-hop ones (RFC 9110
+    §7.6.1: the fixed set and any named in ``Connection``), no length (the pool frames the answer)."""
+    headers = [(name.lower(), value) for name, value in upstream.headers.raw]
+    dropped: frozenset[bytes] | set[bytes] = HOP_BY_HOP
+    for name, value in headers:
+        if name == b"connection":
+            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
+    return [h for h in headers if h[0] not in dropped] + extra
+
+
+def client_gone(record: RequestRecord, runtime: Runtime) -> None:
+    record.status, record.outcome = 499, "client_gone"
+    runtime.metrics.observe(record)
+
+
+async def refuse_upstream(
+    send: Send,
+    dialect: Dialect,
+    status: int,
+    message: str,
+    code: str,
+    record: RequestRecord,
+    runtime: Runtime,
+) -> None:
+    """The pool's answer when the backend could not give one (a ``server_error``)."""
+    await refuse(send, dialect.error(status, message, "server_error", code), record, runtime)
+
+
+async def refuse(send: Send, response: Response, record: RequestRecord, runtime: Runtime) -> None:
+    """Answer with the pool's own error, recorded under its OpenAI error code (unless already known)."""
+    record.status = response.status_code
+    if record.outcome == "ok":
+        record.outcome = _error_code(response)
+    runtime.metrics.observe(record)
+    try:
+        await response({"type": "http"}, _nothing_to_receive, send)
+    except OSError:  # ASGI 2.4: the client left before its answer; nobody to tell
+        logger.debug("client left before the pool's %d answer", response.status_code)
+
+
+async def _nothing_to_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _error_code(response: Response) -> str:
+    code = getattr(response, "code", None)  # the pool's own answers (replies.ErrorReply) carry it
+    return str(code) if code else f"status_{response.status_code}"
+
+
+async def answer(
+    watch: ClientWatch,
+    send: Send,
+    runtime: Runtime,
+    response: httpx.Response,
+    lease: Target,
+    record: RequestRecord,
+    call: Call,
+    prefetched: list[bytes],
+) -> None:
+    """Hand the upstream answer to the client; from here on it owns the lease. ``prefetched``: the
+    answer's first chunks, already read."""
+    try:  # until the answer owns the lease, a failure here must still give it back
+        backend = lease.backend
+        record.queue_wait = lease.queue_wait
+        extra = [
+            (b"x-backend", backend.encode()),
+            (b"x-queue-wait-ms", f"{lease.queue_wait * 1000:.1f}".encode()),
+            (b"x-request-id", record.request_id.encode()),
+        ]
+        if lease.affinity is not None:
+            extra.append((b"x-session-affinity", lease.affinity.value.encode()))
+        if response.status_code in GATEWAY_STATUSES:
+            runtime.monitor.failed(backend, f"answered {response.status_code}")
+        else:
+            # Any other answer, a 500 included, says the server is up and answering. A 500 is often
+            # the request's own fault (llama.cpp answers 500 to a body it cannot handle): counted
+            # against the backend, one client could open its circuit for everyone.
+            runtime.monitor.succeeded(backend)
+        relay: UpstreamRelay | None = None
+        headers = client_headers(response, extra)
+        chunks = _after(prefetched, raw_chunks(response)) if prefetched else raw_chunks(response)
+        streamed = response.headers.get("content-type", "").startswith("text/event-stream")
+        length = response.headers.get("content-length", "")
+        if streamed or (length.isdigit() and int(length) > SMALL_ANSWER):
+            relay = UpstreamRelay(response, lease, headers, chunks, runtime=runtime, record=record, call=call)
+    except BaseException:
+        await give_up(response, lease)
+        raise
+    if relay is None:
+        relay = await _answer_whole(watch, send, response, lease, headers, chunks, record, runtime, call)
+    if relay is not None:
+        await relay(watch, send)
+
+
+async def give_up(response: httpx.Response, lease: Target) -> None:
+    """Close the upstream answer unread (the backend sees its connection close) and free the slot;
+    the closing is shielded from cancellation and bounded, so the slot is freed whatever happens."""
+    try:
+        with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
+            await response.aclose()
+    finally:
+        lease.release()
+
+
+async def _answer_whole(
+    watch: ClientWatch,
+    send: Send,
+    response: httpx.Response,
+    lease: Target,
+    headers: list[tuple[bytes, bytes]],
+    chunks: AsyncIterator[bytes],
+    record: RequestRecord,
+    runtime: Runtime,
+    call: Call,
+) -> UpstreamRelay | None:
+    """Read a plain answer and send it in one message, the slot freed first: no streaming machinery.
+
+    Reading it first also means a backend that dies midway gets a clean 502, not a cut-off body. An
+    answer that turns out larger than ``SMALL_ANSWER`` is relayed instead (the relay is returned).
+    """
+    body: list[bytes] = []
+    size = 0
+    read_all = False
+    try:
+        async with watch.until_gone():
+            async for chunk in chunks:
+                body.append(chunk)
+                size += len(chunk)
+                if size > SMALL_ANSWER:
+                    return UpstreamRelay(
+                        response,
+                        lease,
+                        headers,
+                        _after(body, chunks),
+                        runtime=runtime,
+                        record=record,
+                        call=call,
+                    )
+            read_all = True
+    except httpx.HTTPError as exc:
+        await give_up(response, lease)
+        reason = describe_http_error(exc)
+        runtime.monitor.failed(lease.backend, f"died mid-response: {reason}")
+        record.outcome = "failed_midway"
+        message = f"the backend {lease.backend} failed during the response: {reason}"
+        await refuse_upstream(send, call.dialect, 502, message, "upstream_failed", record, runtime)
+        return None
+    except BaseException:
+        await give_up(response, lease)
+        raise
+    try:
+        await response.aclose()  # read to the end: this only hands the connection back
+    finally:
+        lease.release()
+    if not read_all:  # the client left while the answer was read
+        client_gone(record, runtime)
+        return None
+    whole = body[0] if len(body) == 1 else b"".join(body)
+    record.first_byte = time.monotonic() - record.started
+    usage = UsageSniffer(event_stream=False, want_id=call.route.remembers_response)
+    usage.feed(whole)
+    usage.finish()
+    record.take_usage(usage.usage)
+    if usage.response_id is not None and response.status_code < 300:
+        await _remember(runtime, usage.response_id, lease.backend)  # before the client can name it
+    record.status, record.outcome = response.status_code, outcome_of(response.status_code)
+    runtime.metrics.observe(record)
+    headers.append((b"content-length", str(len(whole)).encode()))
+    try:
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": whole})
+    except OSError:
+        logger.debug("client left before the answer from %s was sent", lease.backend)
+    return None
+
+
+async def _remember(runtime: Runtime, response_id: str, backend: str) -> None:
+    """Note which backend stores a response, if its id is one the pool may keep (a backend's id is
+    input like any other: bounded, no spaces or control characters)."""
+    if RESPONSE_ID.fullmatch(response_id):
+        await runtime.pool.remember_response(response_id, backend)
+
+
+def raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The bytes as the backend sent them (identity encoding was asked for; anything else passes on)."""
+    return cast(httpx.AsyncByteStream, response.stream).__aiter__()
+
+
+async def _after(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in first:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
+
+
+class UpstreamRelay:
+    """Relays one upstream answer as it arrives; owns the lease and the upstream response."""
+
+    def __init__(
+        self,
+        upstream: httpx.Response,
+        lease: Target,
+        headers: list[tuple[bytes, bytes]],
+        chunks: AsyncIterator[bytes],
+        *,
+        runtime: Runtime,
+        record: RequestRecord,
+        call: Call,
+    ) -> None:
+        self.upstream = upstream
+        self.lease = lease
+        self.runtime = runtime
+        self.record = record
+        self.dialect = call.dialect
+        self._remembers = call.route.remembers_response and upstream.status_code < 300
+        self.is_event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        if self.is_event_stream:
+            headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+        self.headers = headers
+        self._usage = UsageSniffer(self.is_event_stream, want_id=self._remembers)
+        self._relayed_all = False
+        self._too_slow = False
+        self._sending_since: float | None = None
+        self._chunks = chunks
+
+    async def __call__(self, watch: ClientWatch, send: Send) -> None:
+        timeout = self.runtime.config.send_timeout
+        watchdog: asyncio.Task[None] | None = None
+        try:
+            if timeout is not None:
+                watchdog = asyncio.get_running_loop().create_task(self._watch_sending(watch, timeout))
+            async with watch.until_gone():
+                await self._relay(send)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            if self._too_slow:
+                logger.info(
+                    "client stopped reading the response from %s for %ss: gave up",
+                    self.lease.backend,
+                    self.runtime.config.send_timeout,
+                )
+            with anyio.move_on_after(CLOSE_UPSTREAM_SECONDS, shield=True):
+                aclose = getattr(self._chunks, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                await self.upstream.aclose()  # the backend sees the connection close and stops
+            self.lease.release()
+            self._report()
+
+    async def _relay(self, send: Send) -> None:
+        record = self.record
+        chunks = self._chunks
+        try:
+            await send(
+                {"type": "http.response.start", "status": self.upstream.status_code, "headers": self.headers}
+            )
+            while True:
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:  # any transport's read error: the status is already sent
+                    await self._upstream_failed(send, exc)
+                    return
+                if record.first_byte is None:
+                    record.first_byte = time.monotonic() - record.started
+                self._usage.feed(chunk)
+                if self._remembers and self._usage.response_id is not None:
+                    self._remembers = False  # once, before the client has the id
+                    await _remember(self.runtime, self._usage.response_id, self.lease.backend)
+                self._sending_since = time.monotonic()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                self._sending_since = None
+            self._relayed_all = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # ASGI 2.4 reports a client that left as a failed send; leaving is not an error
+            logger.debug("client left during the response from %s", self.lease.backend)
+
+    async def _upstream_failed(self, send: Send, exc: Exception) -> None:
+        reason = f"{exc or type(exc).__name__}"
+        logger.warning("backend %s failed mid-response: %s", self.lease.backend, reason)
+        self.runtime.monitor.failed(self.lease.backend, f"died mid-response: {reason}")
+        self.record.outcome = "failed_midway"
+        if not self.is_event_stream:
+            return  # ending without the final message: the client's connection is cut, not completed
+        message = f"the backend {self.lease.backend} failed during the response: {reason}"
+        event = self.dialect.stream_error(message, "upstream_failed")
+        await send({"type": "http.response.body", "body": event, "more_body": False})
+
+    async def _watch_sending(self, watch: ClientWatch, timeout: float) -> None:
+        """A client that stops reading fills its socket and blocks a send forever: one check every half
+        timeout (not a timer per chunk) frees the slot and stops the backend."""
+        while True:
+            await asyncio.sleep(timeout / 2)
+            since = self._sending_since
+            if since is not None and time.monotonic() - since > timeout:
+                self._too_slow = True
+                watch.end_waits()
+                return
+
+    def _report(self) -> None:
+        record = self.record
+        record.status = self.upstream.status_code
+        self._usage.finish()
+        record.take_usage(self._usage.usage)
+        if self._too_slow:
+            record.outcome = "client_too_slow"
+        elif record.outcome == "ok":
+            record.outcome = outcome_of(record.status) if self._relayed_all else "client_gone"
+        self.runtime.metrics.observe(record)

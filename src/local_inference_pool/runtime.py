@@ -1,0 +1,69 @@
+"""What one pool app's requests share (the ``Runtime`` its lifespan made), and how one request goes
+upstream (its ``Call``): the vocabulary of the proxy and the relay."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import httpx
+
+from local_inference_pool.config import PoolConfig
+from local_inference_pool.dialects import Dialect
+from local_inference_pool.health import Monitor
+from local_inference_pool.metrics import PoolMetrics
+from local_inference_pool.pool import Lease, Pool, Unleased
+from local_inference_pool.routes import RouteSpec, RouteSupport
+
+__all__ = ["PASSED_HEADERS", "RESPONSE_ID", "Call", "Runtime", "Target"]
+
+RESPONSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,256}")  # ids the pool remembers and looks up
+PASSED_HEADERS = (b"anthropic-version", b"anthropic-beta")  # the API's version, not a credential
+_URL_CACHE_SIZE = 1024
+
+
+@dataclass
+class Runtime:
+    """What the lifespan made, shared by every request of one pool app."""
+
+    config: PoolConfig
+    pool: Pool
+    client: httpx.AsyncClient
+    transport: httpx.AsyncBaseTransport  # the client's own: the proxy sends through it
+    monitor: Monitor
+    metrics: PoolMetrics
+    routes: RouteSupport = field(default_factory=RouteSupport)
+
+    def __post_init__(self) -> None:
+        self.timeouts = self.client.timeout.as_dict()  # the client's, for requests sent past it
+        self._urls: dict[str, httpx.URL] = {}
+
+    def upstream_url(self, base: str, path: str) -> httpx.URL:
+        """Parsed once per backend and path, not once per request."""
+        key = base + path
+        url = self._urls.get(key)
+        if url is None:
+            if len(self._urls) >= _URL_CACHE_SIZE:
+                self._urls.clear()
+            url = self._urls[key] = httpx.URL(key)
+        return url
+
+
+Target = Lease | Unleased  # where a request goes: with a slot, or (tokenize, count_tokens) without
+
+
+@dataclass(slots=True)
+class Call:
+    """How one request goes upstream: its route, the backend's path for it, the method, the body's
+    type, and the client's headers the backend may see (an API version, never a credential)."""
+
+    route: RouteSpec
+    path: str
+    method: str = "POST"
+    content_type: bytes | None = b"application/json"
+    passed: tuple[tuple[bytes, bytes], ...] = ()
+    pin: str | None = None  # the one backend that may serve it (it stores the response named)
+
+    @property
+    def dialect(self) -> Dialect:
+        return self.route.dialect

@@ -422,6 +422,12 @@ def demo(args: argparse.Namespace) -> int:
         f"demo stopped{by}: {traffic['requests']} requests done, {status['active_leases']} still running, "
         f"{traffic['completion_tokens']} tokens, {sum(b['model_loads'] for b in status['backends'])} model loads"
     )
+    routes = traffic.get("by_route", {})
+    if routes:
+        shown = ", ".join(
+            f"{route} {counts['requests']} ({counts['errors']} errors)" for route, counts in routes.items()
+        )
+        console.print(f"  by API: {shown}")
     return 0
 
 

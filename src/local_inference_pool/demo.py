@@ -43,12 +43,42 @@ FLEET: tuple[DemoBackend, ...] = (
         "gpu2",
         SimulatorConfig(models=("llama3.1-8b", "mistral-7b"), slots=2, tokens_per_second=50, load_seconds=3),
     ),
-    DemoBackend(
+    DemoBackend(  # an older server without Anthropic's API: the pool learns it and routes around
         "cpu0",
-        SimulatorConfig(models=("mistral-7b", "qwen2.5-7b"), slots=1, tokens_per_second=15, load_seconds=3),
+        SimulatorConfig(
+            models=("mistral-7b", "qwen2.5-7b"),
+            slots=1,
+            tokens_per_second=15,
+            load_seconds=3,
+            lacks=("/v1/messages",),
+        ),
     ),
 )
 MODEL_WEIGHTS = {"qwen2.5-7b": 5, "llama3.1-8b": 3, "mistral-7b": 1}
+API_WEIGHTS = {"chat": 6, "messages": 2, "responses": 2, "tokenize": 1}
+
+
+def _request(api: str, model: str, session: str, stream: bool, tokens: int) -> tuple[str, dict[str, Any]]:
+    """One request of the workload: its path and body, in the API's own shape."""
+    text = f"hello from {session}"
+    if api == "messages":  # Anthropic's, as Claude Code sends it
+        return "/v1/messages", {
+            "model": model,
+            "max_tokens": tokens,
+            "stream": stream,
+            "messages": [{"role": "user", "content": text}],
+        }
+    if api == "responses":  # OpenAI's Responses, as Codex sends it
+        return "/v1/responses", {"model": model, "input": text, "max_output_tokens": tokens, "stream": stream}
+    if api == "tokenize":  # llama.cpp's, takes no slot
+        return "/v1/tokenize", {"model": model, "content": text}
+    return "/v1/chat/completions", {
+        "model": model,
+        "stream": stream,
+        "stream_options": {"include_usage": True},
+        "max_tokens": tokens,
+        "messages": [{"role": "user", "content": text}],
+    }
 
 
 async def run_demo(
@@ -119,7 +149,7 @@ async def _serve(
         base = await stack.enter_async_context(running(create_standalone_app(config), port=port))
         http = await stack.enter_async_context(httpx.AsyncClient(base_url=base, trust_env=False, timeout=300))
         console.print(f"[bold]local-inference-pool demo[/] with {len(fleet)} simulated backends")
-        console.print(f"  API        {base}/v1   (any OpenAI client: base_url={base}/v1)")
+        console.print(f"  API        {base}/v1   (OpenAI clients: base_url={base}/v1; Anthropic's: {base})")
         console.print(f"  dashboard  {base}/v1/pool/")
         console.print(f"  metrics    {base}/v1/pool/metrics")
         console.print(f"  status     {base}/v1/pool/status")
@@ -146,13 +176,16 @@ async def _wait_until_healthy(http: httpx.AsyncClient) -> None:
 
 
 async def _drive(http: httpx.AsyncClient, total: int, console: Console, rng: random.Random) -> None:
-    """A mix of models, chat sessions of several turns, streaming and not, 12 at a time."""
+    """A mix of models and of APIs (OpenAI chat, Anthropic Messages, OpenAI Responses, llama.cpp's
+    tokenize), sessions of several turns, streaming and not, 12 at a time."""
     models = list(MODEL_WEIGHTS)
     weights = list(MODEL_WEIGHTS.values())
+    apis = list(API_WEIGHTS)
     work = []
     for index in range(total):
         session = f"user-{rng.randrange(max(1, total // 4))}"
-        work.append((rng.choices(models, weights)[0], session, index % 3 != 0, rng.randint(8, 48)))
+        api = rng.choices(apis, list(API_WEIGHTS.values()))[0]
+        work.append((api, rng.choices(models, weights)[0], session, index % 3 != 0, rng.randint(8, 48)))
     limiter = anyio.Semaphore(12)
     columns = (
         TextColumn("[bold]requests"),
@@ -167,24 +200,16 @@ async def _drive(http: httpx.AsyncClient, total: int, console: Console, rng: ran
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("requests", total=total, running=0, queued=0, loads=0, tps=0)
 
-        async def one(model: str, session: str, stream: bool, tokens: int) -> None:
+        async def one(api: str, model: str, session: str, stream: bool, tokens: int) -> None:
             async with limiter:
-                body: dict[str, Any] = {
-                    "model": model,
-                    "stream": stream,
-                    "stream_options": {"include_usage": True},
-                    "max_tokens": tokens,
-                    "messages": [{"role": "user", "content": f"hello from {session}"}],
-                }
+                path, body = _request(api, model, session, stream, tokens)
                 headers = {"x-session-id": session}
-                if stream:
-                    async with http.stream(
-                        "POST", "/v1/chat/completions", json=body, headers=headers
-                    ) as response:
+                if stream and api != "tokenize":
+                    async with http.stream("POST", path, json=body, headers=headers) as response:
                         async for _ in response.aiter_bytes():
                             pass
                 else:
-                    await http.post("/v1/chat/completions", json=body, headers=headers)
+                    await http.post(path, json=body, headers=headers)
             progress.advance(task)
 
         async def watch() -> None:

@@ -195,6 +195,7 @@ class PoolMetrics:
         self._children: dict[tuple[object, ...], Any] = {}
         self.recent_first_byte: deque[float] = deque(maxlen=200)
         self.totals = {"requests": 0, "completion_tokens": 0, "prompt_tokens": 0}
+        self.by_route: dict[str, dict[str, int]] = {}  # route -> requests, errors (bounded: the table)
 
     def observe(self, record: RequestRecord) -> None:
         record.reported = True
@@ -205,6 +206,10 @@ class PoolMetrics:
         child = self._child
         child(self.requests, model, record.backend, record.outcome).inc()
         child(self.routes, record.route, record.outcome).inc()
+        counts = self.by_route.setdefault(record.route, {"requests": 0, "errors": 0})
+        counts["requests"] += 1
+        if record.status >= 400:
+            counts["errors"] += 1
         self.totals["requests"] += 1
         if record.queue_wait is not None:
             child(self.queue_wait, model).observe(record.queue_wait)
@@ -251,6 +256,7 @@ class PoolMetrics:
         return {
             **self.totals,
             "ttfb_p50_ms": round(recent[len(recent) // 2] * 1000, 1) if recent else None,
+            "by_route": {route: dict(counts) for route, counts in sorted(self.by_route.items())},
         }
 
 

@@ -474,3 +474,68 @@ def test_the_installed_llama_server_runs_on_any_cpu_with_avx2() -> None:
     assert "ymm" in listing  # AVX2 code is there: the check reads real instructions
     assert re.search(r"%zmm\d", listing) is None
     assert re.search(r"\b(tileloadd|tdpb\w+|tilestored)\b", listing) is None
+
+
+async def test_anthropic_messages_through_the_pool_with_the_official_client(llama_servers: list[str]) -> None:
+    import anthropic
+
+    async with pool(llama_servers) as (base, _):
+        async with anthropic.AsyncAnthropic(
+            base_url=base, api_key="unused", max_retries=0, timeout=120
+        ) as client:
+            reply = await client.messages.create(
+                model="gemma",
+                max_tokens=8,
+                system=SYSTEM,
+                messages=[{"role": "user", "content": "Say hello."}],
+            )
+            async with client.messages.stream(
+                model="gemma", max_tokens=8, messages=[{"role": "user", "content": "Count to five."}]
+            ) as stream:
+                pieces = [piece async for piece in stream.text_stream]
+                final = await stream.get_final_message()
+            counted = await client.messages.count_tokens(
+                model="gemma", messages=[{"role": "user", "content": "Say hello."}]
+            )
+            with pytest.raises(anthropic.NotFoundError) as unknown:
+                await client.messages.create(
+                    model="nope", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+                )
+        state = await status(base)
+    assert reply.content
+    assert reply.usage.output_tokens > 0
+    assert len(pieces) > 1
+    assert final.usage.output_tokens > 0
+    assert counted.input_tokens > 0
+    assert isinstance(unknown.value.body, dict)
+    assert unknown.value.body["error"]["type"] == "not_found_error"
+    assert state["active_leases"] == 0
+    assert all(b["lacks_routes"] == [] for b in state["backends"])
+
+
+async def test_openai_responses_through_the_pool_with_the_official_client(llama_servers: list[str]) -> None:
+    async with pool(llama_servers) as (base, client):
+        reply = await client.responses.create(model="gemma", input="Say hello.", max_output_tokens=8)
+        stream = await client.responses.create(
+            model="gemma", input="Count to five.", max_output_tokens=8, stream=True
+        )
+        kinds = [event.type async for event in stream]
+        state = await status(base)
+    assert reply.output_text
+    assert reply.usage is not None
+    assert reply.usage.output_tokens > 0
+    assert kinds[0] == "response.created"
+    assert kinds[-1] == "response.completed"
+    assert kinds.count("response.output_text.delta") > 1
+    assert state["active_leases"] == 0
+
+
+async def test_tokenize_reaches_llama_servers_root_route(llama_servers: list[str]) -> None:
+    async with pool(llama_servers) as (base, _), httpx.AsyncClient(trust_env=False) as http:
+        tokens = await http.post(f"{base}/v1/tokenize", json={"content": "hello world"})
+        text = await http.post(f"{base}/v1/detokenize", json={"tokens": tokens.json()["tokens"]})
+        state = await status(base)
+    assert tokens.status_code == 200
+    assert len(tokens.json()["tokens"]) >= 2
+    assert "hello world" in text.json()["content"]
+    assert state["stats"]["granted"] == 0  # no slot taken

@@ -435,3 +435,10 @@ async def test_across_the_fleet_a_higher_priority_goes_first_even_when_it_came_l
         assert order == ["later, priority 5"]
         for lease in held:
             lease.release()
+
+
+async def test_the_backend_that_stores_a_response_is_known_to_every_process(store: Store) -> None:
+    async with pools(store, 2) as (first, second):
+        await first.remember_response("resp_fleet_1", "a")
+        assert await second.response_backend("resp_fleet_1") == "a"  # made through another process
+        assert await second.response_backend("resp_never") is None

@@ -284,3 +284,23 @@ async def test_a_404_that_names_the_model_is_the_backends_answer_not_a_missing_r
         status = await s.status()
     assert answer.status_code == 404  # the simulator has no /v1/rerank: "File Not Found" is a route
     assert status["backends"][0]["lacks_routes"] == ["/v1/rerank"]
+
+
+@pytest.mark.parametrize("route", ["/messages", "/responses"])
+async def test_a_client_leaving_a_stream_on_the_new_routes_frees_its_slot(route: str) -> None:
+    async with stack(sim(tokens_per_second=20)) as s, s.http() as http:
+        body: dict[str, Any] = {"model": "sim", "stream": True}
+        body.update(
+            {"max_tokens": 200, "messages": MESSAGES}
+            if route == "/messages"
+            else {"max_output_tokens": 200, "input": "hi"}
+        )
+        async with http.stream("POST", route, json=body) as response:
+            async for _ in response.aiter_raw():
+                break  # the first event, then gone
+        with anyio.fail_after(5):
+            while (await s.status())["active_leases"]:
+                await anyio.sleep(0.02)
+        with anyio.fail_after(5):
+            while s.backends[0].stats.running:  # the backend stopped generating for it
+                await anyio.sleep(0.02)

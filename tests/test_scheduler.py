@@ -462,3 +462,117 @@ def test_models_other_processes_have_active_count_in_the_drain_guard(clock: Cloc
     assert backend_of(s.submit("x")) == "a"  # x may join the other process's work
     s.update_backend("a", external_busy=0, foreign_models=[])  # theirs finished
     assert state(blocked) is TicketState.WAITING  # our x is still in flight there
+
+
+# --- tenants: fair shares and caps ---------------------------------------------------------------
+
+
+def serve_in_turn(s: Scheduler, count: int) -> list[str]:
+    """Release the oldest lease ``count`` times; the tenants of the tickets granted in turn."""
+    order: list[str] = []
+    for _ in range(count):
+        grant = min(s.grants.values(), key=lambda g: g.id)
+        before = set(s.grants)
+        s.release(grant)
+        order += [s.grants[g].ticket.tenant.name for g in set(s.grants) - before]
+    return order
+
+
+def test_a_light_key_is_not_queued_behind_a_flood(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    for _ in range(51):
+        s.submit("m", tenant="flood")
+    light = [s.submit("m", tenant="light") for _ in range(2)]
+    order = serve_in_turn(s, 10)
+    assert order.index("light") <= 1  # the next turn but one, not after 50 of the flood
+    assert order.count("light") == 2
+    assert all(state(t) is TicketState.GRANTED or t.grant is not None for t in light)
+
+
+def test_weights_share_contended_slots_two_to_one(clock: Clock) -> None:
+    s, _ = make(clock, queue_limit=10_000)
+    s.set_tenant("heavy", weight=2.0)
+    s.set_tenant("light", weight=1.0)
+    s.add_backend("a", "http://a", slots=3, models=["m"])
+    for _ in range(600):
+        s.submit("m", tenant="heavy")
+        s.submit("m", tenant="light")
+    order = serve_in_turn(s, 300)
+    share = order.count("heavy") / order.count("light")
+    assert abs(share - 2.0) / 2.0 < 0.05, share
+
+
+def test_a_key_alone_gets_every_slot_in_arrival_order(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.set_tenant("only", weight=0.25)
+    s.add_backend("a", "http://a", slots=2, models=["m"])
+    tickets = [s.submit("m", tenant="only") for _ in range(6)]
+    assert [state(t) for t in tickets[:2]] == [TicketState.GRANTED] * 2
+    serve_in_turn(s, 2)
+    assert [state(t) for t in tickets[2:4]] == [TicketState.GRANTED] * 2  # in order, and all slots
+    assert [state(t) for t in tickets[4:]] == [TicketState.WAITING] * 2
+
+
+def test_priority_still_comes_before_fair_shares(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    s.submit("m", tenant="light")  # holds the slot
+    for _ in range(5):
+        s.submit("m", tenant="light")
+    urgent = s.submit("m", tenant="flood", priority=5)
+    serve_in_turn(s, 1)
+    assert state(urgent) is TicketState.GRANTED
+
+
+def test_a_key_at_its_cap_waits_while_others_use_the_slots(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.set_tenant("capped", max_concurrent=1)
+    s.add_backend("a", "http://a", slots=3, models=["m"])
+    capped = [s.submit("m", tenant="capped") for _ in range(3)]
+    other = s.submit("m", tenant="other")
+    assert [state(t) for t in capped] == [TicketState.GRANTED, TicketState.WAITING, TicketState.WAITING]
+    assert state(other) is TicketState.GRANTED  # not behind the capped key's queue
+    assert capped[0].grant is not None
+    s.release(capped[0].grant)
+    assert state(capped[1]) is TicketState.GRANTED
+    assert state(capped[2]) is TicketState.WAITING
+    assert s.tenants["capped"].active == 1
+
+
+def test_a_capped_key_counts_what_other_processes_hold_for_it(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.set_tenant("capped", max_concurrent=2)
+    s.add_backend("a", "http://a", slots=3, models=["m"])
+    s.update_tenant("capped", external=2)
+    waiting = s.submit("m", tenant="capped")
+    assert state(waiting) is TicketState.WAITING
+    s.update_tenant("capped", external=1)
+    assert state(waiting) is TicketState.GRANTED
+
+
+def test_a_keys_queue_limit_refuses_that_key_only(clock: Clock) -> None:
+    from local_inference_pool.errors import TenantQueueFullError
+
+    s, _ = make(clock)
+    s.set_tenant("small", max_queued=2)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    s.submit("m", tenant="small")  # granted
+    s.submit("m", tenant="small")
+    s.submit("m", tenant="small")
+    with pytest.raises(TenantQueueFullError) as refused:
+        s.submit("m", tenant="small")
+    assert refused.value.code == "key_queue_full"
+    assert refused.value.status == 429
+    assert state(s.submit("m", tenant="other")) is TicketState.WAITING
+
+
+def test_one_models_backlog_refuses_no_other_model(clock: Clock) -> None:
+    s, _ = make(clock, queue_limit=2)
+    s.add_backend("a", "http://a", slots=1, models=["m", "x"], max_loaded_models=2)
+    s.submit("m")
+    s.submit("m")
+    s.submit("m")
+    with pytest.raises(QueueFullError):
+        s.submit("m")
+    assert [state(s.submit("x")) for _ in range(2)] == [TicketState.WAITING] * 2  # its own queue

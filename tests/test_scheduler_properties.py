@@ -5,8 +5,11 @@ The invariants are DESIGN.md's, stated independently of the scheduler's own pred
    list the model, or past its max_loaded_models distinct active models (the drain guard);
 2. every grant is released exactly once: a second release frees nothing;
 3. after quiescence every backend has zero leases and the queue is empty;
-4. no waiting request could have run without a model load on a free backend (no lost wake-ups);
-6. after a refresh, no request waits past its deadline.
+4. no waiting request could have run without a model load on a free backend (no lost wake-ups),
+   unless its tenant is at its cap;
+6. after a refresh, no request waits past its deadline;
+7. no tenant holds more leases than its max_concurrent, or has more waiting than its max_queued;
+   each model's queue holds at most queue_limit.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ from local_inference_pool.scheduler import Backend, Grant, Health, Scheduler, Ti
 
 MODELS = ["m0", "m1", "m2"]
 NAMES = ["b0", "b1", "b2", "b3"]
+TENANTS = {
+    "t0": {"max_concurrent": 2},
+    "t1": {"weight": 2.0},
+    "t2": {"max_concurrent": 1, "max_queued": 3},
+    "": {},
+}
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -37,6 +46,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.tickets: list[Ticket] = []
         self.live: list[Grant] = []
         self.released: list[Grant] = []
+        for name, settings_ in TENANTS.items():
+            self.scheduler.set_tenant(name, **settings_)  # type: ignore[arg-type]
 
     def on_done(self, ticket: Ticket) -> None:
         if ticket.state is TicketState.GRANTED:
@@ -53,6 +64,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         if grant.ticket.pin is not None:
             assert grant.ticket.pin == backend.name
         self.live.append(grant)
+        tenant = grant.ticket.tenant
+        held = sum(1 for g in self.live if g.ticket.tenant is tenant and not g.released)
+        assert tenant.max_concurrent is None or held <= tenant.max_concurrent, "over a tenant's cap"
 
     # --- backends --------------------------------------------------------------------------
 
@@ -116,10 +130,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         priority=st.integers(0, 2),
         session=st.none() | st.sampled_from(["s0", "s1", "s2", "s3"]),
         timeout=st.none() | st.floats(0.5, 30.0),
+        tenant=st.sampled_from(list(TENANTS)),
     )
-    def submit(self, model: str, priority: int, session: str | None, timeout: float | None) -> None:
+    def submit(
+        self, model: str, priority: int, session: str | None, timeout: float | None, tenant: str
+    ) -> None:
         try:
-            ticket = self.scheduler.submit(model, priority=priority, affinity_key=session, timeout=timeout)
+            ticket = self.scheduler.submit(
+                model, priority=priority, affinity_key=session, timeout=timeout, tenant=tenant
+            )
         except PoolError:
             return
         self.tickets.append(ticket)
@@ -132,9 +151,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         self.tickets.append(ticket)
 
-    @rule(model=st.sampled_from(MODELS))
-    def try_acquire(self, model: str) -> None:
-        grant = self.scheduler.try_acquire(model)
+    @rule(model=st.sampled_from(MODELS), tenant=st.sampled_from(list(TENANTS)))
+    def try_acquire(self, model: str, tenant: str) -> None:
+        grant = self.scheduler.try_acquire(model, tenant=tenant)
         if grant is not None:
             self.check_grant(grant)
 
@@ -189,13 +208,25 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def queue_adds_up(self) -> None:
         waiting = [t for t in self.tickets if t.state is TicketState.WAITING]
-        assert self.scheduler.waiting == len(waiting) <= self.scheduler.queue_limit
+        assert self.scheduler.waiting == len(waiting)
+        for model in MODELS:
+            assert sum(1 for t in waiting if t.model == model) <= self.scheduler.queue_limit
         assert sorted(t.id for t in self.scheduler.waiting_tickets()) == sorted(t.id for t in waiting)
+
+    @invariant()
+    def tenants_add_up(self) -> None:
+        for name, tenant in self.scheduler.tenants.items():
+            held = sum(1 for g in self.live if g.ticket.tenant is tenant)
+            waiting = sum(1 for t in self.tickets if t.tenant is tenant and t.state is TicketState.WAITING)
+            assert tenant.active == held, name
+            assert tenant.waiting == waiting, name
+            assert tenant.max_concurrent is None or held <= tenant.max_concurrent, name
+            assert tenant.max_queued is None or waiting <= tenant.max_queued, name
 
     @invariant()
     def no_lost_wakeup(self) -> None:
         for ticket in self.tickets:
-            if ticket.state is not TicketState.WAITING or ticket.pin is not None:
+            if ticket.state is not TicketState.WAITING or ticket.pin is not None or ticket.tenant.capped:
                 continue
             for backend in self.scheduler.backends.values():
                 assert not _could_run_without_load(backend, ticket.model), (

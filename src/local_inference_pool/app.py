@@ -41,6 +41,9 @@ from local_inference_pool.inbound import (
     Inbound,
     authorization,
     authorized,
+    given_priority,
+    key_holder,
+    key_priority,
     priority,
     read_body,
     read_form,
@@ -279,10 +282,14 @@ class RouteEndpoint:
         headers = dict(scope["headers"])
         record = RequestRecord(request_id=request_id(headers), model="-", route=route.path)
         try:
-            if not authorized(dialect.credentials(scope["headers"]), runtime.config):
+            holder = key_holder(dialect.credentials(scope["headers"]), runtime.config)
+            if holder is None:
                 await refuse(send, _unauthorized(dialect=dialect), record, runtime)
                 return
+            record.key = holder or "-"
             inbound, call = await _read_request(scope, receive, headers, runtime, route)
+            inbound.tenant = holder
+            inbound.priority = key_priority(given_priority(headers), runtime.config, holder)
         except ClientGone:
             record.status, record.outcome = 499, "client_gone"
             runtime.metrics.observe(record)

@@ -26,6 +26,7 @@ __all__ = [
     "BACKEND_KINDS",
     "BackendConfig",
     "BackendKind",
+    "KeyConfig",
     "PoolConfig",
     "RouteConfig",
     "ServerConfig",
@@ -122,9 +123,41 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyConfig:
+    """One client key with a name (``[[keys]]``): the tenant its requests belong to. ``key`` is the
+    secret itself, or ``key_env`` names the environment variable that holds it (read when the
+    config is made). ``name`` is what metrics, logs, status and the dashboard show, never the key."""
+
+    name: str
+    key: str | None = field(default=None, repr=False)
+    key_env: str | None = None
+    weight: float = 1.0  # share of contended slots against other keys
+    max_concurrent: int | None = None  # leases at once, fleet-wide
+    max_queued: int | None = None  # waiting requests (default: the pool's queue_limit)
+    priority: int = 0  # of requests without x-priority
+    max_priority: int = 100  # x-priority above it is lowered to it
+
+    def __post_init__(self) -> None:
+        where = f"keys[{self.name!r}]"
+        _validate_fields(self, KEY_KEYS, where)
+        if (self.key is None) == (self.key_env is None):
+            raise ConfigError(f"{where}: give exactly one of 'key' (the secret) or 'key_env' (its variable)")
+        if self.key_env is not None:
+            secret = os.environ.get(self.key_env)
+            if not secret:
+                raise ConfigError(f"{where}.key_env: the environment variable {self.key_env!r} is not set")
+            object.__setattr__(self, "key", _key(f"{where}.key_env", secret))
+        if self.priority > self.max_priority:
+            raise ConfigError(
+                f"{where}.priority: {self.priority} is above its max_priority {self.max_priority}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class PoolConfig:
     backends: tuple[BackendConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
+    keys: tuple[KeyConfig, ...] = ()
     queue_limit: int = 1000
     queue_timeout: float | None = None
     starvation_bound: float = 30.0
@@ -168,11 +201,20 @@ class PoolConfig:
                 )
             seen_urls[backend.url] = index
             seen_names[backend.name] = index
+        key_names: set[str] = set()
+        secrets = set(self.api_keys)
+        for entry in self.keys:
+            if entry.name in key_names:
+                raise ConfigError(f"keys: the name {entry.name!r} is given twice; names must be unique")
+            if entry.key in secrets:
+                raise ConfigError(f"keys[{entry.name!r}]: its key is also another key's (or in api_keys)")
+            key_names.add(entry.name)
+            secrets.add(entry.key or "")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PoolConfig:
         """Build from the TOML shape: ``{"pool": {...}, "backends": [{...}, ...]}``."""
-        _reject_unknown(data, {"pool", "backends", "routes"}, "config")
+        _reject_unknown(data, {"pool", "backends", "routes", "keys"}, "config")
         pool_section = data.get("pool", {})
         if not isinstance(pool_section, Mapping):
             raise ConfigError(f"pool: {pool_section!r} is not allowed; expected a table")
@@ -189,7 +231,16 @@ class PoolConfig:
             RouteConfig(**_parse_section(entry, ROUTE_KEYS, f"routes[{index}]"))
             for index, entry in enumerate(routes_section)
         )
-        return cls(backends=backends, routes=routes, **_parse_section(pool_section, POOL_KEYS, "pool"))
+        keys_section = data.get("keys", [])
+        if not isinstance(keys_section, list) or not all(isinstance(k, Mapping) for k in keys_section):
+            raise ConfigError(f"keys: {keys_section!r} is not allowed; expected an array of tables")
+        keys = tuple(
+            KeyConfig(**_parse_section(entry, KEY_KEYS, f"keys[{index}]"))
+            for index, entry in enumerate(keys_section)
+        )
+        return cls(
+            backends=backends, routes=routes, keys=keys, **_parse_section(pool_section, POOL_KEYS, "pool")
+        )
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> PoolConfig:
@@ -369,6 +420,33 @@ def _choice(*allowed: str) -> Parser:
     return parse
 
 
+def _key_name(where: str, value: Any) -> str:
+    name = _string(where, value)
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+        raise ConfigError(f"{where}: {name!r} is not allowed; 1-64 letters, digits, '.', '_' or '-'")
+    return name
+
+
+def _int_between(low: int, high: int) -> Parser:
+    def parse(where: str, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError(f"{where}: {value!r} is not allowed; expected an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
+KEY_KEYS: dict[str, Parser] = {
+    "name": _key_name,
+    "key": _optional_key,
+    "key_env": lambda where, value: None if value is None else _string(where, value),
+    "weight": _number(positive=True),
+    "max_concurrent": lambda where, value: None if value is None else _int_at_least(1)(where, value),
+    "max_queued": lambda where, value: None if value is None else _int_at_least(0)(where, value),
+    "priority": _int_between(-100, 100),
+    "max_priority": _int_between(-100, 100),
+}
+
 ROUTE_KEYS: dict[str, Parser] = {
     "path": _route_path,
     "upstream": _route_path,
@@ -388,7 +466,7 @@ BACKEND_KEYS: dict[str, Parser] = {
     "api_key": _optional_key,
 }
 
-assert set(POOL_KEYS) == {f.name for f in fields(PoolConfig)} - {"backends", "routes"}
+assert set(POOL_KEYS) == {f.name for f in fields(PoolConfig)} - {"backends", "routes", "keys"}
 assert set(BACKEND_KEYS) == {f.name for f in fields(BackendConfig)}
 
 

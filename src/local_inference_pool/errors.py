@@ -6,7 +6,8 @@ The tree::
     ├── ConfigError (also ValueError)       invalid configuration: names the field, value, what is allowed
     ├── InvalidRequestError                 400/401/413  a client's request the pool will not forward
     ├── ModelNotFoundError                  404  no backend lists the model
-    ├── QueueFullError                      429  the waiting queue is at its limit
+    ├── QueueFullError                      429  a model's waiting queue is at its limit
+    │   └── TenantQueueFullError            429  one key's waiting requests are at its max_queued
     ├── NoCapacityError                     503  no healthy backend can serve the model now
     ├── QueueTimeoutError (also TimeoutError) 503  waited past the deadline for a slot
     ├── PoolClosedError                     503  the pool is shutting down or closed
@@ -76,6 +77,12 @@ class QueueFullError(PoolError):
     error_type = "rate_limit_error"
     code = "queue_full"
     retry_after = 1.0
+
+
+class TenantQueueFullError(QueueFullError):
+    """One key's waiting requests are at its ``max_queued``: others are not refused."""
+
+    code = "key_queue_full"
 
 
 class NoCapacityError(PoolError):

@@ -30,6 +30,9 @@ __all__ = [
     "Inbound",
     "authorization",
     "authorized",
+    "given_priority",
+    "key_holder",
+    "key_priority",
     "parse_body",
     "priority",
     "read_body",
@@ -55,6 +58,7 @@ class Inbound:
     priority: int
     session: str | None
     payload: Mapping[str, Any] = field(default_factory=dict)
+    tenant: str = ""  # whose key: a [[keys]] name, api_keys[i], or '' on an open pool
 
 
 def request_id(headers: Mapping[bytes, bytes]) -> str:
@@ -82,22 +86,39 @@ def single_header(headers: Iterable[tuple[bytes, bytes]], name: bytes, shown: st
 
 def authorized(authorization: str, config: PoolConfig, *, browser: bool = False) -> bool:
     """``Authorization: Bearer <key>``; for pages a browser opens, also Basic with the key as password."""
-    if not config.api_keys:
-        return True
+    return key_holder(authorization, config, browser=browser) is not None
+
+
+def key_holder(authorization: str, config: PoolConfig, *, browser: bool = False) -> str | None:
+    """Whose key the request carries: a ``[[keys]]`` name, ``api_keys[i]`` for the simple form, ''
+    when the pool is open; None when the key is missing or wrong."""
+    if not config.api_keys and not config.keys:
+        return ""
     scheme, _, token = authorization.partition(" ")
     if browser and scheme.lower() == "basic":
         try:
             token = base64.b64decode(token.strip(), validate=True).decode().partition(":")[2]
         except (ValueError, UnicodeDecodeError):
-            return False
+            return None
     elif scheme.lower() != "bearer":
-        return False
+        return None
     if not token:
-        return False
+        return None
     token_bytes = token.strip().encode()
+    named = [(f"api_keys[{i}]", key) for i, key in enumerate(config.api_keys)]
+    named += [(entry.name, entry.key or "") for entry in config.keys]
     # Compare against every key so the time taken does not say which one came close.
-    matches = [hmac.compare_digest(token_bytes, key.encode()) for key in config.api_keys]
-    return any(matches)
+    matches = [name for name, key in named if hmac.compare_digest(token_bytes, key.encode())]
+    return matches[0] if matches else None
+
+
+def key_priority(given: int | None, config: PoolConfig, holder: str) -> int:
+    """A request's priority under its key: the key's default when it sends none, and never above
+    the key's ``max_priority`` (lowered to it, not refused: the request still runs)."""
+    entry = next((k for k in config.keys if k.name == holder), None)
+    if entry is None:
+        return 0 if given is None else given
+    return min(entry.priority if given is None else given, entry.max_priority)
 
 
 SessionKey = Callable[[Mapping[bytes, bytes], Mapping[str, Any]], "str | None"]
@@ -197,7 +218,14 @@ def _form_field(body: bytes, boundary: bytes, wanted: str) -> str:
 
 def priority(headers: Mapping[bytes, bytes]) -> int:
     """The request's ``x-priority`` (default 0), checked."""
-    given = headers.get(b"x-priority", b"0").decode("latin-1")
+    return given_priority(headers) or 0
+
+
+def given_priority(headers: Mapping[bytes, bytes]) -> int | None:
+    """The request's ``x-priority``, checked; None when it sends none."""
+    if b"x-priority" not in headers:
+        return None
+    given = headers[b"x-priority"].decode("latin-1")
     try:
         priority = int(given) if len(given) <= 8 else None
     except ValueError:

@@ -41,6 +41,7 @@ class RequestRecord:
     request_id: str
     model: str
     route: str = "/chat/completions"
+    key: str = "-"  # the name of the client's key (never the key)
     started: float = field(default_factory=time.monotonic)
     backend: str = "-"
     status: int = 0
@@ -184,6 +185,25 @@ class PoolMetrics:
             ["route", "outcome"],
             registry=self.registry,
         )
+        self.key_requests = Counter(
+            "lip_key_requests",
+            "Requests finished, by the name of the client's key and outcome.",
+            ["key", "outcome"],
+            registry=self.registry,
+        )
+        self.key_tokens = Counter(
+            "lip_key_tokens",
+            "Tokens the backends reported, by the name of the client's key (prompt or completion).",
+            ["key", "kind"],
+            registry=self.registry,
+        )
+        self.key_queue_wait = Histogram(
+            "lip_key_queue_wait_seconds",
+            "Time a request waited for a slot, by the name of the client's key.",
+            ["key"],
+            buckets=WAIT_BUCKETS,
+            registry=self.registry,
+        )
         self.retries = Counter(
             "lip_upstream_retries",
             "Requests sent to another backend after one could not be reached.",
@@ -206,6 +226,7 @@ class PoolMetrics:
         child = self._child
         child(self.requests, model, record.backend, record.outcome).inc()
         child(self.routes, record.route, record.outcome).inc()
+        child(self.key_requests, record.key, record.outcome).inc()
         counts = self.by_route.setdefault(record.route, {"requests": 0, "errors": 0})
         counts["requests"] += 1
         if record.status >= 400:
@@ -213,6 +234,7 @@ class PoolMetrics:
         self.totals["requests"] += 1
         if record.queue_wait is not None:
             child(self.queue_wait, model).observe(record.queue_wait)
+            child(self.key_queue_wait, record.key).observe(record.queue_wait)
         if record.first_byte is not None:
             child(self.first_byte, model, record.backend).observe(record.first_byte)
             self.recent_first_byte.append(record.first_byte)
@@ -221,16 +243,18 @@ class PoolMetrics:
         for kind, value in (("prompt", record.prompt_tokens), ("completion", record.completion_tokens)):
             if value:
                 child(self.tokens, model, record.backend, kind).inc(value)
+                child(self.key_tokens, record.key, kind).inc(value)
                 self.totals[f"{kind}_tokens"] += value
         if record.retries:
             child(self.retries, model).inc(record.retries)
         if not access_log.isEnabledFor(logging.INFO):
             return
         access_log.info(
-            "request_id=%s route=%s model=%s backend=%s status=%d outcome=%s queue_wait_ms=%s "
+            "request_id=%s route=%s key=%s model=%s backend=%s status=%d outcome=%s queue_wait_ms=%s "
             "ttfb_ms=%s duration_ms=%.1f prompt_tokens=%s completion_tokens=%s",
             record.request_id,
             record.route,
+            record.key,
             json.dumps(record.model),
             record.backend,
             record.status,
@@ -304,6 +328,16 @@ class _PoolCollector(Collector):
         for result in ("hit", "miss", "repin"):
             affinity.add_metric([result], state["stats"][f"affinity_{result}"])
         yield from (depth, oldest, slots, busy, health, loads, openings, affinity)
+        leases = GaugeMetricFamily(
+            "lip_key_leases", "Leases held now, by the name of the client's key.", labels=["key"]
+        )
+        waiting = GaugeMetricFamily(
+            "lip_key_waiting", "Requests waiting now, by the name of the client's key.", labels=["key"]
+        )
+        for name, tenant in state["tenants"].items():
+            leases.add_metric([name], tenant["active"])
+            waiting.add_metric([name], tenant["waiting"])
+        yield from (leases, waiting)
         shared = state["shared_state"]
         if shared is not None:  # only where leases are shared with other processes
             reachable = GaugeMetricFamily("lip_state_reachable", "1 while the shared state store answers.")

@@ -198,6 +198,15 @@ class Pool:
         self._responses: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> backend, expiry
         self._probe_external: dict[str, int] = {}
         self.state_reachable = True
+        for index in range(len(config.api_keys)):
+            self._scheduler.set_tenant(f"api_keys[{index}]")
+        for key in config.keys:
+            self._scheduler.set_tenant(
+                key.name,
+                weight=key.weight,
+                max_concurrent=key.max_concurrent,
+                max_queued=key.max_queued,
+            )
         for backend in config.backends:
             self.add_backend(backend, health=initial_health)
 
@@ -296,22 +305,41 @@ class Pool:
         priority: int = 0,
         session: str | None = None,
         timeout: float | None = _DEFAULT,
+        tenant: str = "",
     ) -> _Acquire:
         """Wait for a slot for ``model``: ``lease = await pool.acquire(m)`` or ``async with``.
 
         ``priority``: higher is served first. ``session``: an affinity key; the same key goes back to
         the same backend while it has room. ``timeout``: seconds to wait (None: forever); the
-        default is ``config.queue_timeout``. Raises ModelNotFoundError, NoCapacityError,
-        QueueFullError, QueueTimeoutError or PoolClosedError.
+        default is ``config.queue_timeout``. ``tenant``: whose request it is (a ``[[keys]]`` name):
+        its share, caps and counts. Raises ModelNotFoundError, NoCapacityError, QueueFullError
+        (TenantQueueFullError for a key's own limit), QueueTimeoutError or PoolClosedError.
         """
         return _Acquire(
-            self, {"model": model, "priority": priority, "session": session, "timeout": timeout, "pin": None}
+            self,
+            {
+                "model": model,
+                "priority": priority,
+                "session": session,
+                "timeout": timeout,
+                "pin": None,
+                "tenant": tenant,
+            },
         )
 
     async def _acquire(
-        self, *, model: str, priority: int, session: str | None, timeout: float | None, pin: str | None
+        self,
+        *,
+        model: str,
+        priority: int,
+        session: str | None,
+        timeout: float | None,
+        pin: str | None,
+        tenant: str,
     ) -> Lease:
-        ticket = self.submit(model, priority=priority, session=session, timeout=timeout, pin=pin)
+        ticket = self.submit(
+            model, priority=priority, session=session, timeout=timeout, pin=pin, tenant=tenant
+        )
         lease = self.granted(ticket)
         if lease is not None and self._shared is None:
             return lease
@@ -381,7 +409,9 @@ class Pool:
                 session=ticket.affinity_key,
                 timeout=None if deadline is None else max(0.0, deadline - self._clock()),
                 pin=ticket.pin,
+                tenant=ticket.tenant.name,
                 arrival=ticket.arrival,
+                tag=ticket.tag,
             )
             lease = self.granted(ticket)
 
@@ -393,12 +423,14 @@ class Pool:
         session: str | None = None,
         timeout: float | None = _DEFAULT,
         pin: str | None = None,
+        tenant: str = "",
         arrival: float | None = None,
+        tag: float | None = None,
     ) -> Ticket:
         """Queue a request without waiting: it may come back granted (``granted``), else ``wait`` for it.
 
         ``pin`` names the one backend that may serve it (ahead of that backend's queue). ``arrival``
-        (on the pool's clock) keeps the place of a request queued again. Raises when
+        (on the pool's clock) and ``tag`` keep the place of a request queued again. Raises when
         it can never be served now. A waiting ticket is always waited for: ``wait`` withdraws it on
         any exit, so a ticket that is abandoned unwaited holds its place until its deadline.
         """
@@ -410,7 +442,14 @@ class Pool:
         if timeout is _DEFAULT:
             timeout = self.config.queue_timeout
         ticket = self._scheduler.submit(
-            model, priority=priority, affinity_key=session, timeout=timeout, pin=pin, arrival=arrival
+            model,
+            priority=priority,
+            affinity_key=session,
+            timeout=timeout,
+            pin=pin,
+            tenant=tenant,
+            arrival=arrival,
+            tag=tag,
         )
         if ticket.state is TicketState.WAITING:
             self._queue_changed()
@@ -597,7 +636,9 @@ class Pool:
 
         async def warm_one(http: httpx.AsyncClient, name: str) -> None:
             try:
-                lease = await self._acquire(model=model, priority=0, session=None, timeout=None, pin=name)
+                lease = await self._acquire(
+                    model=model, priority=0, session=None, timeout=None, pin=name, tenant=""
+                )
             except Exception as exc:
                 results[name] = str(exc)
                 return

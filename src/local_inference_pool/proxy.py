@@ -245,7 +245,9 @@ async def _acquire_unless_gone(
     watch: ClientWatch, pool: Pool, inbound: Inbound, pin: str | None
 ) -> Lease | None:
     """A slot for the request, or None if the client leaves while it queues (freeing its place)."""
-    ticket = pool.submit(inbound.model, priority=inbound.priority, session=inbound.session, pin=pin)
+    ticket = pool.submit(
+        inbound.model, priority=inbound.priority, session=inbound.session, pin=pin, tenant=inbound.tenant
+    )
     lease = pool.granted(ticket)
     if lease is not None and not pool.shared:
         return lease  # the common case: a slot was free, nothing to wait for

@@ -11,7 +11,17 @@ Vocabulary:
 - the *drain guard*: a backend busy with model A takes no model B unless it may hold both
   (``max_loaded_models``);
 - a *drain barrier* reserves one backend for a starving model: it admits no other model until the
-  starving model gets a slot there, so a cold model is served in bounded time.
+  starving model gets a slot there, so a cold model is served in bounded time;
+- a *tenant* is who sent a request (an API key): within a priority, tenants share contended slots in
+  proportion to their weights (start-time fair queueing: each ticket is tagged with a virtual start
+  time, ``max(now's virtual time, the tenant's previous finish)``, and a tenant's tags advance by
+  ``1 / weight`` per request, so a flood of one tenant queues behind itself, not in front of the
+  others, and a tenant alone gets every slot). A tenant at its ``max_concurrent`` has its tickets
+  *parked*: out of the queues until one of its leases ends.
+
+Why start-time fair queueing rather than deficit round robin: every request costs one slot, tags fit the
+per-model heaps the queues already are (no round over tenants per grant), and a tenant that arrives
+joins at the current virtual time, so it neither waits behind a backlog nor jumps a fair turn.
 
 Dispatch runs after every change that can free capacity and grants everything it can in one pass.
 Placement prefers no load, then the session's affinity backend, then the lowest weighted load.
@@ -40,6 +50,7 @@ from local_inference_pool.errors import (
     PoolError,
     QueueFullError,
     QueueTimeoutError,
+    TenantQueueFullError,
 )
 
 __all__ = [
@@ -48,6 +59,7 @@ __all__ = [
     "Grant",
     "Health",
     "Scheduler",
+    "Tenant",
     "Ticket",
     "TicketState",
 ]
@@ -133,6 +145,26 @@ class Backend:
 
 
 @dataclass(eq=False, slots=True)
+class Tenant:
+    """Who sends requests (an API key's name): its share of contended slots and its caps."""
+
+    name: str
+    weight: float = 1.0
+    max_concurrent: int | None = None  # leases at once, counting other processes' (``external``)
+    max_queued: int | None = None  # waiting requests
+    active: int = 0
+    external: int = 0  # leases other processes of the fleet hold for it
+    waiting: int = 0
+    granted: int = 0
+    finish: float = 0.0  # the virtual finish tag of its latest request
+    parked: list[tuple[tuple[int, float, int], Ticket]] = field(default_factory=list)
+
+    @property
+    def capped(self) -> bool:
+        return self.max_concurrent is not None and self.active + self.external >= self.max_concurrent
+
+
+@dataclass(eq=False, slots=True)
 class Ticket:
     id: int
     model: str
@@ -141,13 +173,15 @@ class Ticket:
     deadline: float | None
     affinity_key: str | None
     pin: str | None
+    tenant: Tenant
+    tag: float = 0.0  # virtual start time: the fair order between tenants within a priority
     state: TicketState = TicketState.WAITING
     grant: Grant | None = None
     error: PoolError | None = None
 
     @property
     def order(self) -> tuple[int, float, int]:
-        return (-self.priority, self.arrival, self.id)
+        return (-self.priority, self.tag, self.id)
 
 
 @dataclass(eq=False, slots=True)
@@ -205,6 +239,8 @@ class Scheduler:
         self._barriers: dict[str, Backend] = {}
         self._affinity: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._newest_granted = float("-inf")  # arrival time of the most recently arrived grant
+        self.tenants: dict[str, Tenant] = {}
+        self._virtual = 0.0  # fair queueing's virtual time: the largest start tag granted
 
     # --- backends --------------------------------------------------------------------------
 
@@ -306,16 +342,30 @@ class Scheduler:
         affinity_key: str | None = None,
         timeout: float | None = None,
         pin: str | None = None,
+        tenant: str = "",
         arrival: float | None = None,
+        tag: float | None = None,
     ) -> Ticket:
         """Queue a request; it may come back already granted. Raises when it can never be served now.
 
-        ``arrival``: when the request first arrived, for one queued again (its place is kept).
+        ``queue_limit`` bounds each model's queue (a backlog for one model refuses no other), and a
+        tenant's ``max_queued`` its own waiting requests. ``arrival`` and ``tag``: where a request
+        queued again stood (its place is kept).
         """
         now = self.clock()
         self.check_servable(model, pin)
-        if self._waiting_total >= self.queue_limit and not self._free:
-            raise self._queue_full()
+        owner = self.tenants.get(tenant) or self.set_tenant(tenant)
+        if owner.max_queued is not None and owner.waiting >= owner.max_queued:
+            self.stats["rejected"] += 1
+            raise TenantQueueFullError(
+                f"the key {tenant!r} has {owner.waiting} requests waiting, its limit "
+                f"(max_queued {owner.max_queued}); retry later"
+            )
+        if self._waiting.get(model, 0) >= self.queue_limit and not self._free:
+            raise self._queue_full(model)
+        if tag is None:
+            tag = max(self._virtual, owner.finish)
+            owner.finish = tag + 1.0 / owner.weight
         ticket = Ticket(
             id=next(self._ids),
             model=model,
@@ -324,6 +374,8 @@ class Scheduler:
             deadline=None if timeout is None else now + timeout,
             affinity_key=affinity_key if self.affinity_enabled else None,
             pin=pin,
+            tenant=owner,
+            tag=tag,
         )
         self._enqueue(ticket)
         if pin is not None:
@@ -332,26 +384,72 @@ class Scheduler:
             self._place(model)
         if ticket.state is TicketState.GRANTED and self._waiting_total:
             self._serve_starving()  # granting a newcomer may pass over an older request
-        if ticket.state is TicketState.WAITING and self._waiting_total > self.queue_limit:
+        if ticket.state is TicketState.WAITING and self._waiting.get(model, 0) > self.queue_limit:
             self._remove_waiting(ticket)
             ticket.state = TicketState.FAILED
-            raise self._queue_full()
+            raise self._queue_full(model)
         return ticket
 
-    def _queue_full(self) -> QueueFullError:
+    def _queue_full(self, model: str) -> QueueFullError:
         self.stats["rejected"] += 1
         return QueueFullError(
-            f"the queue is full ({self._waiting_total} waiting, limit {self.queue_limit}); "
-            "retry later or raise pool.queue_limit"
+            f"the queue for model {model!r} is full ({self._waiting.get(model, 0)} waiting, limit "
+            f"{self.queue_limit}); retry later or raise pool.queue_limit"
         )
 
-    def try_acquire(self, model: str, *, affinity_key: str | None = None) -> Grant | None:
+    def set_tenant(
+        self,
+        name: str,
+        *,
+        weight: float = 1.0,
+        max_concurrent: int | None = None,
+        max_queued: int | None = None,
+    ) -> Tenant:
+        """Declare (or change) a tenant's weight and caps; an undeclared one has weight 1, no caps."""
+        tenant = self.tenants.get(name)
+        if tenant is None:
+            tenant = self.tenants[name] = Tenant(name)
+        tenant.weight = max(1e-6, weight)
+        tenant.max_concurrent = max_concurrent
+        tenant.max_queued = max_queued
+        self._unpark(tenant)
+        return tenant
+
+    def update_tenant(self, name: str, *, external: int) -> None:
+        """What other processes of the fleet hold for a tenant (its cap counts them)."""
+        tenant = self.tenants.get(name) or self.set_tenant(name)
+        tenant.external = max(0, external)
+        self._unpark(tenant)
+
+    def _unpark(self, tenant: Tenant) -> None:
+        """Put a tenant's parked tickets back in their queues, as many as its cap now allows."""
+        if not tenant.parked:
+            return
+        room = (
+            len(tenant.parked)
+            if tenant.max_concurrent is None
+            else tenant.max_concurrent - tenant.active - tenant.external
+        )
+        models: set[str] = set()
+        while tenant.parked and room > 0:
+            order, ticket = heapq.heappop(tenant.parked)
+            if ticket.state is not TicketState.WAITING:
+                continue
+            heapq.heappush(self._queues.setdefault(ticket.model, []), (order, ticket))
+            models.add(ticket.model)
+            room -= 1
+        for model in sorted(models):
+            if self._free:
+                self._place(model)
+
+    def try_acquire(self, model: str, *, affinity_key: str | None = None, tenant: str = "") -> Grant | None:
         """Take a slot now if any eligible backend has one, else None; never queues.
 
         Unlike a queued ticket it does not defer to a backend where the model is already loaded:
         a caller that polls would otherwise never reach the starvation bound.
         """
-        if self._waiting.get(model, 0) > 0:
+        owner = self.tenants.get(tenant) or self.set_tenant(tenant)
+        if self._waiting.get(model, 0) > 0 or owner.capped:
             return None
         candidates = [b for b in self._free_serving(model) if b.can_take(model)]
         if not candidates:
@@ -364,6 +462,8 @@ class Scheduler:
             deadline=None,
             affinity_key=affinity_key if self.affinity_enabled else None,
             pin=None,
+            tenant=owner,
+            tag=max(self._virtual, owner.finish),
         )
         backend, affinity = self._choose_backend(ticket, candidates)
         grant = self._grant(ticket, backend, affinity, queued=False)
@@ -408,8 +508,15 @@ class Scheduler:
         else:
             del backend.active[grant.model]
         backend.active_total -= 1
+        tenant = grant.ticket.tenant
+        was_capped = tenant.capped
+        tenant.active -= 1
         if not backend.removed:
             self._touch(backend)
+        if was_capped:  # its parked and pinned requests may go now, wherever there is room
+            self._unpark(tenant)
+            self._dispatch_all()
+        if not backend.removed:
             self._fill(backend)
         if self._waiting:
             self._serve_starving()
@@ -528,6 +635,18 @@ class Scheduler:
                 "oldest_wait_s": round(max(oldest.values(), default=0.0), 3),
             },
             "active_leases": len(self.grants),
+            "tenants": {
+                name or "-": {
+                    "weight": t.weight,
+                    "active": t.active,
+                    "fleet_active": t.external,
+                    "waiting": t.waiting,
+                    "granted": t.granted,
+                    "max_concurrent": t.max_concurrent,
+                    "max_queued": t.max_queued,
+                }
+                for name, t in sorted(self.tenants.items())
+            },
             "stats": dict(self.stats),
         }
 
@@ -572,7 +691,11 @@ class Scheduler:
     def _choose_ticket(self, backend: Backend) -> Ticket | None:
         while backend.pinned and backend.pinned[0].state is not TicketState.WAITING:
             backend.pinned.popleft()
-        if backend.pinned and backend.can_take(backend.pinned[0].model):
+        if (
+            backend.pinned
+            and backend.can_take(backend.pinned[0].model)
+            and not backend.pinned[0].tenant.capped
+        ):
             return backend.pinned[0]
         if backend.models is None:
             return None
@@ -593,7 +716,7 @@ class Scheduler:
             starving = self._starving(head)
             if backend.needs_swap(model) and not starving and not self._swap_worthwhile(model):
                 continue
-            key = (not starving, -head.priority, backend.needs_load(model), head.arrival, head.id)
+            key = (not starving, -head.priority, backend.needs_load(model), head.tag, head.id)
             if best_key is None or key < best_key:
                 best, best_key = head, key
         return best
@@ -657,6 +780,10 @@ class Scheduler:
         backend.active[model] = backend.active.get(model, 0) + 1
         backend.active_total += 1
         backend.granted += 1
+        ticket.tenant.active += 1
+        ticket.tenant.granted += 1
+        if ticket.tag > self._virtual:
+            self._virtual = ticket.tag
         self._newest_granted = max(self._newest_granted, ticket.arrival)
         if backend.barrier == model:
             self._clear_barrier(backend)
@@ -724,8 +851,10 @@ class Scheduler:
             return
         for model in [m for m in self._waiting if not self._serving.get(m)]:
             error_text = f"model {model!r} is no longer served by any backend"
-            for ticket in [t for _, t in self._queues.get(model, ()) if t.state is TicketState.WAITING]:
-                self.fail(ticket, ModelNotFoundError(error_text, model=model))
+            parked = [t for tenant in self.tenants.values() for _, t in tenant.parked if t.model == model]
+            for ticket in [*(t for _, t in self._queues.get(model, ())), *parked]:
+                if ticket.state is TicketState.WAITING:
+                    self.fail(ticket, ModelNotFoundError(error_text, model=model))
 
     def _discovery_pending(self) -> bool:
         return self._undiscovered > 0 and any(
@@ -755,6 +884,7 @@ class Scheduler:
             arrivals.append(ticket)
         self._waiting[ticket.model] = self._waiting.get(ticket.model, 0) + 1
         self._waiting_total += 1
+        ticket.tenant.waiting += 1
         if ticket.deadline is not None:
             heapq.heappush(self._deadlines, (ticket.deadline, ticket.id, ticket))
 
@@ -763,6 +893,7 @@ class Scheduler:
         model = ticket.model
         remaining = self._waiting[model] - 1
         self._waiting_total -= 1
+        ticket.tenant.waiting -= 1
         ticket.state = TicketState.CANCELLED  # callers set the final state
         if remaining:
             self._waiting[model] = remaining
@@ -779,7 +910,11 @@ class Scheduler:
         while queue:
             ticket = queue[0][1]
             if ticket.state is TicketState.WAITING:
-                return ticket
+                tenant = ticket.tenant
+                if tenant.max_concurrent is None or not tenant.capped:
+                    return ticket
+                heapq.heappush(tenant.parked, heapq.heappop(queue))  # back when a lease of its ends
+                continue
             heapq.heappop(queue)
         return None
 

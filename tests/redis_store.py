@@ -65,3 +65,7 @@ class Store:
         """The fleet's queue for ``model``: each process's head, as how many wait there."""
         raw: dict[bytes, bytes] = redis.Redis(port=self.port).hgetall(f"{{lip}}:queue:{model}")  # type: ignore[assignment]
         return {k.decode(): int(v.split()[3]) for k, v in raw.items()}
+
+    def key_leases(self, key: str) -> int:
+        """How many leases the store counts for a client key (expired ones included until swept)."""
+        return int(redis.Redis(port=self.port).zcard(f"{{lip}}:key:{key}"))

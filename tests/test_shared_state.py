@@ -442,3 +442,77 @@ async def test_the_backend_that_stores_a_response_is_known_to_every_process(stor
         await first.remember_response("resp_fleet_1", "a")
         assert await second.response_backend("resp_fleet_1") == "a"  # made through another process
         assert await second.response_backend("resp_never") is None
+
+
+def capped(store: Store, cap: int = 2) -> PoolConfig:
+    from local_inference_pool.config import KeyConfig
+
+    backend = BackendConfig(url="http://a:8080", name="a", slots=5, models=("m",))
+    keys = (KeyConfig(name="team", key="sk-team", max_concurrent=cap),)
+    return PoolConfig(backends=(backend,), state=store.url, keys=keys, lease_ttl=30.0)
+
+
+async def test_a_keys_max_concurrent_holds_across_processes(store: Store) -> None:
+    async with Pool(capped(store)) as first, Pool(capped(store)) as second:
+        held = [await first.acquire("m", tenant="team") for _ in range(2)]
+        got: list[Lease] = []
+        ready = anyio.Event()
+
+        async def third_for_the_key() -> None:
+            got.append(await second.acquire("m", tenant="team", timeout=None))
+            ready.set()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(third_for_the_key)
+            with anyio.fail_after(5):
+                while second.scheduler.waiting < 1:
+                    await anyio.sleep(0.01)
+            others = await second.acquire("m", tenant="someone-else")  # the slots are free for others
+            assert got == []
+            assert store.key_leases("team") == 2
+            held.pop().release()
+            with anyio.fail_after(2):  # woken by the release's notice, not the renewal pass
+                await ready.wait()
+        assert store.key_leases("team") == 2
+        for lease in [*held, *got, others]:
+            lease.release()
+    assert store.key_leases("team") == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_a_keys_cap_is_never_exceeded_under_random_load_across_three_pools(
+    store: Store, seed: int
+) -> None:
+    rng = random.Random(seed)
+    held: list[Lease] = []
+    async with AsyncExitStack() as stack:
+        fleet = [await stack.enter_async_context(Pool(capped(store, cap=3))) for _ in range(3)]
+        group = await stack.enter_async_context(anyio.create_task_group())
+        waiting: list[anyio.CancelScope] = []
+
+        async def acquire(pool: Pool, scope: anyio.CancelScope) -> None:
+            with scope:
+                held.append(await pool.acquire("m", tenant="team", timeout=None))
+
+        for _step in range(50):
+            action = rng.random()
+            if action < 0.55:
+                scope = anyio.CancelScope()
+                waiting.append(scope)
+                group.start_soon(acquire, rng.choice(fleet), scope)
+            elif action < 0.9 and held:
+                held.pop(rng.randrange(len(held))).release()
+            elif waiting:
+                waiting.pop(rng.randrange(len(waiting))).cancel()
+            for _ in range(20):
+                await anyio.lowlevel.checkpoint()
+            await anyio.sleep(0.005)
+            assert store.key_leases("team") <= 3
+            assert len([lease for lease in held if not lease.released]) <= 3
+        for scope in waiting:
+            scope.cancel()
+        while held:
+            held.pop().release()
+        with anyio.fail_after(5):
+            while store.key_leases("team"):
+                await anyio.sleep(0.02)

@@ -63,6 +63,7 @@ class Claimed(IntEnum):
     QUEUED_ELSEWHERE = 3  # the free slots belong to requests that came earlier to other processes
     RELEASED = 4  # the lease was released before its claim arrived
     SESSION_ELSEWHERE = 5  # the fleet served the request's session on another backend
+    KEY_FULL = 6  # the client's key holds its max_concurrent leases across the fleet
 
 
 def _text(value: Any) -> str:

@@ -378,7 +378,8 @@ class Pool:
             ticket = grant.ticket
             name = grant.backend.name
             try:
-                outcome, session_backend, view = await shared.claim(
+                tenant = ticket.tenant
+                outcome, session_backend, key_others, view = await shared.claim(
                     shared.lease_id(grant.id),
                     name,
                     grant.model,
@@ -388,6 +389,8 @@ class Pool:
                     queued=ticket.pin is None,  # a pinned retry already waited its turn
                     session=ticket.affinity_key,
                     check_session=check_session,
+                    key=tenant.name,
+                    key_cap=tenant.max_concurrent,
                 )
             except BaseException:
                 lease.release()  # also gives back a claim that may have reached the store
@@ -395,6 +398,10 @@ class Pool:
             # On a loss to earlier waiters elsewhere, the view holds the free slots for them, so
             # the request is not granted here again until the fleet changes.
             self._claims[outcome.name.lower()] += 1
+            if tenant.max_concurrent is not None:
+                # Taken as the key's outside leases before this lease goes back: a key at its cap
+                # across the fleet parks its requests here until one of its leases ends somewhere.
+                self._scheduler.update_tenant(tenant.name, external=key_others)
             self._apply_fleet(name, view)
             if outcome is Claimed.WON:
                 return lease
@@ -846,6 +853,7 @@ class Pool:
             try:
                 views = await shared.renew(self._standings())
                 self._apply_views(views)
+                await self._read_key_leases(shared, self._capped_keys())  # keys of processes that died
                 await self._publish_heads(shared, everything=True)
                 await shared.heartbeat(len(shared.held), self._scheduler.waiting)
             except StateUnavailableError as exc:
@@ -871,20 +879,36 @@ class Pool:
         changes (slots held for its waiters may be free now): the backends are read again at once."""
         while True:
             try:
-                async for name in shared.notices():
-                    if name is None:  # a queue elsewhere: what it held may be ours now
+                async for notice in shared.notices():
+                    key = ""
+                    if notice is None:  # a queue elsewhere: what it held may be ours now
                         names = (
                             list(self._scheduler.backends)
                             if self._scheduler.waiting
                             else self._held_for_others()
                         )
                     else:
+                        name, key = notice
                         names = [name] if name in self._scheduler.backends else []
                     if names:
                         self._apply_views(await shared.view(self._standings(names)))
+                    if key and key in self._capped_keys():
+                        await self._read_key_leases(shared, [key])
             except StateUnavailableError as exc:
                 self._reachable(False, str(exc))
                 await anyio.sleep(1.0)  # then subscribe again; renewal re-reads meanwhile
+
+    def _capped_keys(self) -> list[str]:
+        """Client keys with a fleet-wide cap that other processes' leases may hold at it now."""
+        return [
+            name
+            for name, tenant in self._scheduler.tenants.items()
+            if tenant.max_concurrent is not None and (tenant.external or tenant.parked)
+        ]
+
+    async def _read_key_leases(self, shared: SharedLeases, keys: list[str]) -> None:
+        for key, others in (await shared.key_leases(keys)).items():
+            self._scheduler.update_tenant(key, external=others)
 
     async def _publish_queue(self, shared: SharedLeases) -> None:
         """Put this process's queue heads in the fleet's queue as they change, coalesced."""

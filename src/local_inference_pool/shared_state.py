@@ -152,22 +152,42 @@ end
 local function free() return tonumber(ARGV[7]) - redis.call('ZCARD', KEYS[1]) end
 """
 
+# A key's leases fleet-wide (its max_concurrent): a sorted set of lease ids scored by expiry. The
+# leases of processes that died expire out of it; the others' are those without our prefix.
+_KEY_LEASES = """
+local function key_leases(key)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  local others, n = 0, #ARGV[1]
+  for _, id in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    if string.sub(id, 1, n) ~= ARGV[1] then others = others + 1 end
+  end
+  return redis.call('ZCARD', key), others
+end
+"""
+
 # Own ARGV: 9 lease id, 10 model, 11 ttl ms, 12 priority, 13 age ms, 14 '1' to skip the queue (a
-# retry that already waited), 15 backend name, 16 session ttl ms, 17 '1' to refuse the claim when
-# the fleet served the session elsewhere; own KEYS: the lease's tombstone (left by a release that
-# came before its claim: that claim must not land), the session's key.
+# retry that already waited), 15 backend name, 16 session ttl ms ('0': no session), 17 '1' to refuse
+# the claim when the fleet served the session elsewhere, 18 the key's max_concurrent ('0': none);
+# own KEYS: the lease's tombstone (left by a release that came before its claim: that claim must
+# not land), the session's key, the key's leases.
 # Reply: the outcome (1 won, 0 full, 2 another model active, 3 an earlier waiter elsewhere,
-# 4 released already, 5 the session's backend is another), the session's backend ('' if none).
+# 4 released already, 5 the session's backend is another, 6 the key holds its max_concurrent),
+# the session's backend ('' if none), the other processes' leases of the key, then the fleet view.
 _CLAIM = (
     _COMMON
+    + _KEY_LEASES
     + """
 local model, max_models = ARGV[10], tonumber(ARGV[6])
 local room = free()
 local outcome = 1
 local session = ''
-if #KEYS > own + 1 then session = redis.call('GET', KEYS[own + 2]) or '' end
+local cap = tonumber(ARGV[18])
+local held, others = 0, 0
+if cap > 0 then held, others = key_leases(KEYS[own + 3]) end
+if ARGV[16] ~= '0' then session = redis.call('GET', KEYS[own + 2]) or '' end
 if redis.call('EXISTS', KEYS[own + 1]) == 1 then outcome = 4
 elseif ARGV[17] == '1' and session ~= '' and session ~= ARGV[15] then outcome = 5
+elseif cap > 0 and held >= cap then outcome = 6
 elseif room <= 0 then outcome = 0
 elseif redis.call('HEXISTS', KEYS[3], model) == 0 and redis.call('HLEN', KEYS[3]) >= max_models then
   outcome = 2
@@ -185,22 +205,26 @@ if outcome == 1 then
   redis.call('LTRIM', KEYS[4], 0, max_models - 1)
   local arrival = now - tonumber(ARGV[13])
   if arrival > tonumber(redis.call('GET', KEYS[5]) or '0') then redis.call('SET', KEYS[5], arrival) end
-  if #KEYS > own + 1 then redis.call('SET', KEYS[own + 2], ARGV[15], 'PX', ARGV[16]) end
+  if ARGV[16] ~= '0' then redis.call('SET', KEYS[own + 2], ARGV[15], 'PX', ARGV[16]) end
+  if cap > 0 then redis.call('ZADD', KEYS[own + 3], now + tonumber(ARGV[11]), ARGV[9]) end
 end
 local reply = fleet(before)
+table.insert(reply, 1, others)
 table.insert(reply, 1, session)
 table.insert(reply, 1, outcome)
 return reply
 """
 )
 
-# Own ARGV: 9 lease id, 10 channel, 11 message, 12 ttl ms; own KEYS: the lease's tombstone.
+# Own ARGV: 9 lease id, 10 channel, 11 message, 12 ttl ms; own KEYS: the lease's tombstone, the
+# key's leases (if the key has a cap).
 _RELEASE = (
     _COMMON
     + """
 -- The tombstone: a claim cancelled on its way, or a renewal that read the lease just before, may
 -- still reach Redis after this release; both find it and leave the lease released.
 redis.call('SET', KEYS[own + 1], 1, 'PX', ARGV[12])
+if #KEYS > own + 1 then redis.call('ZREM', KEYS[own + 2], ARGV[9]) end
 if redis.call('ZREM', KEYS[1], ARGV[9]) == 1 then
   local model = redis.call('HGET', KEYS[2], ARGV[9])
   if model then forget(model) end
@@ -218,20 +242,42 @@ return fleet(ahead(tonumber(ARGV[3]), tonumber(ARGV[4]), free()))
 """
 )
 
-# Own ARGV: 9 ttl ms, then (lease id, model) pairs; own KEYS: each pair's tombstone.
+# Own ARGV: 9 ttl ms, then (lease id, model, '1' if its key has a cap) triples; own KEYS: each
+# triple's tombstone and its key's leases.
 _RENEW = (
     _COMMON
     + """
-for i = 10, #ARGV, 2 do
-  local tombstone = KEYS[own + (i - 8) / 2]
-  if redis.call('EXISTS', tombstone) == 0
-     and redis.call('ZADD', KEYS[1], now + tonumber(ARGV[9]), ARGV[i]) == 1 then
-    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-    redis.call('HINCRBY', KEYS[3], ARGV[i + 1], 1)
-    redis.call('HINCRBY', KEYS[6], ARGV[i + 1], 1)
+for i = 10, #ARGV, 3 do
+  local tombstone = KEYS[own + 1 + 2 * (i - 10) / 3]
+  if redis.call('EXISTS', tombstone) == 0 then
+    if redis.call('ZADD', KEYS[1], now + tonumber(ARGV[9]), ARGV[i]) == 1 then
+      redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+      redis.call('HINCRBY', KEYS[3], ARGV[i + 1], 1)
+      redis.call('HINCRBY', KEYS[6], ARGV[i + 1], 1)
+    end
+    if ARGV[i + 2] == '1' then
+      redis.call('ZADD', KEYS[own + 2 + 2 * (i - 10) / 3], now + tonumber(ARGV[9]), ARGV[i])
+    end
   end
 end
 return fleet(ahead(tonumber(ARGV[3]), tonumber(ARGV[4]), free()))
+"""
+)
+
+# The other processes' leases of each key: KEYS the keys' leases; ARGV 1 this process's prefix.
+_KEY_VIEW = (
+    """
+local now_t = redis.call('TIME')
+local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
+"""
+    + _KEY_LEASES
+    + """
+local reply = {}
+for k = 1, #KEYS do
+  local _, others = key_leases(KEYS[k])
+  table.insert(reply, others)
+end
+return reply
 """
 )
 
@@ -260,6 +306,7 @@ return 1
 class _Held:
     backend: str
     model: str
+    key: str | None = None  # the client key's name, when the key has a fleet-wide cap
     claimed: bool = False  # the claim won; until then it may or may not be in the store
     releasing: bool = False  # given back here; the store has not heard yet
 
@@ -295,6 +342,7 @@ class SharedLeases:
         self._renew = self._client.register_script(_RENEW)
         self._view = self._client.register_script(_VIEW)
         self._heads = self._client.register_script(_HEADS)
+        self._key_view = self._client.register_script(_KEY_VIEW)
         self.held: dict[str, _Held] = {}  # lease id -> where: claimed, or maybe claimed (in flight)
 
     def _keys(self, backend: str, standing: Standing) -> list[str]:
@@ -314,6 +362,9 @@ class SharedLeases:
 
     def _tombstone(self, backend: str, lease_id: str) -> str:
         return f"{{{self._prefix}}}:{backend}:released:{lease_id}"
+
+    def _key_leases(self, key: str | None) -> str:
+        return f"{{{self._prefix}}}:key:{key or ''}"
 
     def _session_key(self, session: str) -> str:
         # Hashed: a session key may be a hash of a prompt, or a client's own id; neither is stored.
@@ -365,21 +416,29 @@ class SharedLeases:
         queued: bool = True,
         session: str | None = None,
         check_session: bool = True,
-    ) -> tuple[Claimed, str | None, FleetView]:
+        key: str | None = None,
+        key_cap: int | None = None,
+    ) -> tuple[Claimed, str | None, int, FleetView]:
         """Take a fleet-wide slot for a request of ``priority`` that has ``waited`` seconds: it wins
         when a slot is free, the drain guard allows the model, and (``queued``) no earlier waiter
         elsewhere has a claim to the free slots. The view's ``reserved`` is for this request.
         With a ``session`` (and ``check_session``), it loses when the fleet last served the session
         on another backend, which it returns; won, the fleet remembers this backend for it. So a
-        session costs no extra round trip where it stays put.
+        session costs no extra round trip where it stays put. With a client ``key`` that has a
+        ``key_cap``, it loses while the key holds that many leases fleet-wide; the third value is
+        how many the other processes hold for it.
 
         The lease counts as held before the claim is sent: if the call fails or is cancelled after
         Redis ran it, the next release pass removes it (releasing is idempotent), so nothing leaks.
         """
-        self.held[lease_id] = _Held(backend, model)
-        keys = [*self._keys(backend, standing), self._tombstone(backend, lease_id)]
-        if session is not None:
-            keys.append(self._session_key(session))
+        capped = key_cap is not None and key_cap > 0
+        self.held[lease_id] = _Held(backend, model, key if capped else None)
+        keys = [
+            *self._keys(backend, standing),
+            self._tombstone(backend, lease_id),
+            self._session_key(session or ""),
+            self._key_leases(key if capped else None),
+        ]
         try:
             reply = await self._claim(
                 keys=keys,
@@ -392,8 +451,9 @@ class SharedLeases:
                     _ms(waited),
                     "0" if queued else "1",
                     backend,
-                    self._affinity_ms,
+                    self._affinity_ms if session is not None else 0,
                     "1" if check_session else "0",
+                    (key_cap or 0) if capped else 0,
                 ],
             )
         except RedisError as exc:
@@ -403,7 +463,7 @@ class SharedLeases:
             self.held[lease_id].claimed = True
         else:
             del self.held[lease_id]
-        return outcome, _text(reply[1]) or None, FleetView.from_reply(reply[2:])
+        return outcome, _text(reply[1]) or None, int(reply[2]), FleetView.from_reply(reply[3:])
 
     def releasing(self, lease_id: str) -> str | None:
         """Mark a held lease as given back here (its release is on its way); its backend, or None."""
@@ -429,12 +489,13 @@ class SharedLeases:
                         [
                             *self._keys(held.backend, standings[held.backend]),
                             self._tombstone(held.backend, lease_id),
+                            *([self._key_leases(held.key)] if held.key is not None else []),
                         ],
                         [
                             *self._args(standings[held.backend]),
                             lease_id,
                             self.channel,
-                            f"{held.backend}\n{self.process}",
+                            f"{held.backend}\n{self.process}\n{held.key or ''}",
                             _ms(self.lease_ttl),
                         ],
                     )
@@ -519,12 +580,27 @@ class SharedLeases:
                     (
                         [
                             *self._keys(backend, standings[backend]),
-                            *(self._tombstone(backend, lease_id) for lease_id in ids),
+                            *(
+                                name
+                                for lease_id in ids
+                                for name in (
+                                    self._tombstone(backend, lease_id),
+                                    self._key_leases(self.held[lease_id].key),
+                                )
+                            ),
                         ],
                         [
                             *self._args(standings[backend]),
                             _ms(self.lease_ttl),
-                            *(item for lease_id in ids for item in (lease_id, self.held[lease_id].model)),
+                            *(
+                                item
+                                for lease_id in ids
+                                for item in (
+                                    lease_id,
+                                    self.held[lease_id].model,
+                                    "1" if self.held[lease_id].key is not None else "0",
+                                )
+                            ),
                         ],
                     )
                     for backend, ids in by_backend.items()
@@ -553,9 +629,19 @@ class SharedLeases:
             backend: FleetView.from_reply(reply) for backend, reply in zip(standings, replies, strict=True)
         }
 
-    async def notices(self) -> AsyncIterator[str | None]:
-        """As it happens in another process: the name of a backend where a lease was released, or
-        None when its queue changed (this process's own are known here already)."""
+    async def key_leases(self, keys: list[str]) -> dict[str, int]:
+        """How many leases the other processes hold for each client key (by name), in one round trip."""
+        if not keys:
+            return {}
+        try:
+            reply = await self._key_view(keys=[self._key_leases(key) for key in keys], args=[self._ours])
+        except RedisError as exc:
+            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+        return {key: int(count) for key, count in zip(keys, reply, strict=True)}
+
+    async def notices(self) -> AsyncIterator[tuple[str, str] | None]:
+        """As it happens in another process: (backend, client key or '') where a lease was
+        released, or None when its queue changed (this process's own are known here already)."""
         try:
             async with self._client.pubsub(ignore_subscribe_messages=True) as subscription:
                 await subscription.subscribe(self.channel, self.queue_channel)
@@ -564,9 +650,9 @@ class SharedLeases:
                         if _text(message["data"]) != self.process:
                             yield None
                         continue
-                    backend, _, process = _text(message["data"]).partition("\n")
+                    backend, process, key = [*_text(message["data"]).split("\n"), "", ""][:3]
                     if process != self.process:
-                        yield backend
+                        yield backend, key
         except RedisError as exc:
             raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
 

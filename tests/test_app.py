@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -454,3 +455,61 @@ async def test_without_the_shared_state_store_requests_get_503_state_unavailable
     assert "secret" not in str(status)
     assert status["active_leases"] == 0  # the slot taken for the claim was given back
     assert "lip_state_reachable 0.0" in metrics
+
+
+# --- named keys (tenants) -----------------------------------------------------------------------
+
+
+def team_keys(**team_a: Any) -> tuple[Any, ...]:
+    from local_inference_pool.config import KeyConfig
+
+    return (
+        KeyConfig(name="team-a", key="sk-team-a-secret", **team_a),
+        KeyConfig(name="team-b", key="sk-team-b-secret"),
+    )
+
+
+async def test_named_keys_are_counted_by_name_and_never_shown() -> None:
+    fleet = Fleet(a=FakeBackend())
+    async with client_for(fleet, keys=team_keys(weight=2.0), public_status=True) as client:
+        for key in ("sk-team-a-secret", "sk-team-a-secret", "sk-team-b-secret"):
+            answer = await client.post(
+                "/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"}
+            )
+            assert answer.status_code == 200
+        refused = await client.post(
+            "/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-other"}
+        )
+        status = (await client.get("/pool/status")).json()
+        metrics = (await client.get("/pool/metrics")).text
+    assert_openai_error(refused, 401, "invalid_api_key")
+    assert status["tenants"]["team-a"]["granted"] == 2
+    assert status["tenants"]["team-a"]["weight"] == 2.0
+    assert status["tenants"]["team-b"]["granted"] == 1
+    assert 'lip_key_requests_total{key="team-a",outcome="ok"} 2.0' in metrics
+    assert "secret" not in json.dumps(status)
+    assert "secret" not in metrics
+
+
+async def test_a_keys_own_queue_limit_is_429_in_the_routes_dialect() -> None:
+    fleet = Fleet(a=FakeBackend(mode="hang", slots=1))
+    headers = {"authorization": "Bearer sk-team-a-secret"}
+    async with (
+        client_for(fleet, keys=team_keys(max_queued=0), public_status=True) as client,
+        anyio.create_task_group() as group,
+    ):
+        group.start_soon(partial(client.post, "/chat/completions", json=CHAT, headers=headers))
+        with anyio.fail_after(5):
+            while (await client.get("/pool/status")).json()["active_leases"] < 1:
+                await anyio.sleep(0.01)
+        chat = await client.post("/chat/completions", json=CHAT, headers=headers)
+        messages = await client.post(
+            "/messages",
+            json={"model": "m", "max_tokens": 1, "messages": []},
+            headers={"x-api-key": "sk-team-a-secret"},
+        )
+        group.cancel_scope.cancel()
+    assert_openai_error(chat, 429, "key_queue_full")
+    assert chat.headers["retry-after"] == "1"
+    assert messages.status_code == 429
+    assert messages.json()["error"]["type"] == "rate_limit_error"

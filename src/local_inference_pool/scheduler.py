@@ -355,12 +355,8 @@ class Scheduler:
         now = self.clock()
         self.check_servable(model, pin)
         owner = self.tenants.get(tenant) or self.set_tenant(tenant)
-        if owner.max_queued is not None and owner.waiting >= owner.max_queued:
-            self.stats["rejected"] += 1
-            raise TenantQueueFullError(
-                f"the key {tenant!r} has {owner.waiting} requests waiting, its limit "
-                f"(max_queued {owner.max_queued}); retry later"
-            )
+        if owner.max_queued is not None and owner.waiting >= owner.max_queued and not self._free:
+            raise self._key_queue_full(owner)
         if self._waiting.get(model, 0) >= self.queue_limit and not self._free:
             raise self._queue_full(model)
         if tag is None:
@@ -388,7 +384,22 @@ class Scheduler:
             self._remove_waiting(ticket)
             ticket.state = TicketState.FAILED
             raise self._queue_full(model)
+        if (
+            ticket.state is TicketState.WAITING
+            and owner.max_queued is not None
+            and owner.waiting > owner.max_queued
+        ):
+            self._remove_waiting(ticket)
+            ticket.state = TicketState.FAILED
+            raise self._key_queue_full(owner)
         return ticket
+
+    def _key_queue_full(self, tenant: Tenant) -> TenantQueueFullError:
+        self.stats["rejected"] += 1
+        return TenantQueueFullError(
+            f"the key {tenant.name!r} has {tenant.waiting} requests waiting, its limit "
+            f"(max_queued {tenant.max_queued}); retry later"
+        )
 
     def _queue_full(self, model: str) -> QueueFullError:
         self.stats["rejected"] += 1
@@ -422,22 +433,17 @@ class Scheduler:
         self._unpark(tenant)
 
     def _unpark(self, tenant: Tenant) -> None:
-        """Put a tenant's parked tickets back in their queues, as many as its cap now allows."""
-        if not tenant.parked:
+        """Put a tenant's parked tickets back in their queues once it has room under its cap. All of
+        them: a ticket is parked only when it reaches the head of its queue, so few are, and those
+        that still cannot go are parked again when they next come up."""
+        if not tenant.parked or tenant.capped:
             return
-        room = (
-            len(tenant.parked)
-            if tenant.max_concurrent is None
-            else tenant.max_concurrent - tenant.active - tenant.external
-        )
+        parked, tenant.parked = tenant.parked, []
         models: set[str] = set()
-        while tenant.parked and room > 0:
-            order, ticket = heapq.heappop(tenant.parked)
-            if ticket.state is not TicketState.WAITING:
-                continue
-            heapq.heappush(self._queues.setdefault(ticket.model, []), (order, ticket))
-            models.add(ticket.model)
-            room -= 1
+        for order, ticket in parked:
+            if ticket.state is TicketState.WAITING:
+                heapq.heappush(self._queues.setdefault(ticket.model, []), (order, ticket))
+                models.add(ticket.model)
         for model in sorted(models):
             if self._free:
                 self._place(model)

@@ -18,8 +18,12 @@ def test_config_prints_the_effective_settings_with_secrets_redacted(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "pool.toml"
-    path.write_text('[pool]\napi_keys = ["sk-in"]\n[[backends]]\nurl = "http://h:1/v1"\napi_key = "sk-out"\n')
+    path.write_text(
+        '[pool]\napi_keys = ["sk-in"]\n[[backends]]\nurl = "http://h:1/v1"\napi_key = "sk-out"\n'
+        '[[keys]]\nname = "team"\nkey = "sk-team"\n[[keys]]\nname = "env"\nkey_env = "LIP_TEST_TEAM_KEY"\n'
+    )
     monkeypatch.setenv("LIP_QUEUE_LIMIT", "9")
+    monkeypatch.setenv("LIP_TEST_TEAM_KEY", "sk-from-env")
     assert main(["config", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     data = json.loads(out)
@@ -27,7 +31,10 @@ def test_config_prints_the_effective_settings_with_secrets_redacted(
     assert data["backends"][0]["url"] == "http://h:1"
     assert "sk-in" not in out
     assert "sk-out" not in out
+    assert "sk-team" not in out
+    assert "sk-from-env" not in out
     assert data["api_keys"] == ["***"]
+    assert [k["name"] for k in data["keys"]] == ["team", "env"]
 
 
 def test_invalid_config_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

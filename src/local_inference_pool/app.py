@@ -310,18 +310,7 @@ async def _read_request(
     method = scope["method"]
     if route.model is ModelFrom.RESPONSE:
         response_id = scope["path_params"]["response_id"]
-        if not RESPONSE_ID.fullmatch(response_id):
-            raise InvalidRequestError(
-                f"{response_id[:64]!r} is not a response id", code="invalid_response_id"
-            )
-        backend = await runtime.pool.response_backend(response_id)
-        if backend is None:
-            raise InvalidRequestError(
-                f"no response {response_id!r} was made through this pool (or it expired after "
-                f"{config.response_ttl:g}s)",
-                status=404,
-                code="response_not_found",
-            )
+        backend = await _stored_at(runtime, response_id)
         body = await read_body(receive, headers, config) if method == "POST" else b""
         path = route.upstream.replace("{response_id}", quote(response_id, safe=""))
         content_type = b"application/json" if body else None
@@ -342,19 +331,26 @@ async def _read_request(
     pin = None
     previous = inbound.payload.get("previous_response_id") if route.remembers_response else None
     if previous is not None:
-        if not isinstance(previous, str) or not RESPONSE_ID.fullmatch(previous):
-            raise InvalidRequestError(
-                "'previous_response_id' is not a response id", code="invalid_response_id"
-            )
-        pin = await runtime.pool.response_backend(previous)
-        if pin is None:
-            raise InvalidRequestError(
-                f"no response {previous!r} was made through this pool (or it expired after "
-                f"{config.response_ttl:g}s)",
-                status=404,
-                code="response_not_found",
-            )
+        pin = await _stored_at(runtime, previous)
     return inbound, Call(route, route.upstream, method, b"application/json", passed, pin=pin)
+
+
+async def _stored_at(runtime: Runtime, response_id: object) -> str:
+    """The backend that stores a response the pool relayed; 400 for what is not an id, 404 for one
+    the pool never saw (or forgot after ``response_ttl``)."""
+    if not isinstance(response_id, str) or not RESPONSE_ID.fullmatch(response_id):
+        raise InvalidRequestError(
+            f"{str(response_id)[:64]!r} is not a response id", code="invalid_response_id"
+        )
+    backend = await runtime.pool.response_backend(response_id)
+    if backend is None:
+        raise InvalidRequestError(
+            f"no response {response_id!r} was made through this pool (or it expired after "
+            f"{runtime.config.response_ttl:g}s)",
+            status=404,
+            code="response_not_found",
+        )
+    return backend
 
 
 def _only_model(runtime: Runtime) -> str:

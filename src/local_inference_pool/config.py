@@ -224,20 +224,8 @@ class PoolConfig:
         backends = tuple(
             _backend_from_dict(entry, f"backends[{index}]") for index, entry in enumerate(backends_section)
         )
-        routes_section = data.get("routes", [])
-        if not isinstance(routes_section, list) or not all(isinstance(r, Mapping) for r in routes_section):
-            raise ConfigError(f"routes: {routes_section!r} is not allowed; expected an array of tables")
-        routes = tuple(
-            RouteConfig(**_parse_section(entry, ROUTE_KEYS, f"routes[{index}]"))
-            for index, entry in enumerate(routes_section)
-        )
-        keys_section = data.get("keys", [])
-        if not isinstance(keys_section, list) or not all(isinstance(k, Mapping) for k in keys_section):
-            raise ConfigError(f"keys: {keys_section!r} is not allowed; expected an array of tables")
-        keys = tuple(
-            KeyConfig(**_parse_section(entry, KEY_KEYS, f"keys[{index}]"))
-            for index, entry in enumerate(keys_section)
-        )
+        routes = tuple(RouteConfig(**entry) for entry in _tables(data, "routes", ROUTE_KEYS))
+        keys = tuple(KeyConfig(**entry) for entry in _tables(data, "keys", KEY_KEYS))
         return cls(
             backends=backends, routes=routes, keys=keys, **_parse_section(pool_section, POOL_KEYS, "pool")
         )
@@ -492,6 +480,14 @@ def _reject_unknown(data: Mapping[str, Any], known: set[str] | Mapping[str, Any]
 def _parse_section(data: Mapping[str, Any], spec: Mapping[str, Parser], where: str) -> dict[str, Any]:
     _reject_unknown(data, spec, where)
     return {key: spec[key](f"{where}.{key}", value) for key, value in data.items()}
+
+
+def _tables(data: Mapping[str, Any], name: str, spec: Mapping[str, Parser]) -> list[dict[str, Any]]:
+    """An array of tables (``[[name]]``), each checked against ``spec``."""
+    section = data.get(name, [])
+    if not isinstance(section, list) or not all(isinstance(entry, Mapping) for entry in section):
+        raise ConfigError(f"{name}: {section!r} is not allowed; expected an array of tables")
+    return [_parse_section(entry, spec, f"{name}[{index}]") for index, entry in enumerate(section)]
 
 
 def _backend_from_dict(entry: Any, where: str) -> BackendConfig:

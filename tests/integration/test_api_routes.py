@@ -94,21 +94,29 @@ async def test_anthropic_messages_plain_and_streamed_with_usage_counted() -> Non
     assert status["active_leases"] == 0
 
 
-async def test_count_tokens_takes_no_slot() -> None:
-    async with (
-        stack(sim(slots=1, tokens_per_second=20)) as s,
-        s.anthropic() as client,
-        anyio.create_task_group() as group,
-    ):
+@asynccontextmanager
+async def holding_the_only_slot(client: anthropic.AsyncAnthropic) -> AsyncIterator[None]:
+    """A long stream on the backend's one slot, for as long as the block runs."""
+    async with anyio.create_task_group() as group:
         streaming = anyio.Event()
 
-        async def hold_the_only_slot() -> None:
+        async def hold() -> None:
             async with client.messages.stream(model="sim", max_tokens=40, messages=MESSAGES) as stream:
                 async for _ in stream.text_stream:
                     streaming.set()
 
-        group.start_soon(hold_the_only_slot)
+        group.start_soon(hold)
         await streaming.wait()
+        yield
+        group.cancel_scope.cancel()
+
+
+async def test_count_tokens_takes_no_slot() -> None:
+    async with (
+        stack(sim(slots=1, tokens_per_second=20)) as s,
+        s.anthropic() as client,
+        holding_the_only_slot(client),
+    ):
         with anyio.fail_after(2):  # not queued behind the stream
             counted = await client.messages.count_tokens(model="sim", messages=MESSAGES)
         assert (await s.status())["active_leases"] == 1
@@ -143,17 +151,8 @@ async def test_the_pool_overloaded_is_a_529_anthropic_clients_retry() -> None:
     async with (
         stack(sim(slots=1, tokens_per_second=20), queue_timeout=0.2) as s,
         s.anthropic() as client,
-        anyio.create_task_group() as group,
+        holding_the_only_slot(client),
     ):
-        streaming = anyio.Event()
-
-        async def hold_the_only_slot() -> None:
-            async with client.messages.stream(model="sim", max_tokens=40, messages=MESSAGES) as stream:
-                async for _ in stream.text_stream:
-                    streaming.set()
-
-        group.start_soon(hold_the_only_slot)
-        await streaming.wait()
         with pytest.raises(anthropic.APIStatusError) as waited:
             await client.messages.create(model="sim", max_tokens=4, messages=MESSAGES)
     assert waited.value.status_code == 529

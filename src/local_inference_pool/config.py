@@ -181,6 +181,7 @@ class PoolConfig:
     max_headers: int = 100
     state: str | None = field(default=None, repr=False)  # redis:// URL: leases shared by processes
     lease_ttl: float = 30.0
+    midstream_failovers: int = 1
     response_ttl: float = 3600.0
     response_max_ids: int = 10_000
 
@@ -385,6 +386,7 @@ POOL_KEYS: dict[str, Parser] = {
     "max_headers": _int_at_least(8),
     "state": lambda where, value: None if value is None else _state_url(where, value),
     "lease_ttl": _number(positive=True),
+    "midstream_failovers": _int_at_least(0),
     "response_ttl": _number(positive=True),
     "response_max_ids": _int_at_least(1),
 }

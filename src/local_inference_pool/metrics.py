@@ -51,6 +51,7 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     retries: int = 0
+    failed_over_from: list[str] = field(default_factory=list)  # backends that died mid-stream
     reported: bool = False
 
     def take_usage(self, usage: dict[str, Any] | None) -> None:
@@ -204,6 +205,19 @@ class PoolMetrics:
             buckets=WAIT_BUCKETS,
             registry=self.registry,
         )
+        self.failovers = Counter(
+            "lip_midstream_failovers",
+            "Streams whose backend failed midway, by what happened: continued on another backend, or "
+            "why not (not_faithful, no_backend, budget_spent, failed).",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.seam = Histogram(
+            "lip_midstream_seam_seconds",
+            "From a backend failing mid-stream to the next piece the client got from another.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.retries = Counter(
             "lip_upstream_retries",
             "Requests sent to another backend after one could not be reached.",
@@ -251,7 +265,7 @@ class PoolMetrics:
             return
         access_log.info(
             "request_id=%s route=%s key=%s model=%s backend=%s status=%d outcome=%s queue_wait_ms=%s "
-            "ttfb_ms=%s duration_ms=%.1f prompt_tokens=%s completion_tokens=%s",
+            "ttfb_ms=%s duration_ms=%.1f prompt_tokens=%s completion_tokens=%s%s",
             record.request_id,
             record.route,
             record.key,
@@ -264,7 +278,14 @@ class PoolMetrics:
             duration * 1000,
             record.prompt_tokens if record.prompt_tokens is not None else "-",
             record.completion_tokens if record.completion_tokens is not None else "-",
+            f" failed_over_from={','.join(record.failed_over_from)}" if record.failed_over_from else "",
         )
+
+    def failover(self, model: str, outcome: str, seam: float | None = None) -> None:
+        """One stream whose backend failed midway: continued (with its seam's gap), or why not."""
+        self._child(self.failovers, model, outcome).inc()
+        if seam is not None:
+            self.seam.observe(seam)
 
     def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once per label set (prometheus_client locks each time)."""

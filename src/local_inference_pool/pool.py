@@ -268,6 +268,13 @@ class Pool:
             changes["trial"] = trial
         self._scheduler.update_backend(name, **changes)
 
+    def backend_kind(self, name: str) -> str:
+        """The backend's kind: configured, else as detected (``auto`` until a probe says)."""
+        configured = self._backend_configs.get(name)
+        if configured is not None and configured.kind != "auto":
+            return configured.kind
+        return str(self._info.get(name, {}).get("detected_kind", "auto"))
+
     def annotate(self, name: str, **info: Any) -> None:
         """Facts for the snapshot that the scheduler does not use (detected kind, circuit, errors)."""
         self._info.setdefault(name, {}).update(info)

@@ -17,6 +17,7 @@ at a measured 170 µs per request.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import httpx
 from starlette.types import Receive, Send
@@ -24,10 +25,21 @@ from starlette.types import Receive, Send
 from local_inference_pool.backends.openai import describe_http_error
 from local_inference_pool.client_watch import ClientWatch
 from local_inference_pool.errors import NoCapacityError, PoolError
+from local_inference_pool.failover import Partial, Recorder, Seam, continuation, read_partial, refusal
 from local_inference_pool.inbound import Inbound
 from local_inference_pool.metrics import RequestRecord
 from local_inference_pool.pool import Lease, Pool
-from local_inference_pool.relay import answer, client_gone, give_up, raw_chunks, refuse, refuse_upstream
+from local_inference_pool.relay import (
+    UpstreamRelay,
+    answer,
+    client_gone,
+    continue_stream,
+    end_stream,
+    give_up,
+    raw_chunks,
+    refuse,
+    refuse_upstream,
+)
 from local_inference_pool.runtime import Call, Runtime, Target
 
 __all__ = ["MAX_ATTEMPTS", "forward", "upstream_headers"]
@@ -94,6 +106,8 @@ async def _forward(
     """
     dialect = call.dialect
     route = call.route
+    why_not = refusal(dict(inbound.payload), route.path)
+    continuable = runtime.config.midstream_failovers > 0 and why_not is None
     failures: list[str] = []
     no_answer: list[str] = []  # backends that took the request and gave no answer
     lacking = runtime.routes.lacking(call.path) if route.learns else set()
@@ -191,7 +205,19 @@ async def _forward(
                     await _refuse_lacking(send, call, inbound, sorted(lacking), record, runtime)
                     return
                 continue
-        await answer(watch, send, runtime, response, target, record, call, prefetched)
+        recorder = Recorder() if continuable else None
+        relay = await answer(
+            watch, send, runtime, response, target, record, call, prefetched, recorder=recorder
+        )
+        if relay is not None and relay.interrupted is not None and recorder is not None:
+            await _fail_over(watch, send, runtime, call, inbound, record, relay, recorder)
+        elif record.outcome == "failed_midway" and why_not not in ("route", "not streamed"):
+            # A stream that could have been continued but may not be: say why, in the metrics too.
+            outcome = "off" if why_not is None else "not_faithful"
+            logger.info(
+                "not continuing a stream of %r: %s", inbound.model, why_not or "midstream_failovers is 0"
+            )
+            runtime.metrics.failover(inbound.model, outcome)
         return
     if no_answer:
         message = f"no backend answered the request for model {inbound.model!r}: {'; '.join(failures)}"
@@ -199,6 +225,117 @@ async def _forward(
         return
     message = f"no backend for model {inbound.model!r} could be reached: {'; '.join(failures)}"
     await refuse_upstream(send, dialect, 502, message, "upstream_unreachable", record, runtime)
+
+
+async def _fail_over(
+    watch: ClientWatch,
+    send: Send,
+    runtime: Runtime,
+    call: Call,
+    inbound: Inbound,
+    record: RequestRecord,
+    relay: UpstreamRelay,
+    recorder: Recorder,
+) -> None:
+    """A stream whose backend failed midway, the client still there: continue it on another backend
+    of the model (pinned there, ahead of its queue: this request already waited), at most
+    ``midstream_failovers`` times, or end it with the route's error event saying why not."""
+    pool, route, model = runtime.pool, call.route.path, inbound.model
+    failed = [relay.lease.backend]
+    message = f"the backend {relay.lease.backend} failed during the response: {relay.interrupted}"
+    outcome = "budget_spent"
+    for _attempt in range(runtime.config.midstream_failovers):
+        partial = read_partial(bytes(recorder.buffer), route)
+        if partial.finished:  # it failed after its end marker: nothing is missing
+            await end_stream(send, None, record, runtime, "ok")
+            return
+        if partial.refusal is not None:
+            outcome = "not_faithful"
+            logger.info("not continuing a stream of %r: %s", model, partial.refusal)
+            break
+        target_name, body = _continuable_backend(pool, model, failed, dict(inbound.payload), partial, route)
+        if target_name is None or body is None:
+            outcome = "no_backend"
+            break
+        again = Inbound(body, model, inbound.priority, inbound.session, inbound.payload, inbound.tenant)
+        try:
+            target = await _acquire_unless_gone(watch, pool, again, target_name)
+        except PoolError:
+            outcome = "no_backend"
+            break
+        if target is None:
+            client_gone(record, runtime)
+            return
+        response = await _send_continuation(watch, runtime, call, target, record, body)
+        if response is None:
+            if watch.gone:
+                client_gone(record, runtime)
+                return
+            failed.append(target.backend)
+            outcome = "failed"
+            continue
+        record.failed_over_from.append(relay.lease.backend)
+        record.backend = target.backend
+        seam = Seam(partial, route)
+        failed_at = relay.failed_at
+        relay = await continue_stream(watch, send, runtime, response, target, record, call, recorder, seam)
+        gap = None if relay.first_sent_at is None or failed_at is None else relay.first_sent_at - failed_at
+        runtime.metrics.failover(model, "continued", gap)
+        if relay.interrupted is None:
+            return  # the continuation ran to its end (and reported the request)
+        failed.append(relay.lease.backend)
+        message = f"the backend {relay.lease.backend} failed during the response: {relay.interrupted}"
+        outcome = "budget_spent"
+    runtime.metrics.failover(model, outcome)
+    await end_stream(
+        send, call.dialect.stream_error(message, "upstream_failed"), record, runtime, "failed_midway"
+    )
+
+
+def _continuable_backend(
+    pool: Pool, model: str, failed: list[str], payload: dict[str, Any], partial: Partial, route: str
+) -> tuple[str | None, bytes | None]:
+    """Another healthy backend of the model whose kind can continue the answer, and the body."""
+    avoid = list(failed)
+    while (name := pool.another_backend(model, avoid)) is not None:
+        body = continuation(payload, partial, route, pool.backend_kind(name))
+        if body is not None:
+            return name, body
+        avoid.append(name)
+    return None, None
+
+
+async def _send_continuation(
+    watch: ClientWatch, runtime: Runtime, call: Call, target: Target, record: RequestRecord, body: bytes
+) -> httpx.Response | None:
+    """The continuation's streamed answer, or None (the slot given back) if it gave none."""
+    request = httpx.Request(
+        call.method,
+        runtime.upstream_url(target.url, call.path),
+        headers=upstream_headers(target, record.request_id, call),
+        content=body,
+        extensions={"timeout": runtime.timeouts},
+    )
+    response: httpx.Response | None = None
+    try:
+        async with watch.until_gone():
+            response = await runtime.transport.handle_async_request(request)
+    except httpx.HTTPError as exc:
+        target.release()
+        runtime.monitor.failed(target.backend, f"continuation: {describe_http_error(exc)}")
+        return None
+    except BaseException:
+        target.release()
+        raise
+    if response is None:
+        target.release()
+        return None
+    if response.status_code != 200 or not response.headers.get("content-type", "").startswith(
+        "text/event-stream"
+    ):
+        await give_up(response, target)
+        return None
+    return response
 
 
 async def _target(

@@ -32,6 +32,7 @@ from starlette.types import Message, Send
 from local_inference_pool.backends.openai import describe_http_error
 from local_inference_pool.client_watch import ClientWatch
 from local_inference_pool.dialects import Dialect
+from local_inference_pool.failover import Recorder, Seam
 from local_inference_pool.metrics import RequestRecord, UsageSniffer
 from local_inference_pool.runtime import RESPONSE_ID, Call, Runtime, Target
 
@@ -43,6 +44,8 @@ __all__ = [
     "answer",
     "client_gone",
     "client_headers",
+    "continue_stream",
+    "end_stream",
     "give_up",
     "raw_chunks",
     "refuse",
@@ -135,9 +138,13 @@ async def answer(
     record: RequestRecord,
     call: Call,
     prefetched: list[bytes],
-) -> None:
+    *,
+    recorder: Recorder | None = None,
+) -> UpstreamRelay | None:
     """Hand the upstream answer to the client; from here on it owns the lease. ``prefetched``: the
-    answer's first chunks, already read."""
+    answer's first chunks, already read. With a ``recorder``, a stream keeps what it relayed, and a
+    backend that fails midway leaves the stream open (``interrupted``) for the proxy to continue
+    elsewhere; the relay that ran is returned."""
     try:  # until the answer owns the lease, a failure here must still give it back
         backend = lease.backend
         record.queue_wait = lease.queue_wait
@@ -161,7 +168,16 @@ async def answer(
         streamed = response.headers.get("content-type", "").startswith("text/event-stream")
         length = response.headers.get("content-length", "")
         if streamed or (length.isdigit() and int(length) > SMALL_ANSWER):
-            relay = UpstreamRelay(response, lease, headers, chunks, runtime=runtime, record=record, call=call)
+            relay = UpstreamRelay(
+                response,
+                lease,
+                headers,
+                chunks,
+                runtime=runtime,
+                record=record,
+                call=call,
+                recorder=recorder if streamed and response.status_code == 200 else None,
+            )
     except BaseException:
         await give_up(response, lease)
         raise
@@ -169,6 +185,53 @@ async def answer(
         relay = await _answer_whole(watch, send, response, lease, headers, chunks, record, runtime, call)
     if relay is not None:
         await relay(watch, send)
+    return relay
+
+
+async def continue_stream(
+    watch: ClientWatch,
+    send: Send,
+    runtime: Runtime,
+    response: httpx.Response,
+    lease: Target,
+    record: RequestRecord,
+    call: Call,
+    recorder: Recorder,
+    seam: Seam,
+) -> UpstreamRelay:
+    """Relay a continuation into the client's stream, which is already open: through the ``seam``,
+    and recorded with what the client got before (for another continuation if this one fails too)."""
+    try:
+        runtime.monitor.succeeded(lease.backend)
+        relay = UpstreamRelay(
+            response,
+            lease,
+            [],
+            raw_chunks(response),
+            runtime=runtime,
+            record=record,
+            call=call,
+            recorder=recorder,
+            seam=seam,
+        )
+    except BaseException:
+        await give_up(response, lease)
+        raise
+    await relay(watch, send)
+    return relay
+
+
+async def end_stream(
+    send: Send, event: bytes | None, record: RequestRecord, runtime: Runtime, outcome: str
+) -> None:
+    """End a stream the proxy held open after its backend failed: with ``event`` (an error event)
+    or cleanly, and report the request once."""
+    record.outcome = outcome
+    try:
+        await send({"type": "http.response.body", "body": event or b"", "more_body": False})
+    except OSError:
+        logger.debug("client left before its stream's end")
+    runtime.metrics.observe(record)
 
 
 async def give_up(response: httpx.Response, lease: Target) -> None:
@@ -285,12 +348,19 @@ class UpstreamRelay:
         runtime: Runtime,
         record: RequestRecord,
         call: Call,
+        recorder: Recorder | None = None,
+        seam: Seam | None = None,
     ) -> None:
         self.upstream = upstream
         self.lease = lease
         self.runtime = runtime
         self.record = record
         self.dialect = call.dialect
+        self.recorder = recorder  # what the client got, kept to continue the stream elsewhere
+        self.seam = seam  # set on a continuation: its chunks are rewritten into the client's stream
+        self.interrupted: str | None = None  # why the backend failed midway, when left to the proxy
+        self.failed_at: float | None = None
+        self.first_sent_at: float | None = None
         self._remembers = call.route.remembers_response and upstream.status_code < 300
         self.is_event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
         if self.is_event_stream:
@@ -325,15 +395,22 @@ class UpstreamRelay:
                     await aclose()
                 await self.upstream.aclose()  # the backend sees the connection close and stops
             self.lease.release()
-            self._report()
+            if self.interrupted is None:
+                self._report()  # else the proxy reports, once the stream ends somewhere
 
     async def _relay(self, send: Send) -> None:
         record = self.record
         chunks = self._chunks
+        recorder, seam = self.recorder, self.seam
         try:
-            await send(
-                {"type": "http.response.start", "status": self.upstream.status_code, "headers": self.headers}
-            )
+            if seam is None:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": self.upstream.status_code,
+                        "headers": self.headers,
+                    }
+                )
             while True:
                 try:
                     chunk = await anext(chunks)
@@ -342,6 +419,14 @@ class UpstreamRelay:
                 except Exception as exc:  # any transport's read error: the status is already sent
                     await self._upstream_failed(send, exc)
                     return
+                if seam is not None:
+                    chunk = seam.feed(chunk)
+                    if not chunk:
+                        continue
+                    if self.first_sent_at is None:
+                        self.first_sent_at = time.monotonic()
+                if recorder is not None:
+                    recorder.feed(chunk)
                 if record.first_byte is None:
                     record.first_byte = time.monotonic() - record.started
                 self._usage.feed(chunk)
@@ -360,6 +445,9 @@ class UpstreamRelay:
         reason = f"{exc or type(exc).__name__}"
         logger.warning("backend %s failed mid-response: %s", self.lease.backend, reason)
         self.runtime.monitor.failed(self.lease.backend, f"died mid-response: {reason}")
+        if self.recorder is not None and not self.recorder.overflow:
+            self.interrupted, self.failed_at = reason, time.monotonic()
+            return  # the stream stays open: the proxy may continue it on another backend
         self.record.outcome = "failed_midway"
         if not self.is_event_stream:
             return  # ending without the final message: the client's connection is cut, not completed

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -305,7 +306,16 @@ class SimulatedBackend:
             or self.config.completion_tokens
         )
         prompt_tokens, cached = self._prompt_cache(body)
-        reply = _Reply(kind=kind, model=model, tokens=tokens, prompt_tokens=prompt_tokens, cached=cached)
+        start, prefill = _continues(kind, body)
+        reply = _Reply(
+            kind=kind,
+            model=model,
+            tokens=tokens,
+            prompt_tokens=prompt_tokens,
+            cached=cached,
+            start=start,
+            prefill=prefill,
+        )
         if kind == "response" and self.config.stateful_responses:
             self.responses[f"resp_{reply.id}"] = reply.whole()
         if body.get("stream"):
@@ -342,11 +352,13 @@ class SimulatedBackend:
     ) -> AsyncIterator[bytes]:
         async with self._slot(reply.model):
             yield _sse(reply.chunk(role=True))
+            if reply.prefill:  # as llama-server: a continued answer echoes the prefill first
+                yield _sse(reply.chunk(text=reply.prefill))
             for index in range(reply.tokens):
                 if die_after is not None and index >= die_after:
                     raise ConnectionAbortedError("simulated backend died mid-stream")
                 await anyio.sleep(1 / self.config.tokens_per_second)
-                chunk = reply.chunk(text=f"tok{index} ")
+                chunk = reply.chunk(text=f"tok{reply.start + index} ")
                 if self.config.chunk_padding:
                     chunk["padding"] = "." * self.config.chunk_padding
                 yield _sse(chunk)
@@ -442,6 +454,8 @@ class _Reply:
     tokens: int
     prompt_tokens: int
     cached: int
+    start: int = 0  # the first token's number: a continued answer goes on from the prefill's
+    prefill: str = ""  # echoed first, as llama-server does (whitespace normalised)
     id: str = field(default_factory=lambda: f"sim{time.monotonic_ns()}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -465,7 +479,7 @@ class _Reply:
 
     @property
     def text(self) -> str:
-        return "".join(f"tok{i} " for i in range(self.tokens))
+        return self.prefill + "".join(f"tok{i} " for i in range(self.start, self.start + self.tokens))
 
     def anthropic_usage(self) -> dict[str, Any]:
         return {
@@ -607,6 +621,24 @@ class _Reply:
     def usage_chunk(self) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
         return {**self._base(obj), "choices": [], "usage": self.usage(), "timings": self.timings()}
+
+
+_TOKEN = re.compile(r"tok\d+")
+
+
+def _continues(kind: str, body: dict[str, Any]) -> tuple[int, str]:
+    """Where a continued answer starts: every prompt yields tok0, tok1, ... (deterministic), and a
+    prefill (a trailing assistant message, or a prompt ending in generated text) that holds N of
+    them goes on from tokN. A chat answer echoes the prefill, whitespace normalised."""
+    if kind == "text_completion":
+        return len(_TOKEN.findall(str(body.get("prompt", "")))), ""
+    messages = body.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if kind == "chat.completion" and isinstance(last, dict) and last.get("role") == "assistant":
+        content = str(last.get("content") or "")
+        if content.strip():
+            return len(_TOKEN.findall(content)), content.strip() + " "
+    return 0, ""
 
 
 def _event(name: str, data: dict[str, Any]) -> bytes:

@@ -1,0 +1,263 @@
+"""Continuing a stream whose backend died: what the client got so far, whether another backend can
+continue it faithfully, the request that makes it continue, and the seam between the two streams.
+
+Pure functions over bytes and JSON, no I/O: the proxy decides when, the relay records and rewrites.
+For now: OpenAI's streamed ``/chat/completions`` and ``/completions``.
+
+- Chat: the original messages plus a trailing assistant message with the text so far. llama-server
+  and Ollama continue a trailing assistant message (Ollama's maintainers, ollama#6778); vLLM needs
+  ``continue_final_message: true, add_generation_prompt: false``. LM Studio documents nothing of the
+  kind, and a plain OpenAI-compatible server may start a new answer instead: neither is continued.
+- Completions: the prompt plus the text so far (no echo).
+- The token budget left: ``max_tokens`` less the content pieces already sent (a piece is a token in
+  llama.cpp's streams; elsewhere near enough).
+- Not continued, because it could not be faithful: a tool call under way, a reasoning block open,
+  constrained output (``response_format``, ``grammar``, ``json_schema``, guided decoding), ``n > 1``,
+  ``logprobs``, completions' ``echo``/``suffix``, or more relayed than ``MAX_RECORDED``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+__all__ = [
+    "CONTINUES",
+    "MAX_RECORDED",
+    "Partial",
+    "Recorder",
+    "Seam",
+    "continuation",
+    "read_partial",
+    "refusal",
+]
+
+MAX_RECORDED: Final = 4 << 20  # bytes of a stream kept to continue it; longer ones are not
+# What each backend kind needs in the body to continue a trailing assistant message (None: it cannot).
+CONTINUES: Final[dict[str, dict[str, Any] | None]] = {
+    "llamacpp": {},
+    "ollama": {},
+    "vllm": {"continue_final_message": True, "add_generation_prompt": False},
+    "lmstudio": None,
+    "openai": None,
+}
+_CONSTRAINED: Final = (
+    "response_format",
+    "grammar",
+    "json_schema",
+    "guided_json",
+    "guided_regex",
+    "guided_grammar",
+    "guided_choice",
+)
+
+
+class Recorder:
+    """The bytes of a stream relayed so far, up to ``MAX_RECORDED`` (then nothing: too long)."""
+
+    __slots__ = ("buffer", "overflow")
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.overflow = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.overflow:
+            return
+        if len(self.buffer) + len(chunk) > MAX_RECORDED:
+            self.overflow = True
+            self.buffer = bytearray()
+            return
+        self.buffer += chunk
+
+
+@dataclass
+class Partial:
+    """What the client got of a stream before it broke."""
+
+    text: str = ""
+    pieces: int = 0  # content pieces sent: the tokens emitted, near enough
+    first: dict[str, Any] = field(default_factory=dict)  # id, created, model, system_fingerprint, object
+    finished: bool = False  # its finish_reason or [DONE] went out: nothing to continue
+    refusal: str | None = None  # why it cannot be continued faithfully
+
+
+def refusal(payload: dict[str, Any], route: str) -> str | None:
+    """Why a request's stream could not be continued faithfully on another backend, or None."""
+    if not payload.get("stream"):
+        return "not streamed"
+    if route not in ("/chat/completions", "/completions"):
+        return "route"
+    if any(payload.get(key) for key in _CONSTRAINED):
+        return "constrained output"
+    n = payload.get("n")
+    if n is not None and n != 1:
+        return "n > 1"
+    if payload.get("logprobs") or payload.get("top_logprobs"):
+        return "logprobs"
+    if route == "/completions" and (
+        payload.get("echo") or payload.get("suffix") or not isinstance(payload.get("prompt"), str)
+    ):
+        return "prompt shape"
+    if route == "/chat/completions" and not isinstance(payload.get("messages"), list):
+        return "messages shape"
+    return None
+
+
+def _events(data: bytes) -> list[bytes]:
+    """The ``data:`` payloads of the complete events in ``data`` (any of SSE's line endings)."""
+    text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    payloads = []
+    for event in text.split(b"\n\n")[:-1]:  # the last part is unfinished (or empty)
+        lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+        if lines:
+            payloads.append(b"\n".join(lines))
+    return payloads
+
+
+def read_partial(data: bytes, route: str) -> Partial:
+    """The text, pieces and identity of a broken stream, and whether it may be continued."""
+    partial = Partial()
+    texts: list[str] = []
+    for payload in _events(data):
+        if payload.strip() == b"[DONE]":
+            partial.finished = True
+            continue
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            continue
+        if not isinstance(chunk, dict):
+            continue
+        if not partial.first:
+            partial.first = {
+                k: chunk[k] for k in ("id", "created", "model", "system_fingerprint", "object") if k in chunk
+            }
+        choices = chunk.get("choices") or []
+        choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+        if choice.get("finish_reason"):
+            partial.finished = True
+        if route == "/completions":
+            piece = choice.get("text")
+        else:
+            delta = choice.get("delta") or {}
+            if not isinstance(delta, dict):
+                continue
+            if delta.get("tool_calls") or delta.get("function_call"):
+                partial.refusal = "tool call in progress"
+            if delta.get("reasoning_content") or delta.get("reasoning"):
+                partial.refusal = "reasoning open"  # until content starts, the answer is all reasoning
+            piece = delta.get("content")
+            if piece and partial.refusal == "reasoning open":
+                partial.refusal = None  # the reasoning block closed: content follows it
+        if isinstance(piece, str) and piece:
+            texts.append(piece)
+            partial.pieces += 1
+    partial.text = "".join(texts)
+    return partial
+
+
+def continuation(payload: dict[str, Any], partial: Partial, route: str, backend_kind: str) -> bytes | None:
+    """The body that makes a backend of ``backend_kind`` continue ``partial`` (None: it cannot)."""
+    extra = CONTINUES.get(backend_kind)
+    if extra is None:
+        return None
+    body = dict(payload)
+    for budget in ("max_tokens", "max_completion_tokens", "n_predict"):
+        given = body.get(budget)
+        if isinstance(given, int) and not isinstance(given, bool) and given > 0:
+            body[budget] = max(1, given - partial.pieces)
+    if route == "/completions":
+        body["prompt"] = str(payload["prompt"]) + partial.text
+    else:
+        body["messages"] = [*payload["messages"], {"role": "assistant", "content": partial.text}]
+        body.update(extra)
+    return json.dumps(body).encode()
+
+
+class Seam:
+    """Rewrites a continuation stream so that the client's stream reads as one: the first stream's
+    identity on every chunk, no second role chunk, the echoed prefill removed (llama-server sends the
+    prefill back, whitespace normalised, as its first content), the usage of both parts added."""
+
+    def __init__(self, partial: Partial, route: str) -> None:
+        self.partial = partial
+        self.route = route
+        self._buffer = bytearray()
+        self._echo = partial.text.strip() if route == "/chat/completions" else ""
+        self._held = ""  # content held while it may still be the echo
+        self._held_chunk: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to send the client for what the continuation sent (complete events only)."""
+        self._buffer += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        out: list[bytes] = []
+        while (end := self._buffer.find(b"\n\n")) >= 0:
+            event = bytes(self._buffer[: end + 2])
+            del self._buffer[: end + 2]
+            out.extend(self._rewrite(event))
+        return b"".join(out)
+
+    def _rewrite(self, event: bytes) -> list[bytes]:
+        payloads = _events(event)
+        if not payloads:
+            return [event]  # a comment or a named event without data: as it came
+        payload = payloads[0]
+        if payload.strip() == b"[DONE]":
+            return [*self._release_held(), b"data: [DONE]\n\n"]
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            return [event]
+        if not isinstance(chunk, dict):
+            return [event]
+        chunk.update(self.partial.first)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            usage["completion_tokens"] += self.partial.pieces
+            if isinstance(usage.get("total_tokens"), int):
+                usage["total_tokens"] += self.partial.pieces
+        choices = chunk.get("choices") or []
+        choice = choices[0] if choices and isinstance(choices[0], dict) else None
+        if choice is not None and self.route == "/chat/completions":
+            delta = choice.get("delta") or {}
+            content = delta.get("content") if isinstance(delta, dict) else None
+            if (
+                isinstance(delta, dict)
+                and "role" in delta
+                and not content
+                and not choice.get("finish_reason")
+            ):
+                return []  # the client had its role chunk from the first stream
+            if self._echo and isinstance(content, str):
+                self._held += content
+                self._held_chunk = chunk
+                if len(self._held.strip()) < len(self._echo) and self._echo.startswith(self._held.strip()):
+                    return []  # may still be the echo: wait for more
+                return self._release_held()
+            if self._echo and self._held_chunk is None and choice.get("finish_reason"):
+                self._echo = ""
+        return [_sse(chunk)]
+
+    def _release_held(self) -> list[bytes]:
+        """Send what was held, less the echoed prefill if that is what it was."""
+        chunk, held = self._held_chunk, self._held
+        self._held, self._held_chunk = "", None
+        echo, self._echo = self._echo, ""
+        if chunk is None:
+            return []
+        stripped = held.lstrip()
+        if stripped.startswith(echo):
+            held = stripped[len(echo) :]
+            if self.partial.text[-1:].isspace():
+                held = held.lstrip()  # the client's text already ends with the seam's space
+        choice = chunk["choices"][0]
+        choice["delta"] = {**choice["delta"], "content": held}
+        if not held and not choice.get("finish_reason"):
+            return []
+        return [_sse(chunk)]
+
+
+def _sse(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"

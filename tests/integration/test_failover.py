@@ -1,0 +1,186 @@
+"""Mid-stream failover: a stream whose backend dies continues on another, and the client's stream
+reads as one. Two simulated llama.cpp servers under real uvicorn on 127.0.0.1, the pool in front."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from local_inference_pool import BackendConfig, PoolConfig
+from local_inference_pool.app import create_standalone_app
+from local_inference_pool.serving import running
+from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+
+pytestmark = pytest.mark.anyio
+
+TOKENS = 20
+UNINTERRUPTED = "".join(f"tok{i} " for i in range(TOKENS))
+
+
+@dataclass
+class Stack:
+    url: str
+    backends: list[SimulatedBackend]
+
+    def http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=f"{self.url}/v1", trust_env=False, timeout=20)
+
+    async def status(self) -> dict[str, Any]:
+        async with self.http() as http:
+            return dict((await http.get("/pool/status")).json())
+
+
+@asynccontextmanager
+async def stack(**pool: Any) -> AsyncIterator[Stack]:
+    backends = [
+        SimulatedBackend(SimulatorConfig(models=("sim",), slots=2, tokens_per_second=2000)) for _ in range(2)
+    ]
+    async with AsyncExitStack() as stack_:
+        urls = [await stack_.enter_async_context(running(b)) for b in backends]
+        config = PoolConfig(
+            backends=tuple(BackendConfig(url=u, name=f"b{i}", kind="llamacpp") for i, u in enumerate(urls)),
+            health_interval=0.5,
+            public_status=True,
+            **pool,
+        )
+        url = await stack_.enter_async_context(running(create_standalone_app(config)))
+        result = Stack(url, backends)
+        with anyio.fail_after(5):
+            while any(b["health"] != "healthy" for b in (await result.status())["backends"]):
+                await anyio.sleep(0.02)
+        yield result
+
+
+def body(route: str, **extra: Any) -> dict[str, Any]:
+    common = {"model": "sim", "max_tokens": TOKENS, "stream": True, "stream_options": {"include_usage": True}}
+    if route == "/chat/completions":
+        return {**common, "messages": [{"role": "user", "content": "count"}], **extra}
+    return {**common, "prompt": "Counting:", **extra}
+
+
+async def stream(http: httpx.AsyncClient, route: str, payload: dict[str, Any]) -> list[Any]:
+    """The stream's data payloads, parsed (``[DONE]`` as the string)."""
+    async with http.stream("POST", route, json=payload) as response:
+        assert response.status_code == 200
+        raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    events = []
+    for event in raw.decode().split("\n\n"):
+        for line in event.split("\n"):
+            if line.startswith("data: "):
+                data = line.removeprefix("data: ")
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def text_of(events: list[Any], route: str) -> str:
+    pieces = []
+    for event in events:
+        if isinstance(event, dict) and event.get("choices"):
+            choice = event["choices"][0]
+            piece = (
+                choice.get("delta", {}).get("content") if route == "/chat/completions" else choice.get("text")
+            )
+            pieces.append(piece or "")
+    return "".join(pieces)
+
+
+def assert_one_stream(events: list[Any], route: str) -> None:
+    """Reads as one uninterrupted stream: the same text, one id, one end, one usage, [DONE] once."""
+    chunks = [e for e in events if isinstance(e, dict)]
+    assert "error" not in json.dumps(chunks)
+    assert text_of(events, route) == UNINTERRUPTED
+    assert len({c["id"] for c in chunks}) == 1
+    assert len({c["created"] for c in chunks}) == 1
+    assert sum(1 for c in chunks for choice in c.get("choices", []) if choice.get("finish_reason")) == 1
+    usages = [c["usage"] for c in chunks if c.get("usage")]
+    assert len(usages) == 1
+    assert usages[0]["completion_tokens"] == TOKENS
+    assert events.count("[DONE]") == 1
+    assert events[-1] == "[DONE]"
+    if route == "/chat/completions":
+        roles = [c for c in chunks if c.get("choices") and "role" in c["choices"][0].get("delta", {})]
+        assert len(roles) == 1
+
+
+@pytest.mark.parametrize("route", ["/chat/completions", "/completions"])
+async def test_a_stream_whose_backend_dies_continues_on_another_and_reads_as_one(route: str) -> None:
+    async with stack() as s, s.http() as http:
+        s.backends[0].faults.die_after_tokens = 7
+        events = await stream(http, route, body(route))
+        status = await s.status()
+        metrics = (await http.get("/pool/metrics")).text
+    assert_one_stream(events, route)
+    assert status["active_leases"] == 0
+    assert 'lip_midstream_failovers_total{model="sim",outcome="continued"} 1.0' in metrics
+    assert s.backends[1].stats.completed == 1  # the rest came from the other server
+
+
+async def test_the_access_log_names_both_backends(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="local_inference_pool.access")
+    async with stack() as s, s.http() as http:
+        s.backends[0].faults.die_after_tokens = 3
+        await stream(http, "/chat/completions", body("/chat/completions"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "local_inference_pool.access"]
+    assert any(
+        "backend=b1" in line and "failed_over_from=b0" in line and "outcome=ok" in line for line in lines
+    )
+
+
+async def test_constrained_output_is_not_continued_and_ends_with_the_error_event() -> None:
+    async with stack() as s, s.http() as http:
+        s.backends[0].faults.die_after_tokens = 3
+        events = await stream(
+            http, "/chat/completions", body("/chat/completions", response_format={"type": "json_object"})
+        )
+        metrics = (await http.get("/pool/metrics")).text
+        status = await s.status()
+    assert events[-1]["error"]["code"] == "upstream_failed"
+    assert 'outcome="not_faithful"' in metrics
+    assert status["active_leases"] == 0
+
+
+async def test_when_the_continuation_dies_too_the_budget_ends_it_cleanly() -> None:
+    async with stack() as s, s.http() as http:
+        for backend in s.backends:
+            backend.faults.die_after_tokens = 3
+        events = await stream(http, "/chat/completions", body("/chat/completions"))
+        metrics = (await http.get("/pool/metrics")).text
+        status = await s.status()
+    assert events[-1]["error"]["code"] == "upstream_failed"
+    assert text_of(events, "/chat/completions") == "tok0 tok1 tok2 tok3 tok4 tok5 "  # no seam duplicated
+    assert 'outcome="budget_spent"' in metrics
+    assert status["active_leases"] == 0
+
+
+async def test_midstream_failovers_zero_turns_it_off() -> None:
+    async with stack(midstream_failovers=0) as s, s.http() as http:
+        s.backends[0].faults.die_after_tokens = 3
+        events = await stream(http, "/chat/completions", body("/chat/completions"))
+    assert events[-1]["error"]["code"] == "upstream_failed"
+    assert s.backends[1].stats.requests == 0
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(route=st.sampled_from(["/chat/completions", "/completions"]), kill_at=st.integers(0, TOKENS - 1))
+async def test_killed_at_any_point_the_client_gets_the_uninterrupted_text(route: str, kill_at: int) -> None:
+    async with stack() as s, s.http() as http:
+        s.backends[0].faults.die_after_tokens = kill_at
+        events = await stream(http, route, body(route))
+        with anyio.fail_after(5):
+            while (await s.status())["active_leases"]:
+                await anyio.sleep(0.01)
+    assert_one_stream(events, route)

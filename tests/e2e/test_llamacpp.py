@@ -539,3 +539,98 @@ async def test_tokenize_reaches_llama_servers_root_route(llama_servers: list[str
     assert len(tokens.json()["tokens"]) >= 2
     assert "hello world" in text.json()["content"]
     assert state["stats"]["granted"] == 0  # no slot taken
+
+
+@pytest.fixture
+def llama_pair(tmp_path: Path) -> Iterator[list[Launched]]:
+    """Two servers of one slot each, for a test that kills one."""
+    binary, model = server_binary(), model_file()
+    servers: list[Launched] = []
+    try:
+        for _ in range(2):
+            port = free_port()
+            command = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "--"]
+            servers.append(
+                launch([*command, "-np", "1", "-c", "2048", "-a", "gemma", "-t", "1"], port, tmp_path)
+            )
+        await_health(servers)
+        yield servers
+    finally:
+        stop(servers)
+
+
+def _data(raw: bytes) -> list[Any]:
+    found = []
+    for event in raw.decode(errors="replace").replace("\r\n", "\n").split("\n\n"):
+        for line in event.split("\n"):
+            if line.startswith("data: "):
+                data = line.removeprefix("data: ")
+                found.append(data if data == "[DONE]" else json.loads(data))
+    return found
+
+
+def _piece(chunk: Any, route: str) -> str:
+    if not isinstance(chunk, dict) or not chunk.get("choices"):
+        return ""
+    choice = chunk["choices"][0]
+    return (
+        str((choice.get("delta") or {}).get("content") or "")
+        if route == "/chat/completions"
+        else str(choice.get("text") or "")
+    )
+
+
+@pytest.mark.parametrize("kill_after", [3, 25, 60])
+@pytest.mark.parametrize("route", ["/completions", "/chat/completions"])
+async def test_a_stream_survives_its_server_killed_midway(
+    llama_pair: list[Launched], route: str, kill_after: int
+) -> None:
+    body: dict[str, Any] = {"model": "gemma", "max_tokens": 120, "temperature": 0, "stream": True}
+    if route == "/completions":
+        body["prompt"] = "Counting: 1, 2, 3, 4, 5,"
+    else:
+        body["messages"] = [{"role": "user", "content": "Count from one to fifty."}]
+    async with (
+        pool([s.url for s in llama_pair]) as (base, _),
+        httpx.AsyncClient(trust_env=False, timeout=120) as http,
+    ):
+        async with http.stream("POST", f"{base}/v1{route}", json=body) as reference:
+            whole = _data(b"".join([c async for c in reference.aiter_raw()]))
+        expected = "".join(_piece(c, route) for c in whole)
+        by_name = {f"llama{i}": server for i, server in enumerate(llama_pair)}
+        raw = bytearray()
+        pieces = 0
+        async with http.stream("POST", f"{base}/v1{route}", json=body) as response:
+            serving = by_name[response.headers["x-backend"]]
+            async for chunk in response.aiter_raw():
+                raw += chunk
+                pieces = sum(1 for c in _data(bytes(raw)) if _piece(c, route))
+                if pieces >= kill_after and serving.process.poll() is None:
+                    os.killpg(serving.process.pid, signal.SIGKILL)  # midway, as an OOM kill would
+        state = await status(base)
+        metrics = (await http.get(f"{base}/v1/pool/metrics")).text
+    seam = re.search(r"^lip_midstream_seam_seconds_sum ([\d.e+-]+)$", metrics, re.MULTILINE)
+    events = _data(bytes(raw))
+    text = "".join(_piece(c, route) for c in events)
+    chunks = [c for c in events if isinstance(c, dict)]
+    assert serving.process.poll() is not None  # it was killed while the stream ran
+    assert not any("error" in c for c in chunks), chunks[-3:]
+    assert sum(1 for c in chunks for choice in c.get("choices", []) if choice.get("finish_reason")) == 1
+    assert events.count("[DONE]") == 1
+    assert len({c["id"] for c in chunks}) == 1
+    start = "".join(_piece(c, route) for c in chunks[:12])
+    assert text.startswith(start)
+    assert text.count(start) == 1 if len(start) > 12 else True  # nothing repeated at the seam
+    assert state["active_leases"] == 0
+    print(
+        f"\n{route}, killed after {kill_after} pieces: continued; identical to the uninterrupted run: "
+        f"{text == expected}; seam gap {float(seam.group(1)) * 1000 if seam else float('nan'):.0f} ms"
+    )
+    if text != expected:
+        at = next(
+            (i for i, (a, b) in enumerate(zip(text, expected, strict=False)) if a != b),
+            min(len(text), len(expected)),
+        )
+        print(
+            f"  first difference at character {at}: {text[max(0, at - 20) : at + 20]!r} against {expected[max(0, at - 20) : at + 20]!r}"
+        )

@@ -393,6 +393,24 @@ async def test_backend_dying_midway_through_a_small_answer_is_a_clean_502() -> N
     assert status["backends"][0]["consecutive_failures"] == 1
 
 
+async def test_a_small_answer_that_breaks_off_is_asked_once_more_elsewhere() -> None:
+    fleet = Fleet(a=FakeBackend(mode="broken_json"), b=FakeBackend())
+    async with client_for(fleet) as client:
+        response = await client.post("/chat/completions", json=CHAT)
+        status = (await client.get("/pool/status")).json()
+    assert response.status_code == 200
+    assert response.headers["x-backend"] == "b:8080"
+    assert status["active_leases"] == 0
+
+
+async def test_a_small_answer_that_breaks_off_twice_goes_to_no_third_backend() -> None:
+    fleet = Fleet(a=FakeBackend(mode="broken_json"), b=FakeBackend(mode="broken_json"), c=FakeBackend())
+    async with client_for(fleet) as client:
+        response = await client.post("/chat/completions", json=CHAT)
+    assert_openai_error(response, 502, "upstream_failed")
+    assert not fleet.backends["c"].requests  # a request that breaks backends does not walk the fleet
+
+
 async def test_a_failure_while_handing_the_lease_to_the_response_still_returns_it() -> None:
     fleet = Fleet(a=FakeBackend(slots=1))
     app = create_pool_app(fleet.config(), transport=fleet.transport)

@@ -30,6 +30,7 @@ from local_inference_pool.inbound import Inbound
 from local_inference_pool.metrics import RequestRecord
 from local_inference_pool.pool import Lease, Pool
 from local_inference_pool.relay import (
+    AnswerBroke,
     UpstreamRelay,
     answer,
     client_gone,
@@ -206,9 +207,31 @@ async def _forward(
                     return
                 continue
         recorder = Recorder() if continuable else None
-        relay = await answer(
-            watch, send, runtime, response, target, record, call, prefetched, recorder=recorder
-        )
+        try:
+            relay = await answer(
+                watch,
+                send,
+                runtime,
+                response,
+                target,
+                record,
+                call,
+                prefetched,
+                recorder=recorder,
+                rerun=not no_answer and call.pin is None,  # once, and not from a stored response
+            )
+        except AnswerBroke as broke:
+            # Nothing reached the client: like a request that got no answer, sent once more to
+            # another backend, never to a third.
+            failures.append(str(broke))
+            no_answer.append(target.backend)
+            pin = runtime.pool.another_backend(inbound.model, [*no_answer, *lacking])
+            if pin is None:
+                message = broke.message
+                record.outcome = "failed_midway"
+                await refuse_upstream(send, dialect, 502, message, "upstream_failed", record, runtime)
+                return
+            continue
         if relay is not None and relay.interrupted is not None and recorder is not None:
             await _fail_over(watch, send, runtime, call, inbound, record, relay, recorder)
         elif record.outcome == "failed_midway" and why_not not in ("route", "not streamed"):

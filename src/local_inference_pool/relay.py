@@ -40,6 +40,7 @@ __all__ = [
     "GATEWAY_STATUSES",
     "HOP_BY_HOP",
     "SMALL_ANSWER",
+    "AnswerBroke",
     "UpstreamRelay",
     "answer",
     "client_gone",
@@ -140,11 +141,14 @@ async def answer(
     prefetched: list[bytes],
     *,
     recorder: Recorder | None = None,
+    rerun: bool = False,
 ) -> UpstreamRelay | None:
     """Hand the upstream answer to the client; from here on it owns the lease. ``prefetched``: the
     answer's first chunks, already read. With a ``recorder``, a stream keeps what it relayed, and a
     backend that fails midway leaves the stream open (``interrupted``) for the proxy to continue
-    elsewhere; the relay that ran is returned."""
+    elsewhere; the relay that ran is returned. With ``rerun``, a plain answer that breaks before
+    it is whole (nothing was sent) raises ``AnswerBroke`` (the slot given back) for the proxy to
+    send the request elsewhere."""
     try:  # until the answer owns the lease, a failure here must still give it back
         backend = lease.backend
         record.queue_wait = lease.queue_wait
@@ -182,7 +186,9 @@ async def answer(
         await give_up(response, lease)
         raise
     if relay is None:
-        relay = await _answer_whole(watch, send, response, lease, headers, chunks, record, runtime, call)
+        relay = await _answer_whole(
+            watch, send, response, lease, headers, chunks, record, runtime, call, rerun
+        )
     if relay is not None:
         await relay(watch, send)
     return relay
@@ -221,6 +227,15 @@ async def continue_stream(
     return relay
 
 
+class AnswerBroke(Exception):
+    """A plain answer broke off before any of it reached the client: it may be asked again elsewhere."""
+
+    def __init__(self, backend: str, reason: str) -> None:
+        super().__init__(f"{backend}: died mid-response: {reason}")
+        self.backend = backend
+        self.message = f"the backend {backend} failed during the response: {reason}"
+
+
 async def end_stream(
     send: Send, event: bytes | None, record: RequestRecord, runtime: Runtime, outcome: str
 ) -> None:
@@ -254,6 +269,7 @@ async def _answer_whole(
     record: RequestRecord,
     runtime: Runtime,
     call: Call,
+    rerun: bool,
 ) -> UpstreamRelay | None:
     """Read a plain answer and send it in one message, the slot freed first: no streaming machinery.
 
@@ -283,6 +299,8 @@ async def _answer_whole(
         await give_up(response, lease)
         reason = describe_http_error(exc)
         runtime.monitor.failed(lease.backend, f"died mid-response: {reason}")
+        if rerun:
+            raise AnswerBroke(lease.backend, reason) from None
         record.outcome = "failed_midway"
         message = f"the backend {lease.backend} failed during the response: {reason}"
         await refuse_upstream(send, call.dialect, 502, message, "upstream_failed", record, runtime)

@@ -56,7 +56,8 @@ def test_completions_with_echo_or_a_list_prompt_are_not_continued() -> None:
     assert refusal(base, "/completions") is None
     assert refusal({**base, "echo": True}, "/completions") == "prompt shape"
     assert refusal({**base, "prompt": ["x", "y"]}, "/completions") == "prompt shape"
-    assert refusal(base, "/messages") == "route"
+    assert refusal(base, "/responses") == "route"
+    assert refusal(base, "/messages") == "messages shape"
 
 
 def test_the_partial_answer_is_read_back_from_any_line_endings() -> None:

@@ -2,13 +2,16 @@
 continue it faithfully, the request that makes it continue, and the seam between the two streams.
 
 Pure functions over bytes and JSON, no I/O: the proxy decides when, the relay records and rewrites.
-For now: OpenAI's streamed ``/chat/completions`` and ``/completions``.
+OpenAI's streamed ``/chat/completions`` and ``/completions``, and Anthropic's ``/messages``.
 
 - Chat: the original messages plus a trailing assistant message with the text so far. llama-server
   and Ollama continue a trailing assistant message (Ollama's maintainers, ollama#6778); vLLM needs
   ``continue_final_message: true, add_generation_prompt: false``. LM Studio documents nothing of the
   kind, and a plain OpenAI-compatible server may start a new answer instead: neither is continued.
 - Completions: the prompt plus the text so far (no echo).
+- Messages (Anthropic's): the messages plus a trailing assistant message, which llama-server
+  continues on ``/v1/messages`` (and echoes); other kinds are not used for it. The client's event
+  sequence stays valid: no second ``message_start``, the open text block goes on (indices continue).
 - The token budget left: ``max_tokens`` less the content pieces already sent (a piece is a token in
   llama.cpp's streams; elsewhere near enough).
 - Not continued, because it could not be faithful: a tool call under way, a reasoning block open,
@@ -81,13 +84,15 @@ class Partial:
     first: dict[str, Any] = field(default_factory=dict)  # id, created, model, system_fingerprint, object
     finished: bool = False  # its finish_reason or [DONE] went out: nothing to continue
     refusal: str | None = None  # why it cannot be continued faithfully
+    block: int = 0  # messages: the index of the last content block the client saw start
+    block_open: bool = False  # messages: that block has not stopped
 
 
 def refusal(payload: dict[str, Any], route: str) -> str | None:
     """Why a request's stream could not be continued faithfully on another backend, or None."""
     if not payload.get("stream"):
         return "not streamed"
-    if route not in ("/chat/completions", "/completions"):
+    if route not in ("/chat/completions", "/completions", "/messages"):
         return "route"
     if any(payload.get(key) for key in _CONSTRAINED):
         return "constrained output"
@@ -100,7 +105,7 @@ def refusal(payload: dict[str, Any], route: str) -> str | None:
         payload.get("echo") or payload.get("suffix") or not isinstance(payload.get("prompt"), str)
     ):
         return "prompt shape"
-    if route == "/chat/completions" and not isinstance(payload.get("messages"), list):
+    if route in ("/chat/completions", "/messages") and not isinstance(payload.get("messages"), list):
         return "messages shape"
     return None
 
@@ -118,6 +123,8 @@ def _events(data: bytes) -> list[bytes]:
 
 def read_partial(data: bytes, route: str) -> Partial:
     """The text, pieces and identity of a broken stream, and whether it may be continued."""
+    if route == "/messages":
+        return _read_messages(data)
     partial = Partial()
     texts: list[str] = []
     for payload in _events(data):
@@ -158,10 +165,45 @@ def read_partial(data: bytes, route: str) -> Partial:
     return partial
 
 
+def _read_messages(data: bytes) -> Partial:
+    partial = Partial()
+    texts: list[str] = []
+    for payload in _events(data):
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            continue
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "message_start" and isinstance(event.get("message"), dict):
+            partial.first = {"message": event["message"]}
+        elif kind == "content_block_start":
+            block = event.get("content_block") or {}
+            partial.block, partial.block_open = int(event.get("index", 0)), True
+            if block.get("type") in ("tool_use", "server_tool_use"):
+                partial.refusal = "tool call in progress"
+            elif block.get("type") in ("thinking", "redacted_thinking"):
+                partial.refusal = "reasoning open"
+        elif kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+                texts.append(delta["text"])
+                partial.pieces += 1
+        elif kind == "content_block_stop":
+            partial.block_open = False
+            if partial.refusal == "reasoning open":
+                partial.refusal = None  # the thinking block closed
+        elif kind in ("message_stop",) or (
+            kind == "message_delta" and (event.get("delta") or {}).get("stop_reason")
+        ):
+            partial.finished = True
+    partial.text = "".join(texts)
+    return partial
+
+
 def continuation(payload: dict[str, Any], partial: Partial, route: str, backend_kind: str) -> bytes | None:
     """The body that makes a backend of ``backend_kind`` continue ``partial`` (None: it cannot)."""
     extra = CONTINUES.get(backend_kind)
-    if extra is None:
+    if extra is None or (route == "/messages" and backend_kind != "llamacpp"):
         return None
     body = dict(payload)
     for budget in ("max_tokens", "max_completion_tokens", "n_predict"):
@@ -170,6 +212,8 @@ def continuation(payload: dict[str, Any], partial: Partial, route: str, backend_
             body[budget] = max(1, given - partial.pieces)
     if route == "/completions":
         body["prompt"] = str(payload["prompt"]) + partial.text
+    elif route == "/messages":
+        body["messages"] = [*payload["messages"], {"role": "assistant", "content": partial.text}]
     else:
         body["messages"] = [*payload["messages"], {"role": "assistant", "content": partial.text}]
         body.update(extra)
@@ -185,7 +229,7 @@ class Seam:
         self.partial = partial
         self.route = route
         self._buffer = bytearray()
-        self._echo = partial.text.strip() if route == "/chat/completions" else ""
+        self._echo = partial.text.strip() if route in ("/chat/completions", "/messages") else ""
         self._held = ""  # content held while it may still be the echo
         self._held_chunk: dict[str, Any] | None = None
 
@@ -204,6 +248,8 @@ class Seam:
         if not payloads:
             return [event]  # a comment or a named event without data: as it came
         payload = payloads[0]
+        if self.route == "/messages":
+            return self._rewrite_message(event, payload)
         if payload.strip() == b"[DONE]":
             return [*self._release_held(), b"data: [DONE]\n\n"]
         try:
@@ -240,6 +286,55 @@ class Seam:
                 self._echo = ""
         return [_sse(chunk)]
 
+    def _rewrite_message(self, event: bytes, payload: bytes) -> list[bytes]:
+        """Anthropic's events: the client keeps its one ``message_start`` and its open text block;
+        the continuation's block indices follow the client's."""
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            return [event]
+        kind = chunk.get("type") if isinstance(chunk, dict) else None
+        partial = self.partial
+        offset = partial.block if partial.block_open else partial.block + 1
+        if kind == "message_start":
+            return []
+        if kind == "content_block_start":
+            if partial.block_open and chunk.get("index") == 0:
+                return []  # the client's text block is still open: it goes on
+            chunk["index"] = int(chunk.get("index", 0)) + offset
+            return [_named(chunk)]
+        if kind in ("content_block_delta", "content_block_stop"):
+            chunk["index"] = int(chunk.get("index", 0)) + offset
+            delta = chunk.get("delta") or {}
+            if kind == "content_block_delta" and self._echo and delta.get("type") == "text_delta":
+                self._held += str(delta.get("text") or "")
+                self._held_chunk = chunk
+                if len(self._held.strip()) < len(self._echo) and self._echo.startswith(self._held.strip()):
+                    return []
+                return self._release_held_message()
+            return [*self._release_held_message(), _named(chunk)]
+        if kind == "message_delta":
+            usage = chunk.get("usage")
+            if isinstance(usage, dict) and isinstance(usage.get("output_tokens"), int):
+                usage["output_tokens"] += partial.pieces
+        return [*self._release_held_message(), _named(chunk)]
+
+    def _release_held_message(self) -> list[bytes]:
+        chunk, held = self._held_chunk, self._held
+        self._held, self._held_chunk = "", None
+        if chunk is None:
+            return []
+        echo, self._echo = self._echo, ""
+        stripped = held.lstrip()
+        if stripped.startswith(echo):
+            held = stripped[len(echo) :]
+            if self.partial.text[-1:].isspace():
+                held = held.lstrip()
+        if not held:
+            return []
+        chunk["delta"] = {**chunk["delta"], "text": held}
+        return [_named(chunk)]
+
     def _release_held(self) -> list[bytes]:
         """Send what was held, less the echoed prefill if that is what it was."""
         chunk, held = self._held_chunk, self._held
@@ -257,6 +352,11 @@ class Seam:
         if not held and not choice.get("finish_reason"):
             return []
         return [_sse(chunk)]
+
+
+def _named(chunk: dict[str, Any]) -> bytes:
+    """An Anthropic event: named by its type."""
+    return f"event: {chunk.get('type')}\n".encode() + _sse(chunk)
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:

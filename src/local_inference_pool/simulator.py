@@ -373,11 +373,13 @@ class SimulatedBackend:
         async with self._slot(reply.model):
             for name, data in reply.opening_events():
                 yield _event(name, data)
+            if reply.prefill:  # as llama-server: a continued answer echoes the prefill first
+                yield _event(*reply.delta_event(reply.prefill))
             for index in range(reply.tokens):
                 if die_after is not None and index >= die_after:
                     raise ConnectionAbortedError("simulated backend died mid-stream")
                 await anyio.sleep(1 / self.config.tokens_per_second)
-                yield _event(*reply.delta_event(f"tok{index} "))
+                yield _event(*reply.delta_event(f"tok{reply.start + index} "))
             for name, data in reply.closing_events():
                 yield _event(name, data)
         self.stats.completed += 1
@@ -634,7 +636,7 @@ def _continues(kind: str, body: dict[str, Any]) -> tuple[int, str]:
         return len(_TOKEN.findall(str(body.get("prompt", "")))), ""
     messages = body.get("messages")
     last = messages[-1] if isinstance(messages, list) and messages else None
-    if kind == "chat.completion" and isinstance(last, dict) and last.get("role") == "assistant":
+    if kind in ("chat.completion", "message") and isinstance(last, dict) and last.get("role") == "assistant":
         content = str(last.get("content") or "")
         if content.strip():
             return len(_TOKEN.findall(content)), content.strip() + " "

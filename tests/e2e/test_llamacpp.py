@@ -634,3 +634,39 @@ async def test_a_stream_survives_its_server_killed_midway(
         print(
             f"  first difference at character {at}: {text[max(0, at - 20) : at + 20]!r} against {expected[max(0, at - 20) : at + 20]!r}"
         )
+
+
+async def test_an_anthropic_stream_survives_its_server_killed_midway(llama_pair: list[Launched]) -> None:
+    import anthropic
+
+    messages: list[Any] = [{"role": "user", "content": "Count from one to fifty."}]
+    greedy = {"temperature": 0}
+    async with (
+        pool([s.url for s in llama_pair]) as (base, _),
+        anthropic.AsyncAnthropic(base_url=base, api_key="unused", max_retries=0, timeout=120) as client,
+    ):
+        async with client.messages.stream(
+            model="gemma", max_tokens=120, messages=messages, extra_body=greedy
+        ) as stream:
+            expected = "".join([piece async for piece in stream.text_stream])
+        pieces: list[str] = []
+        serving: Launched | None = None
+        async with client.messages.stream(
+            model="gemma", max_tokens=120, messages=messages, extra_body=greedy
+        ) as stream:
+            async for piece in stream.text_stream:
+                pieces.append(piece)
+                if len(pieces) == 10:
+                    busy = [b["name"] for b in (await status(base))["backends"] if b["active"]]
+                    serving = llama_pair[int(busy[0].removeprefix("llama"))]  # the one holding it
+                    os.killpg(serving.process.pid, signal.SIGKILL)  # midway, as an OOM kill would
+            final = await stream.get_final_message()
+        state = await status(base)
+    assert serving is not None
+    assert serving.process.poll() is not None
+    assert final.stop_reason is not None
+    text = "".join(pieces)
+    assert state["active_leases"] == 0
+    print(
+        f"\n/messages, killed after 10 pieces: continued; identical to the uninterrupted run: {text == expected}"
+    )

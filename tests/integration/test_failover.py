@@ -184,3 +184,56 @@ async def test_killed_at_any_point_the_client_gets_the_uninterrupted_text(route:
             while (await s.status())["active_leases"]:
                 await anyio.sleep(0.01)
     assert_one_stream(events, route)
+
+
+def named_events(raw: bytes) -> list[dict[str, Any]]:
+    found = []
+    for event in raw.decode().split("\n\n"):
+        data = [line.removeprefix("data: ") for line in event.split("\n") if line.startswith("data: ")]
+        if data:
+            found.append(json.loads(data[0]))
+    return found
+
+
+@pytest.mark.parametrize("kill_at", [0, 1, 7, TOKENS - 1])
+async def test_an_anthropic_stream_continues_and_its_event_sequence_stays_valid(kill_at: int) -> None:
+    payload = {
+        "model": "sim",
+        "max_tokens": TOKENS,
+        "stream": True,
+        "messages": [{"role": "user", "content": "count"}],
+    }
+    async with stack() as s, s.http() as http:
+        s.backends[0].faults.die_after_tokens = kill_at
+        async with http.stream("POST", "/messages", json=payload) as response:
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+        status = await s.status()
+    events = named_events(raw)
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "message_start"
+    assert kinds.count("message_start") == 1
+    assert kinds.count("content_block_start") == kinds.count("content_block_stop") == 1
+    assert kinds[-2:] == ["message_delta", "message_stop"]
+    assert {e["index"] for e in events if "index" in e} == {0}
+    text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
+    assert text == UNINTERRUPTED
+    assert events[-2]["usage"]["output_tokens"] == TOKENS
+    assert status["active_leases"] == 0
+
+
+async def test_the_anthropic_sdk_reads_a_continued_stream_as_one_message() -> None:
+    import anthropic
+
+    async with stack() as s:
+        s.backends[0].faults.die_after_tokens = 5
+        async with (
+            anthropic.AsyncAnthropic(base_url=s.url, api_key="unused", max_retries=0) as client,
+            client.messages.stream(
+                model="sim", max_tokens=TOKENS, messages=[{"role": "user", "content": "count"}]
+            ) as stream,
+        ):
+            text = "".join([piece async for piece in stream.text_stream])
+            final = await stream.get_final_message()
+    assert text == UNINTERRUPTED
+    assert final.usage.output_tokens == TOKENS
+    assert final.stop_reason == "max_tokens"

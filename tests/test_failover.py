@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from local_inference_pool.failover import (
+    API,
     MAX_RECORDED,
     Partial,
     Recorder,
@@ -83,18 +84,27 @@ def test_a_stream_that_ended_has_nothing_to_continue() -> None:
 
 
 def test_the_continuation_request_per_backend_kind() -> None:
+    from local_inference_pool.backends import continues
+
     partial = Partial(text="1, 2, 3,", pieces=4)
-    llama = json.loads(continuation(CHAT, partial, "/chat/completions", "llamacpp") or b"")
+
+    def body(kind: str, route: str = "/chat/completions", payload: dict[str, Any] = CHAT) -> Any:
+        made = continuation(payload, partial, route, continues(kind, API[route]))
+        return None if made is None else json.loads(made)
+
+    llama = body("llamacpp")
     assert llama["messages"][-1] == {"role": "assistant", "content": "1, 2, 3,"}
     assert llama["max_tokens"] == 6
-    vllm = json.loads(continuation(CHAT, partial, "/chat/completions", "vllm") or b"")
+    vllm = body("vllm")
     assert (vllm["continue_final_message"], vllm["add_generation_prompt"]) == (True, False)
-    assert continuation(CHAT, partial, "/chat/completions", "lmstudio") is None
-    assert continuation(CHAT, partial, "/chat/completions", "openai") is None
-    completion = json.loads(
-        continuation({"prompt": "Count:", "max_tokens": 3}, partial, "/completions", "ollama") or b""
-    )
+    assert body("lmstudio") is None
+    assert body("openai") is None
+    assert body("auto") is None  # not probed yet: not asked
+    completion = body("ollama", "/completions", {"prompt": "Count:", "max_tokens": 3})
     assert completion == {"prompt": "Count:1, 2, 3,", "max_tokens": 1}
+    messages = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    assert body("llamacpp", "/messages", messages)["messages"][-1]["role"] == "assistant"
+    assert body("ollama", "/messages", messages) is None  # its Anthropic continuation is unconfirmed
 
 
 def events(data: bytes) -> list[Any]:

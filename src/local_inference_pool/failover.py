@@ -4,10 +4,10 @@ continue it faithfully, the request that makes it continue, and the seam between
 Pure functions over bytes and JSON, no I/O: the proxy decides when, the relay records and rewrites.
 OpenAI's streamed ``/chat/completions`` and ``/completions``, and Anthropic's ``/messages``.
 
-- Chat: the original messages plus a trailing assistant message with the text so far. llama-server
-  and Ollama continue a trailing assistant message (Ollama's maintainers, ollama#6778); vLLM needs
-  ``continue_final_message: true, add_generation_prompt: false``. LM Studio documents nothing of the
-  kind, and a plain OpenAI-compatible server may start a new answer instead: neither is continued.
+- Chat: the original messages plus a trailing assistant message with the text so far, and what the
+  backend's kind needs besides (each adapter says, ``backends.continues``: llama-server and Ollama
+  continue a trailing assistant message; vLLM needs ``continue_final_message``; LM Studio and plain
+  OpenAI-compatible servers are not asked).
 - Completions: the prompt plus the text so far (no echo).
 - Messages (Anthropic's): the messages plus a trailing assistant message, which llama-server
   continues on ``/v1/messages`` (and echoes); other kinds are not used for it. The client's event
@@ -25,26 +25,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-__all__ = [
-    "CONTINUES",
-    "MAX_RECORDED",
-    "Partial",
-    "Recorder",
-    "Seam",
-    "continuation",
-    "read_partial",
-    "refusal",
-]
+__all__ = ["API", "MAX_RECORDED", "Partial", "Recorder", "Seam", "continuation", "read_partial", "refusal"]
 
 MAX_RECORDED: Final = 4 << 20  # bytes of a stream kept to continue it; longer ones are not
-# What each backend kind needs in the body to continue a trailing assistant message (None: it cannot).
-CONTINUES: Final[dict[str, dict[str, Any] | None]] = {
-    "llamacpp": {},
-    "ollama": {},
-    "vllm": {"continue_final_message": True, "add_generation_prompt": False},
-    "lmstudio": None,
-    "openai": None,
-}
+API: Final = {"/chat/completions": "chat", "/completions": "completions", "/messages": "messages"}
 _CONSTRAINED: Final = (
     "response_format",
     "grammar",
@@ -200,10 +184,12 @@ def _read_messages(data: bytes) -> Partial:
     return partial
 
 
-def continuation(payload: dict[str, Any], partial: Partial, route: str, backend_kind: str) -> bytes | None:
-    """The body that makes a backend of ``backend_kind`` continue ``partial`` (None: it cannot)."""
-    extra = CONTINUES.get(backend_kind)
-    if extra is None or (route == "/messages" and backend_kind != "llamacpp"):
+def continuation(
+    payload: dict[str, Any], partial: Partial, route: str, extra: dict[str, Any] | None
+) -> bytes | None:
+    """The body that makes a backend continue ``partial``, with the fields its kind needs besides
+    (``extra``; None: its kind cannot continue this API)."""
+    if extra is None:
         return None
     body = dict(payload)
     for budget in ("max_tokens", "max_completion_tokens", "n_predict"):
@@ -212,8 +198,6 @@ def continuation(payload: dict[str, Any], partial: Partial, route: str, backend_
             body[budget] = max(1, given - partial.pieces)
     if route == "/completions":
         body["prompt"] = str(payload["prompt"]) + partial.text
-    elif route == "/messages":
-        body["messages"] = [*payload["messages"], {"role": "assistant", "content": partial.text}]
     else:
         body["messages"] = [*payload["messages"], {"role": "assistant", "content": partial.text}]
         body.update(extra)

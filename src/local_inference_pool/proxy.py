@@ -22,10 +22,11 @@ from typing import Any
 import httpx
 from starlette.types import Receive, Send
 
+from local_inference_pool.backends import continues
 from local_inference_pool.backends.openai import describe_http_error
 from local_inference_pool.client_watch import ClientWatch
 from local_inference_pool.errors import NoCapacityError, PoolError
-from local_inference_pool.failover import Partial, Recorder, Seam, continuation, read_partial, refusal
+from local_inference_pool.failover import API, Partial, Recorder, Seam, continuation, read_partial, refusal
 from local_inference_pool.inbound import Inbound
 from local_inference_pool.metrics import RequestRecord
 from local_inference_pool.pool import Lease, Pool
@@ -321,7 +322,7 @@ def _continuable_backend(
     """Another healthy backend of the model whose kind can continue the answer, and the body."""
     avoid = list(failed)
     while (name := pool.another_backend(model, avoid)) is not None:
-        body = continuation(payload, partial, route, pool.backend_kind(name))
+        body = continuation(payload, partial, route, continues(pool.backend_kind(name), API[route]))
         if body is not None:
             return name, body
         avoid.append(name)

@@ -622,9 +622,12 @@ async def test_a_stream_survives_its_server_killed_midway(
     assert text.startswith(start)
     assert text.count(start) == 1 if len(start) > 12 else True  # nothing repeated at the seam
     assert state["active_leases"] == 0
+    timings = [c["timings"] for c in chunks if isinstance(c.get("timings"), dict)]
+    prefill_ms = float(timings[-1].get("prompt_ms", float("nan"))) if timings else float("nan")
     print(
         f"\n{route}, killed after {kill_after} pieces: continued; identical to the uninterrupted run: "
-        f"{text == expected}; seam gap {float(seam.group(1)) * 1000 if seam else float('nan'):.0f} ms"
+        f"{text == expected}; seam gap {float(seam.group(1)) * 1000 if seam else float('nan'):.0f} ms, "
+        f"of which the second server's prefill {prefill_ms:.0f} ms"
     )
     if text != expected:
         at = next(

@@ -15,7 +15,7 @@ from local_inference_pool.backends import llamacpp, lmstudio, ollama, openai, vl
 from local_inference_pool.backends.base import Snapshot
 from local_inference_pool.config import BackendConfig
 
-__all__ = ["DetectedKind", "Snapshot", "detect", "probe"]
+__all__ = ["DetectedKind", "Snapshot", "continues", "detect", "probe"]
 
 DetectedKind = Literal["llamacpp", "lmstudio", "ollama", "vllm", "openai"]
 Prober = Callable[[httpx.AsyncClient, BackendConfig], Awaitable[Snapshot]]
@@ -27,6 +27,25 @@ PROBES: dict[DetectedKind, Prober] = {
     "vllm": vllm.probe,
     "openai": openai.probe,
 }
+
+
+CONTINUES: dict[str, dict[str, dict[str, object]]] = {
+    "llamacpp": llamacpp.CONTINUES,
+    "lmstudio": lmstudio.CONTINUES,
+    "ollama": ollama.CONTINUES,
+    "vllm": vllm.CONTINUES,
+    "openai": openai.CONTINUES,
+}
+
+
+def continues(kind: str, api: str) -> dict[str, object] | None:
+    """What a backend of ``kind`` needs in the body to continue a partial answer of ``api``
+    (``chat``, ``completions``, ``messages``), or None when it cannot: each adapter says. Every kind
+    that continues chat continues a completion (the prompt plus the text so far)."""
+    ways = CONTINUES.get(kind, {})
+    if api == "completions":
+        return {} if "chat" in ways else None
+    return ways.get(api)
 
 
 async def probe(client: httpx.AsyncClient, backend: BackendConfig, kind: DetectedKind) -> Snapshot:

@@ -11,6 +11,10 @@ from local_inference_pool.backends.openai import auth_headers
 from local_inference_pool.config import BackendConfig
 from local_inference_pool.scheduler import Health
 
+# How it continues a partial answer (mid-stream failover): a trailing assistant message, on chat
+# and on Anthropic's messages alike, and it echoes the prefill first (BACKENDS.md section 7.4).
+CONTINUES: dict[str, dict[str, object]] = {"chat": {}, "messages": {}}
+
 
 async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
     headers = auth_headers(backend.api_key)

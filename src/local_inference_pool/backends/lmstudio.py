@@ -11,6 +11,9 @@ from local_inference_pool.backends.openai import auth_headers
 from local_inference_pool.config import BackendConfig
 from local_inference_pool.scheduler import Health
 
+# How it continues a partial answer: it documents no way, so it is not asked to.
+CONTINUES: dict[str, dict[str, object]] = {}
+
 
 async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
     headers = auth_headers(backend.api_key)

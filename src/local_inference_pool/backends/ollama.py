@@ -11,6 +11,10 @@ from local_inference_pool.backends.openai import auth_headers
 from local_inference_pool.config import BackendConfig
 from local_inference_pool.scheduler import Health
 
+# How it continues a partial answer: a trailing assistant message (its maintainers, ollama#6778);
+# its /v1/messages is not known to, so Anthropic streams are not continued there.
+CONTINUES: dict[str, dict[str, object]] = {"chat": {}}
+
 
 def _names(body: Any) -> list[str]:
     entries = body.get("models") if isinstance(body, dict) else None

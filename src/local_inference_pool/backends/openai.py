@@ -12,6 +12,9 @@ from local_inference_pool.backends.base import Snapshot
 from local_inference_pool.config import BackendConfig
 from local_inference_pool.scheduler import Health
 
+# How a plain OpenAI-compatible server continues a partial answer: unknown (it may start anew).
+CONTINUES: dict[str, dict[str, object]] = {}
+
 # A request to a server failed: it could not be reached, answered an error, or answered nonsense.
 REQUEST_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, ValueError)
 

@@ -11,6 +11,11 @@ from local_inference_pool.backends.openai import auth_headers, list_models
 from local_inference_pool.config import BackendConfig
 from local_inference_pool.scheduler import Health
 
+# How it continues a partial answer: continue_final_message, with no new generation prompt.
+CONTINUES: dict[str, dict[str, object]] = {
+    "chat": {"continue_final_message": True, "add_generation_prompt": False}
+}
+
 _GAUGE = re.compile(r"^vllm:num_requests_(running|waiting)(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$", re.MULTILINE)
 
 

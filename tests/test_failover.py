@@ -175,3 +175,12 @@ def test_a_recorder_gives_up_past_its_bound() -> None:
     recorder.feed(b"y" * MAX_RECORDED)
     assert recorder.overflow
     assert not recorder.buffer
+
+
+def test_content_held_as_a_possible_echo_goes_out_before_the_end() -> None:
+    partial = Partial(text="the the cat ", pieces=3, first={"id": "chatcmpl-1"})
+    seam = Seam(partial, "/chat/completions")
+    finish = {"id": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    out = events(seam.feed(sse(delta(content="the"), finish, "[DONE]")))  # no echo: "the" is new text
+    assert [c["choices"][0]["delta"].get("content") for c in out if isinstance(c, dict)] == ["the", None]
+    assert out[-1] == "[DONE]"

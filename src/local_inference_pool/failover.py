@@ -268,7 +268,7 @@ class Seam:
                 return self._release_held()
             if self._echo and self._held_chunk is None and choice.get("finish_reason"):
                 self._echo = ""
-        return [_sse(chunk)]
+        return [*self._release_held(), _sse(chunk)]  # what was held goes first, in order
 
     def _rewrite_message(self, event: bytes, payload: bytes) -> list[bytes]:
         """Anthropic's events: the client keeps its one ``message_start`` and its open text block;

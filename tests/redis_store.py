@@ -67,5 +67,8 @@ class Store:
         return {k.decode(): int(v.split()[3]) for k, v in raw.items()}
 
     def key_leases(self, key: str) -> int:
-        """How many leases the store counts for a client key (expired ones included until swept)."""
-        return int(redis.Redis(port=self.port).zcard(f"{{lip}}:key:{key}"))
+        """How many unexpired leases the store holds for a client key."""
+        client = redis.Redis(port=self.port)
+        seconds, micros = client.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        return int(client.zcount(f"{{lip}}:key:{key}", now_ms + 1, "+inf"))

@@ -516,3 +516,17 @@ async def test_a_keys_cap_is_never_exceeded_under_random_load_across_three_pools
         with anyio.fail_after(5):
             while store.key_leases("team"):
                 await anyio.sleep(0.02)
+
+
+async def test_a_capped_keys_live_leases_are_renewed_with_the_slot(store: Store) -> None:
+    from dataclasses import replace
+
+    async with Pool(replace(capped(store), lease_ttl=0.6)) as pool:
+        lease = await pool.acquire("m", tenant="team")
+        await anyio.sleep(2.0)  # three times the ttl: renewed every 0.2 s
+        assert store.key_leases("team") == 1
+        assert store.leases() == 1
+        lease.release()
+    with anyio.fail_after(5):
+        while store.key_leases("team"):
+            await anyio.sleep(0.02)

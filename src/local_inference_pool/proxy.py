@@ -44,7 +44,7 @@ from local_inference_pool.relay import (
 )
 from local_inference_pool.runtime import Call, Runtime, Target
 
-__all__ = ["MAX_ATTEMPTS", "forward", "upstream_headers"]
+__all__ = ["MAX_ATTEMPTS", "forward", "upstream_headers", "upstream_request"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,19 @@ def upstream_headers(target: Target, request_id: str, call: Call) -> list[tuple[
         if call.dialect.name == "anthropic":
             headers.append((b"x-api-key", key))  # what servers speaking Anthropic's API may read
     return headers
+
+
+def upstream_request(
+    runtime: Runtime, call: Call, target: Target, record: RequestRecord, body: bytes
+) -> httpx.Request:
+    """The request to send the target: the call's method and path, the backend's headers, ``body``."""
+    return httpx.Request(
+        call.method,
+        runtime.upstream_url(target.url, call.path),
+        headers=upstream_headers(target, record.request_id, call),
+        content=body,
+        extensions={"timeout": runtime.timeouts},
+    )
 
 
 async def forward(
@@ -141,13 +154,7 @@ async def _forward(
         attempts += 1
         record.backend = target.backend
         try:  # every step after the acquire is inside: whatever fails, the slot goes back
-            request = httpx.Request(
-                call.method,
-                runtime.upstream_url(target.url, call.path),
-                headers=upstream_headers(target, record.request_id, call),
-                content=inbound.body,
-                extensions={"timeout": runtime.timeouts},
-            )
+            request = upstream_request(runtime, call, target, record, inbound.body)
             response: httpx.Response | None = None
             async with watch.until_gone():
                 response = await runtime.transport.handle_async_request(request)
@@ -333,13 +340,7 @@ async def _send_continuation(
     watch: ClientWatch, runtime: Runtime, call: Call, target: Target, record: RequestRecord, body: bytes
 ) -> httpx.Response | None:
     """The continuation's streamed answer, or None (the slot given back) if it gave none."""
-    request = httpx.Request(
-        call.method,
-        runtime.upstream_url(target.url, call.path),
-        headers=upstream_headers(target, record.request_id, call),
-        content=body,
-        extensions={"timeout": runtime.timeouts},
-    )
+    request = upstream_request(runtime, call, target, record, body)
     response: httpx.Response | None = None
     try:
         async with watch.until_gone():

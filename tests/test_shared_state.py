@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
+import anyio.abc
 import pytest
 import redis
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -131,27 +132,46 @@ HOLDER = textwrap.dedent(
         backend = BackendConfig(url="http://a:8080", name="a", slots=3, models=("m", "x"), max_loaded_models=1)
         async with Pool(PoolConfig(backends=(backend,), state=sys.argv[1], lease_ttl=1.0)) as pool:
             leases = [await pool.acquire("m") for _ in range(3)]
-            print("holding", len(leases), flush=True)
-            await anyio.sleep_forever()
+
+            async def wait() -> None:
+                await pool.acquire("m", timeout=None)  # the head of this process's queue
+
+            async with anyio.create_task_group() as group:
+                if "wait" in sys.argv:
+                    group.start_soon(wait)
+                    while pool.scheduler.waiting < 1:
+                        await anyio.sleep(0.01)
+                print("holding", len(leases), flush=True)
+                await anyio.sleep_forever()
 
     anyio.run(main)
     """
 )
 
 
-async def test_leases_of_a_process_killed_with_sigkill_come_back_within_lease_ttl(store: Store) -> None:
-    holder = await anyio.open_process([sys.executable, "-c", HOLDER, store.url])
+@asynccontextmanager
+async def holder(store: Store, *, waiting: bool = False) -> AsyncIterator[anyio.abc.Process]:
+    """A process holding every slot (and, ``waiting``, one request queued behind them), until the
+    block sends it SIGKILL; killed on the way out whatever happens."""
+    process = await anyio.open_process(
+        [sys.executable, "-c", HOLDER, store.url, *(["wait"] if waiting else [])]
+    )
     try:
-        assert holder.stdout is not None
+        assert process.stdout is not None
         with anyio.fail_after(10):
-            assert b"holding 3" in await BufferedByteReceiveStream(holder.stdout).receive_until(b"\n", 1000)
-        assert store.leases() == SLOTS
-        holder.send_signal(signal.SIGKILL)
-        await holder.wait()
+            assert b"holding 3" in await BufferedByteReceiveStream(process.stdout).receive_until(b"\n", 1000)
+        yield process
     finally:
-        if holder.returncode is None:
-            holder.kill()
-            await holder.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_leases_of_a_process_killed_with_sigkill_come_back_within_lease_ttl(store: Store) -> None:
+    async with holder(store) as process:
+        assert store.leases() == SLOTS
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
     async with pools(store, 1) as (survivor,):
         with anyio.fail_after(5):  # lease_ttl 1 s: expired on the next claim after it
             lease = await survivor.acquire("m", timeout=None)
@@ -353,44 +373,11 @@ async def test_a_session_goes_back_to_its_backend_from_another_process(store: St
         next_turn.release()
 
 
-HEAD_HOLDER = textwrap.dedent(
-    """
-    import anyio, sys
-    from local_inference_pool import BackendConfig, Pool, PoolConfig
-
-    async def main() -> None:
-        backend = BackendConfig(url="http://a:8080", name="a", slots=3, models=("m", "x"), max_loaded_models=1)
-        async with Pool(PoolConfig(backends=(backend,), state=sys.argv[1], lease_ttl=1.0)) as pool:
-            leases = [await pool.acquire("m") for _ in range(3)]
-
-            async def wait() -> None:
-                await pool.acquire("m", timeout=None)  # the head of this process's queue
-
-            async with anyio.create_task_group() as group:
-                group.start_soon(wait)
-                while pool.scheduler.waiting < 1:
-                    await anyio.sleep(0.01)
-                print("holding", len(leases), "and waiting", flush=True)
-                await anyio.sleep_forever()
-
-    anyio.run(main)
-    """
-)
-
-
 async def test_the_queue_head_of_a_process_killed_with_sigkill_stops_holding_slots(store: Store) -> None:
-    holder = await anyio.open_process([sys.executable, "-c", HEAD_HOLDER, store.url])
-    try:
-        assert holder.stdout is not None
-        with anyio.fail_after(10):
-            assert b"and waiting" in await BufferedByteReceiveStream(holder.stdout).receive_until(b"\n", 1000)
+    async with holder(store, waiting=True) as process:
         await queued(store, "m", 1)
-        holder.send_signal(signal.SIGKILL)
-        await holder.wait()
-    finally:
-        if holder.returncode is None:
-            holder.kill()
-            await holder.wait()
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
     async with pools(store, 1) as (survivor,):
         with anyio.fail_after(5):  # lease_ttl 1 s: its leases and its waiting head expire
             leases = [await survivor.acquire("m", timeout=None) for _ in range(SLOTS)]

@@ -22,6 +22,7 @@ OpenAI's streamed ``/chat/completions`` and ``/completions``, and Anthropic's ``
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -72,7 +73,7 @@ class Partial:
     block_open: bool = False  # messages: that block has not stopped
 
 
-def refusal(payload: dict[str, Any], route: str) -> str | None:
+def refusal(payload: Mapping[str, Any], route: str) -> str | None:
     """Why a request's stream could not be continued faithfully on another backend, or None."""
     if not payload.get("stream"):
         return "not streamed"
@@ -185,7 +186,7 @@ def _read_messages(data: bytes) -> Partial:
 
 
 def continuation(
-    payload: dict[str, Any], partial: Partial, route: str, extra: dict[str, Any] | None
+    payload: Mapping[str, Any], partial: Partial, route: str, extra: Mapping[str, Any] | None
 ) -> bytes | None:
     """The body that makes a backend continue ``partial``, with the fields its kind needs besides
     (``extra``; None: its kind cannot continue this API)."""

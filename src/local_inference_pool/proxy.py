@@ -17,6 +17,7 @@ at a measured 170 µs per request.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -121,7 +122,7 @@ async def _forward(
     """
     dialect = call.dialect
     route = call.route
-    why_not = refusal(dict(inbound.payload), route.path)
+    why_not = refusal(inbound.payload, route.path)
     continuable = runtime.config.midstream_failovers > 0 and why_not is None
     failures: list[str] = []
     no_answer: list[str] = []  # backends that took the request and gave no answer
@@ -284,7 +285,7 @@ async def _fail_over(
             outcome = "not_faithful"
             logger.info("not continuing a stream of %r: %s", model, partial.refusal)
             break
-        target_name, body = _continuable_backend(pool, model, failed, dict(inbound.payload), partial, route)
+        target_name, body = _continuable_backend(pool, model, failed, inbound.payload, partial, route)
         if target_name is None or body is None:
             outcome = "no_backend"
             break
@@ -324,7 +325,7 @@ async def _fail_over(
 
 
 def _continuable_backend(
-    pool: Pool, model: str, failed: list[str], payload: dict[str, Any], partial: Partial, route: str
+    pool: Pool, model: str, failed: list[str], payload: Mapping[str, Any], partial: Partial, route: str
 ) -> tuple[str | None, bytes | None]:
     """Another healthy backend of the model whose kind can continue the answer, and the body."""
     avoid = list(failed)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from local_inference_pool.errors import ModelNotFoundError, NoCapacityError, QueueFullError, QueueTimeoutError
+from local_inference_pool.prompt_cache import Prompt, prompt_of
 from local_inference_pool.scheduler import Affinity, Health, Scheduler, Ticket, TicketState
 
 
@@ -202,7 +203,7 @@ def test_priority_is_served_first(clock: Clock) -> None:
     assert state(low) is TicketState.WAITING
 
 
-def test_affinity_hit_then_repin_when_full(clock: Clock) -> None:
+def test_affinity_hit_then_moved_when_full_and_no_prompt_to_weigh(clock: Clock) -> None:
     s, _ = make(clock)
     s.add_backend("a", "http://a", slots=1, models=["m"], resident=["m"])
     s.add_backend("b", "http://b", slots=1, models=["m"], resident=["m"])
@@ -213,12 +214,12 @@ def test_affinity_hit_then_repin_when_full(clock: Clock) -> None:
     s.submit("m")  # takes a (lowest index on a tie): the session must follow it to b
     moved = s.submit("m", affinity_key="chat-1")
     assert moved.grant is not None
-    assert (moved.grant.backend.name, moved.grant.affinity) == ("b", Affinity.REPIN)
+    assert (moved.grant.backend.name, moved.grant.affinity) == ("b", Affinity.MOVED)
     s.release(moved.grant)
     back = s.submit("m", affinity_key="chat-1")  # b is remembered now, and has room
     assert back.grant is not None
     assert (back.grant.backend.name, back.grant.affinity) == ("b", Affinity.HIT)
-    assert (s.stats["affinity_miss"], s.stats["affinity_repin"], s.stats["affinity_hit"]) == (1, 1, 1)
+    assert (s.stats["affinity_miss"], s.stats["affinity_moved"], s.stats["affinity_hit"]) == (1, 1, 1)
 
 
 def test_affinity_forgets_after_ttl_and_beyond_max_sessions(clock: Clock) -> None:
@@ -576,3 +577,161 @@ def test_one_models_backlog_refuses_no_other_model(clock: Clock) -> None:
     with pytest.raises(QueueFullError):
         s.submit("m")
     assert [state(s.submit("x")) for _ in range(2)] == [TicketState.WAITING] * 2  # its own queue
+
+
+# --- prompt caches ---------------------------------------------------------------------------
+
+DOCUMENT = "".join(f"Paragraph {i} of the shared document, long enough to matter. " for i in range(60))
+
+
+def prompt(*parts: str, model: str = "m") -> Prompt:
+    return prompt_of(list(parts), model=model)
+
+
+def cache_pair(clock: Clock, **kwargs: object) -> tuple[Scheduler, list[Ticket]]:
+    """Two one-slot backends serving m, a prefill of 1 ms per token, and a lease of 1 s learned on each."""
+    s, done = make(clock, prefill_seconds_per_token=0.001, prefix_min_tokens=64, **kwargs)
+    for name in ("a", "b"):
+        s.add_backend(name, f"http://{name}", slots=1, models=["m"], resident=["m"])
+        lease = s.submit("m", pin=name)
+        assert lease.grant is not None
+        clock.now += 1.0
+        s.release(lease.grant)
+    return s, done
+
+
+def test_a_long_shared_prefix_goes_where_it_is_cached_a_short_one_spreads(clock: Clock) -> None:
+    s, _ = make(clock, prefix_min_tokens=64)
+    s.add_backend("a", "http://a", slots=2, models=["m"], resident=["m"])
+    s.add_backend("b", "http://b", slots=2, models=["m"], resident=["m"])
+    first = s.submit("m", prompt=prompt(DOCUMENT, "first question"))
+    assert backend_of(first) == "a"
+    again = s.submit("m", prompt=prompt(DOCUMENT, "another question"))  # a is busier, but holds it
+    assert (backend_of(again), again.grant and again.grant.affinity) == ("a", Affinity.PREFIX)
+    short = s.submit("m", prompt=prompt("Be brief. " * 5, "hello"))  # nothing worth a cache: least loaded
+    assert backend_of(short) == "b"
+    assert short.grant is not None
+    assert short.grant.affinity is Affinity.MISS
+
+
+def test_waits_for_the_busy_cache_holder_when_that_is_cheaper_and_gets_it(clock: Clock) -> None:
+    s, _ = cache_pair(clock)
+    holder = s.submit("m", prompt=prompt(DOCUMENT, "q1"))  # ~900 tokens: 0.9 s of prefill to save
+    assert backend_of(holder) == "a"
+    other = s.submit("m")  # b busy too
+    assert backend_of(other) == "b"
+    turn = s.submit("m", prompt=prompt(DOCUMENT, "q2"))
+    later = s.submit("m")
+    assert other.grant is not None
+    clock.now += 0.5
+    s.release(other.grant)  # b frees first: a's lease has 0.5 s to go, the cache saves 0.9 s
+    assert state(turn) is TicketState.WAITING
+    assert turn.held_for is s.backends["a"]
+    assert backend_of(later) == "b"  # the slot went to the next request meanwhile
+    assert holder.grant is not None
+    s.release(holder.grant)
+    assert turn.grant is not None
+    assert (turn.grant.backend.name, turn.grant.affinity) == ("a", Affinity.WAITED)
+    assert s.stats["affinity_waited"] == 1
+    assert s.cache_stats[("a", "m")].waits == 1
+
+
+def test_moves_at_once_when_the_wait_costs_more_than_the_prefill_it_saves(clock: Clock) -> None:
+    s, _ = cache_pair(clock)
+    holder = s.submit("m", prompt=prompt(DOCUMENT, "q1"))
+    other = s.submit("m")
+    turn = s.submit("m", prompt=prompt(DOCUMENT, "q2"))
+    assert other.grant is not None
+    s.release(other.grant)  # a's lease has a whole second to go: more than the 0.9 s saved
+    assert turn.grant is not None
+    assert (turn.grant.backend.name, turn.grant.affinity) == ("b", Affinity.MOVED)
+    assert s.cache_stats[("a", "m")].moved == 1
+    assert holder.grant is not None
+    assert not holder.grant.released
+
+
+def test_a_hold_runs_out_at_the_saving_then_the_request_goes_anywhere_once(clock: Clock) -> None:
+    s, _ = cache_pair(clock, cache_wait_max=0.3)
+    holder = s.submit("m", prompt=prompt(DOCUMENT, "q1"))
+    other = s.submit("m")
+    turn = s.submit("m", prompt=prompt(DOCUMENT, "q2"))
+    blocker = s.submit("m")
+    clock.now += 0.8
+    assert other.grant is not None
+    s.release(other.grant)  # 0.2 s to go on a, within the 0.3 s bound: held, b goes to blocker
+    assert turn.held_for is s.backends["a"]
+    assert backend_of(blocker) == "b"
+    assert s.next_wakeup() == pytest.approx(clock.now + 0.3)
+    clock.now += 0.3  # a's lease overruns: the hold ends
+    s.refresh()
+    assert turn.held_for is None
+    assert state(turn) is TicketState.WAITING
+    assert blocker.grant is not None
+    s.release(blocker.grant)  # b frees: the turn goes there now, and is not held again
+    assert turn.grant is not None
+    assert (turn.grant.backend.name, turn.grant.affinity) == ("b", Affinity.MOVED)
+    assert holder.grant is not None
+    assert not holder.grant.released
+
+
+def test_a_held_request_goes_back_to_its_queue_when_its_holder_goes_down(clock: Clock) -> None:
+    s, _ = cache_pair(clock)
+    s.submit("m", prompt=prompt(DOCUMENT, "q1"))
+    other = s.submit("m")
+    turn = s.submit("m", prompt=prompt(DOCUMENT, "q2"))
+    s.submit("m")
+    clock.now += 0.5
+    assert other.grant is not None
+    s.release(other.grant)
+    assert turn.held_for is s.backends["a"]
+    s.update_backend("a", health=Health.UNHEALTHY)
+    assert turn.held_for is None
+    assert state(turn) is TicketState.WAITING
+    assert s.waiting == 1
+    assert [t.id for t in s.waiting_tickets()] == [turn.id]
+
+
+def test_a_starving_request_does_not_wait_for_a_cache(clock: Clock) -> None:
+    s, _ = cache_pair(clock, starvation_bound=0.1)
+    s.submit("m", prompt=prompt(DOCUMENT, "q1"))
+    other = s.submit("m")
+    turn = s.submit("m", prompt=prompt(DOCUMENT, "q2"))
+    clock.now += 0.5
+    s.submit("m", priority=1)  # arrives later, is served first when b frees: the turn starves
+    assert other.grant is not None
+    s.release(other.grant)
+    assert state(turn) is TicketState.WAITING
+    assert turn.held_for is None
+
+
+def test_a_cancelled_held_request_leaves_nothing_behind(clock: Clock) -> None:
+    s, _ = cache_pair(clock)
+    holder = s.submit("m", prompt=prompt(DOCUMENT, "q1"))
+    other = s.submit("m")
+    turn = s.submit("m", prompt=prompt(DOCUMENT, "q2"))
+    s.submit("m")
+    clock.now += 0.5
+    assert other.grant is not None
+    s.release(other.grant)
+    assert turn.held_for is not None
+    s.cancel(turn)
+    assert s.waiting == 0
+    assert s.snapshot()["backends"][0]["held_for_cache"] == 0
+    assert holder.grant is not None
+    s.release(holder.grant)
+    assert s.backends["a"].active_total == 0
+
+
+def test_learns_prefill_time_and_characters_per_token_from_reports(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    ticket = s.submit("m", prompt=prompt("x" * 4000, "y" * 800))
+    assert ticket.grant is not None
+    s.learn(ticket.grant, prompt_tokens=1600, cached_tokens=400, prefill_seconds=2.4, evaluated_tokens=1200)
+    s.learn(ticket.grant, prompt_tokens=1600, cached_tokens=1599, prefill_seconds=0.5, evaluated_tokens=1)
+    backend = s.snapshot()["backends"][0]
+    assert backend["prefill_ms_per_token"] == pytest.approx(2.0)  # the one-token hit taught nothing
+    row = s.snapshot()["prompt_cache"][0]
+    assert (row["prompt_tokens"], row["cached_tokens"]) == (3200, 1999)
+    assert row["prefill_saved_s"] == pytest.approx(1999 * 0.002)
+    assert s.chars_per_token("m") == pytest.approx(3.0)

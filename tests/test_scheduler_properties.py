@@ -9,16 +9,20 @@ The invariants are DESIGN.md's, stated independently of the scheduler's own pred
    unless its tenant is at its cap;
 6. after a refresh, no request waits past its deadline;
 7. no tenant holds more leases than its max_concurrent, or has more waiting than its max_queued;
-   each model's queue holds at most queue_limit.
+   each model's queue holds at most queue_limit;
+8. a request held for a backend's prompt cache is held for a healthy backend that lists its model,
+   for at most ``cache_wait_max``, and never past it after a refresh; its holder never has a slot
+   it could take while it waits (its lost wake-up).
 """
 
 from __future__ import annotations
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from local_inference_pool.errors import PoolError
+from local_inference_pool.prompt_cache import Prompt, prompt_of
 from local_inference_pool.scheduler import Backend, Grant, Health, Scheduler, Ticket, TicketState
 
 MODELS = ["m0", "m1", "m2"]
@@ -29,6 +33,14 @@ TENANTS = {
     "t2": {"max_concurrent": 1, "max_queued": 3},
     "": {},
 }
+DOCUMENT = "".join(f"line {i} of a long shared document. " for i in range(120))
+PROMPTS = [
+    [DOCUMENT, "question one?"],
+    [DOCUMENT, "question two?"],
+    [DOCUMENT[:1500], "a short shared start"],
+    ["a prompt of its own " * 40, "and its turn"],
+]
+CACHE_WAIT_MAX = 4.0
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -41,6 +53,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             starvation_bound=10.0,
             affinity_max_sessions=3,
             affinity_ttl=50.0,
+            cache_wait_max=CACHE_WAIT_MAX,
+            prefix_min_tokens=64,
             on_ticket_done=self.on_done,
         )
         self.tickets: list[Ticket] = []
@@ -69,6 +83,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert tenant.max_concurrent is None or held <= tenant.max_concurrent, "over a tenant's cap"
 
     # --- backends --------------------------------------------------------------------------
+
+    @initialize(slots=st.lists(st.integers(1, 2), min_size=0, max_size=2))
+    def start_serving(self, slots: list[int]) -> None:
+        """Most runs start with healthy backends serving, so requests meet each other's caches."""
+        for name, count in zip(NAMES, slots, strict=False):
+            self.scheduler.add_backend(
+                name, f"http://{name}", slots=count, models=MODELS[:2], resident=["m0"]
+            )
 
     @rule(
         name=st.sampled_from(NAMES),
@@ -131,13 +153,21 @@ class SchedulerMachine(RuleBasedStateMachine):
         session=st.none() | st.sampled_from(["s0", "s1", "s2", "s3"]),
         timeout=st.none() | st.floats(0.5, 30.0),
         tenant=st.sampled_from(list(TENANTS)),
+        prompt=st.none() | st.sampled_from(range(len(PROMPTS))),
     )
     def submit(
-        self, model: str, priority: int, session: str | None, timeout: float | None, tenant: str
+        self,
+        model: str,
+        priority: int,
+        session: str | None,
+        timeout: float | None,
+        tenant: str,
+        prompt: int | None,
     ) -> None:
+        given: Prompt | None = None if prompt is None else prompt_of(PROMPTS[prompt], model=model)
         try:
             ticket = self.scheduler.submit(
-                model, priority=priority, affinity_key=session, timeout=timeout, tenant=tenant
+                model, priority=priority, affinity_key=session, timeout=timeout, tenant=tenant, prompt=given
             )
         except PoolError:
             return
@@ -165,6 +195,23 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.scheduler.release(grant) is True
         self.released.append(grant)
 
+    @precondition(lambda self: self.live)
+    @rule(
+        data=st.data(),
+        cached=st.integers(0, 2000),
+        prefill=st.none() | st.floats(0.0, 5.0),
+        evaluated=st.integers(0, 2000),
+    )
+    def learn(self, data: st.DataObject, cached: int, prefill: float | None, evaluated: int) -> None:
+        grant = data.draw(st.sampled_from(self.live))
+        self.scheduler.learn(
+            grant,
+            prompt_tokens=cached + evaluated,
+            cached_tokens=cached,
+            prefill_seconds=prefill,
+            evaluated_tokens=evaluated,
+        )
+
     @precondition(lambda self: self.released)
     @rule(data=st.data())
     def release_again(self, data: st.DataObject) -> None:
@@ -184,13 +231,16 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.live.remove(grant)
             self.released.append(grant)
 
-    @rule(seconds=st.floats(0.0, 20.0))
+    @rule(seconds=st.floats(0.0, 20.0) | st.sampled_from([0.1, 0.5, 2.0]))
     def advance(self, seconds: float) -> None:
         self.now += seconds
         self.scheduler.refresh()
         for ticket in self.tickets:
             if ticket.state is TicketState.WAITING and ticket.deadline is not None:
                 assert ticket.deadline > self.now, "a request waits past its deadline"
+            if ticket.state is TicketState.WAITING and ticket.held_for is not None:
+                assert ticket.hold_until is not None
+                assert ticket.hold_until > self.now, "held past its hold"
 
     # --- invariants ------------------------------------------------------------------------
 
@@ -224,9 +274,28 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert tenant.max_queued is None or waiting <= tenant.max_queued, name
 
     @invariant()
+    def holds_are_bounded(self) -> None:
+        for ticket in self.tickets:
+            holder = ticket.held_for
+            if ticket.state is not TicketState.WAITING or holder is None:
+                continue
+            assert holder.health is Health.HEALTHY, "held for a backend that is down"
+            assert not holder.removed, "held for a backend that went"
+            assert holder.models is not None
+            assert ticket.model in holder.models
+            assert ticket.hold_started is not None
+            assert ticket.hold_until is not None
+            assert ticket.hold_until - ticket.hold_started <= CACHE_WAIT_MAX
+
+    @invariant()
     def no_lost_wakeup(self) -> None:
         for ticket in self.tickets:
             if ticket.state is not TicketState.WAITING or ticket.pin is not None or ticket.tenant.capped:
+                continue
+            if ticket.held_for is not None:
+                assert not _could_run_without_load(ticket.held_for, ticket.model), (
+                    f"{ticket.model} waits for {ticket.held_for.name}'s cache while it has room"
+                )
                 continue
             for backend in self.scheduler.backends.values():
                 assert not _could_run_without_load(backend, ticket.model), (

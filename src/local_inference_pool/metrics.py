@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from local_inference_pool.pool import Pool
+from local_inference_pool.scheduler import Affinity
 
 __all__ = ["PoolMetrics", "RequestRecord", "UsageSniffer"]
 
@@ -345,10 +346,15 @@ class _PoolCollector(Collector):
                 health.add_metric([name, health_state], 1.0 if backend["health"] == health_state else 0.0)
             loads.add_metric([name], backend["model_loads"])
             openings.add_metric([name], backend.get("circuit_openings", 0))
-        affinity = CounterMetricFamily("lip_affinity", "Session routing outcomes.", labels=["result"])
-        for result in ("hit", "miss", "repin"):
-            affinity.add_metric([result], state["stats"][f"affinity_{result}"])
+        affinity = CounterMetricFamily(
+            "lip_affinity",
+            "Where requests with a session or a prompt went: hit, waited, moved, prefix, miss.",
+            labels=["result"],
+        )
+        for result in Affinity:
+            affinity.add_metric([result.value], state["stats"][f"affinity_{result.value}"])
         yield from (depth, oldest, slots, busy, health, loads, openings, affinity)
+        yield from _prompt_cache_metrics(state)
         leases = GaugeMetricFamily(
             "lip_key_leases", "Leases held now, by the name of the client's key.", labels=["key"]
         )
@@ -389,3 +395,51 @@ class _PoolCollector(Collector):
             for outcome, count in shared["claims"].items():
                 claims.add_metric([outcome], count)
             yield from (reachable, held, fleet, reserved, claims)
+
+
+def _prompt_cache_metrics(state: dict[str, Any]) -> Iterator[Metric]:
+    """What the backends' prompt caches did, per backend and model, from the pool's counts."""
+    labels = ["backend", "model"]
+    families = {
+        "prompt_tokens": CounterMetricFamily(
+            "lip_cache_prompt_tokens", "Prompt tokens the backends reported.", labels=labels
+        ),
+        "cached_tokens": CounterMetricFamily(
+            "lip_cache_cached_tokens",
+            "Of those, what the backends served from their prompt cache.",
+            labels=labels,
+        ),
+        "prefill_saved_s": CounterMetricFamily(
+            "lip_cache_prefill_saved_seconds",
+            "Prefill time the cached tokens saved (estimated: times the learned prefill time per token).",
+            labels=labels,
+        ),
+        "waits": CounterMetricFamily(
+            "lip_cache_waits",
+            "Requests that waited for the busy backend holding their prompt.",
+            labels=labels,
+        ),
+        "wait_s": CounterMetricFamily(
+            "lip_cache_wait_seconds",
+            "Time those requests waited for it, beyond a slot elsewhere.",
+            labels=labels,
+        ),
+        "moved": CounterMetricFamily(
+            "lip_cache_moved",
+            "Requests whose prompt this busy backend held, sent elsewhere because waiting cost more.",
+            labels=labels,
+        ),
+    }
+    for row in state["prompt_cache"]:
+        for field_name, family in families.items():
+            family.add_metric([row["backend"], row["model"]], row[field_name])
+    per_token = GaugeMetricFamily(
+        "lip_backend_prefill_seconds_per_token",
+        "The prefill time per uncached prompt token the backend reported (learned).",
+        labels=["backend"],
+    )
+    for backend in state["backends"]:
+        if backend["prefill_ms_per_token"] is not None:
+            per_token.add_metric([backend["name"]], backend["prefill_ms_per_token"] / 1000)
+    yield from families.values()
+    yield per_token

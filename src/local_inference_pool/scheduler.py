@@ -24,7 +24,18 @@ per-model heaps the queues already are (no round over tenants per grant), and a 
 joins at the current virtual time, so it neither waits behind a backlog nor jumps a fair turn.
 
 Dispatch runs after every change that can free capacity and grants everything it can in one pass.
-Placement prefers no load, then the session's affinity backend, then the lowest weighted load.
+Placement prefers no load, then the backend likely to hold the most of the prompt in its cache (a
+prefix of at least ``prefix_min_tokens``), then the session's affinity backend, then the lowest
+weighted load.
+
+*Waiting for a cache*: when a slot is offered to a request on one backend while a busy one likely
+holds more of its prompt, the request compares the prefill time the cache saves (the uncached
+tokens on each side times that backend's learned prefill time per token) with the expected wait for
+a slot there (its lease time learned per backend, over its slots, times the requests already
+waiting for it). When waiting is cheaper it is *held* for that backend, at most the saving and at
+most ``cache_wait_max``, and meanwhile the offered slot goes to the next request; else it moves at
+once. A held request is first in line at its holder, behind only a higher priority or a starving
+request; once its hold runs out it goes wherever there is room, and is never held again.
 A free slot prefers, per priority, a request whose model is already loaded over an older one that
 would force a swap: batching by model. Batching is bounded by overtaking, not by waiting: once a slot
 has gone to a request that arrived ``starvation_bound`` seconds or more after a waiting one, the
@@ -51,6 +62,14 @@ from local_inference_pool.errors import (
     QueueFullError,
     QueueTimeoutError,
     TenantQueueFullError,
+)
+from local_inference_pool.prompt_cache import (
+    BLOCK_CHARS,
+    DEFAULT_CHARS_PER_TOKEN,
+    CacheStats,
+    Ewma,
+    PrefixIndex,
+    Prompt,
 )
 
 __all__ = [
@@ -80,9 +99,13 @@ class TicketState(StrEnum):
 
 
 class Affinity(StrEnum):
-    HIT = "hit"  # went to the backend the session used before
-    MISS = "miss"  # a new session
-    REPIN = "repin"  # the session's backend had no room: moved, and remembered there
+    """Why a request with a session or a prompt went where it did (the ``x-session-affinity`` header)."""
+
+    HIT = "hit"  # back to the backend that served its session (or conversation) before, at once
+    WAITED = "waited"  # waited for the busy backend that holds its prompt, and got it
+    MOVED = "moved"  # its cache holder was busy and waiting cost more: moved, remembered there
+    PREFIX = "prefix"  # a new session, placed where a long prefix of its prompt is cached
+    MISS = "miss"  # nothing of it cached anywhere the pool knows
 
 
 @dataclass(eq=False, slots=True)
@@ -107,6 +130,11 @@ class Backend:
     granted: int = 0
     removed: bool = False
     pinned: deque[Ticket] = field(default_factory=deque)
+    held: list[tuple[tuple[int, float, int], Ticket]] = field(default_factory=list)  # waiting for its cache
+    context: int | None = None  # context per slot, in tokens, when the server says
+    cache_tokens: int | None = None  # what its prompt cache holds, when configured
+    lease_seconds: Ewma = field(default_factory=Ewma)  # how long a lease here lasts
+    prefill_seconds: Ewma = field(default_factory=Ewma)  # prefill time per uncached prompt token
 
     @property
     def free(self) -> int:
@@ -175,6 +203,11 @@ class Ticket:
     pin: str | None
     tenant: Tenant
     tag: float = 0.0  # virtual start time: the fair order between tenants within a priority
+    prompt: Prompt | None = None
+    held_for: Backend | None = None  # waiting for this backend's cache
+    hold_started: float | None = None  # set once: a ticket is held for a cache at most once
+    hold_until: float | None = None
+    moved_from: str | None = None  # the busy backend holding its cache, that it did not wait for
     state: TicketState = TicketState.WAITING
     grant: Grant | None = None
     error: PoolError | None = None
@@ -209,7 +242,12 @@ class Scheduler:
         affinity: bool = True,
         affinity_ttl: float = 1800.0,
         affinity_max_sessions: int = 10_000,
+        cache_wait_max: float = 10.0,
+        prefill_seconds_per_token: float = 0.0005,
+        prefix_min_tokens: int = 256,
+        prefix_index_blocks: int = 65_536,
         on_ticket_done: Callable[[Ticket], None] | None = None,
+        on_ticket_held: Callable[[Ticket], None] | None = None,
     ) -> None:
         self.clock = clock
         self.queue_limit = queue_limit
@@ -218,11 +256,17 @@ class Scheduler:
         self.affinity_ttl = affinity_ttl
         self.affinity_max_sessions = affinity_max_sessions
         self.on_ticket_done = on_ticket_done
+        self.on_ticket_held = on_ticket_held  # its waiter wakes on the hold's end (``hold_until``)
+        self.cache_wait_max = cache_wait_max
+        self.prefill_seconds_per_token = prefill_seconds_per_token  # before a backend reports its own
+        self.prefix_min_tokens = prefix_min_tokens
+        self.prefix_index_blocks = prefix_index_blocks  # per backend and model, whatever it holds
         self.backends: dict[str, Backend] = {}
         self.grants: dict[int, Grant] = {}
         self.stats: dict[str, int] = dict.fromkeys(
             ("granted", "released", "loads", "cancelled", "timed_out", "failed", "rejected",
-             "affinity_hit", "affinity_miss", "affinity_repin", "barriers"),
+             "affinity_hit", "affinity_miss", "affinity_waited", "affinity_moved", "affinity_prefix",
+             "barriers"),
             0,
         )  # fmt: skip
         self._ids = itertools.count(1)
@@ -241,6 +285,10 @@ class Scheduler:
         self._newest_granted = float("-inf")  # arrival time of the most recently arrived grant
         self.tenants: dict[str, Tenant] = {}
         self._virtual = 0.0  # fair queueing's virtual time: the largest start tag granted
+        self._prefixes: dict[tuple[str, str], PrefixIndex] = {}  # (backend, model) -> what it was sent
+        self._chars_per_token: dict[str, Ewma] = {}  # per model, learned from reported prompt tokens
+        self._holds: list[tuple[float, int, Ticket]] = []  # (hold_until, id): holds that run out
+        self.cache_stats: dict[tuple[str, str], CacheStats] = {}  # (backend, model)
 
     # --- backends --------------------------------------------------------------------------
 
@@ -255,6 +303,7 @@ class Scheduler:
         weight: float = 1.0,
         health: Health = Health.HEALTHY,
         resident: Sequence[str] = (),
+        cache_tokens: int | None = None,
     ) -> Backend:
         if name in self.backends:
             raise ValueError(f"backend {name!r} already exists")
@@ -267,6 +316,7 @@ class Scheduler:
             weight=weight,
             health=health,
             index=next(self._backend_order),
+            cache_tokens=cache_tokens,
         )
         self.backends[name] = backend
         self._undiscovered += 1  # models=None so far; _set_models counts it discovered if given
@@ -285,6 +335,7 @@ class Scheduler:
         backend.removed = True
         self._free.discard(backend)
         self._clear_barrier(backend)
+        self._forget_cache(backend)
         while backend.pinned:
             ticket = backend.pinned.popleft()
             if ticket.state is TicketState.WAITING:
@@ -304,6 +355,7 @@ class Scheduler:
         weight: float = _UNSET,
         max_loaded_models: int = _UNSET,
         trial: bool = _UNSET,
+        context: int | None = _UNSET,
     ) -> None:
         """Apply what a probe (or the operator) says; dispatch what the change makes possible."""
         backend = self.backends[name]
@@ -320,6 +372,8 @@ class Scheduler:
             backend.foreign_models = frozenset(foreign_models)
         if trial is not _UNSET:
             backend.trial = trial
+        if context is not _UNSET:
+            backend.context = context
         if models is not _UNSET:
             self._set_models(backend, None if models is None else frozenset(models))
         if resident is not _UNSET:
@@ -329,6 +383,10 @@ class Scheduler:
             backend.health = health
             if health is not Health.HEALTHY:
                 self._clear_barrier(backend)
+            if health is Health.UNHEALTHY:  # down: whatever it comes back with, its cache is gone
+                self._forget_cache(backend)
+        if backend.held and (backend.health is not Health.HEALTHY or models is not _UNSET):
+            self._release_holds(backend)
         self._touch(backend)
         self._after_change([backend])
 
@@ -345,8 +403,11 @@ class Scheduler:
         tenant: str = "",
         arrival: float | None = None,
         tag: float | None = None,
+        prompt: Prompt | None = None,
     ) -> Ticket:
         """Queue a request; it may come back already granted. Raises when it can never be served now.
+
+        ``prompt``: what of the request the backends' prompt caches may hold (see ``prompt_cache``).
 
         ``queue_limit`` bounds each model's queue (a backlog for one model refuses no other), and a
         tenant's ``max_queued`` its own waiting requests. ``arrival`` and ``tag``: where a request
@@ -372,6 +433,7 @@ class Scheduler:
             pin=pin,
             tenant=owner,
             tag=tag,
+            prompt=prompt,
         )
         self._enqueue(ticket)
         if pin is not None:
@@ -508,6 +570,7 @@ class Scheduler:
         del self.grants[grant.id]
         self.stats["released"] += 1
         backend = grant.backend
+        backend.lease_seconds.add(max(0.0, self.clock() - grant.granted_at))
         remaining = backend.active[grant.model] - 1
         if remaining:
             backend.active[grant.model] = remaining
@@ -550,16 +613,30 @@ class Scheduler:
             if expires > now:
                 break
             del self._affinity[key]
+        models: set[str] = set()
+        while self._holds and self._holds[0][0] <= now:
+            _, _, ticket = heapq.heappop(self._holds)
+            if ticket.held_for is not None and ticket.state is TicketState.WAITING:
+                self._unhold(ticket)
+                models.add(ticket.model)
+        for model in sorted(models):
+            if self._free:
+                self._place(model)
         self._serve_starving()
 
     def next_wakeup(self) -> float | None:
-        """When ``refresh`` next has something to do (the earliest deadline), or None.
+        """When ``refresh`` next has something to do (the earliest deadline or end of a hold), or None.
 
         Starvation needs no timer: it is caused by a grant, and every grant path checks for it.
         """
         while self._deadlines and self._deadlines[0][2].state is not TicketState.WAITING:
             heapq.heappop(self._deadlines)
-        return self._deadlines[0][0] if self._deadlines else None
+        while self._holds and (
+            self._holds[0][2].held_for is None or self._holds[0][2].state is not TicketState.WAITING
+        ):
+            heapq.heappop(self._holds)
+        times = [entries[0][0] for entries in (self._deadlines, self._holds) if entries]
+        return min(times) if times else None
 
     @property
     def waiting(self) -> int:
@@ -628,8 +705,27 @@ class Scheduler:
                     "trial": b.trial,
                     "model_loads": b.loads,
                     "granted": b.granted,
+                    "held_for_cache": sum(
+                        t.held_for is b and t.state is TicketState.WAITING for _, t in b.held
+                    ),
+                    "prefill_ms_per_token": _rounded(b.prefill_seconds.value, 1000),
+                    "mean_lease_s": _rounded(b.lease_seconds.value, 1),
                 }
                 for b in self.backends.values()
+            ],
+            "prompt_cache": [
+                {
+                    "backend": backend,
+                    "model": model,
+                    "prompt_tokens": c.prompt_tokens,
+                    "cached_tokens": c.cached_tokens,
+                    "cached_share": round(c.cached_tokens / c.prompt_tokens, 3) if c.prompt_tokens else None,
+                    "prefill_saved_s": round(c.saved_seconds, 3),
+                    "waits": c.waits,
+                    "wait_s": round(c.wait_seconds, 3),
+                    "moved": c.moved,
+                }
+                for (backend, model), c in sorted(self.cache_stats.items())
             ],
             "queue": {
                 "waiting": self._waiting_total,
@@ -680,9 +776,11 @@ class Scheduler:
             ]
             if not candidates:
                 return
-            backend, affinity = self._choose_backend(head, candidates)
-            self._remove_waiting(head)
-            self._grant(head, backend, affinity, queued=True)
+            backend, _ = self._choose_backend(head, candidates)
+            target = self._placement(head, backend)
+            if target is not None:
+                self._remove_waiting(head)
+                self._grant(head, target, self._affinity_outcome(head, target), queued=True)
 
     def _fill(self, backend: Backend) -> None:
         """Give a backend's free slots to the best waiting tickets."""
@@ -690,9 +788,147 @@ class Scheduler:
             ticket = self._choose_ticket(backend)
             if ticket is None:
                 return
-            self._remove_waiting(ticket)
-            affinity = self._affinity_outcome(ticket, backend)
-            self._grant(ticket, backend, affinity, queued=True)
+            target = self._placement(ticket, backend)
+            if target is not None:
+                self._remove_waiting(ticket)
+                self._grant(ticket, target, self._affinity_outcome(ticket, target), queued=True)
+
+    def _placement(self, ticket: Ticket, offered: Backend) -> Backend | None:
+        """Where a ticket offered a slot on ``offered`` goes: there; to a backend that likely
+        caches more of its prompt and has a slot free too; or nowhere yet (None: it is held for a
+        busy one, because the prefill that backend saves outweighs the wait expected for it)."""
+        prompt = ticket.prompt
+        if prompt is None or ticket.pin is not None or ticket.held_for is offered:
+            return offered
+        model = ticket.model
+        tokens = prompt.chars / self._token_chars(model)
+        offered_cost = self._prefill(offered, tokens - self._cached_tokens(ticket, offered))
+        holder: Backend | None = None
+        saving = 0.0
+        for backend in self._serving.get(model, ()):
+            if backend is offered or backend.health is not Health.HEALTHY or not backend.can_take(model):
+                continue
+            cached = self._cached_tokens(ticket, backend)
+            if cached < self.prefix_min_tokens:
+                continue
+            gain = offered_cost - self._prefill(backend, tokens - cached)
+            if gain > saving or (gain == saving and holder is not None and backend.free > holder.free):
+                holder, saving = backend, gain
+        if holder is None:
+            return offered
+        if holder.free:
+            return holder
+        if (
+            ticket.hold_started is not None
+            or self.cache_wait_max <= 0
+            or self._starving(ticket)
+            or self._expected_wait(holder, ticket) >= min(saving, self.cache_wait_max)
+        ):
+            ticket.moved_from = holder.name
+            return offered
+        self._hold(ticket, holder, min(saving, self.cache_wait_max))
+        return None
+
+    def _cached_tokens(self, ticket: Ticket, backend: Backend) -> float:
+        """How many of the ticket's prompt tokens the backend likely holds: the leading blocks its
+        index has, or, when it has none of them, the conversation's history where its session
+        was last served (another process of the fleet may have sent that)."""
+        prompt = ticket.prompt
+        if prompt is None:
+            return 0.0
+        index = self._prefixes.get((backend.name, ticket.model))
+        chars = index.match(prompt.blocks) * BLOCK_CHARS if index is not None else 0
+        if not chars and self._affinity_backend(ticket.affinity_key) == backend.name:
+            chars = prompt.history_chars
+        return min(chars, prompt.chars) / self._token_chars(ticket.model)
+
+    def _token_chars(self, model: str) -> float:
+        return self.chars_per_token(model)
+
+    def chars_per_token(self, model: str) -> float:
+        """Characters of a rendered prompt per token the backends count, as learned for the model."""
+        learned = self._chars_per_token.get(model)
+        return DEFAULT_CHARS_PER_TOKEN if learned is None else learned.get(DEFAULT_CHARS_PER_TOKEN)
+
+    def _prefill(self, backend: Backend, tokens: float) -> float:
+        return max(0.0, tokens) * backend.prefill_seconds.get(self.prefill_seconds_per_token)
+
+    def _expected_wait(self, holder: Backend, ticket: Ticket) -> float:
+        """Until a slot on a full backend comes to this ticket: the requests ahead of it there go
+        first, each taking the next lease to end. A lease is expected to last the backend's mean
+        (0 before one has ended), an overdue one a quarter of it more; past the leases running now,
+        each further turn is a mean lease over the backend's slots."""
+        ahead = sum(t.state is TicketState.WAITING for t in holder.pinned)
+        ahead += sum(
+            1
+            for order, held in holder.held
+            if held.held_for is holder and held.state is TicketState.WAITING and order < ticket.order
+        )
+        mean = holder.lease_seconds.get(0.0)
+        now = self.clock()
+        ending = sorted(
+            mean - elapsed if (elapsed := now - g.granted_at) < mean else mean / 4
+            for g in self.grants.values()
+            if g.backend is holder
+        )
+        if ahead < len(ending):
+            return ending[ahead]
+        last = ending[-1] if ending else 0.0
+        return last + (ahead - len(ending) + 1) * mean / max(1, holder.slots)
+
+    def _hold(self, ticket: Ticket, holder: Backend, budget: float) -> None:
+        now = self.clock()
+        queue = self._queues.get(ticket.model)
+        if queue and queue[0][1] is ticket:
+            heapq.heappop(queue)  # else it is dropped from its queue when it comes up
+        ticket.held_for = holder
+        ticket.hold_started = now
+        ticket.hold_until = now + budget
+        heapq.heappush(holder.held, (ticket.order, ticket))
+        heapq.heappush(self._holds, (ticket.hold_until, ticket.id, ticket))
+        if self.on_ticket_held is not None:
+            self.on_ticket_held(ticket)
+
+    def _unhold(self, ticket: Ticket) -> None:
+        """A held ticket's hold ran out (or its holder went): back in its queue, in its place."""
+        holder = ticket.held_for
+        if holder is None or ticket.state is not TicketState.WAITING:
+            return
+        ticket.held_for = None
+        ticket.moved_from = holder.name
+        heapq.heappush(self._queues.setdefault(ticket.model, []), (ticket.order, ticket))
+
+    def _held_head(self, backend: Backend) -> Ticket | None:
+        held = backend.held
+        while held:
+            ticket = held[0][1]
+            if ticket.held_for is backend and ticket.state is TicketState.WAITING:
+                return ticket
+            heapq.heappop(held)
+        return None
+
+    def _forget_cache(self, backend: Backend) -> None:
+        """A backend that went down, or away, has no prompt cache the pool knows of: its held
+        tickets go back to their queues."""
+        for key in [key for key in self._prefixes if key[0] == backend.name]:
+            del self._prefixes[key]
+        self._release_holds(backend)
+
+    def _release_holds(self, backend: Backend) -> None:
+        """Tickets held for a backend that cannot serve them now go back to their queues."""
+        serves = backend.health is Health.HEALTHY and not backend.removed and backend.models is not None
+        models = set()
+        for _, ticket in backend.held:
+            if ticket.held_for is not backend or ticket.state is not TicketState.WAITING:
+                continue
+            if not serves or ticket.model not in (backend.models or ()):
+                self._unhold(ticket)
+                models.add(ticket.model)
+        backend.held = [(order, t) for order, t in backend.held if t.held_for is backend]
+        heapq.heapify(backend.held)
+        for model in sorted(models):
+            if self._free:
+                self._place(model)
 
     def _choose_ticket(self, backend: Backend) -> Ticket | None:
         while backend.pinned and backend.pinned[0].state is not TicketState.WAITING:
@@ -705,6 +941,9 @@ class Scheduler:
             return backend.pinned[0]
         if backend.models is None:
             return None
+        held = self._held_head(backend)
+        if held is not None and (not backend.can_take(held.model) or held.tenant.capped):
+            held = None
         waiting = self._waiting
         models: Iterable[str] = (
             (m for m in waiting if m in backend.models)
@@ -725,14 +964,36 @@ class Scheduler:
             key = (not starving, -head.priority, backend.needs_load(model), head.tag, head.id)
             if best_key is None or key < best_key:
                 best, best_key = head, key
+        if held is not None and (
+            best is None or (best_key is not None and best_key[0] and held.priority >= best.priority)
+        ):
+            return held  # it waits for this backend's cache: first in line here but for those
         return best
 
     def _choose_backend(self, ticket: Ticket, candidates: list[Backend]) -> tuple[Backend, Affinity | None]:
         pinned_to = self._affinity_backend(ticket.affinity_key)
-        best = min(
-            candidates,
-            key=lambda b: (b.known_cold(ticket.model), b.name != pinned_to, b.load_ratio, b.index),
-        )
+        if ticket.prompt is None:
+            best = min(
+                candidates,
+                key=lambda b: (b.known_cold(ticket.model), b.name != pinned_to, b.load_ratio, b.index),
+            )
+        else:  # a short cached prefix counts for nothing: load spreads
+            least = self.prefix_min_tokens
+
+            def cached(b: Backend) -> float:
+                tokens = self._cached_tokens(ticket, b)
+                return tokens if tokens >= least else 0.0
+
+            best = min(
+                candidates,
+                key=lambda b: (
+                    b.known_cold(ticket.model),
+                    -cached(b),
+                    b.name != pinned_to,
+                    b.load_ratio,
+                    b.index,
+                ),
+            )
         return best, self._affinity_outcome(ticket, best)
 
     def _starving(self, ticket: Ticket) -> bool:
@@ -793,6 +1054,8 @@ class Scheduler:
         self._newest_granted = max(self._newest_granted, ticket.arrival)
         if backend.barrier == model:
             self._clear_barrier(backend)
+        if ticket.prompt is not None:
+            self._cached_on(ticket, backend, affinity)
         grant = Grant(
             id=next(self._ids),
             ticket=ticket,
@@ -813,6 +1076,66 @@ class Scheduler:
         if queued and self.on_ticket_done is not None:
             self.on_ticket_done(ticket)
         return grant
+
+    def _cached_on(self, ticket: Ticket, backend: Backend, affinity: Affinity | None) -> None:
+        """The backend is sent the ticket's prompt: its index holds it now; count a wait or a move."""
+        assert ticket.prompt is not None
+        key = (backend.name, ticket.model)
+        index = self._prefixes.get(key)
+        capacity = self._index_capacity(backend, ticket.model)
+        if index is None:
+            index = self._prefixes[key] = PrefixIndex(capacity)
+        elif index.capacity != capacity:
+            index.resize(capacity)
+        index.record(ticket.prompt.blocks)
+        if affinity is Affinity.WAITED and ticket.hold_started is not None:
+            stats = self._cache_stats(backend.name, ticket.model)
+            stats.waits += 1
+            stats.wait_seconds += self.clock() - ticket.hold_started
+        elif affinity is Affinity.MOVED and ticket.moved_from in self.backends:
+            self._cache_stats(ticket.moved_from, ticket.model).moved += 1
+        ticket.held_for = None
+
+    def _index_capacity(self, backend: Backend, model: str) -> int:
+        """In blocks: what the backend can hold (``cache_tokens``, else its slots times its context,
+        8192 tokens when unknown), at most ``prefix_index_blocks``."""
+        tokens = backend.cache_tokens or backend.slots * (backend.context or 8192)
+        return max(1, min(self.prefix_index_blocks, int(tokens * self._token_chars(model) / BLOCK_CHARS)))
+
+    def _cache_stats(self, backend: str, model: str) -> CacheStats:
+        stats = self.cache_stats.get((backend, model))
+        if stats is None:
+            stats = self.cache_stats[(backend, model)] = CacheStats()
+        return stats
+
+    def learn(
+        self,
+        grant: Grant,
+        *,
+        prompt_tokens: int | None,
+        cached_tokens: int | None = None,
+        prefill_seconds: float | None = None,
+        evaluated_tokens: int | None = None,
+    ) -> None:
+        """What a backend reported of one answer: its prompt's tokens, how many it served from its
+        cache, and (llama.cpp's ``timings``) how long it took to evaluate the rest."""
+        backend, model = grant.backend, grant.model
+        if prompt_tokens is None or prompt_tokens <= 0 or backend.removed:
+            return
+        cached = max(0, min(cached_tokens or 0, prompt_tokens))
+        if prefill_seconds is not None and evaluated_tokens is not None and evaluated_tokens >= 16:
+            backend.prefill_seconds.add(
+                max(0.0, prefill_seconds) / evaluated_tokens
+            )  # 1-token hits say nothing
+        prompt = grant.ticket.prompt
+        if prompt is not None and prompt_tokens >= 16:
+            ratio = min(16.0, max(0.5, prompt.chars / prompt_tokens))  # a broken count moves it little
+            self._chars_per_token.setdefault(model, Ewma()).add(ratio)
+        stats = self._cache_stats(backend.name, model)
+        stats.reports += 1
+        stats.prompt_tokens += prompt_tokens
+        stats.cached_tokens += cached
+        stats.saved_seconds += self._prefill(backend, cached)
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -858,7 +1181,8 @@ class Scheduler:
         for model in [m for m in self._waiting if not self._serving.get(m)]:
             error_text = f"model {model!r} is no longer served by any backend"
             parked = [t for tenant in self.tenants.values() for _, t in tenant.parked if t.model == model]
-            for ticket in [*(t for _, t in self._queues.get(model, ())), *parked]:
+            held = [t for b in self.backends.values() for _, t in b.held if t.model == model]
+            for ticket in [*(t for _, t in self._queues.get(model, ())), *parked, *held]:
                 if ticket.state is TicketState.WAITING:
                     self.fail(ticket, ModelNotFoundError(error_text, model=model))
 
@@ -915,7 +1239,7 @@ class Scheduler:
         queue = self._queues.get(model)
         while queue:
             ticket = queue[0][1]
-            if ticket.state is TicketState.WAITING:
+            if ticket.state is TicketState.WAITING and ticket.held_for is None:
                 tenant = ticket.tenant
                 if tenant.max_concurrent is None or not tenant.capped:
                     return ticket
@@ -963,6 +1287,8 @@ class Scheduler:
             self._resident_on[model].discard(backend)
             if not self._resident_on[model]:
                 del self._resident_on[model]
+            if model not in kept:  # unloaded: its prompts went with it
+                self._prefixes.pop((backend.name, model), None)
         backend.resident = kept
         for model in kept:
             self._resident_on.setdefault(model, set()).add(backend)
@@ -981,12 +1307,18 @@ class Scheduler:
         return entry[0]
 
     def _affinity_outcome(self, ticket: Ticket, backend: Backend) -> Affinity | None:
-        if ticket.affinity_key is None:
+        if ticket.affinity_key is None and ticket.prompt is None:
             return None
+        if ticket.held_for is backend:
+            return Affinity.WAITED
+        if ticket.moved_from is not None and ticket.moved_from != backend.name:
+            return Affinity.MOVED
         pinned_to = self._affinity_backend(ticket.affinity_key)
-        if pinned_to is None:
-            return Affinity.MISS
-        return Affinity.HIT if pinned_to == backend.name else Affinity.REPIN
+        if pinned_to is not None:
+            return Affinity.HIT if pinned_to == backend.name else Affinity.MOVED
+        if ticket.prompt is not None and self._cached_tokens(ticket, backend) >= self.prefix_min_tokens:
+            return Affinity.PREFIX
+        return Affinity.MISS
 
     def _remember_affinity(self, key: str | None, backend: Backend) -> None:
         if key is None:
@@ -995,3 +1327,7 @@ class Scheduler:
         self._affinity.move_to_end(key)
         while len(self._affinity) > self.affinity_max_sessions:
             self._affinity.popitem(last=False)
+
+
+def _rounded(value: float | None, scale: float) -> float | None:
+    return None if value is None else round(value * scale, 3)

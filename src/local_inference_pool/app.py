@@ -328,6 +328,8 @@ async def _read_request(
     )
     if not inbound.model:
         inbound.model = _only_model(runtime)
+    if route.slot:
+        inbound.prompt = route.dialect.prompt(inbound.payload, inbound.model)
     pin = None
     previous = inbound.payload.get("previous_response_id") if route.remembers_response else None
     if previous is not None:

@@ -90,6 +90,7 @@ class BackendConfig:
     max_loaded_models: int = 1
     weight: float = 1.0
     api_key: str | None = field(default=None, repr=False)
+    cache_tokens: int | None = None  # prompt tokens its cache holds; default slots x context
 
     def __post_init__(self) -> None:
         shown = self.name or without_userinfo(self.url)
@@ -164,6 +165,10 @@ class PoolConfig:
     affinity: bool = True
     affinity_ttl: float = 1800.0
     affinity_max_sessions: int = 10_000
+    cache_wait_max: float = 10.0
+    prefill_ms_per_token: float = 0.5
+    prefix_min_tokens: int = 256
+    prefix_index_blocks: int = 65_536
     health_interval: float = 5.0
     health_timeout: float = 3.0
     connect_timeout: float = 5.0
@@ -369,6 +374,10 @@ POOL_KEYS: dict[str, Parser] = {
     "affinity": _bool,
     "affinity_ttl": _number(positive=True),
     "affinity_max_sessions": _int_at_least(1),
+    "cache_wait_max": _number(positive=False),
+    "prefill_ms_per_token": _number(positive=False),
+    "prefix_min_tokens": _int_at_least(1),
+    "prefix_index_blocks": _int_at_least(1),
     "health_interval": _number(positive=True),
     "health_timeout": _number(positive=True),
     "connect_timeout": _number(positive=True),
@@ -454,6 +463,7 @@ BACKEND_KEYS: dict[str, Parser] = {
     "max_loaded_models": _int_at_least(1),
     "weight": _number(positive=True),
     "api_key": _optional_key,
+    "cache_tokens": lambda where, value: None if value is None else _int_at_least(1)(where, value),
 }
 
 assert set(POOL_KEYS) == {f.name for f in fields(PoolConfig)} - {"backends", "routes", "keys"}

@@ -1,5 +1,7 @@
 """The API families the pool speaks, each a small strategy: how the pool's own errors look, how a
-failure after a stream started is told, where a client's key and a session's key are found.
+failure after a stream started is told, where a client's key and a session's key are found, and
+how a request's prompt reads for the backends' prompt caches (``prompt``: its parts in the order a
+chat template puts them: tools and system first, then each message; the last part the newest).
 
 - ``OPENAI``: chat/completions, completions, embeddings and the other OpenAI-shaped routes;
 - ``RESPONSES``: OpenAI's Responses API (OpenAI's error body; its own stream error event and
@@ -19,9 +21,12 @@ from typing import Any, Final
 
 from local_inference_pool.errors import PoolError
 from local_inference_pool.inbound import authorization, single_header
+from local_inference_pool.prompt_cache import BLOCK_CHARS, MAX_BLOCKS, Prompt, prompt_of
 from local_inference_pool.replies import ErrorReply, openai_error
 
 __all__ = ["ANTHROPIC", "DIALECTS", "OPENAI", "RESPONSES", "Dialect"]
+
+_RENDERED_CHARS: Final = BLOCK_CHARS * MAX_BLOCKS  # rendering stops where the index would
 
 # Anthropic's error types by status (its API reference); 503 from the pool is its "overloaded".
 _ANTHROPIC_TYPES: Final = {
@@ -85,6 +90,19 @@ class Dialect:
             return "prefix:" + hashlib.sha256(prompt[:1024].encode()).hexdigest()[:32]
         return None
 
+    def prompt(self, payload: Mapping[str, Any], model: str) -> Prompt | None:
+        """Chat's tools and messages, or a completion's ``prompt`` (text, or token ids); None for
+        what has neither (embeddings of many inputs, and the like)."""
+        messages = payload.get("messages")
+        if isinstance(messages, list) and messages:
+            return _rendered([payload.get("tools")], messages, model)
+        prompt = payload.get("prompt")
+        if isinstance(prompt, str) and prompt:
+            return prompt_of([prompt[:_RENDERED_CHARS]], model=model)
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt[:1]):
+            return _rendered([], [prompt], model)
+        return None
+
 
 class ResponsesDialect(Dialect):
     """OpenAI's Responses API: OpenAI's error body; a stream fails with its ``error`` event."""
@@ -110,6 +128,14 @@ class ResponsesDialect(Dialect):
         if not first:
             return None
         return _prefix_key([payload.get("instructions"), first])
+
+    def prompt(self, payload: Mapping[str, Any], model: str) -> Prompt | None:
+        """The instructions and tools, then each input item (or the input text)."""
+        given_input = payload.get("input")
+        items = given_input if isinstance(given_input, list) else [given_input] if given_input else []
+        if not items:
+            return None
+        return _rendered([payload.get("tools"), payload.get("instructions")], items, model)
 
 
 class AnthropicDialect(Dialect):
@@ -159,6 +185,13 @@ class AnthropicDialect(Dialect):
             return _prefix_key([payload.get("system"), *_until_first_user(messages)])
         return None
 
+    def prompt(self, payload: Mapping[str, Any], model: str) -> Prompt | None:
+        """The tools and system prompt, then each message."""
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return None
+        return _rendered([payload.get("tools"), payload.get("system")], messages, model)
+
 
 OPENAI: Final = Dialect()
 RESPONSES: Final = ResponsesDialect()
@@ -182,3 +215,28 @@ def _until_first_user(messages: list[Any]) -> list[Any]:
 
 def _prefix_key(parts: list[Any]) -> str:
     return "prefix:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _rendered(head: list[Any], items: list[Any], model: str) -> Prompt:
+    """The prompt of a request: what comes first (tools, system) as one part, then each item; a
+    text part as it is, anything else as compact JSON. Rendering stops at what the index reads."""
+    parts = ["".join(_text(part) for part in head if part)]
+    total = len(parts[0])
+    for item in items:
+        if total >= _RENDERED_CHARS:
+            break
+        text = _text(item)
+        parts.append(text)
+        total += len(text)
+    return prompt_of(parts, model=model)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):  # the common message
+        return f"<{value.get('role')}>{value['content']}"
+    try:
+        return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        return ""

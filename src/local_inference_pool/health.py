@@ -185,6 +185,7 @@ class Monitor:
                 models=snapshot.models,
                 resident=snapshot.resident,
                 server_busy=snapshot.busy,
+                context=snapshot.context,
             )
         else:
             self.pool.update_backend(name, health=effective, trial=trial)

@@ -22,6 +22,7 @@ from starlette.types import Receive
 
 from local_inference_pool.config import PoolConfig
 from local_inference_pool.errors import InvalidRequestError
+from local_inference_pool.prompt_cache import Prompt
 
 __all__ = [
     "MAX_DEPTH",
@@ -59,6 +60,7 @@ class Inbound:
     session: str | None
     payload: Mapping[str, Any] = field(default_factory=dict)
     tenant: str = ""  # whose key: a [[keys]] name, api_keys[i], or '' on an open pool
+    prompt: Prompt | None = None  # what the backends' prompt caches may hold of it
 
 
 def request_id(headers: Mapping[bytes, bytes]) -> str:

@@ -43,6 +43,7 @@ from local_inference_pool.errors import (
     WrongEventLoopError,
 )
 from local_inference_pool.fleet import Claimed, FleetView, Head, Standing
+from local_inference_pool.prompt_cache import Prompt
 from local_inference_pool.scheduler import Affinity, Grant, Health, Scheduler, Ticket, TicketState
 
 if TYPE_CHECKING:
@@ -100,6 +101,25 @@ class Lease:
     @property
     def released(self) -> bool:
         return self._grant.released
+
+    def learn(
+        self,
+        *,
+        prompt_tokens: int | None,
+        cached_tokens: int | None = None,
+        prefill_seconds: float | None = None,
+        evaluated_tokens: int | None = None,
+    ) -> None:
+        """What the backend reported of this request's prompt: its tokens, how many came from its
+        cache, and how long the rest took (llama.cpp's ``timings``). The pool learns its prefill
+        times and cache figures from these."""
+        self._pool._scheduler.learn(
+            self._grant,
+            prompt_tokens=prompt_tokens,
+            cached_tokens=cached_tokens,
+            prefill_seconds=prefill_seconds,
+            evaluated_tokens=evaluated_tokens,
+        )
 
     def release(self) -> None:
         """Give the slot back. From a thread other than the pool's loop, it is handed to the loop."""
@@ -174,7 +194,12 @@ class Pool:
             affinity=config.affinity,
             affinity_ttl=config.affinity_ttl,
             affinity_max_sessions=config.affinity_max_sessions,
+            cache_wait_max=config.cache_wait_max,
+            prefill_seconds_per_token=config.prefill_ms_per_token / 1000,
+            prefix_min_tokens=config.prefix_min_tokens,
+            prefix_index_blocks=config.prefix_index_blocks,
             on_ticket_done=self._wake,
+            on_ticket_held=self._wake,
         )
         self._backend_configs: dict[str, BackendConfig] = {}
         self._api_keys: dict[str, str | None] = {}
@@ -224,6 +249,7 @@ class Pool:
             max_loaded_models=backend.max_loaded_models,
             weight=backend.weight,
             health=health,
+            cache_tokens=backend.cache_tokens,
         )
 
     def remove_backend(self, name: str) -> None:
@@ -242,6 +268,7 @@ class Pool:
         external_busy: int | None = None,
         server_busy: int | None = None,
         trial: bool | None = None,
+        context: int | None = None,
     ) -> None:
         """Apply what a probe found; queued requests that can now run are granted at once.
 
@@ -266,6 +293,8 @@ class Pool:
             changes["external_busy"] = max(self._probe_external[name], self._fleet_external.get(name, 0))
         if trial is not None:
             changes["trial"] = trial
+        if context is not None:
+            changes["context"] = context
         self._scheduler.update_backend(name, **changes)
 
     def backend_kind(self, name: str) -> str:
@@ -313,13 +342,15 @@ class Pool:
         session: str | None = None,
         timeout: float | None = _DEFAULT,
         tenant: str = "",
+        prompt: Prompt | None = None,
     ) -> _Acquire:
         """Wait for a slot for ``model``: ``lease = await pool.acquire(m)`` or ``async with``.
 
         ``priority``: higher is served first. ``session``: an affinity key; the same key goes back to
         the same backend while it has room. ``timeout``: seconds to wait (None: forever); the
         default is ``config.queue_timeout``. ``tenant``: whose request it is (a ``[[keys]]`` name):
-        its share, caps and counts. Raises ModelNotFoundError, NoCapacityError, QueueFullError
+        its share, caps and counts. ``prompt``: what the request will send (``prompt_of``), for
+        placement by prompt cache. Raises ModelNotFoundError, NoCapacityError, QueueFullError
         (TenantQueueFullError for a key's own limit), QueueTimeoutError or PoolClosedError.
         """
         return _Acquire(
@@ -331,6 +362,7 @@ class Pool:
                 "timeout": timeout,
                 "pin": None,
                 "tenant": tenant,
+                "prompt": prompt,
             },
         )
 
@@ -343,9 +375,10 @@ class Pool:
         timeout: float | None,
         pin: str | None,
         tenant: str,
+        prompt: Prompt | None = None,
     ) -> Lease:
         ticket = self.submit(
-            model, priority=priority, session=session, timeout=timeout, pin=pin, tenant=tenant
+            model, priority=priority, session=session, timeout=timeout, pin=pin, tenant=tenant, prompt=prompt
         )
         lease = self.granted(ticket)
         if lease is not None and self._shared is None:
@@ -426,6 +459,7 @@ class Pool:
                 tenant=ticket.tenant.name,
                 arrival=ticket.arrival,
                 tag=ticket.tag,
+                prompt=ticket.prompt,
             )
             lease = self.granted(ticket)
 
@@ -440,6 +474,7 @@ class Pool:
         tenant: str = "",
         arrival: float | None = None,
         tag: float | None = None,
+        prompt: Prompt | None = None,
     ) -> Ticket:
         """Queue a request without waiting: it may come back granted (``granted``), else ``wait`` for it.
 
@@ -464,6 +499,7 @@ class Pool:
             tenant=tenant,
             arrival=arrival,
             tag=tag,
+            prompt=prompt,
         )
         if ticket.state is TicketState.WAITING:
             self._queue_changed()
@@ -472,12 +508,18 @@ class Pool:
     async def wait(self, ticket: Ticket) -> Lease:
         """Wait for a queued ticket's grant. Whatever ends the wait, no slot is left behind."""
         scheduler = self._scheduler
-        event = anyio.Event()
-        self._waiters[ticket.id] = event
         taken = False
         try:
             while ticket.state is TicketState.WAITING:
-                delay = math.inf if ticket.deadline is None else max(0.0, ticket.deadline - self._clock())
+                # Woken when it is granted or ends, and when it is held for a cache (whose end is
+                # another time to look again); a new event each time round.
+                event = self._waiters[ticket.id] = anyio.Event()
+                ends = [
+                    t
+                    for t in (ticket.deadline, ticket.hold_until if ticket.held_for else None)
+                    if t is not None
+                ]
+                delay = max(0.0, min(ends) - self._clock()) if ends else math.inf
                 with anyio.move_on_after(delay):
                     await event.wait()
                 if ticket.state is TicketState.WAITING:

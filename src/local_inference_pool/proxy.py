@@ -289,7 +289,9 @@ async def _fail_over(
         if target_name is None or body is None:
             outcome = "no_backend"
             break
-        again = Inbound(body, model, inbound.priority, inbound.session, inbound.payload, inbound.tenant)
+        again = Inbound(
+            body, model, inbound.priority, inbound.session, inbound.payload, inbound.tenant, inbound.prompt
+        )
         try:
             target = await _acquire_unless_gone(watch, pool, again, target_name)
         except PoolError:
@@ -409,7 +411,12 @@ async def _acquire_unless_gone(
 ) -> Lease | None:
     """A slot for the request, or None if the client leaves while it queues (freeing its place)."""
     ticket = pool.submit(
-        inbound.model, priority=inbound.priority, session=inbound.session, pin=pin, tenant=inbound.tenant
+        inbound.model,
+        priority=inbound.priority,
+        session=inbound.session,
+        pin=pin,
+        tenant=inbound.tenant,
+        prompt=inbound.prompt,
     )
     lease = pool.granted(ticket)
     if lease is not None and not pool.shared:

@@ -16,6 +16,7 @@ class Snapshot:
     resident: list[str] | None = None  # models loaded now, most recent first when known
     slots: int | None = None  # slot total, when the server says
     busy: int | None = None  # slots busy on the server, ours included, when the server says
+    context: int | None = None  # tokens of context per slot, when the server says
     error: str | None = None
 
 

@@ -35,12 +35,17 @@ async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
         resident = [e["id"] for e in entries if (e.get("status") or {}).get("value") == "loaded"]
         return Snapshot(Health.HEALTHY, models=models, resident=resident)
     slots = props.get("total_slots") if isinstance(props, dict) else None
+    settings = props.get("default_generation_settings") if isinstance(props, dict) else None
+    context = settings.get("n_ctx") if isinstance(settings, dict) else None  # per slot
     return Snapshot(
         Health.HEALTHY,
         models=models,
         resident=models[:1],  # single-model mode: its one model is always loaded
         slots=slots if isinstance(slots, int) and slots > 0 else None,
         busy=await _busy_slots(client, backend, headers),
+        context=context
+        if isinstance(context, int) and not isinstance(context, bool) and context > 0
+        else None,
     )
 
 

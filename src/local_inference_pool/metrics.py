@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from local_inference_pool.pool import Pool
 from local_inference_pool.scheduler import Affinity
 
-__all__ = ["PoolMetrics", "RequestRecord", "UsageSniffer"]
+__all__ = ["PoolMetrics", "PromptReport", "RequestRecord", "UsageSniffer", "prompt_report"]
 
 access_log = logging.getLogger("local_inference_pool.access")
 
@@ -68,6 +68,44 @@ def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+@dataclass(frozen=True, slots=True)
+class PromptReport:
+    """What a backend said of a request's prompt: its tokens, how many it served from its cache,
+    and, when it says (llama.cpp), the time it took to evaluate the rest and how many that was."""
+
+    prompt_tokens: int
+    cached_tokens: int | None = None
+    prefill_seconds: float | None = None
+    evaluated_tokens: int | None = None
+
+
+def prompt_report(usage: dict[str, Any] | None, timings: dict[str, Any] | None) -> PromptReport | None:
+    """From llama.cpp's ``timings`` (``cache_n``, ``prompt_n``, ``prompt_ms``) when present, else
+    from ``usage``: OpenAI's ``prompt_tokens_details.cached_tokens``, the Responses API's
+    ``input_tokens_details.cached_tokens``, Anthropic's ``cache_read_input_tokens`` (which its
+    ``input_tokens`` do not include)."""
+    if timings is not None:
+        cached, evaluated = _count(timings.get("cache_n")), _count(timings.get("prompt_n"))
+        took = timings.get("prompt_ms")
+        if cached is not None and evaluated is not None and cached >= 0 and evaluated >= 0:
+            seconds = took / 1000 if isinstance(took, int | float) and not isinstance(took, bool) else None
+            return PromptReport(cached + evaluated, cached, seconds, evaluated)
+    usage = usage or {}
+    anthropic_cached = _count(usage.get("cache_read_input_tokens"))
+    if anthropic_cached is not None:
+        uncached = _count(usage.get("input_tokens")) or 0
+        return PromptReport(
+            uncached + anthropic_cached + (_count(usage.get("cache_creation_input_tokens")) or 0),
+            anthropic_cached,
+        )
+    prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+    if prompt is None:
+        return None
+    details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
+    cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+    return PromptReport(prompt, cached)
+
+
 class UsageSniffer:
     """Reads ``usage`` from the bytes passing through, without holding back or copying a stream.
 
@@ -80,12 +118,14 @@ class UsageSniffer:
     scanned once. For JSON it keeps the body up to ``MAX_SNIFFED_BODY``.
 
     With ``want_id`` it also reads the answer's ``id`` (a stored response's, from the JSON body or
-    the stream's ``response.created`` event) into ``response_id``.
+    the stream's ``response.created`` event) into ``response_id``. llama.cpp's ``timings`` (on its
+    last chunk, or in its answer) go into ``timings``.
     """
 
     def __init__(self, event_stream: bool, *, want_id: bool = False) -> None:
         self.event_stream = event_stream
         self.usage: dict[str, Any] | None = None
+        self.timings: dict[str, Any] | None = None
         self.want_id = want_id
         self.response_id: str | None = None
         self._buffer = bytearray()
@@ -109,7 +149,9 @@ class UsageSniffer:
         buffer += chunk
         while (end := buffer.find(b"\n\n", max(0, self._scanned - 1))) >= 0:
             if not self._skipping and (
-                b'"usage"' in buffer[:end] or (self.want_id and self.response_id is None)
+                b'"usage"' in buffer[:end]
+                or b'"timings"' in buffer[:end]
+                or (self.want_id and self.response_id is None)
             ):
                 self._read(bytes(buffer[:end]).partition(b"data:")[2])
             self._skipping = False
@@ -138,6 +180,9 @@ class UsageSniffer:
             usage = holder.get("usage") if isinstance(holder, dict) else None
             if isinstance(usage, dict):
                 self.usage = {**(self.usage or {}), **{k: v for k, v in usage.items() if v is not None}}
+        timings = body.get("timings")
+        if isinstance(timings, dict):
+            self.timings = timings
         if self.want_id and self.response_id is None:
             holder = nested if isinstance(nested, dict) and self.event_stream else body
             given = holder.get("id")

@@ -33,7 +33,8 @@ from local_inference_pool.backends.openai import describe_http_error
 from local_inference_pool.client_watch import ClientWatch
 from local_inference_pool.dialects import Dialect
 from local_inference_pool.failover import Recorder, Seam
-from local_inference_pool.metrics import RequestRecord, UsageSniffer
+from local_inference_pool.metrics import RequestRecord, UsageSniffer, prompt_report
+from local_inference_pool.pool import Lease
 from local_inference_pool.runtime import RESPONSE_ID, Call, Runtime, Target
 
 __all__ = [
@@ -94,6 +95,18 @@ def client_headers(upstream: httpx.Response, extra: list[tuple[bytes, bytes]]) -
 def client_gone(record: RequestRecord, runtime: Runtime) -> None:
     record.status, record.outcome = 499, "client_gone"
     runtime.metrics.observe(record)
+
+
+def learn(lease: Target, usage: UsageSniffer) -> None:
+    """Tell the pool what the backend said of the request's prompt (its cache, its prefill time)."""
+    report = prompt_report(usage.usage, usage.timings)
+    if report is not None and isinstance(lease, Lease):
+        lease.learn(
+            prompt_tokens=report.prompt_tokens,
+            cached_tokens=report.cached_tokens,
+            prefill_seconds=report.prefill_seconds,
+            evaluated_tokens=report.evaluated_tokens,
+        )
 
 
 async def refuse_upstream(
@@ -321,6 +334,7 @@ async def _answer_whole(
     usage.feed(whole)
     usage.finish()
     record.take_usage(usage.usage)
+    learn(lease, usage)
     if usage.response_id is not None and response.status_code < 300:
         await _remember(runtime, usage.response_id, lease.backend)  # before the client can name it
     record.status, record.outcome = response.status_code, outcome_of(response.status_code)
@@ -489,6 +503,7 @@ class UpstreamRelay:
         record.status = self.upstream.status_code
         self._usage.finish()
         record.take_usage(self._usage.usage)
+        learn(self.lease, self._usage)
         if self._too_slow:
             record.outcome = "client_too_slow"
         elif record.outcome == "ok":

@@ -4,9 +4,12 @@ It answers the shapes of ../shared/BACKENDS.md (section 1): ``/health``, ``/prop
 ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``. Like llama-server
 it has N slots and queues requests beyond them inside itself (it never answers 503 for load), answers
 503 "Loading model" on every path while it starts, and streams SSE chunks at a set token rate. It
-remembers the conversation prefixes it has seen and reports the reused part as
-``usage.prompt_tokens_details.cached_tokens`` and ``timings.cache_n``, so prompt-cache affinity can be
-measured. Where it differs from llama-server: it may serve several models (loading one costs
+remembers the prompts it was sent (with its answers, as a slot's KV cache holds them; at most
+``cached_prompts`` of them, least recently used out, as llama.cpp's slots and host cache) and
+reports the longest reused prefix, in whole messages, as
+``usage.prompt_tokens_details.cached_tokens`` and ``timings.cache_n``; with
+``prefill_tokens_per_second`` the rest of the prompt takes time before the first token, reported
+as ``timings.prompt_ms``. So prompt-cache placement can be measured. Where it differs from llama-server: it may serve several models (loading one costs
 ``load_seconds``), and it has fault knobs (``faults``) for tests.
 
 Refusing connections and dropping one before any header are faults of the listener, not of an ASGI
@@ -20,6 +23,7 @@ import hashlib
 import json
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +54,8 @@ class SimulatorConfig:
         False  # keeps responses, as LM Studio does: previous_response_id works here only
     )
     lacks: tuple[str, ...] = ()  # paths it answers 404 to, as a server without that route
+    cached_prompts: int = 0  # prompts its cache holds (0: every one)
+    prefill_tokens_per_second: float = 0.0  # 0: the prompt costs no time
 
 
 @dataclass
@@ -86,7 +92,7 @@ class SimulatedBackend:
         self._started = time.monotonic()
         self._slots: anyio.Semaphore | None = None
         self._load_lock: anyio.Lock | None = None
-        self._cache: set[str] = set()
+        self._cache: OrderedDict[tuple[str, ...], None] = OrderedDict()  # prompts, as prefix digests
         self.responses: dict[str, dict[str, Any]] = {}  # stored responses (stateful_responses)
         self._app = Starlette(
             routes=[
@@ -305,8 +311,9 @@ class SimulatedBackend:
             or body.get("n_predict")
             or self.config.completion_tokens
         )
-        prompt_tokens, cached = self._prompt_cache(body)
+        prompt_tokens, cached = self._prompt_cache(body, remember=False)
         start, prefill = _continues(kind, body)
+        rate = self.config.prefill_tokens_per_second
         reply = _Reply(
             kind=kind,
             model=model,
@@ -315,9 +322,11 @@ class SimulatedBackend:
             cached=cached,
             start=start,
             prefill=prefill,
+            prompt_seconds=(prompt_tokens - cached) / rate if rate > 0 else 0.0,
         )
         if kind == "response" and self.config.stateful_responses:
             self.responses[f"resp_{reply.id}"] = reply.whole()
+        self._remember(body, reply)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             if kind in ("message", "response"):
@@ -339,6 +348,7 @@ class SimulatedBackend:
                 group.cancel_scope.cancel()
 
             group.start_soon(watch_disconnect)
+            await self._evaluate_prompt(reply)
             await anyio.sleep(tokens / self.config.tokens_per_second)
             group.cancel_scope.cancel()
         if left:
@@ -351,6 +361,7 @@ class SimulatedBackend:
         self, reply: _Reply, include_usage: bool, die_after: int | None
     ) -> AsyncIterator[bytes]:
         async with self._slot(reply.model):
+            await self._evaluate_prompt(reply)
             yield _sse(reply.chunk(role=True))
             if reply.prefill:  # as llama-server: a continued answer echoes the prefill first
                 yield _sse(reply.chunk(text=reply.prefill))
@@ -371,6 +382,7 @@ class SimulatedBackend:
     async def _named_events(self, reply: _Reply, die_after: int | None) -> AsyncIterator[bytes]:
         """A streamed answer of Anthropic's Messages or OpenAI's Responses API: named events."""
         async with self._slot(reply.model):
+            await self._evaluate_prompt(reply)
             for name, data in reply.opening_events():
                 yield _event(name, data)
             if reply.prefill:  # as llama-server: a continued answer echoes the prefill first
@@ -431,22 +443,45 @@ class SimulatedBackend:
                 self.stats.model_loads += 1
 
     def _prompt_cache(self, body: dict[str, Any], *, remember: bool = True) -> tuple[int, int]:
-        """Prompt tokens, and how many of them this server has seen as a prefix before."""
+        """Prompt tokens, and how many of them (whole messages from the start) it holds in its cache."""
         messages = body.get("messages", body.get("input"))
         parts = (
             [json.dumps(m, sort_keys=True) for m in messages]
             if isinstance(messages, list)
             else [str(body.get("prompt", messages or ""))]
         )
+        system = body.get("system")
+        if system:
+            parts.insert(0, json.dumps(system, sort_keys=True))
+        digests = tuple(_digest(parts[: end + 1]) for end in range(len(parts)))
         total = sum(len(p) // 4 + 1 for p in parts)
-        cached = 0
-        for end in range(len(parts), 0, -1):
-            if _digest(parts[:end]) in self._cache:
-                cached = sum(len(p) // 4 + 1 for p in parts[:end])
-                break
-        for end in range(1, len(parts) + 1 if remember else 1):
-            self._cache.add(_digest(parts[:end]))
+        best = 0
+        for held in self._cache:
+            common = 0
+            for mine, theirs in zip(digests, held, strict=False):
+                if mine != theirs:
+                    break
+                common += 1
+            best = max(best, common)
+        cached = sum(len(p) // 4 + 1 for p in parts[:best])
+        if remember:
+            self._cache[digests] = None
+            self._cache.move_to_end(digests)
+            if self.config.cached_prompts:
+                while len(self._cache) > self.config.cached_prompts:
+                    self._cache.popitem(last=False)
         return total, min(cached, total - 1) if cached else 0
+
+    def _remember(self, body: dict[str, Any], reply: _Reply) -> None:
+        """Its cache holds the prompt and, after it, the answer, as the next turn sends it back."""
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            body = {**body, "messages": [*messages, {"role": "assistant", "content": reply.text}]}
+        self._prompt_cache(body)
+
+    async def _evaluate_prompt(self, reply: _Reply) -> None:
+        if reply.prompt_seconds:
+            await anyio.sleep(reply.prompt_seconds)
 
 
 @dataclass
@@ -458,6 +493,7 @@ class _Reply:
     cached: int
     start: int = 0  # the first token's number: a continued answer goes on from the prefill's
     prefill: str = ""  # echoed first, as llama-server does (whitespace normalised)
+    prompt_seconds: float = 0.0  # evaluating the uncached prompt
     id: str = field(default_factory=lambda: f"sim{time.monotonic_ns()}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -476,6 +512,7 @@ class _Reply:
         return {
             "cache_n": self.cached,
             "prompt_n": self.prompt_tokens - self.cached,
+            "prompt_ms": round(self.prompt_seconds * 1000, 3),
             "predicted_n": self.tokens,
         }
 

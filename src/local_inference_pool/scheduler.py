@@ -796,13 +796,25 @@ class Scheduler:
     def _placement(self, ticket: Ticket, offered: Backend) -> Backend | None:
         """Where a ticket offered a slot on ``offered`` goes: there; to a backend that likely
         caches more of its prompt and has a slot free too; or nowhere yet (None: it is held for a
-        busy one, because the prefill that backend saves outweighs the wait expected for it)."""
+        busy one, because the prefill that backend saves outweighs the wait expected for it).
+
+        A prefill costs its time to the request and as much again to each request running beside
+        it, whose tokens wait while the server evaluates the prompt (llama.cpp and vLLM batch the
+        two): so the saving weighs each side's prefill by the leases it would run beside.
+
+        How long to wait: when nothing else waits for the offered slot, the wait is lost time, so at
+        most the saving. When other requests wait that it can serve, the slot is not lost: it goes to
+        one of them, who starts that much sooner, and the wait only reorders them; the fleet gains
+        the whole saving. Then the request may wait what the holder is expected to take plus the
+        saving. Both at most ``cache_wait_max``."""
         prompt = ticket.prompt
         if prompt is None or ticket.pin is not None or ticket.held_for is offered:
             return offered
         model = ticket.model
         tokens = prompt.chars / self._token_chars(model)
-        offered_cost = self._prefill(offered, tokens - self._cached_tokens(ticket, offered))
+        offered_cost = self._prefill(offered, tokens - self._cached_tokens(ticket, offered)) * (
+            1 + offered.active_total
+        )
         holder: Backend | None = None
         saving = 0.0
         for backend in self._serving.get(model, ()):
@@ -811,28 +823,36 @@ class Scheduler:
             cached = self._cached_tokens(ticket, backend)
             if cached < self.prefix_min_tokens:
                 continue
-            gain = offered_cost - self._prefill(backend, tokens - cached)
+            beside = backend.active_total if backend.free else backend.slots - 1
+            gain = offered_cost - self._prefill(backend, tokens - cached) * (1 + beside)
             if gain > saving or (gain == saving and holder is not None and backend.free > holder.free):
                 holder, saving = backend, gain
         if holder is None:
             return offered
         if holder.free:
             return holder
-        if (
-            ticket.hold_started is not None
-            or self.cache_wait_max <= 0
-            or self._starving(ticket)
-            or self._expected_wait(holder, ticket) >= min(saving, self.cache_wait_max)
-        ):
+        expected = self._expected_wait(holder, ticket)
+        budget = min(self.cache_wait_max, expected + saving if self._backlog(offered, ticket) else saving)
+        if ticket.hold_started is not None or self._starving(ticket) or expected >= budget:
             ticket.moved_from = holder.name
             return offered
-        self._hold(ticket, holder, min(saving, self.cache_wait_max))
+        self._hold(ticket, holder, budget)
         return None
+
+    def _backlog(self, offered: Backend, ticket: Ticket) -> bool:
+        """Whether another waiting request could take the offered slot."""
+        models = offered.models or frozenset()
+        return any(
+            model in models and offered.can_take(model) and (model != ticket.model or count > 1)
+            for model, count in self._waiting.items()
+        )
 
     def _cached_tokens(self, ticket: Ticket, backend: Backend) -> float:
         """How many of the ticket's prompt tokens the backend likely holds: the leading blocks its
         index has, or, when it has none of them, the conversation's history where its session
-        was last served (another process of the fleet may have sent that)."""
+        was last served (another process of the fleet may have sent that). Not the larger of the
+        two: where the index knows the prompt, it knows what was evicted since (bench/cache_sim.py
+        measured the larger one costing 0.08 of the cached share)."""
         prompt = ticket.prompt
         if prompt is None:
             return 0.0

@@ -275,6 +275,9 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def holds_are_bounded(self) -> None:
+        held = [t for t in self.tickets if t.state is TicketState.WAITING and t.held_for is not None]
+        shown = self.scheduler.snapshot()["backends"]
+        assert sum(b["held_for_cache"] for b in shown) == len(held)
         for ticket in self.tickets:
             holder = ticket.held_for
             if ticket.state is not TicketState.WAITING or holder is None:

@@ -288,6 +288,7 @@ class Scheduler:
         self._prefixes: dict[tuple[str, str], PrefixIndex] = {}  # (backend, model) -> what it was sent
         self._chars_per_token: dict[str, Ewma] = {}  # per model, learned from reported prompt tokens
         self._holds: list[tuple[float, int, Ticket]] = []  # (hold_until, id): holds that run out
+        self._held: dict[str, int] = {}  # model -> waiting tickets held for a cache
         self.cache_stats: dict[tuple[str, str], CacheStats] = {}  # (backend, model)
 
     # --- backends --------------------------------------------------------------------------
@@ -817,12 +818,13 @@ class Scheduler:
         )
         holder: Backend | None = None
         saving = 0.0
+        session_backend = self._affinity_backend(ticket.affinity_key)
         for backend in self._serving.get(model, ()):
             if backend is offered or backend.health is not Health.HEALTHY or not backend.can_take(model):
                 continue
             cached = self._cached_tokens(ticket, backend)
-            if cached < self.prefix_min_tokens:
-                continue
+            if cached < self.prefix_min_tokens and backend.name != session_backend:
+                continue  # a short shared prefix steers nothing; a conversation's own history does
             beside = backend.active_total if backend.free else backend.slots - 1
             gain = offered_cost - self._prefill(backend, tokens - cached) * (1 + beside)
             if gain > saving or (gain == saving and holder is not None and backend.free > holder.free):
@@ -840,10 +842,13 @@ class Scheduler:
         return None
 
     def _backlog(self, offered: Backend, ticket: Ticket) -> bool:
-        """Whether another waiting request could take the offered slot."""
+        """Whether another waiting request (not one held for a cache) could take the offered slot."""
         models = offered.models or frozenset()
+        held = self._held
         return any(
-            model in models and offered.can_take(model) and (model != ticket.model or count > 1)
+            model in models
+            and offered.can_take(model)
+            and count - held.get(model, 0) > (1 if model == ticket.model else 0)
             for model, count in self._waiting.items()
         )
 
@@ -902,6 +907,7 @@ class Scheduler:
         if queue and queue[0][1] is ticket:
             heapq.heappop(queue)  # else it is dropped from its queue when it comes up
         ticket.held_for = holder
+        self._held[ticket.model] = self._held.get(ticket.model, 0) + 1
         ticket.hold_started = now
         ticket.hold_until = now + budget
         heapq.heappush(holder.held, (ticket.order, ticket))
@@ -915,8 +921,16 @@ class Scheduler:
         if holder is None or ticket.state is not TicketState.WAITING:
             return
         ticket.held_for = None
+        self._unheld(ticket.model)
         ticket.moved_from = holder.name
         heapq.heappush(self._queues.setdefault(ticket.model, []), (ticket.order, ticket))
+
+    def _unheld(self, model: str) -> None:
+        remaining = self._held[model] - 1
+        if remaining:
+            self._held[model] = remaining
+        else:
+            del self._held[model]
 
     def _held_head(self, backend: Backend) -> Ticket | None:
         held = backend.held
@@ -1241,6 +1255,8 @@ class Scheduler:
     def _remove_waiting(self, ticket: Ticket) -> None:
         """Account a waiting ticket as gone; heaps drop it lazily when it reaches the top."""
         model = ticket.model
+        if ticket.held_for is not None:
+            self._unheld(model)
         remaining = self._waiting[model] - 1
         self._waiting_total -= 1
         ticket.tenant.waiting -= 1

@@ -430,6 +430,16 @@ def demo(args: argparse.Namespace) -> int:
             f"{route} {counts['requests']} ({counts['errors']} errors)" for route, counts in routes.items()
         )
         console.print(f"  by API: {shown}")
+    cache = status.get("prompt_cache", [])
+    prompt = sum(c["prompt_tokens"] for c in cache)
+    if prompt:
+        cached = sum(c["cached_tokens"] for c in cache)
+        waits = sum(c["waits"] for c in cache)
+        moved = sum(c["moved"] for c in cache)
+        console.print(
+            f"  prompt cache: {cached / prompt:.0%} of {prompt} prompt tokens served from the servers' "
+            f"caches; {waits} requests waited for theirs, {moved} moved"
+        )
     return 0
 
 

@@ -36,12 +36,35 @@ class DemoBackend:
 FLEET: tuple[DemoBackend, ...] = (
     DemoBackend(
         "gpu0",
-        SimulatorConfig(models=("qwen2.5-7b", "llama3.1-8b"), slots=4, tokens_per_second=60, load_seconds=3),
+        SimulatorConfig(
+            models=("qwen2.5-7b", "llama3.1-8b"),
+            slots=4,
+            tokens_per_second=60,
+            load_seconds=3,
+            prefill_tokens_per_second=3000,
+            cached_prompts=16,
+        ),
     ),
-    DemoBackend("gpu1", SimulatorConfig(models=("qwen2.5-7b",), slots=2, tokens_per_second=45)),
+    DemoBackend(
+        "gpu1",
+        SimulatorConfig(
+            models=("qwen2.5-7b",),
+            slots=2,
+            tokens_per_second=45,
+            prefill_tokens_per_second=2000,
+            cached_prompts=8,
+        ),
+    ),
     DemoBackend(
         "gpu2",
-        SimulatorConfig(models=("llama3.1-8b", "mistral-7b"), slots=2, tokens_per_second=50, load_seconds=3),
+        SimulatorConfig(
+            models=("llama3.1-8b", "mistral-7b"),
+            slots=2,
+            tokens_per_second=50,
+            load_seconds=3,
+            prefill_tokens_per_second=2500,
+            cached_prompts=8,
+        ),
     ),
     DemoBackend(  # an older server without Anthropic's API: the pool learns it and routes around
         "cpu0",
@@ -51,11 +74,18 @@ FLEET: tuple[DemoBackend, ...] = (
             tokens_per_second=15,
             load_seconds=3,
             lacks=("/v1/messages",),
+            prefill_tokens_per_second=300,
+            cached_prompts=4,
         ),
     ),
 )
 MODEL_WEIGHTS = {"qwen2.5-7b": 5, "llama3.1-8b": 3, "mistral-7b": 1}
 API_WEIGHTS = {"chat": 6, "messages": 2, "responses": 2, "tokenize": 1}
+
+
+SYSTEM = "You are the team's assistant. " + " ".join(
+    f"Guideline {i}: answer plainly, cite the file you mean, and keep it short." for i in range(24)
+)  # long, and the same for every chat and agent: its prefix is worth a cache
 
 
 def _request(api: str, model: str, session: str, stream: bool, tokens: int) -> tuple[str, dict[str, Any]]:
@@ -66,6 +96,7 @@ def _request(api: str, model: str, session: str, stream: bool, tokens: int) -> t
             "model": model,
             "max_tokens": tokens,
             "stream": stream,
+            "system": SYSTEM,
             "messages": [{"role": "user", "content": text}],
         }
     if api == "responses":  # OpenAI's Responses, as Codex sends it
@@ -77,7 +108,7 @@ def _request(api: str, model: str, session: str, stream: bool, tokens: int) -> t
         "stream": stream,
         "stream_options": {"include_usage": True},
         "max_tokens": tokens,
-        "messages": [{"role": "user", "content": text}],
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
     }
 
 

@@ -93,6 +93,11 @@ async def test_dashboard_shows_twenty_backends_and_updates_when_a_request_runs()
                 await page.wait_for_function(
                     "document.getElementById('done').textContent === '1'", timeout=10000
                 )
+                # The simulator reported the prompt's tokens: the prompt cache table shows them.
+                await page.wait_for_function(
+                    "!document.getElementById('cache-section').hidden", timeout=10000
+                )
+                assert "qwen2.5-7b" in await page.inner_text("#cache")
                 ARTIFACTS.mkdir(exist_ok=True)
                 await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
                 assert problems == []

@@ -46,6 +46,11 @@ class Prompt:
     chars: int
     history_chars: int = 0
 
+    @property
+    def cacheable(self) -> bool:
+        """Whether any of it can count as cached somewhere (a prompt under one block cannot)."""
+        return bool(self.blocks) or self.history_chars > 0
+
 
 def prompt_of(parts: Sequence[str], *, model: str) -> Prompt:
     """The prompt of a request whose rendered text is ``parts`` joined (the last part its newest

@@ -809,7 +809,7 @@ class Scheduler:
         the whole saving. Then the request may wait what the holder is expected to take plus the
         saving. Both at most ``cache_wait_max``."""
         prompt = ticket.prompt
-        if prompt is None or ticket.pin is not None or ticket.held_for is offered:
+        if prompt is None or ticket.pin is not None or ticket.held_for is offered or not prompt.cacheable:
             return offered
         model = ticket.model
         tokens = prompt.chars / self._token_chars(model)
@@ -859,7 +859,7 @@ class Scheduler:
         two: where the index knows the prompt, it knows what was evicted since (bench/cache_sim.py
         measured the larger one costing 0.08 of the cached share)."""
         prompt = ticket.prompt
-        if prompt is None:
+        if prompt is None or not prompt.cacheable:
             return 0.0
         index = self._prefixes.get((backend.name, ticket.model))
         chars = index.match(prompt.blocks) * BLOCK_CHARS if index is not None else 0
@@ -1006,7 +1006,9 @@ class Scheduler:
 
     def _choose_backend(self, ticket: Ticket, candidates: list[Backend]) -> tuple[Backend, Affinity | None]:
         pinned_to = self._affinity_backend(ticket.affinity_key)
-        if ticket.prompt is None:
+        if len(candidates) == 1:
+            best = candidates[0]
+        elif ticket.prompt is None or not ticket.prompt.cacheable:
             best = min(
                 candidates,
                 key=lambda b: (b.known_cold(ticket.model), b.name != pinned_to, b.load_ratio, b.index),
@@ -1088,7 +1090,7 @@ class Scheduler:
         self._newest_granted = max(self._newest_granted, ticket.arrival)
         if backend.barrier == model:
             self._clear_barrier(backend)
-        if ticket.prompt is not None:
+        if ticket.prompt is not None and (ticket.prompt.blocks or ticket.hold_started or ticket.moved_from):
             self._cached_on(ticket, backend, affinity)
         grant = Grant(
             id=next(self._ids),

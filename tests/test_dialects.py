@@ -96,3 +96,49 @@ def test_session_keys_by_family() -> None:
     assert RESPONSES.session_key({}, first) == RESPONSES.session_key({}, later)
     assert RESPONSES.session_key({}, {"input": "hello"}) is not None
     assert RESPONSES.session_key({}, {}) is None
+
+
+LONG_SYSTEM = "You follow the team's rules. " * 40
+
+
+def test_each_family_reads_its_prompt_system_first_then_each_message() -> None:
+    chat = {"messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "one"}]}
+    messages = {"system": LONG_SYSTEM, "messages": [{"role": "user", "content": "one"}]}
+    responses = {"instructions": LONG_SYSTEM, "input": [{"role": "user", "content": "one"}]}
+    prompts = [
+        OPENAI.prompt(chat, "m"),
+        ANTHROPIC.prompt(messages, "m"),
+        RESPONSES.prompt(responses, "m"),
+        OPENAI.prompt({"prompt": LONG_SYSTEM + "one"}, "m"),
+    ]
+    for prompt in prompts:
+        assert prompt is not None
+        assert len(prompt.blocks) >= 4  # the long system prompt's blocks
+    turn = {
+        **chat,
+        "messages": [
+            *chat["messages"],
+            {"role": "assistant", "content": "two"},
+            {"role": "user", "content": "x"},
+        ],
+    }
+    later = OPENAI.prompt(turn, "m")
+    first = prompts[0]
+    assert later is not None
+    assert first is not None
+    assert later.blocks[: len(first.blocks)] == first.blocks  # a conversation's turns share their start
+    assert later.history_chars == later.chars - len("<user>x")
+
+
+def test_what_has_no_prompt_has_none_and_hostile_bodies_render_without_error() -> None:
+    assert OPENAI.prompt({"input": ["a", "b"]}, "m") is None  # embeddings
+    assert ANTHROPIC.prompt({"messages": "not a list"}, "m") is None
+    assert RESPONSES.prompt({"input": []}, "m") is None
+    deep: object = "x"
+    for _ in range(5000):
+        deep = [deep]
+    prompt = OPENAI.prompt({"messages": [{"role": "user", "content": deep}]}, "m")
+    assert prompt is not None  # too deep to render: counted as nothing, not an error
+    huge = OPENAI.prompt({"messages": [{"role": "user", "content": "y" * (1 << 22)}]}, "m")
+    assert huge is not None
+    assert huge.chars <= 1 << 20  # rendering stops where the index would

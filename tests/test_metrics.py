@@ -167,3 +167,28 @@ def test_an_event_too_long_to_keep_is_skipped_and_the_next_one_still_read() -> N
         sniffer.feed(b"x" * (1 << 20))
     sniffer.feed(b'"}\r\n\r\n' + USAGE_EVENT + b"\r\n\r\n")
     assert sniffer.usage == {"prompt_tokens": 3, "completion_tokens": 5}
+
+
+def test_a_prompts_cache_figures_are_read_from_each_familys_usage() -> None:
+    from local_inference_pool.metrics import PromptReport, prompt_report
+
+    timings = {"cache_n": 236, "prompt_n": 40, "prompt_ms": 80.0}
+    assert prompt_report({"prompt_tokens": 276}, timings) == PromptReport(276, 236, 0.08, 40)
+    openai = {"prompt_tokens": 100, "prompt_tokens_details": {"cached_tokens": 60}}
+    assert prompt_report(openai, None) == PromptReport(100, 60)
+    responses = {"input_tokens": 35, "input_tokens_details": {"cached_tokens": 20}}
+    assert prompt_report(responses, None) == PromptReport(35, 20)
+    anthropic = {"input_tokens": 5, "cache_read_input_tokens": 20, "output_tokens": 3}
+    assert prompt_report(anthropic, None) == PromptReport(25, 20)
+    assert prompt_report({"prompt_tokens": "many"}, {"cache_n": -1, "prompt_n": 2}) is None
+    assert prompt_report(None, None) is None
+
+
+def test_llama_cpps_timings_are_read_from_a_streams_last_chunk() -> None:
+    sniffer = UsageSniffer(event_stream=True)
+    sniffer.feed(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n')
+    sniffer.feed(
+        b'data: {"choices":[{"delta":{},"finish_reason":"stop"}],"timings":{"cache_n":7,"prompt_n":3}}\n\n'
+    )
+    sniffer.finish()
+    assert sniffer.timings == {"cache_n": 7, "prompt_n": 3}

@@ -153,3 +153,36 @@ async def test_api_key_guards_all_but_health_and_models() -> None:
         assert (await client.get("/props")).status_code == 401
         ok = await client.get("/props", headers={"authorization": "Bearer secret"})
     assert ok.status_code == 200
+
+
+async def test_its_prompt_cache_is_bounded_and_its_prefill_takes_the_uncached_part() -> None:
+    backend = SimulatedBackend(SimulatorConfig(cached_prompts=1, prefill_tokens_per_second=10_000))
+    system = {"role": "system", "content": "be brief " * 200}
+
+    def chat(*messages: dict[str, str]) -> dict[str, object]:
+        return {"model": "sim-model", "max_tokens": 2, "messages": [system, *messages]}
+
+    async with client_for(backend) as client:
+        one = (await client.post("/v1/chat/completions", json=chat({"role": "user", "content": "a"}))).json()
+        answer = {"role": "assistant", "content": one["choices"][0]["message"]["content"]}
+        again = (
+            await client.post(
+                "/v1/chat/completions",
+                json=chat({"role": "user", "content": "a"}, answer, {"role": "user", "content": "b"}),
+            )
+        ).json()
+        other = (
+            await client.post(
+                "/v1/chat/completions",
+                json={"model": "sim-model", "messages": [{"role": "user", "content": "c"}]},
+            )
+        ).json()
+        evicted = (
+            await client.post("/v1/chat/completions", json=chat({"role": "user", "content": "a"}))
+        ).json()
+    assert one["timings"]["cache_n"] == 0
+    assert one["timings"]["prompt_ms"] == pytest.approx(one["usage"]["prompt_tokens"] / 10)
+    assert again["timings"]["cache_n"] > 400  # the whole first turn and its answer
+    assert again["timings"]["prompt_ms"] < one["timings"]["prompt_ms"] / 10
+    assert other["timings"]["cache_n"] == 0
+    assert evicted["timings"]["cache_n"] == 0  # one prompt held: the other request's

@@ -220,12 +220,12 @@ def _prefix_key(parts: list[Any]) -> str:
 def _rendered(head: list[Any], items: list[Any], model: str) -> Prompt:
     """The prompt of a request: what comes first (tools, system) as one part, then each item; a
     text part as it is, anything else as compact JSON. Rendering stops at what the index reads."""
-    parts = ["".join(_text(part) for part in head if part)]
+    parts = ["".join(_text(part) for part in head if part)[:_RENDERED_CHARS]]
     total = len(parts[0])
     for item in items:
         if total >= _RENDERED_CHARS:
             break
-        text = _text(item)
+        text = _text(item)[: _RENDERED_CHARS - total]
         parts.append(text)
         total += len(text)
     return prompt_of(parts, model=model)

@@ -735,3 +735,42 @@ def test_learns_prefill_time_and_characters_per_token_from_reports(clock: Clock)
     assert (row["prompt_tokens"], row["cached_tokens"]) == (3200, 1999)
     assert row["prefill_saved_s"] == pytest.approx(1999 * 0.002)
     assert s.chars_per_token("m") == pytest.approx(3.0)
+
+
+def test_with_others_waiting_for_the_slot_it_passes_on_a_request_waits_longer_than_its_saving(
+    clock: Clock,
+) -> None:
+    s, _ = cache_pair(clock)
+    holder = s.submit("m", prompt=prompt(DOCUMENT, "q1"))  # a's lease: 1 s expected
+    other = s.submit("m")
+    turn = s.submit("m", prompt=prompt(DOCUMENT, "q2"))  # saves ~0.9 s: less than a's second
+    behind = s.submit("m")  # ...but this one takes b's slot meanwhile: waiting only reorders
+    assert other.grant is not None
+    s.release(other.grant)
+    assert turn.held_for is s.backends["a"]
+    assert backend_of(behind) == "b"
+    assert turn.hold_until is not None
+    assert turn.hold_until - clock.now == pytest.approx(1.0 + 0.9, abs=0.15)  # expected + saving
+    assert holder.grant is not None
+    s.release(holder.grant)
+    assert turn.grant is not None
+    assert turn.grant.affinity is Affinity.WAITED
+
+
+def test_a_conversation_another_process_served_counts_its_history_as_cached_there(clock: Clock) -> None:
+    s, _ = cache_pair(clock)
+    history = "earlier turns of this conversation " * 60
+    busy = s.submit("m", pin="b")
+    s.submit("m", pin="a")
+    s.remember_affinity("conversation-7", "b")  # the fleet says: b served it; this index never saw it
+    turn = s.submit("m", affinity_key="conversation-7", prompt=prompt(history, "the next question"))
+    queued = s.submit("m")
+    assert busy.grant is not None
+    clock.now += 0.7
+    a_lease = next(g for g in s.grants.values() if g.backend.name == "a")
+    s.release(a_lease)  # a frees: the turn waits for b, where its history is
+    assert turn.held_for is s.backends["b"]
+    assert backend_of(queued) == "a"
+    s.release(busy.grant)
+    assert turn.grant is not None
+    assert (turn.grant.backend.name, turn.grant.affinity) == ("b", Affinity.WAITED)

@@ -30,12 +30,13 @@ weighted load.
 
 *Waiting for a cache*: when a slot is offered to a request on one backend while a busy one likely
 holds more of its prompt, the request compares the prefill time the cache saves (the uncached
-tokens on each side times that backend's learned prefill time per token) with the expected wait for
-a slot there (its lease time learned per backend, over its slots, times the requests already
-waiting for it). When waiting is cheaper it is *held* for that backend, at most the saving and at
-most ``cache_wait_max``, and meanwhile the offered slot goes to the next request; else it moves at
-once. A held request is first in line at its holder, behind only a higher priority or a starving
-request; once its hold runs out it goes wherever there is room, and is never held again.
+tokens on each side times that backend's learned prefill time per token, once more for each lease
+running beside it) with the expected wait for a slot there (the time left of its leases, learned per
+backend, and the requests already waiting for it). When waiting is cheaper it is *held* for that
+backend, and meanwhile the offered slot goes to the next request; else it moves at once (see
+``_placement`` for how long it may wait). A held request is first in line at its holder, behind
+only a higher priority or a starving request; once its hold runs out it goes wherever there is
+room, and is never held again.
 A free slot prefers, per priority, a request whose model is already loaded over an older one that
 would force a swap: batching by model. Batching is bounded by overtaking, not by waiting: once a slot
 has gone to a request that arrived ``starvation_bound`` seconds or more after a waiting one, the
@@ -812,7 +813,7 @@ class Scheduler:
         if prompt is None or ticket.pin is not None or ticket.held_for is offered or not prompt.cacheable:
             return offered
         model = ticket.model
-        tokens = prompt.chars / self._token_chars(model)
+        tokens = prompt.chars / self.chars_per_token(model)
         offered_cost = self._prefill(offered, tokens - self._cached_tokens(ticket, offered)) * (
             1 + offered.active_total
         )
@@ -865,10 +866,7 @@ class Scheduler:
         chars = index.match(prompt.blocks) * BLOCK_CHARS if index is not None else 0
         if not chars and self._affinity_backend(ticket.affinity_key) == backend.name:
             chars = prompt.history_chars
-        return min(chars, prompt.chars) / self._token_chars(ticket.model)
-
-    def _token_chars(self, model: str) -> float:
-        return self.chars_per_token(model)
+        return min(chars, prompt.chars) / self.chars_per_token(ticket.model)
 
     def chars_per_token(self, model: str) -> float:
         """Characters of a rendered prompt per token the backends count, as learned for the model."""
@@ -1136,7 +1134,7 @@ class Scheduler:
         """In blocks: what the backend can hold (``cache_tokens``, else its slots times its context,
         8192 tokens when unknown), at most ``prefix_index_blocks``."""
         tokens = backend.cache_tokens or backend.slots * (backend.context or 8192)
-        return max(1, min(self.prefix_index_blocks, int(tokens * self._token_chars(model) / BLOCK_CHARS)))
+        return max(1, min(self.prefix_index_blocks, int(tokens * self.chars_per_token(model) / BLOCK_CHARS)))
 
     def _cache_stats(self, backend: str, model: str) -> CacheStats:
         stats = self.cache_stats.get((backend, model))

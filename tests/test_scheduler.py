@@ -600,6 +600,21 @@ def cache_pair(clock: Clock, **kwargs: object) -> tuple[Scheduler, list[Ticket]]
     return s, done
 
 
+def hold_a_turn(s: Scheduler, clock: Clock) -> tuple[Ticket, Ticket, Ticket]:
+    """On ``cache_pair``: a busy with the document's first question, b busy; a second question
+    held for a when b frees half a second later (0.5 s left on a, 0.9 s saved), the next request
+    on b. Returns the lease holder, the held turn and the request that took b."""
+    holder = s.submit("m", prompt=prompt(DOCUMENT, "q1"))
+    other = s.submit("m")
+    turn = s.submit("m", prompt=prompt(DOCUMENT, "q2"))
+    later = s.submit("m")
+    clock.now += 0.5
+    assert other.grant is not None
+    s.release(other.grant)
+    assert turn.held_for is s.backends["a"]
+    return holder, turn, later
+
+
 def test_a_long_shared_prefix_goes_where_it_is_cached_a_short_one_spreads(clock: Clock) -> None:
     s, _ = make(clock, prefix_min_tokens=64)
     s.add_backend("a", "http://a", slots=2, models=["m"], resident=["m"])
@@ -616,17 +631,9 @@ def test_a_long_shared_prefix_goes_where_it_is_cached_a_short_one_spreads(clock:
 
 def test_waits_for_the_busy_cache_holder_when_that_is_cheaper_and_gets_it(clock: Clock) -> None:
     s, _ = cache_pair(clock)
-    holder = s.submit("m", prompt=prompt(DOCUMENT, "q1"))  # ~900 tokens: 0.9 s of prefill to save
+    holder, turn, later = hold_a_turn(s, clock)
     assert backend_of(holder) == "a"
-    other = s.submit("m")  # b busy too
-    assert backend_of(other) == "b"
-    turn = s.submit("m", prompt=prompt(DOCUMENT, "q2"))
-    later = s.submit("m")
-    assert other.grant is not None
-    clock.now += 0.5
-    s.release(other.grant)  # b frees first: a's lease has 0.5 s to go, the cache saves 0.9 s
     assert state(turn) is TicketState.WAITING
-    assert turn.held_for is s.backends["a"]
     assert backend_of(later) == "b"  # the slot went to the next request meanwhile
     assert holder.grant is not None
     s.release(holder.grant)
@@ -676,14 +683,7 @@ def test_a_hold_runs_out_at_the_saving_then_the_request_goes_anywhere_once(clock
 
 def test_a_held_request_goes_back_to_its_queue_when_its_holder_goes_down(clock: Clock) -> None:
     s, _ = cache_pair(clock)
-    s.submit("m", prompt=prompt(DOCUMENT, "q1"))
-    other = s.submit("m")
-    turn = s.submit("m", prompt=prompt(DOCUMENT, "q2"))
-    s.submit("m")
-    clock.now += 0.5
-    assert other.grant is not None
-    s.release(other.grant)
-    assert turn.held_for is s.backends["a"]
+    _, turn, _ = hold_a_turn(s, clock)
     s.update_backend("a", health=Health.UNHEALTHY)
     assert turn.held_for is None
     assert state(turn) is TicketState.WAITING
@@ -706,14 +706,7 @@ def test_a_starving_request_does_not_wait_for_a_cache(clock: Clock) -> None:
 
 def test_a_cancelled_held_request_leaves_nothing_behind(clock: Clock) -> None:
     s, _ = cache_pair(clock)
-    holder = s.submit("m", prompt=prompt(DOCUMENT, "q1"))
-    other = s.submit("m")
-    turn = s.submit("m", prompt=prompt(DOCUMENT, "q2"))
-    s.submit("m")
-    clock.now += 0.5
-    assert other.grant is not None
-    s.release(other.grant)
-    assert turn.held_for is not None
+    holder, turn, _ = hold_a_turn(s, clock)
     s.cancel(turn)
     assert s.waiting == 0
     assert s.snapshot()["backends"][0]["held_for_cache"] == 0

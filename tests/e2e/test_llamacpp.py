@@ -403,9 +403,10 @@ async def test_more_conversations_than_slots_wait_for_their_prompt_cache(
                 f"turns' prompt tokens from llama.cpp's cache (ceiling {run.ceiling:.0%}), "
                 f"{run.seconds:.1f} s, placements {run.placements}"
             )
-    chat, before = runs["chat", "cache-aware"], runs["chat", "as before"]
+    # Before, the share depends on how often a turn found its server busy (0.50 to 0.65 measured);
+    # now it stays at the ceiling: that is what is asserted, the comparison is printed.
+    chat = runs["chat", "cache-aware"]
     assert chat.cached_share >= 0.9 * chat.ceiling
-    assert chat.cached_share > before.cached_share
     # Agents share their long system prompt, and llama.cpp gives a returning conversation the idle
     # slot most like its prompt: often another agent's, sharing only the rules. Measured 0.77-0.78.
     assert runs["agents", "cache-aware"].cached_share >= 0.72

@@ -402,3 +402,73 @@ async def test_health_changes_flow_through_the_pool() -> None:
         await wait_until_queued(pool, 1)
         pool.update_backend("gpu0:8080", health=Health.HEALTHY)
     assert got == ["gpu0:8080"]
+
+
+DOCUMENT = "".join(
+    f"Section {i} of the shared handbook, long enough to be worth a cache. " for i in range(60)
+)
+
+
+def cache_fleet(**pool: object) -> PoolConfig:
+    return config(
+        BackendConfig(url="http://gpu0:8080", name="b0", slots=1, models=("m",)),
+        BackendConfig(url="http://gpu1:8080", name="b1", slots=1, models=("m",)),
+        **pool,
+    )
+
+
+async def test_a_held_waiter_wakes_when_its_hold_runs_out_and_takes_the_free_slot() -> None:
+    from local_inference_pool.prompt_cache import prompt_of
+    from local_inference_pool.scheduler import Affinity
+
+    pool = Pool(cache_fleet(cache_wait_max=0.2))
+    document = prompt_of([DOCUMENT, "first"], model="m")
+    holder = await pool.acquire("m", prompt=document)
+    assert holder.backend == "b0"
+    holder.learn(prompt_tokens=1000, cached_tokens=0, prefill_seconds=2.0, evaluated_tokens=1000)
+    other = await pool.acquire("m")
+    assert other.backend == "b1"
+    got: list[object] = []
+    done = anyio.Event()
+    async with anyio.create_task_group() as group:
+
+        async def turn() -> None:
+            lease = await pool.acquire("m", prompt=prompt_of([DOCUMENT, "second"], model="m"))
+            got.append((lease.backend, lease.affinity))
+            lease.release()
+            done.set()
+
+        group.start_soon(turn)
+        await wait_until_queued(pool, 1)
+        other.release()  # b1 frees: the turn holds out for b0's cache, for at most 0.2 s
+        assert pool.snapshot()["backends"][0]["held_for_cache"] == 1
+        with anyio.fail_after(5):  # the pool's own timer ends the hold: nothing here moves it
+            await done.wait()
+    assert got == [("b1", Affinity.MOVED)]  # b0 never freed: its hold ran out, it moved
+    holder.release()
+    assert active(pool) == 0
+    assert pool.snapshot()["prompt_cache"][0]["moved"] == 1
+
+
+async def test_a_held_waiter_cancelled_leaves_nothing_behind() -> None:
+    from local_inference_pool.prompt_cache import prompt_of
+
+    pool = Pool(cache_fleet())
+    holder = await pool.acquire("m", prompt=prompt_of([DOCUMENT, "first"], model="m"))
+    holder.learn(prompt_tokens=1000, cached_tokens=0, prefill_seconds=2.0, evaluated_tokens=1000)
+    other = await pool.acquire("m")
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as group:
+
+            async def turn() -> None:
+                await pool.acquire("m", prompt=prompt_of([DOCUMENT, "second"], model="m"))
+
+            group.start_soon(turn)
+            await wait_until_queued(pool, 1)
+            other.release()
+            assert pool.snapshot()["backends"][0]["held_for_cache"] == 1
+            scope.cancel()
+    assert pool.scheduler.waiting == 0
+    assert pool.snapshot()["backends"][0]["held_for_cache"] == 0
+    holder.release()
+    assert active(pool) == 0

@@ -25,6 +25,7 @@ from local_inference_pool.errors import (
     WrongEventLoopError,
 )
 from local_inference_pool.pool import Lease, Pool
+from local_inference_pool.prompt_cache import Prompt, prompt_of
 from local_inference_pool.scheduler import Affinity, Health
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "PoolConfig",
     "PoolError",
     "PoolMiddleware",
+    "Prompt",
     "QueueFullError",
     "QueueTimeoutError",
     "ServerConfig",
@@ -53,5 +55,6 @@ __all__ = [
     "create_pool_app",
     "create_standalone_app",
     "load_config",
+    "prompt_of",
     "pool_lifespan",
 ]

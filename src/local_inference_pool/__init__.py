@@ -55,6 +55,6 @@ __all__ = [
     "create_pool_app",
     "create_standalone_app",
     "load_config",
-    "prompt_of",
     "pool_lifespan",
+    "prompt_of",
 ]

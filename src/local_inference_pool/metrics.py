@@ -51,6 +51,8 @@ class RequestRecord:
     first_byte: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # of the prompt's, served from the backend's cache
+    affinity: str = "-"  # why it went to its backend (x-session-affinity)
     retries: int = 0
     failed_over_from: list[str] = field(default_factory=list)  # backends that died mid-stream
     reported: bool = False
@@ -311,7 +313,8 @@ class PoolMetrics:
             return
         access_log.info(
             "request_id=%s route=%s key=%s model=%s backend=%s status=%d outcome=%s queue_wait_ms=%s "
-            "ttfb_ms=%s duration_ms=%.1f prompt_tokens=%s completion_tokens=%s%s",
+            "ttfb_ms=%s duration_ms=%.1f prompt_tokens=%s cached_tokens=%s completion_tokens=%s "
+            "affinity=%s%s",
             record.request_id,
             record.route,
             record.key,
@@ -323,7 +326,9 @@ class PoolMetrics:
             _ms(record.first_byte),
             duration * 1000,
             record.prompt_tokens if record.prompt_tokens is not None else "-",
+            record.cached_tokens if record.cached_tokens is not None else "-",
             record.completion_tokens if record.completion_tokens is not None else "-",
+            record.affinity,
             f" failed_over_from={','.join(record.failed_over_from)}" if record.failed_over_from else "",
         )
 

@@ -97,9 +97,11 @@ def client_gone(record: RequestRecord, runtime: Runtime) -> None:
     runtime.metrics.observe(record)
 
 
-def learn(lease: Target, usage: UsageSniffer) -> None:
+def learn(lease: Target, usage: UsageSniffer, record: RequestRecord) -> None:
     """Tell the pool what the backend said of the request's prompt (its cache, its prefill time)."""
     report = prompt_report(usage.usage, usage.timings)
+    if report is not None:
+        record.cached_tokens = report.cached_tokens
     if report is not None and isinstance(lease, Lease):
         lease.learn(
             prompt_tokens=report.prompt_tokens,
@@ -172,6 +174,7 @@ async def answer(
         ]
         if lease.affinity is not None:
             extra.append((b"x-session-affinity", lease.affinity.value.encode()))
+            record.affinity = lease.affinity.value
         if response.status_code in GATEWAY_STATUSES:
             runtime.monitor.failed(backend, f"answered {response.status_code}")
         else:
@@ -334,7 +337,7 @@ async def _answer_whole(
     usage.feed(whole)
     usage.finish()
     record.take_usage(usage.usage)
-    learn(lease, usage)
+    learn(lease, usage, record)
     if usage.response_id is not None and response.status_code < 300:
         await _remember(runtime, usage.response_id, lease.backend)  # before the client can name it
     record.status, record.outcome = response.status_code, outcome_of(response.status_code)
@@ -503,7 +506,7 @@ class UpstreamRelay:
         record.status = self.upstream.status_code
         self._usage.finish()
         record.take_usage(self._usage.usage)
-        learn(self.lease, self._usage)
+        learn(self.lease, self._usage, record)
         if self._too_slow:
             record.outcome = "client_too_slow"
         elif record.outcome == "ok":

@@ -4,6 +4,8 @@ when that is cheaper, and what the backends report shows in status and metrics."
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -59,7 +61,10 @@ async def until(http: httpx.AsyncClient, check: Any) -> dict[str, Any]:
     return dict(status)
 
 
-async def test_a_turn_waits_for_the_busy_server_holding_its_prompt_and_says_so() -> None:
+async def test_a_turn_waits_for_the_busy_server_holding_its_prompt_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="local_inference_pool.access")
     async with pool() as http:
         first = await http.post("/chat/completions", json=chat("What does clause 1 say?"))
         assert (first.headers["x-backend"], first.headers["x-session-affinity"]) == ("b0", "miss")
@@ -99,6 +104,10 @@ async def test_a_turn_waits_for_the_busy_server_holding_its_prompt_and_says_so()
         metrics = (await http.get("/pool/metrics")).text
         assert 'lip_cache_waits_total{backend="b0",model="sim"} 1.0' in metrics
         assert 'lip_affinity_total{result="waited"} 1.0' in metrics
+    logged = [r.getMessage() for r in caplog.records if "affinity=waited" in r.getMessage()]
+    assert len(logged) == 1
+    assert "backend=b0" in logged[0]
+    assert re.search(r"cached_tokens=\d{3,}", logged[0])
 
 
 async def test_with_cache_waits_off_a_busy_holder_is_left_at_once() -> None:

@@ -464,7 +464,9 @@ class SimulatedBackend:
                 common += 1
             best = max(best, common)
         cached = sum(len(p) // 4 + 1 for p in parts[:best])
-        if remember:
+        if remember:  # a prompt that extends a held one replaces it, as a slot's cache grows
+            for held in [h for h in self._cache if digests[: len(h)] == h and h != digests]:
+                del self._cache[held]
             self._cache[digests] = None
             self._cache.move_to_end(digests)
             if self.config.cached_prompts:

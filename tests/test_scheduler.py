@@ -767,3 +767,18 @@ def test_a_conversation_another_process_served_counts_its_history_as_cached_ther
     s.release(busy.grant)
     assert turn.grant is not None
     assert (turn.grant.backend.name, turn.grant.affinity) == ("b", Affinity.WAITED)
+
+
+def test_a_broken_or_hostile_prefill_report_teaches_nothing(clock: Clock) -> None:
+    s, _ = make(clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    ticket = s.submit("m", prompt=prompt("x" * 4000, "y"))
+    assert ticket.grant is not None
+    for seconds in (float("nan"), float("inf"), -5.0, 1e9):
+        s.learn(
+            ticket.grant, prompt_tokens=1000, cached_tokens=0, prefill_seconds=seconds, evaluated_tokens=1000
+        )
+    assert s.snapshot()["backends"][0]["prefill_ms_per_token"] is None
+    s.learn(ticket.grant, prompt_tokens=10**12, cached_tokens=-3, prefill_seconds=None)
+    row = s.snapshot()["prompt_cache"][0]
+    assert row["cached_tokens"] == 0  # a negative count is none

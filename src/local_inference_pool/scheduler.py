@@ -1158,9 +1158,9 @@ class Scheduler:
             return
         cached = max(0, min(cached_tokens or 0, prompt_tokens))
         if prefill_seconds is not None and evaluated_tokens is not None and evaluated_tokens >= 16:
-            backend.prefill_seconds.add(
-                max(0.0, prefill_seconds) / evaluated_tokens
-            )  # 1-token hits say nothing
+            per_token = prefill_seconds / evaluated_tokens  # a 1-token hit says nothing of prefill
+            if 0.0 <= per_token <= 1.0:  # a broken or hostile report (NaN, infinite, absurd): ignored
+                backend.prefill_seconds.add(per_token)
         prompt = grant.ticket.prompt
         if prompt is not None and prompt_tokens >= 16:
             ratio = min(16.0, max(0.5, prompt.chars / prompt_tokens))  # a broken count moves it little

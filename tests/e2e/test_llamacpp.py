@@ -377,6 +377,7 @@ AGENT = "You are a coding agent for a small team. Follow these rules in every an
 )
 
 
+@pytest.mark.timeout(480)  # four runs of thirty turns each on CPU: 110-130 s here, more on a slow day
 async def test_more_conversations_than_slots_wait_for_their_prompt_cache(
     llama_servers: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:

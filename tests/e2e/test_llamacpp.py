@@ -405,11 +405,11 @@ async def test_more_conversations_than_slots_wait_for_their_prompt_cache(
                 f"{run.seconds:.1f} s, placements {run.placements}"
             )
     # Before, the share depends on how often a turn found its server busy (0.50 to 0.65 measured);
-    # now it stays at the ceiling: that is what is asserted, the comparison is printed.
+    # now it stays near the ceiling (0.65 to 0.69 of 0.70): that is asserted, the comparison printed.
     chat = runs["chat", "cache-aware"]
-    assert chat.cached_share >= 0.9 * chat.ceiling
+    assert chat.cached_share >= 0.85 * chat.ceiling
     # Agents share their long system prompt, and llama.cpp gives a returning conversation the idle
-    # slot most like its prompt: often another agent's, sharing only the rules. Measured 0.77-0.78.
+    # slot most like its prompt: often another agent's, sharing only the rules. Measured 0.78-0.79.
     assert runs["agents", "cache-aware"].cached_share >= 0.72
 
 

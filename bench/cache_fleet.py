@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
 import sys
 import time
 from contextlib import AsyncExitStack
@@ -147,19 +146,8 @@ async def measure(redis_url: str) -> list[str]:
 
 
 def main() -> None:
-    server = shutil.which("redis-server")
-    if server is None:
-        raise SystemExit("needs redis-server: apt-get install redis-server")
-    port = helpers.free_port()
-    command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    with helpers.process(command):
-        for _ in range(100):
-            try:
-                redis.Redis(port=port).ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        lines = asyncio.run(measure(f"redis://127.0.0.1:{port}/0"))
+    with helpers.redis_server() as (redis_url, _):
+        lines = asyncio.run(measure(redis_url))
     for line in lines:
         print(line)
     (HERE / "results").mkdir(exist_ok=True)

@@ -81,6 +81,24 @@ def process(command: list[str], ready: str | None = None, **env: str) -> Iterato
         child.wait(timeout=20)
 
 
+@contextmanager
+def redis_server() -> Iterator[tuple[str, int]]:
+    """A redis-server of its own on a free loopback port, persistence off: its URL and port."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit("needs redis-server: apt-get install redis-server")
+    port = free_port()
+    command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with process(command):
+        for _ in range(100):
+            try:
+                redis.Redis(port=port).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0", port
+
+
 def wrk(script: str, url: str, connections: int, seconds: int, latency: bool = False) -> str:
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", script, url]
     return subprocess.run(
@@ -228,19 +246,9 @@ async def queue_order(redis_url: str) -> str:
 
 
 def main() -> None:
-    server = shutil.which("redis-server")
-    if server is None or shutil.which("wrk") is None:
-        raise SystemExit("needs redis-server and wrk: apt-get install redis-server wrk")
-    redis_port = free_port()
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    command = [server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    with process(command), tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
-        for _ in range(100):
-            try:
-                redis.Redis(port=redis_port).ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+    if shutil.which("wrk") is None:
+        raise SystemExit("needs wrk: apt-get install wrk")
+    with redis_server() as (redis_url, redis_port), tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         script.write(POST)
         script.flush()
         lines = gateway_figures(redis_url, redis_port, script.name)

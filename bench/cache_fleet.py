@@ -34,8 +34,8 @@ import httpx
 import redis
 
 from local_inference_pool import BackendConfig, PoolConfig, create_standalone_app
-from local_inference_pool.serving import running
-from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+from local_inference_pool.gateway.serving import running
+from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))

@@ -46,8 +46,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from local_inference_pool.prompt_cache import Prompt, prompt_of
-from local_inference_pool.scheduler import Grant, Scheduler, Ticket, TicketState
+from local_inference_pool.core.prompt_index import Prompt, prompt_of
+from local_inference_pool.core.scheduler import Grant, Scheduler, Ticket, TicketState
 
 PREFILL = 0.0008  # seconds per uncached prompt token (a 7-8B model on a consumer GPU, roughly)
 DECODE = 0.02  # seconds per answer token

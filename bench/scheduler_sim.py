@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from local_inference_pool.config import PoolConfig
-from local_inference_pool.scheduler import Grant, Scheduler, Ticket, TicketState
+from local_inference_pool.core.scheduler import Grant, Scheduler, Ticket, TicketState
 
 LOAD_SECONDS = 30.0
 STARVATION_BOUND = PoolConfig().starvation_bound

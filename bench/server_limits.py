@@ -23,7 +23,7 @@ BACKEND_PORT, POOL_PORT = 18941, 18942
 SERVE = f"""
 import sys, uvicorn
 from local_inference_pool import BackendConfig, PoolConfig, create_standalone_app
-from local_inference_pool.server_limits import bounded_protocol
+from local_inference_pool.gateway.server_limits import bounded_protocol
 config = PoolConfig(backends=(BackendConfig(url="http://127.0.0.1:{BACKEND_PORT}", name="fake",
                     kind="openai", slots=256, models=("m",)),))
 http = bounded_protocol(config) if sys.argv[1] == "bounded" else "httptools"

@@ -19,8 +19,8 @@ import httpx
 
 from local_inference_pool import BackendConfig, PoolConfig, create_standalone_app
 from local_inference_pool.config import KeyConfig
-from local_inference_pool.serving import running
-from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+from local_inference_pool.gateway.serving import running
+from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
 
 HERE = Path(__file__).parent
 BODY = {"model": "sim", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}

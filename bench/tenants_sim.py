@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from local_inference_pool.scheduler import Grant, Scheduler, Ticket, TicketState
+from local_inference_pool.core.scheduler import Grant, Scheduler, Ticket, TicketState
 
 SLOTS = 8
 HERE = Path(__file__).parent

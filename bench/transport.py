@@ -50,7 +50,7 @@ def clients() -> dict[str, Callable[[], Any]]:
         )
     except ImportError:
         made["httpx2"] = lambda: None
-    from local_inference_pool.upstream import AiohttpTransport as PoolTransport
+    from local_inference_pool.upstream.transport import AiohttpTransport as PoolTransport
 
     made["httpx + the pool's aiohttp transport"] = lambda: httpx.AsyncClient(
         transport=PoolTransport(limits), trust_env=False

@@ -14,7 +14,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from starlette.types import ASGIApp
 
-from local_inference_pool.app import create_pool_app
+from local_inference_pool.gateway.app import create_pool_app
 
 from .fakes import FakeBackend, Fleet, plain_answer
 

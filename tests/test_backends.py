@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 
 from local_inference_pool import BackendConfig
-from local_inference_pool.backends import detect, probe
-from local_inference_pool.backends.base import with_latest_alias
-from local_inference_pool.scheduler import Health
+from local_inference_pool.core.scheduler import Health
+from local_inference_pool.upstream.backends import detect, probe
+from local_inference_pool.upstream.backends.base import with_latest_alias
 
 from .kinds import Server, Servers
 
@@ -31,7 +31,7 @@ async def test_detects_each_kind(server: Server, kind: str) -> None:
 async def test_older_llama_cpp_loading_answer_is_understood() -> None:
     import httpx
 
-    from local_inference_pool.backends.llamacpp import is_loading
+    from local_inference_pool.upstream.backends.llamacpp import is_loading
 
     assert is_loading(httpx.Response(503, json={"status": "loading model"}))
     assert not is_loading(httpx.Response(503))  # vLLM's dead engine: empty body

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from starlette.types import ASGIApp, Message
 
 from local_inference_pool import Pool
-from local_inference_pool.app import create_pool_app
+from local_inference_pool.gateway.app import create_pool_app
 
 from .fakes import FakeBackend, Fleet
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from local_inference_pool.circuit import Circuit, CircuitState
+from local_inference_pool.core.circuit import Circuit, CircuitState
 
 
 def test_opens_after_threshold_consecutive_failures_only() -> None:

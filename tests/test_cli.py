@@ -71,8 +71,8 @@ def test_check_prints_each_backend_and_exits_by_reachability(tmp_path: Path) -> 
     from rich.console import Console
 
     from local_inference_pool.cli import check
-    from local_inference_pool.serving import running
-    from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+    from local_inference_pool.gateway.serving import running
+    from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
 
     async def scenario() -> tuple[int, int, str]:
         backend = SimulatedBackend(SimulatorConfig(models=("sim",), slots=3))

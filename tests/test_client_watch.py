@@ -9,7 +9,7 @@ import anyio.lowlevel
 import pytest
 from starlette.types import Message, Receive
 
-from local_inference_pool.client_watch import ClientWatch
+from local_inference_pool.gateway.client_watch import ClientWatch
 
 pytestmark = pytest.mark.anyio
 

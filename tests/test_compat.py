@@ -40,16 +40,16 @@ async def queued(pool: ServerPool, count: int) -> None:
             await anyio.lowlevel.checkpoint()
 
 
-def test_old_import_paths_still_work() -> None:
-    from local_inference_pool.config import ServerConfig as ConfigServerConfig
+def test_the_seeds_documented_import_paths_still_work() -> None:
+    """The seed documents its top-level names and two modules, ``dispatcher`` and ``exceptions``."""
+    import local_inference_pool
     from local_inference_pool.dispatcher import ConcurrentDispatcher as OldDispatcher
     from local_inference_pool.dispatcher import InferenceTask
     from local_inference_pool.exceptions import DispatcherTimeoutError as OldTimeout
-    from local_inference_pool.pool import ServerPool as OldServerPool
 
-    assert ConfigServerConfig is ServerConfig
+    assert local_inference_pool.ServerConfig is ServerConfig
+    assert local_inference_pool.ServerPool is ServerPool
     assert OldDispatcher is ConcurrentDispatcher
-    assert OldServerPool is ServerPool
     assert OldTimeout is DispatcherTimeoutError
     assert InferenceTask.__name__ == "InferenceTask"
     assert issubclass(NoModelsAvailableError, RuntimeError)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from local_inference_pool.dialects import ANTHROPIC, OPENAI, RESPONSES
 from local_inference_pool.errors import InvalidRequestError, QueueFullError, QueueTimeoutError
+from local_inference_pool.gateway.dialects import ANTHROPIC, OPENAI, RESPONSES
 
 
 def body_of(response: object) -> dict[str, object]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from local_inference_pool.failover import (
+from local_inference_pool.gateway.failover import (
     API,
     MAX_RECORDED,
     Partial,
@@ -84,7 +84,7 @@ def test_a_stream_that_ended_has_nothing_to_continue() -> None:
 
 
 def test_the_continuation_request_per_backend_kind() -> None:
-    from local_inference_pool.backends import continues
+    from local_inference_pool.upstream.backends import continues
 
     partial = Partial(text="1, 2, 3,", pieces=4)
 

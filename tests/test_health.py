@@ -7,8 +7,8 @@ import anyio
 import pytest
 
 from local_inference_pool import BackendConfig, Pool, PoolConfig
-from local_inference_pool.health import Monitor
-from local_inference_pool.scheduler import Backend, Health
+from local_inference_pool.core.scheduler import Backend, Health
+from local_inference_pool.upstream.health import Monitor
 
 from .kinds import Server, Servers
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 
 from local_inference_pool.config import KeyConfig, PoolConfig
-from local_inference_pool.inbound import key_holder, key_priority
+from local_inference_pool.gateway.inbound import key_holder, key_priority
 
 
 def config() -> PoolConfig:

@@ -22,7 +22,7 @@ from local_inference_pool import (
     QueueTimeoutError,
     WrongEventLoopError,
 )
-from local_inference_pool.scheduler import Health
+from local_inference_pool.core.scheduler import Health
 
 pytestmark = pytest.mark.anyio
 
@@ -193,7 +193,7 @@ async def test_wait_for_race_on_every_timing_never_leaks() -> None:
 
 async def test_dropped_lease_is_released_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     pool = Pool(one_slot())
-    caplog.set_level(logging.WARNING, logger="local_inference_pool.pool")
+    caplog.set_level(logging.WARNING, logger="local_inference_pool.pool.leases")
     await pool.acquire("m")  # result dropped on the floor
     gc.collect()
     await anyio.lowlevel.checkpoint()
@@ -418,8 +418,8 @@ def cache_fleet(**pool: object) -> PoolConfig:
 
 
 async def test_a_held_waiter_wakes_when_its_hold_runs_out_and_takes_the_free_slot() -> None:
-    from local_inference_pool.prompt_cache import prompt_of
-    from local_inference_pool.scheduler import Affinity
+    from local_inference_pool.core.prompt_index import prompt_of
+    from local_inference_pool.core.scheduler import Affinity
 
     pool = Pool(cache_fleet(cache_wait_max=0.2))
     document = prompt_of([DOCUMENT, "first"], model="m")
@@ -451,7 +451,7 @@ async def test_a_held_waiter_wakes_when_its_hold_runs_out_and_takes_the_free_slo
 
 
 async def test_a_held_waiter_cancelled_leaves_nothing_behind() -> None:
-    from local_inference_pool.prompt_cache import prompt_of
+    from local_inference_pool.core.prompt_index import prompt_of
 
     pool = Pool(cache_fleet())
     holder = await pool.acquire("m", prompt=prompt_of([DOCUMENT, "first"], model="m"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from local_inference_pool.prompt_cache import BLOCK_CHARS, MAX_BLOCKS, Ewma, PrefixIndex, prompt_of
+from local_inference_pool.core.prompt_index import BLOCK_CHARS, MAX_BLOCKS, Ewma, PrefixIndex, prompt_of
 
 
 def test_prompts_that_share_a_start_share_its_full_blocks_and_no_more() -> None:

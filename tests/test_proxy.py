@@ -15,7 +15,7 @@ from asgi_lifespan import LifespanManager
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from local_inference_pool import Pool
-from local_inference_pool.app import create_pool_app
+from local_inference_pool.gateway.app import create_pool_app
 
 from .fakes import FakeBackend, Fleet
 

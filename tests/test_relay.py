@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from local_inference_pool.relay import client_headers
+from local_inference_pool.gateway.relay import client_headers
 
 
 def test_hop_by_hop_headers_and_those_named_in_connection_never_reach_the_client() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from local_inference_pool.config import PoolConfig
-from local_inference_pool.dialects import ANTHROPIC
 from local_inference_pool.errors import ConfigError
-from local_inference_pool.routes import ROUTES, ModelFrom, RouteSupport, routes_for
+from local_inference_pool.gateway.dialects import ANTHROPIC
+from local_inference_pool.gateway.routes import ROUTES, ModelFrom, RouteSupport, routes_for
 
 
 def test_every_route_is_one_line_of_data() -> None:

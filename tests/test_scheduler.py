@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from local_inference_pool.core.prompt_index import Prompt, prompt_of
+from local_inference_pool.core.scheduler import Affinity, Health, Scheduler, Ticket, TicketState
 from local_inference_pool.errors import ModelNotFoundError, NoCapacityError, QueueFullError, QueueTimeoutError
-from local_inference_pool.prompt_cache import Prompt, prompt_of
-from local_inference_pool.scheduler import Affinity, Health, Scheduler, Ticket, TicketState
 
 
 class Clock:

@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from local_inference_pool.core.prompt_index import Prompt, prompt_of
+from local_inference_pool.core.scheduler import Backend, Grant, Health, Scheduler, Ticket, TicketState
 from local_inference_pool.errors import PoolError
-from local_inference_pool.prompt_cache import Prompt, prompt_of
-from local_inference_pool.scheduler import Backend, Grant, Health, Scheduler, Ticket, TicketState
 
 MODELS = ["m0", "m1", "m2"]
 NAMES = ["b0", "b1", "b2", "b3"]

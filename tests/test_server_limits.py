@@ -9,8 +9,8 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from local_inference_pool.config import PoolConfig
-from local_inference_pool.server_limits import ClientLeftFilter, bounded_protocol
-from local_inference_pool.serving import serving
+from local_inference_pool.gateway.server_limits import ClientLeftFilter, bounded_protocol
+from local_inference_pool.gateway.serving import serving
 
 pytestmark = pytest.mark.anyio
 

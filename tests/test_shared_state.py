@@ -19,10 +19,10 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from prometheus_client import generate_latest
 
 from local_inference_pool import BackendConfig, Pool, PoolConfig
+from local_inference_pool.core.scheduler import Affinity
 from local_inference_pool.errors import StateUnavailableError
-from local_inference_pool.metrics import PoolMetrics
-from local_inference_pool.pool import Lease
-from local_inference_pool.scheduler import Affinity
+from local_inference_pool.gateway.metrics import PoolMetrics
+from local_inference_pool.pool.leases import Lease
 
 from .redis_store import Store
 
@@ -387,8 +387,8 @@ async def test_the_queue_head_of_a_process_killed_with_sigkill_stops_holding_slo
 
 
 async def test_scripts_the_store_lost_are_loaded_again_for_a_batch(store: Store) -> None:
-    from local_inference_pool.fleet import Standing
-    from local_inference_pool.shared_state import SharedLeases
+    from local_inference_pool.core.fleet import Standing
+    from local_inference_pool.pool.redis_state import SharedLeases
 
     shared = SharedLeases(store.url, lease_ttl=30.0)
     standing = Standing(capacity=2, max_models=1, models=("m",))

@@ -6,8 +6,8 @@ import anyio
 import httpx
 import pytest
 
-from local_inference_pool.serving import running
-from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+from local_inference_pool.gateway.serving import running
+from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
 
 pytestmark = pytest.mark.anyio
 

@@ -25,7 +25,7 @@ import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from local_inference_pool.upstream import MAX_HEAD_FIELD, AiohttpTransport
+from local_inference_pool.upstream.transport import MAX_HEAD_FIELD, AiohttpTransport
 
 pytestmark = pytest.mark.anyio
 

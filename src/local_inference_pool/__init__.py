@@ -3,7 +3,6 @@
 The public API is exactly ``__all__``; everything else is internal.
 """
 
-from local_inference_pool.app import PoolMiddleware, create_pool_app, create_standalone_app, pool_lifespan
 from local_inference_pool.compat import (
     ConcurrentDispatcher,
     DispatcherTimeoutError,
@@ -14,6 +13,8 @@ from local_inference_pool.compat import (
     ServerPool,
 )
 from local_inference_pool.config import BackendConfig, PoolConfig, load_config
+from local_inference_pool.core.prompt_index import Prompt, prompt_of
+from local_inference_pool.core.scheduler import Affinity, Health
 from local_inference_pool.errors import (
     ConfigError,
     ModelNotFoundError,
@@ -24,9 +25,14 @@ from local_inference_pool.errors import (
     QueueTimeoutError,
     WrongEventLoopError,
 )
-from local_inference_pool.pool import Lease, Pool
-from local_inference_pool.prompt_cache import Prompt, prompt_of
-from local_inference_pool.scheduler import Affinity, Health
+from local_inference_pool.gateway.app import (
+    PoolMiddleware,
+    create_pool_app,
+    create_standalone_app,
+    pool_lifespan,
+)
+from local_inference_pool.library import Pool
+from local_inference_pool.pool.leases import Lease
 
 __all__ = [
     "Affinity",

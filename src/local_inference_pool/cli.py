@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from local_inference_pool.config import PoolConfig, load_config, shown_state
+from local_inference_pool.core.scheduler import Health
 from local_inference_pool.errors import ConfigError
-from local_inference_pool.scheduler import Health
 
 if TYPE_CHECKING:
     import uvicorn
@@ -178,7 +178,7 @@ def effective_config(path: str | None) -> dict[str, Any]:
 
 async def check(config: PoolConfig, console: Console) -> int:
     """Probe every backend once, concurrently; 0 when at least one is reachable."""
-    from local_inference_pool.health import probe_once
+    from local_inference_pool.upstream.health import probe_once
 
     if not config.backends:
         raise ConfigError("no backends: add [[backends]] to the config file or set LIP_BACKENDS")
@@ -243,13 +243,13 @@ def _serve_process(
     traceback); on ``sockets`` when a parent bound them for its workers."""
     import uvicorn
 
-    from local_inference_pool.app import create_standalone_app
-    from local_inference_pool.server_limits import (
+    from local_inference_pool.gateway.app import create_standalone_app
+    from local_inference_pool.gateway.server_limits import (
         CancelledAtShutdownFilter,
         ClientLeftFilter,
         bounded_protocol,
     )
-    from local_inference_pool.serving import InProcessServer
+    from local_inference_pool.gateway.serving import InProcessServer
 
     for quieter in (ClientLeftFilter(), CancelledAtShutdownFilter()):
         logging.getLogger("uvicorn.error").addFilter(quieter)
@@ -380,7 +380,7 @@ def _requests(count: int) -> str:
 def simulate(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+    from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     if not models or args.slots < 1 or args.tokens_per_second <= 0 or args.load_seconds < 0:
@@ -405,7 +405,7 @@ def simulate(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from local_inference_pool.demo import run_demo
+    from local_inference_pool.sim.demo import run_demo
 
     _configure_logging("warning")
     console = Console()

@@ -37,11 +37,12 @@ import anyio
 import anyio.lowlevel
 import httpx
 
-from local_inference_pool.backends.openai import describe_http_error, list_models
 from local_inference_pool.config import BACKEND_KINDS, BackendConfig, BackendKind, PoolConfig, normalize_url
+from local_inference_pool.core.scheduler import Backend, Health
 from local_inference_pool.errors import ModelNotFoundError, NoCapacityError, QueueTimeoutError
-from local_inference_pool.pool import Lease, Pool
-from local_inference_pool.scheduler import Backend, Health
+from local_inference_pool.library import Pool
+from local_inference_pool.pool.leases import Lease
+from local_inference_pool.upstream.backends.openai import describe_http_error, list_models
 
 __all__ = [
     "ConcurrentDispatcher",

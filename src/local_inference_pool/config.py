@@ -14,13 +14,10 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 from local_inference_pool.errors import ConfigError
-
-if TYPE_CHECKING:
-    from local_inference_pool.compat import ServerConfig
 
 __all__ = [
     "BACKEND_KINDS",
@@ -29,7 +26,6 @@ __all__ = [
     "KeyConfig",
     "PoolConfig",
     "RouteConfig",
-    "ServerConfig",
     "load_config",
     "normalize_url",
 ]
@@ -565,12 +561,3 @@ def _apply_env(base: PoolConfig, env: Mapping[str, str]) -> PoolConfig:
     values = {f.name: getattr(base, f.name) for f in fields(PoolConfig)}
     values.update(overrides, backends=tuple(backends))
     return PoolConfig(**values)
-
-
-def __getattr__(name: str) -> Any:
-    # The v0.7 library exported ServerConfig from this module; load it lazily to avoid a cycle.
-    if name == "ServerConfig":
-        from local_inference_pool.compat import ServerConfig
-
-        return ServerConfig
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

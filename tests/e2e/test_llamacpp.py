@@ -30,7 +30,7 @@ import pytest
 from anyio.abc import TaskStatus
 
 from local_inference_pool import BackendConfig, PoolConfig, create_standalone_app
-from local_inference_pool.serving import running
+from local_inference_pool.gateway.serving import running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 

@@ -13,8 +13,8 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from local_inference_pool import BackendConfig, PoolConfig, create_standalone_app
-from local_inference_pool.serving import running
-from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+from local_inference_pool.gateway.serving import running
+from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
 
 pytestmark = pytest.mark.anyio
 

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from local_inference_pool import BackendConfig, PoolConfig
-from local_inference_pool.app import create_standalone_app
-from local_inference_pool.serving import running
-from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+from local_inference_pool.gateway.app import create_standalone_app
+from local_inference_pool.gateway.serving import running
+from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
 
 pytestmark = pytest.mark.anyio
 

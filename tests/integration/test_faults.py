@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from local_inference_pool import BackendConfig, PoolConfig, create_standalone_app
-from local_inference_pool.serving import Served, running, serving
-from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+from local_inference_pool.gateway.serving import Served, running, serving
+from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
 
 from .. import loopback
 

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from anyio.abc import Process
 
-from local_inference_pool.serving import running
-from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+from local_inference_pool.gateway.serving import running
+from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
 
 from ..redis_store import Store, free_port
 

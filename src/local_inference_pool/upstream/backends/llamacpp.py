@@ -6,10 +6,10 @@ from typing import Any
 
 import httpx
 
-from local_inference_pool.backends.base import Snapshot
-from local_inference_pool.backends.openai import auth_headers
 from local_inference_pool.config import BackendConfig
-from local_inference_pool.scheduler import Health
+from local_inference_pool.core.scheduler import Health
+from local_inference_pool.upstream.backends.base import Snapshot
+from local_inference_pool.upstream.backends.openai import auth_headers
 
 # How it continues a partial answer (mid-stream failover): a trailing assistant message, on chat
 # and on Anthropic's messages alike, and it echoes the prefill first (BACKENDS.md section 7.4).

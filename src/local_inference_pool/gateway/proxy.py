@@ -23,15 +23,20 @@ from typing import Any
 import httpx
 from starlette.types import Receive, Send
 
-from local_inference_pool.backends import continues
-from local_inference_pool.backends.openai import describe_http_error
-from local_inference_pool.client_watch import ClientWatch
 from local_inference_pool.errors import NoCapacityError, PoolError
-from local_inference_pool.failover import API, Partial, Recorder, Seam, continuation, read_partial, refusal
-from local_inference_pool.inbound import Inbound
-from local_inference_pool.metrics import RequestRecord
-from local_inference_pool.pool import Lease, Pool
-from local_inference_pool.relay import (
+from local_inference_pool.gateway.client_watch import ClientWatch
+from local_inference_pool.gateway.failover import (
+    API,
+    Partial,
+    Recorder,
+    Seam,
+    continuation,
+    read_partial,
+    refusal,
+)
+from local_inference_pool.gateway.inbound import Inbound
+from local_inference_pool.gateway.metrics import RequestRecord
+from local_inference_pool.gateway.relay import (
     AnswerBroke,
     UpstreamRelay,
     answer,
@@ -43,7 +48,10 @@ from local_inference_pool.relay import (
     refuse,
     refuse_upstream,
 )
-from local_inference_pool.runtime import Call, Runtime, Target
+from local_inference_pool.gateway.runtime import Call, Runtime, Target
+from local_inference_pool.pool.leases import Lease, Pool
+from local_inference_pool.upstream.backends import continues
+from local_inference_pool.upstream.backends.openai import describe_http_error
 
 __all__ = ["MAX_ATTEMPTS", "forward", "upstream_headers", "upstream_request"]
 

@@ -21,8 +21,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive
 
 from local_inference_pool.config import PoolConfig
+from local_inference_pool.core.prompt_index import Prompt
 from local_inference_pool.errors import InvalidRequestError
-from local_inference_pool.prompt_cache import Prompt
 
 __all__ = [
     "MAX_DEPTH",

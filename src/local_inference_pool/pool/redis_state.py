@@ -47,8 +47,8 @@ import redis.asyncio as redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
+from local_inference_pool.core.fleet import Claimed, FleetView, Head, Standing
 from local_inference_pool.errors import StateUnavailableError
-from local_inference_pool.fleet import Claimed, FleetView, Head, Standing
 
 __all__ = ["SharedLeases"]
 

@@ -19,10 +19,10 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
+from local_inference_pool.core.prompt_index import BLOCK_CHARS, MAX_BLOCKS, Prompt, prompt_of
 from local_inference_pool.errors import PoolError
-from local_inference_pool.inbound import authorization, single_header
-from local_inference_pool.prompt_cache import BLOCK_CHARS, MAX_BLOCKS, Prompt, prompt_of
-from local_inference_pool.replies import ErrorReply, openai_error
+from local_inference_pool.gateway.inbound import authorization, single_header
+from local_inference_pool.gateway.replies import ErrorReply, openai_error
 
 __all__ = ["ANTHROPIC", "DIALECTS", "OPENAI", "RESPONSES", "Dialect"]
 

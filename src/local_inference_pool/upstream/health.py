@@ -20,24 +20,43 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import anyio
 import httpx
 from anyio.abc import TaskStatus
 
-from local_inference_pool.backends import DetectedKind, Snapshot, detect, probe
-from local_inference_pool.backends.openai import describe_http_error
-from local_inference_pool.circuit import Circuit, CircuitState
 from local_inference_pool.config import BackendConfig, PoolConfig
-from local_inference_pool.pool import Pool
-from local_inference_pool.scheduler import Health
+from local_inference_pool.core.circuit import Circuit, CircuitState
+from local_inference_pool.core.scheduler import Health
+from local_inference_pool.upstream.backends import DetectedKind, Snapshot, detect, probe
+from local_inference_pool.upstream.backends.openai import describe_http_error
 
-__all__ = ["Monitor", "probe_once"]
+__all__ = ["BackendSink", "Monitor", "probe_once"]
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF = 8
+
+
+class BackendSink(Protocol):
+    """Where the monitor's verdicts go: the pool, which the upstream layer does not import."""
+
+    def update_backend(
+        self,
+        name: str,
+        *,
+        slots: int | None = None,
+        models: Iterable[str] | None = None,
+        resident: Sequence[str] | None = None,
+        health: Health | None = None,
+        server_busy: int | None = None,
+        trial: bool | None = None,
+        context: int | None = None,
+    ) -> None: ...
+
+    def annotate(self, name: str, **info: Any) -> None: ...
 
 
 @dataclass
@@ -74,7 +93,7 @@ async def probe_once(
 class Monitor:
     def __init__(
         self,
-        pool: Pool,
+        pool: BackendSink,
         client: httpx.AsyncClient,
         config: PoolConfig,
         *,

@@ -6,10 +6,10 @@ from typing import Any
 
 import httpx
 
-from local_inference_pool.backends.base import Snapshot
-from local_inference_pool.backends.openai import auth_headers
 from local_inference_pool.config import BackendConfig
-from local_inference_pool.scheduler import Health
+from local_inference_pool.core.scheduler import Health
+from local_inference_pool.upstream.backends.base import Snapshot
+from local_inference_pool.upstream.backends.openai import auth_headers
 
 # How it continues a partial answer: it documents no way, so it is not asked to.
 CONTINUES: dict[str, dict[str, object]] = {}

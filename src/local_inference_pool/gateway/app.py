@@ -33,10 +33,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 
 from local_inference_pool.config import PoolConfig
-from local_inference_pool.dialects import ANTHROPIC, OPENAI, Dialect
+from local_inference_pool.core.scheduler import Health
 from local_inference_pool.errors import InvalidRequestError, PoolError
-from local_inference_pool.health import Monitor
-from local_inference_pool.inbound import (
+from local_inference_pool.gateway.dialects import ANTHROPIC, OPENAI, Dialect
+from local_inference_pool.gateway.inbound import (
     ClientGone,
     Inbound,
     authorization,
@@ -50,15 +50,15 @@ from local_inference_pool.inbound import (
     read_inbound,
     request_id,
 )
-from local_inference_pool.metrics import PoolMetrics, RequestRecord
-from local_inference_pool.pool import Pool
-from local_inference_pool.proxy import forward
-from local_inference_pool.relay import refuse
-from local_inference_pool.replies import error_response, openai_error
-from local_inference_pool.routes import ModelFrom, RouteSpec, routes_for
-from local_inference_pool.runtime import PASSED_HEADERS, RESPONSE_ID, Call, Runtime
-from local_inference_pool.scheduler import Health
-from local_inference_pool.upstream import AiohttpTransport
+from local_inference_pool.gateway.metrics import PoolMetrics, RequestRecord
+from local_inference_pool.gateway.proxy import forward
+from local_inference_pool.gateway.relay import refuse
+from local_inference_pool.gateway.replies import error_response, openai_error
+from local_inference_pool.gateway.routes import ModelFrom, RouteSpec, routes_for
+from local_inference_pool.gateway.runtime import PASSED_HEADERS, RESPONSE_ID, Call, Runtime
+from local_inference_pool.pool.leases import Pool
+from local_inference_pool.upstream.health import Monitor
+from local_inference_pool.upstream.transport import AiohttpTransport
 
 __all__ = [
     "PoolMiddleware",
@@ -427,6 +427,8 @@ async def _dashboard(request: Request) -> Response:
     if isinstance(runtime, Response):
         return runtime
     page = (
-        resources.files("local_inference_pool").joinpath("dashboard/index.html").read_text(encoding="utf-8")
+        resources.files("local_inference_pool.gateway")
+        .joinpath("dashboard/index.html")
+        .read_text(encoding="utf-8")
     )
     return HTMLResponse(page, headers={"cache-control": "no-cache"})

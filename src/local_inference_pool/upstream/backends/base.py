@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from local_inference_pool.scheduler import Health
+from local_inference_pool.core.scheduler import Health
 
 
 @dataclass(frozen=True)

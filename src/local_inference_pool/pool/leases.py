@@ -22,38 +22,29 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import anyio
 
-from local_inference_pool.backends.openai import (
-    REQUEST_ERRORS,
-    client_or,
-    describe_http_error,
-    list_models,
-    warm,
-)
 from local_inference_pool.config import BackendConfig, PoolConfig, shown_state
+from local_inference_pool.core.fleet import Claimed, FleetView, Head, Standing
+from local_inference_pool.core.prompt_index import Prompt
+from local_inference_pool.core.scheduler import Affinity, Grant, Health, Scheduler, Ticket, TicketState
 from local_inference_pool.errors import (
     NoCapacityError,
     PoolClosedError,
     StateUnavailableError,
     WrongEventLoopError,
 )
-from local_inference_pool.fleet import Claimed, FleetView, Head, Standing
-from local_inference_pool.prompt_cache import Prompt
-from local_inference_pool.scheduler import Affinity, Grant, Health, Scheduler, Ticket, TicketState
 
 if TYPE_CHECKING:
-    import httpx
     from anyio.abc import TaskStatus
 
-    from local_inference_pool.compat import ServerPool
-    from local_inference_pool.shared_state import SharedLeases
+    from local_inference_pool.pool.redis_state import SharedLeases
 
-__all__ = ["Lease", "Pool", "ServerPool", "Unleased"]
+__all__ = ["Lease", "Pool", "Unleased"]
 
 logger = logging.getLogger(__name__)
 
@@ -307,30 +298,6 @@ class Pool:
     def annotate(self, name: str, **info: Any) -> None:
         """Facts for the snapshot that the scheduler does not use (detected kind, circuit, errors)."""
         self._info.setdefault(name, {}).update(info)
-
-    async def refresh_models(self, client: httpx.AsyncClient | None = None) -> dict[str, str | None]:
-        """Ask every backend without a configured model list for ``/v1/models``.
-
-        Returns each backend's error text (None when it answered). A failed probe keeps the models
-        known before, so one bad answer never fails queued requests.
-        """
-        errors: dict[str, str | None] = {}
-
-        async def probe(http: httpx.AsyncClient, backend: BackendConfig) -> None:
-            try:
-                models = await list_models(http, backend.url, backend.api_key)
-            except REQUEST_ERRORS as exc:
-                errors[backend.name] = describe_http_error(exc)
-                return
-            errors[backend.name] = None
-            if backend.name in self._backend_configs:
-                self.update_backend(backend.name, models=models)
-
-        async with self._client(client) as http, anyio.create_task_group() as group:
-            for backend in list(self._backend_configs.values()):
-                if backend.models is None:
-                    group.start_soon(probe, http, backend)
-        return errors
 
     # --- leases ----------------------------------------------------------------------------
 
@@ -669,54 +636,32 @@ class Pool:
 
     # --- warm-up, state, shutdown ----------------------------------------------------------
 
-    async def warmup(
-        self,
-        model: str,
-        backends: int = 1,
-        *,
-        client: httpx.AsyncClient | None = None,
-        prompt: str = "Respond with only 'pong'",
-    ) -> dict[str, str | None]:
-        """Send a one-token completion to ``backends`` backends serving ``model``, each through a slot.
+    def has_backend(self, name: str) -> bool:
+        return name in self._backend_configs
 
-        Run it before timed work so that the model load is not measured. Backends where the model
-        is already loaded are chosen first. Returns each warmed backend's error text (None: warm).
-        """
+    def backend_configs(self) -> list[BackendConfig]:
+        """The configuration of every backend in the pool now."""
+        return list(self._backend_configs.values())
+
+    def warm_candidates(self, model: str) -> list[str]:
+        """The backends that serve ``model`` and are not down, best to warm first: where the model
+        is loaded already, then the least loaded."""
         serving = [
             b
             for b in self._scheduler.backends.values()
             if b.models is not None and model in b.models and b.health is not Health.UNHEALTHY
         ]
         serving.sort(key=lambda b: (b.needs_load(model), b.load_ratio, b.index))
-        results: dict[str, str | None] = {}
+        return [b.name for b in serving]
 
-        async def warm_one(http: httpx.AsyncClient, name: str) -> None:
-            try:
-                lease = await self._acquire(
-                    model=model, priority=0, session=None, timeout=None, pin=name, tenant=""
-                )
-            except Exception as exc:
-                results[name] = str(exc)
-                return
-            try:
-                await warm(http, lease.url, lease.api_key, model, prompt)
-            except REQUEST_ERRORS as exc:
-                results[name] = describe_http_error(exc)
-            else:
-                results[name] = None
-                self._warm.setdefault(name, {})[model] = time.time()
-            finally:
-                lease.release()
+    def note_warm(self, name: str, model: str, when: float) -> None:
+        """A model was warmed on a backend (wall-clock time): shown as ``warm_models``."""
+        if name in self._backend_configs:
+            self._warm.setdefault(name, {})[model] = when
 
-        async with self._client(client) as http, anyio.create_task_group() as group:
-            for backend in serving[:backends]:
-                group.start_soon(warm_one, http, backend.name)
-        return results
-
-    def _client(self, client: httpx.AsyncClient | None) -> AbstractAsyncContextManager[httpx.AsyncClient]:
-        return client_or(
-            client, connect_timeout=self.config.connect_timeout, read_timeout=self.config.read_timeout
-        )
+    async def acquire_on(self, name: str, model: str) -> Lease:
+        """A lease on one named backend, waiting as long as it takes (warm-up, v0.7 callers)."""
+        return await self._acquire(model=model, priority=0, session=None, timeout=None, pin=name, tenant="")
 
     def serves(self, model: str) -> bool:
         """Whether any backend lists ``model`` now (healthy or not)."""
@@ -776,11 +721,11 @@ class Pool:
             with anyio.move_on_after(grace):
                 await self._drained.wait()
 
-    async def __aenter__(self) -> Pool:
+    async def __aenter__(self) -> Self:
         """With ``config.state``: connect to the shared store and start renewing leases, listening
         for releases in other processes and sending this one's releases."""
         if self.config.state is not None and self._shared_tasks is None:
-            from local_inference_pool.shared_state import SharedLeases
+            from local_inference_pool.pool.redis_state import SharedLeases
 
             self._bind_loop()
             stack = AsyncExitStack()
@@ -1020,12 +965,3 @@ class Pool:
         for backend, view in latest.items():
             self._apply_fleet(backend, view)  # the slots are free here now too
         return True
-
-
-def __getattr__(name: str) -> Any:
-    # The v0.7 library exported ServerPool from this module; load it lazily to avoid a cycle.
-    if name == "ServerPool":
-        from local_inference_pool.compat import ServerPool
-
-        return ServerPool
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from local_inference_pool.pool import Pool
-from local_inference_pool.scheduler import Affinity
+from local_inference_pool.core.scheduler import Affinity
+from local_inference_pool.pool.leases import Pool
 
 __all__ = ["PoolMetrics", "PromptReport", "RequestRecord", "UsageSniffer", "prompt_report"]
 

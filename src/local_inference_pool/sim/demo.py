@@ -19,10 +19,10 @@ from anyio.abc import TaskStatus
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from local_inference_pool.app import create_standalone_app
 from local_inference_pool.config import BackendConfig, PoolConfig
-from local_inference_pool.serving import running
-from local_inference_pool.simulator import SimulatedBackend, SimulatorConfig
+from local_inference_pool.gateway.app import create_standalone_app
+from local_inference_pool.gateway.serving import running
+from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
 
 __all__ = ["FLEET", "run_demo"]
 

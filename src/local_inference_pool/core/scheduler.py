@@ -56,6 +56,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
+from local_inference_pool.core.prompt_index import (
+    BLOCK_CHARS,
+    DEFAULT_CHARS_PER_TOKEN,
+    CacheStats,
+    Ewma,
+    PrefixIndex,
+    Prompt,
+)
 from local_inference_pool.errors import (
     ModelNotFoundError,
     NoCapacityError,
@@ -63,14 +71,6 @@ from local_inference_pool.errors import (
     QueueFullError,
     QueueTimeoutError,
     TenantQueueFullError,
-)
-from local_inference_pool.prompt_cache import (
-    BLOCK_CHARS,
-    DEFAULT_CHARS_PER_TOKEN,
-    CacheStats,
-    Ewma,
-    PrefixIndex,
-    Prompt,
 )
 
 __all__ = [

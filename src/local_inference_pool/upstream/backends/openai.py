@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 
-from local_inference_pool.backends.base import Snapshot
 from local_inference_pool.config import BackendConfig
-from local_inference_pool.scheduler import Health
+from local_inference_pool.core.scheduler import Health
+from local_inference_pool.upstream.backends.base import Snapshot
 
 # How a plain OpenAI-compatible server continues a partial answer: unknown (it may start anew).
 CONTINUES: dict[str, dict[str, object]] = {}

@@ -6,10 +6,10 @@ import re
 
 import httpx
 
-from local_inference_pool.backends.base import Snapshot
-from local_inference_pool.backends.openai import auth_headers, list_models
 from local_inference_pool.config import BackendConfig
-from local_inference_pool.scheduler import Health
+from local_inference_pool.core.scheduler import Health
+from local_inference_pool.upstream.backends.base import Snapshot
+from local_inference_pool.upstream.backends.openai import auth_headers, list_models
 
 # How it continues a partial answer: continue_final_message, with no new generation prompt.
 CONTINUES: dict[str, dict[str, object]] = {

@@ -29,13 +29,13 @@ import httpx
 from starlette.responses import Response
 from starlette.types import Message, Send
 
-from local_inference_pool.backends.openai import describe_http_error
-from local_inference_pool.client_watch import ClientWatch
-from local_inference_pool.dialects import Dialect
-from local_inference_pool.failover import Recorder, Seam
-from local_inference_pool.metrics import RequestRecord, UsageSniffer, prompt_report
-from local_inference_pool.pool import Lease
-from local_inference_pool.runtime import RESPONSE_ID, Call, Runtime, Target
+from local_inference_pool.gateway.client_watch import ClientWatch
+from local_inference_pool.gateway.dialects import Dialect
+from local_inference_pool.gateway.failover import Recorder, Seam
+from local_inference_pool.gateway.metrics import RequestRecord, UsageSniffer, prompt_report
+from local_inference_pool.gateway.runtime import RESPONSE_ID, Call, Runtime, Target
+from local_inference_pool.pool.leases import Lease
+from local_inference_pool.upstream.backends.openai import describe_http_error
 
 __all__ = [
     "GATEWAY_STATUSES",

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import httpx
 
 from local_inference_pool.config import PoolConfig
-from local_inference_pool.dialects import Dialect
-from local_inference_pool.health import Monitor
-from local_inference_pool.metrics import PoolMetrics
-from local_inference_pool.pool import Lease, Pool, Unleased
-from local_inference_pool.routes import RouteSpec, RouteSupport
+from local_inference_pool.gateway.dialects import Dialect
+from local_inference_pool.gateway.metrics import PoolMetrics
+from local_inference_pool.gateway.routes import RouteSpec, RouteSupport
+from local_inference_pool.pool.leases import Lease, Pool, Unleased
+from local_inference_pool.upstream.health import Monitor
 
 __all__ = ["PASSED_HEADERS", "RESPONSE_ID", "Call", "Runtime", "Target"]
 

@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 import httpx
 
-from local_inference_pool.backends import llamacpp, lmstudio, ollama, openai, vllm
-from local_inference_pool.backends.base import Snapshot
 from local_inference_pool.config import BackendConfig
+from local_inference_pool.upstream.backends import llamacpp, lmstudio, ollama, openai, vllm
+from local_inference_pool.upstream.backends.base import Snapshot
 
 __all__ = ["DetectedKind", "Snapshot", "continues", "detect", "probe"]
 

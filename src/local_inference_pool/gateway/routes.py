@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Final
 
 from local_inference_pool.config import PoolConfig
-from local_inference_pool.dialects import ANTHROPIC, DIALECTS, OPENAI, RESPONSES, Dialect
+from local_inference_pool.gateway.dialects import ANTHROPIC, DIALECTS, OPENAI, RESPONSES, Dialect
 
 __all__ = ["ROUTES", "ModelFrom", "RouteSpec", "RouteSupport", "routes_for"]
 

@@ -167,7 +167,6 @@ class PoolPolicy(Policy):
         for _ in range(processes):
             scheduler = Scheduler(
                 clock=self.clock,
-                on_ticket_done=self._granted,
                 cache_wait_max=10.0 if cache_aware else 0.0,
                 prefill_seconds_per_token=0.0005,  # the pool's default, before it learns
             )
@@ -185,14 +184,23 @@ class PoolPolicy(Policy):
             "m", affinity_key=request.session, prompt=request.prompt() if self.cache_aware else None
         )
         self.requests[ticket] = (request, scheduler)
-        if ticket.state is TicketState.GRANTED:
-            self._granted(ticket)
+        self._collect()
+
+    def _collect(self) -> None:
+        """Start what the schedulers granted; telling the other processes may grant more."""
+        progress = True
+        while progress:
+            progress = False
+            for scheduler in self.schedulers:
+                for ticket in scheduler.take_events().granted:
+                    progress = True
+                    self._granted(ticket)
 
     def _granted(self, ticket: Ticket) -> None:
         if ticket.state is not TicketState.GRANTED or ticket.grant is None:
             return
         entry = self.requests.get(ticket)
-        if entry is None:  # granted inside submit: arrive() takes it
+        if entry is None:
             return
         request, scheduler = entry
         if request.id in self.grants:
@@ -222,7 +230,9 @@ class PoolPolicy(Policy):
             if other is not scheduler:
                 name = grant.backend.name
                 other.update_backend(name, external_busy=max(0, other.backends[name].external_busy - 1))
+                self._collect()  # what it grants is taken before this process grants again
         scheduler.release(grant)
+        self._collect()
 
     def wakeup(self) -> float | None:
         times = [t for s in self.schedulers if (t := s.next_wakeup()) is not None]
@@ -231,6 +241,7 @@ class PoolPolicy(Policy):
     def refresh(self) -> None:
         for scheduler in self.schedulers:
             scheduler.refresh()
+        self._collect()
 
 
 class QueuedPolicy(Policy):

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from local_inference_pool.config import PoolConfig
-from local_inference_pool.core.scheduler import Grant, Scheduler, Ticket, TicketState
+from local_inference_pool.core.scheduler import Grant, Scheduler
 
 LOAD_SECONDS = 30.0
 STARVATION_BOUND = PoolConfig().starvation_bound
@@ -125,13 +125,11 @@ class PoolPolicy(Policy):
         super().__init__(workload, clock)
         self.started: list[tuple[Request, int]] = []
         self.by_ticket: dict[int, Request] = {}
-        self.submitting: Request | None = None
         self.grants: dict[int, Grant] = {}
         self.scheduler = Scheduler(
             clock=clock,
             queue_limit=10**9,
             starvation_bound=STARVATION_BOUND,
-            on_ticket_done=self._granted,
         )
         for index, slots in enumerate(workload.slots):
             serves = workload.serves[index] if workload.serves else set(workload.models)
@@ -144,24 +142,19 @@ class PoolPolicy(Policy):
                 resident=initial[index],
             )
 
-    def _granted(self, ticket: Ticket) -> None:
-        if ticket.state is TicketState.GRANTED and ticket.grant is not None:
-            # Not yet mapped: it is the ticket being submitted, granted at once.
-            request = self.by_ticket.pop(ticket.id, None) or self.submitting
-            assert request is not None
-            self.grants[request.id] = ticket.grant
-            self.started.append((request, int(ticket.grant.backend.name)))
-
     def _drain(self) -> list[tuple[Request, int]]:
-        started, self.started = self.started, []
+        """The requests the scheduler's last calls granted, with their backends."""
+        started = []
+        for ticket in self.scheduler.take_events().granted:
+            assert ticket.grant is not None
+            request = self.by_ticket.pop(ticket.id)
+            self.grants[request.id] = ticket.grant
+            started.append((request, int(ticket.grant.backend.name)))
         return started
 
     def arrive(self, request: Request) -> list[tuple[Request, int]]:
-        self.submitting = request
-        ticket = self.scheduler.submit(request.model, affinity_key=request.session)
-        self.submitting = None
-        if ticket.state is TicketState.WAITING:
-            self.by_ticket[ticket.id] = request
+        ticket = self.scheduler.submit(request.model, session=request.session)
+        self.by_ticket[ticket.id] = request
         return self._drain()
 
     def complete(self, request: Request) -> list[tuple[Request, int]]:
@@ -438,27 +431,27 @@ def dispatch_cost(backends: int, queued: int) -> tuple[float, float]:
     """Microseconds for (a release that hands its slot on, a submit into a full queue)."""
     now = [0.0]
     granted: list[Grant] = []
+    scheduler = Scheduler(clock=lambda: now[0], queue_limit=10**9, starvation_bound=1e9)
 
-    def on_done(ticket: Ticket) -> None:
-        if ticket.grant is not None:
-            granted.append(ticket.grant)
+    def collect() -> None:
+        granted.extend(t.grant for t in scheduler.take_events().granted if t.grant is not None)
 
-    scheduler = Scheduler(
-        clock=lambda: now[0], queue_limit=10**9, starvation_bound=1e9, on_ticket_done=on_done
-    )
     models = [f"m{i}" for i in range(5)]
     for b in range(backends):
         scheduler.add_backend(f"b{b}", f"sim://{b}", slots=4, models=models, resident=[models[b % 5]])
     for b in range(backends):
         for _ in range(4):
             scheduler.submit(models[b % 5])
+    collect()
     rng = random.Random(1)
     for _ in range(queued):
         scheduler.submit(rng.choice(models))
+    collect()
     rounds = min(2000, queued // 2)  # fewer than any model's share of the queue: every release hands on
     t0 = time.perf_counter()
     for i in range(rounds):
         scheduler.release(granted[i])  # each release grants the next waiter: the list grows
+        collect()
     release_us = (time.perf_counter() - t0) / rounds * 1e6
     assert len(granted) == backends * 4 + rounds, "a release did not hand its slot on"
     t0 = time.perf_counter()

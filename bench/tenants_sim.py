@@ -63,7 +63,7 @@ def simulate(arrivals: list[Arrival], setup: Callable[[Scheduler], None], *, fai
     held: dict[str, int] = {}
 
     def granted(ticket: Ticket) -> None:
-        arrival = by_ticket.get(ticket.id)  # None: granted inside its own submit, handled there
+        arrival = by_ticket.get(ticket.id)
         if arrival is None or ticket.state is not TicketState.GRANTED or ticket.grant is None:
             return
         arrival.granted = now
@@ -72,7 +72,7 @@ def simulate(arrivals: list[Arrival], setup: Callable[[Scheduler], None], *, fai
         run.grant_order.append(arrival.key)
         heapq.heappush(events, (now + arrival.service, next(counter), "done", ticket.grant))
 
-    scheduler = Scheduler(clock=lambda: now, queue_limit=100_000, on_ticket_done=granted)
+    scheduler = Scheduler(clock=lambda: now, queue_limit=100_000)
     scheduler.add_backend("gpu", "http://gpu", slots=SLOTS, models=["m"])
     setup(scheduler)
     for arrival in arrivals:
@@ -88,14 +88,14 @@ def simulate(arrivals: list[Arrival], setup: Callable[[Scheduler], None], *, fai
             ticket = scheduler.submit("m", tenant=item.key if fair else "")
             item.ticket = ticket
             by_ticket[ticket.id] = item
-            if ticket.state is TicketState.GRANTED:
-                granted(ticket)
         else:
             assert isinstance(item, Grant)
             arrival = by_ticket[item.ticket.id]
             arrival.done = now
             held[arrival.key] -= 1
             scheduler.release(item)
+        for ticket in scheduler.take_events().granted:
+            granted(ticket)
     return run
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from local_inference_pool.core.prompt_index import Prompt, prompt_of
@@ -20,10 +22,34 @@ def clock() -> Clock:
     return Clock()
 
 
-def make(clock: Clock, **kwargs: object) -> tuple[Scheduler, list[Ticket]]:
-    done: list[Ticket] = []
-    scheduler = Scheduler(clock=clock, on_ticket_done=done.append, **kwargs)  # type: ignore[arg-type]
-    return scheduler, done
+class Done:
+    """The tickets the scheduler's calls granted or failed, in the order reported: each look takes
+    the events reported since the last (``Scheduler.take_events``)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.tickets: list[Ticket] = []
+
+    def _taken(self) -> list[Ticket]:
+        events = self.scheduler.take_events()
+        self.tickets += [*events.granted, *events.failed]
+        return self.tickets
+
+    def __getitem__(self, index: int) -> Ticket:
+        return self._taken()[index]
+
+    def __iter__(self) -> Iterator[Ticket]:
+        return iter(self._taken())
+
+    def __eq__(self, other: object) -> bool:
+        return self._taken() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def make(clock: Clock, **kwargs: object) -> tuple[Scheduler, Done]:
+    scheduler = Scheduler(clock=clock, **kwargs)  # type: ignore[arg-type]
+    return scheduler, Done(scheduler)
 
 
 def state(ticket: Ticket) -> TicketState:
@@ -588,7 +614,7 @@ def prompt(*parts: str, model: str = "m") -> Prompt:
     return prompt_of(list(parts), model=model)
 
 
-def cache_pair(clock: Clock, **kwargs: object) -> tuple[Scheduler, list[Ticket]]:
+def cache_pair(clock: Clock, **kwargs: object) -> tuple[Scheduler, Done]:
     """Two one-slot backends serving m, a prefill of 1 ms per token, and a lease of 1 s learned on each."""
     s, done = make(clock, prefill_seconds_per_token=0.001, prefix_min_tokens=64, **kwargs)
     for name in ("a", "b"):

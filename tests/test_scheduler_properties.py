@@ -55,7 +55,6 @@ class SchedulerMachine(RuleBasedStateMachine):
             affinity_ttl=50.0,
             cache_wait_max=CACHE_WAIT_MAX,
             prefix_min_tokens=64,
-            on_ticket_done=self.on_done,
         )
         self.tickets: list[Ticket] = []
         self.live: list[Grant] = []
@@ -63,10 +62,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         for name, settings_ in TENANTS.items():
             self.scheduler.set_tenant(name, **settings_)  # type: ignore[arg-type]
 
-    def on_done(self, ticket: Ticket) -> None:
-        if ticket.state is TicketState.GRANTED:
-            assert ticket.grant is not None
-            self.check_grant(ticket.grant)
+    def take_events(self) -> None:
+        """Check each grant the scheduler reported since the last look (every invariant looks
+        first, so each rule's grants are checked before anything else is)."""
+        for ticket in self.scheduler.take_events().granted:
+            if ticket.state is TicketState.GRANTED:
+                assert ticket.grant is not None
+                self.check_grant(ticket.grant)
 
     def check_grant(self, grant: Grant) -> None:
         backend = grant.backend
@@ -246,6 +248,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def leases_add_up(self) -> None:
+        self.take_events()
         by_backend: dict[int, int] = {}
         for grant in self.live:
             assert not grant.released
@@ -257,6 +260,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def queue_adds_up(self) -> None:
+        self.take_events()
         waiting = [t for t in self.tickets if t.state is TicketState.WAITING]
         assert self.scheduler.waiting == len(waiting)
         for model in MODELS:
@@ -265,6 +269,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def tenants_add_up(self) -> None:
+        self.take_events()
         for name, tenant in self.scheduler.tenants.items():
             held = sum(1 for g in self.live if g.ticket.tenant is tenant)
             waiting = sum(1 for t in self.tickets if t.tenant is tenant and t.state is TicketState.WAITING)
@@ -275,6 +280,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def holds_are_bounded(self) -> None:
+        self.take_events()
         held = [t for t in self.tickets if t.state is TicketState.WAITING and t.held_for is not None]
         shown = self.scheduler.snapshot()["backends"]
         assert sum(b["held_for_cache"] for b in shown) == len(held)
@@ -292,6 +298,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def no_lost_wakeup(self) -> None:
+        self.take_events()
         for ticket in self.tickets:
             if ticket.state is not TicketState.WAITING or ticket.pin is not None or ticket.tenant.capped:
                 continue

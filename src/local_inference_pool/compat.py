@@ -294,11 +294,8 @@ class ServerPool:
                 "find_and_acquire() cannot claim a slot in the shared state store synchronously; "
                 "use 'await ConcurrentDispatcher(pool).submit(model)'"
             )
-        self.pool.bind_running_loop()
-        grant = self.pool.scheduler.try_acquire(model_id)
-        if grant is None:
-            return None
-        return self._hold(Lease(self.pool, grant, 0.0))
+        lease = self.pool.try_acquire(model_id)
+        return None if lease is None else self._hold(lease)
 
     def release_server(self, server_url: str) -> None:
         """Release one slot taken on this server (oldest first)."""
@@ -346,7 +343,7 @@ class ServerPool:
         raise KeyError(f"unknown server {server_url!r}; known: {', '.join(self.servers)}")
 
     def _update(self, server: ServerConfig, **changes: Any) -> None:
-        self.pool.scheduler.update_backend(self._names[server.url], **changes)
+        self.pool.override_backend(self._names[server.url], **changes)
 
     def _revive(self, server: ServerConfig) -> None:
         backend = server._backend

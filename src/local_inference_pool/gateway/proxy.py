@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 from starlette.types import Receive, Send
 
+from local_inference_pool.core.model import LeaseRequest
 from local_inference_pool.errors import NoCapacityError, PoolError
 from local_inference_pool.gateway.client_watch import ClientWatch
 from local_inference_pool.gateway.failover import (
@@ -418,19 +419,22 @@ async def _acquire_unless_gone(
     watch: ClientWatch, pool: Pool, inbound: Inbound, pin: str | None
 ) -> Lease | None:
     """A slot for the request, or None if the client leaves while it queues (freeing its place)."""
-    ticket = pool.submit(
-        inbound.model,
-        priority=inbound.priority,
-        session=inbound.session,
-        pin=pin,
-        tenant=inbound.tenant,
-        prompt=inbound.prompt,
+    acquiring = pool.acquire(
+        LeaseRequest(
+            inbound.model,
+            priority=inbound.priority,
+            session=inbound.session,
+            timeout=pool.config.queue_timeout,
+            pin=pin,
+            tenant=inbound.tenant,
+            prompt=inbound.prompt,
+        )
     )
-    lease = pool.granted(ticket)
-    if lease is not None and not pool.shared:
+    lease = acquiring.at_once()
+    if lease is not None:
         return lease  # the common case: a slot was free, nothing to wait for
     async with watch.until_gone():
         # Waits if needed, and with shared state claims the slot fleet-wide; cancelled, it passes
         # on any grant that raced the cancel and gives back any claim.
-        return await pool.settle(ticket, lease)
+        return await acquiring
     return None  # the client left

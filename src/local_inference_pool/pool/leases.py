@@ -31,7 +31,15 @@ import anyio
 from local_inference_pool.config import BackendConfig, PoolConfig, shown_state
 from local_inference_pool.core.fleet import Claimed, FleetView, Head, Standing
 from local_inference_pool.core.prompt_index import Prompt
-from local_inference_pool.core.scheduler import Affinity, Grant, Health, Scheduler, Ticket, TicketState
+from local_inference_pool.core.scheduler import (
+    Affinity,
+    Grant,
+    Health,
+    LeaseRequest,
+    Scheduler,
+    Ticket,
+    TicketState,
+)
 from local_inference_pool.errors import (
     NoCapacityError,
     PoolClosedError,
@@ -54,12 +62,15 @@ _DEFAULT: Final[Any] = object()
 class Lease:
     """One slot on one backend. ``release()`` is synchronous and idempotent."""
 
-    __slots__ = ("__weakref__", "_finalizer", "_grant", "_pool", "queue_wait")
+    __slots__ = ("__weakref__", "_finalizer", "_grant", "_pool", "api_key", "queue_wait")
 
     def __init__(self, pool: Pool, grant: Grant, queue_wait: float) -> None:
         self._pool = pool
         self._grant = grant
         self.queue_wait = queue_wait
+        # The outbound key for this backend (never the caller's), kept with the lease: a backend
+        # removed while the lease runs takes its configuration with it.
+        self.api_key: str | None = pool._api_keys.get(grant.backend.name)
         self._finalizer = weakref.finalize(self, pool._release_dropped, grant)
         self._finalizer.atexit = False  # a process that exits holding leases has no pool to return them to
 
@@ -74,11 +85,6 @@ class Lease:
     @property
     def model(self) -> str:
         return self._grant.model
-
-    @property
-    def api_key(self) -> str | None:
-        """The outbound key for this backend (never the caller's)."""
-        return self._pool._api_keys.get(self._grant.backend.name)
 
     @property
     def affinity(self) -> Affinity | None:
@@ -140,21 +146,44 @@ class Unleased:
         """Nothing to give back."""
 
 
-class _Acquire:
-    """What ``pool.acquire()`` returns: await it for a Lease, or use it as ``async with``."""
+class Acquiring:
+    """What ``pool.acquire()`` returns: await it for a Lease, or use it as ``async with``.
 
-    __slots__ = ("_kwargs", "_lease", "_pool")
+    ``at_once()`` first is the fast path of a caller that does something only when the request
+    must wait (the gateway watches for a client that leaves): it submits the request and returns
+    the lease when a slot was free, else None; awaiting the object then waits for that same
+    submission. Once submitted, the request must be awaited: the wait withdraws it on any exit.
+    """
 
-    def __init__(self, pool: Pool, kwargs: dict[str, Any]) -> None:
+    __slots__ = ("_granted", "_lease", "_pool", "_request", "_ticket")
+
+    def __init__(self, pool: Pool, request: LeaseRequest) -> None:
         self._pool = pool
-        self._kwargs = kwargs
+        self._request = request
+        self._ticket: Ticket | None = None
+        self._granted: Lease | None = None
         self._lease: Lease | None = None
 
+    def at_once(self) -> Lease | None:
+        """Submit the request; its lease if it needs no wait (nor a claim in the shared store)."""
+        pool = self._pool
+        ticket = self._ticket = pool.submit(self._request)
+        lease = self._granted = pool.granted(ticket)
+        return lease if lease is not None and pool._shared is None else None
+
+    async def _wait(self) -> Lease:
+        if self._ticket is None:
+            lease = self.at_once()
+            if lease is not None:
+                return lease
+        assert self._ticket is not None
+        return await self._pool.settle(self._ticket, self._granted)
+
     def __await__(self) -> Generator[Any, None, Lease]:
-        return self._pool._acquire(**self._kwargs).__await__()
+        return self._wait().__await__()
 
     async def __aenter__(self) -> Lease:
-        self._lease = await self._pool._acquire(**self._kwargs)
+        self._lease = await self._wait()
         return self._lease
 
     async def __aexit__(
@@ -189,8 +218,6 @@ class Pool:
             prefill_seconds_per_token=config.prefill_ms_per_token / 1000,
             prefix_min_tokens=config.prefix_min_tokens,
             prefix_index_blocks=config.prefix_index_blocks,
-            on_ticket_done=self._wake,
-            on_ticket_held=self._wake,
         )
         self._backend_configs: dict[str, BackendConfig] = {}
         self._api_keys: dict[str, str | None] = {}
@@ -225,6 +252,7 @@ class Pool:
             )
         for backend in config.backends:
             self.add_backend(backend, health=initial_health)
+        self._deliver()
 
     # --- backends --------------------------------------------------------------------------
 
@@ -242,11 +270,19 @@ class Pool:
             health=health,
             cache_tokens=backend.cache_tokens,
         )
+        self._deliver()
 
     def remove_backend(self, name: str) -> None:
+        """Take a server out of the pool. Its requests pinned to it fail, those waiting for its
+        cache go elsewhere; leases still held on it stay valid (and, with shared state, renewed
+        fleet-wide) until they are released. Nothing else of it is kept: a server added again
+        under its name starts anew."""
         self._scheduler.remove_backend(name)
         del self._backend_configs[name]
-        self._warm.pop(name, None)
+        for per_backend in (self._warm, self._info, self._probe_external, self._fleet_external, self._views):
+            per_backend.pop(name, None)
+        self._api_keys.pop(name, None)
+        self._deliver()
 
     def update_backend(
         self,
@@ -286,7 +322,13 @@ class Pool:
             changes["trial"] = trial
         if context is not None:
             changes["context"] = context
+        self.override_backend(name, **changes)
+
+    def override_backend(self, name: str, **changes: Any) -> None:
+        """Apply changes as given (an operator's word: a configured value does not win), and
+        grant what they make possible. The keywords are the scheduler's ``update_backend``'s."""
         self._scheduler.update_backend(name, **changes)
+        self._deliver()
 
     def backend_kind(self, name: str) -> str:
         """The backend's kind: configured, else as detected (``auto`` until a probe says)."""
@@ -297,21 +339,26 @@ class Pool:
 
     def annotate(self, name: str, **info: Any) -> None:
         """Facts for the snapshot that the scheduler does not use (detected kind, circuit, errors)."""
-        self._info.setdefault(name, {}).update(info)
+        if name in self._backend_configs:  # a probe that ends after its backend went adds nothing
+            self._info.setdefault(name, {}).update(info)
 
     # --- leases ----------------------------------------------------------------------------
 
     def acquire(
         self,
-        model: str,
+        model: str | LeaseRequest,
         *,
         priority: int = 0,
         session: str | None = None,
         timeout: float | None = _DEFAULT,
         tenant: str = "",
         prompt: Prompt | None = None,
-    ) -> _Acquire:
+    ) -> Acquiring:
         """Wait for a slot for ``model``: ``lease = await pool.acquire(m)`` or ``async with``.
+
+        The one entry point for a lease: the library, the v0.7 layer and the gateway all come
+        through here. ``model`` is a model name with the keywords below, or a whole ``LeaseRequest``
+        (its ``timeout`` is then as given; None waits forever).
 
         ``priority``: higher is served first. ``session``: an affinity key; the same key goes back to
         the same backend while it has room. ``timeout``: seconds to wait (None: forever); the
@@ -320,37 +367,16 @@ class Pool:
         placement by prompt cache. Raises ModelNotFoundError, NoCapacityError, QueueFullError
         (TenantQueueFullError for a key's own limit), QueueTimeoutError or PoolClosedError.
         """
-        return _Acquire(
+        if isinstance(model, LeaseRequest):
+            return Acquiring(self, model)
+        if timeout is _DEFAULT:
+            timeout = self.config.queue_timeout
+        return Acquiring(
             self,
-            {
-                "model": model,
-                "priority": priority,
-                "session": session,
-                "timeout": timeout,
-                "pin": None,
-                "tenant": tenant,
-                "prompt": prompt,
-            },
+            LeaseRequest(
+                model, priority=priority, session=session, timeout=timeout, tenant=tenant, prompt=prompt
+            ),
         )
-
-    async def _acquire(
-        self,
-        *,
-        model: str,
-        priority: int,
-        session: str | None,
-        timeout: float | None,
-        pin: str | None,
-        tenant: str,
-        prompt: Prompt | None = None,
-    ) -> Lease:
-        ticket = self.submit(
-            model, priority=priority, session=session, timeout=timeout, pin=pin, tenant=tenant, prompt=prompt
-        )
-        lease = self.granted(ticket)
-        if lease is not None and self._shared is None:
-            return lease
-        return await self.settle(ticket, lease)
 
     @property
     def shared(self) -> bool:
@@ -409,6 +435,7 @@ class Pool:
                 # Taken as the key's outside leases before this lease goes back: a key at its cap
                 # across the fleet parks its requests here until one of its leases ends somewhere.
                 self._scheduler.update_tenant(tenant.name, external=key_others)
+                self._deliver()
             self._apply_fleet(name, view)
             if outcome is Claimed.WON:
                 return lease
@@ -418,56 +445,36 @@ class Pool:
             lease.release()
             deadline = ticket.deadline
             ticket = self.submit(
-                ticket.model,
-                priority=ticket.priority,
-                session=ticket.affinity_key,
-                timeout=None if deadline is None else max(0.0, deadline - self._clock()),
-                pin=ticket.pin,
-                tenant=ticket.tenant.name,
-                arrival=ticket.arrival,
-                tag=ticket.tag,
-                prompt=ticket.prompt,
+                LeaseRequest(
+                    ticket.model,
+                    priority=ticket.priority,
+                    session=ticket.affinity_key,
+                    timeout=None if deadline is None else max(0.0, deadline - self._clock()),
+                    pin=ticket.pin,
+                    tenant=ticket.tenant.name,
+                    prompt=ticket.prompt,
+                    arrival=ticket.arrival,
+                    tag=ticket.tag,
+                )
             )
             lease = self.granted(ticket)
 
-    def submit(
-        self,
-        model: str,
-        *,
-        priority: int = 0,
-        session: str | None = None,
-        timeout: float | None = _DEFAULT,
-        pin: str | None = None,
-        tenant: str = "",
-        arrival: float | None = None,
-        tag: float | None = None,
-        prompt: Prompt | None = None,
-    ) -> Ticket:
+    def submit(self, request: LeaseRequest) -> Ticket:
         """Queue a request without waiting: it may come back granted (``granted``), else ``wait`` for it.
 
-        ``pin`` names the one backend that may serve it (ahead of that backend's queue). ``arrival``
-        (on the pool's clock) and ``tag`` keep the place of a request queued again. Raises when
-        it can never be served now. A waiting ticket is always waited for: ``wait`` withdraws it on
-        any exit, so a ticket that is abandoned unwaited holds its place until its deadline.
+        Raises when it can never be served now. A waiting ticket is always waited for: ``wait``
+        withdraws it on any exit, so a ticket that is abandoned unwaited holds its place until its
+        deadline. ``acquire`` does all of this; this is its first step.
         """
         self._bind_loop()
         if self._closed:
             raise PoolClosedError("the pool is closed")
-        if not isinstance(model, str) or not model:
-            raise ValueError(f"model must be a non-empty string, not {model!r}")
-        if timeout is _DEFAULT:
-            timeout = self.config.queue_timeout
-        ticket = self._scheduler.submit(
-            model,
-            priority=priority,
-            affinity_key=session,
-            timeout=timeout,
-            pin=pin,
-            tenant=tenant,
-            arrival=arrival,
-            tag=tag,
-            prompt=prompt,
-        )
+        if not isinstance(request.model, str) or not request.model:
+            raise ValueError(f"model must be a non-empty string, not {request.model!r}")
+        try:
+            ticket = self._scheduler.submit(request)
+        finally:
+            self._deliver()
         if ticket.state is TicketState.WAITING:
             self._queue_changed()
         return ticket
@@ -491,6 +498,7 @@ class Pool:
                     await event.wait()
                 if ticket.state is TicketState.WAITING:
                     scheduler.refresh()
+                    self._deliver()
             lease = self._take(ticket)
             taken = True
             return lease
@@ -499,7 +507,19 @@ class Pool:
             if not taken:
                 # Cancelled, timed out or failed: withdraw, and pass on a grant we never took.
                 scheduler.cancel(ticket)
+                self._deliver()
                 self._queue_changed()
+
+    def try_acquire(self, model: str) -> Lease | None:
+        """A lease now if a backend has a free slot for ``model``, else None; never queues, never
+        waits (the v0.7 layer's ``find_and_acquire``). Not with shared state: a fleet-wide claim
+        takes a round trip."""
+        self.bind_running_loop()
+        if self._closed:
+            raise PoolClosedError("the pool is closed")
+        grant = self._scheduler.try_acquire(model)
+        self._deliver()
+        return None if grant is None else Lease(self, grant, 0.0)
 
     def granted(self, ticket: Ticket) -> Lease | None:
         """The lease of a ticket granted at submission, None while it waits; raises if it failed."""
@@ -558,10 +578,17 @@ class Pool:
         assert grant is not None, ticket.state
         return Lease(self, grant, grant.granted_at - ticket.arrival)
 
-    def _wake(self, ticket: Ticket) -> None:
-        event = self._waiters.get(ticket.id)
-        if event is not None:
-            event.set()
+    def _deliver(self) -> None:
+        """Act on what the scheduler's calls since the last delivery did: wake the waiters of the
+        tickets they granted, failed or held (a held one looks again when its hold ends)."""
+        events = self._scheduler.take_events()
+        if not events:
+            return
+        waiters = self._waiters
+        for ticket in events.tickets():
+            event = waiters.get(ticket.id)
+            if event is not None:
+                event.set()
         self._queue_changed()
 
     def release_threadsafe(self, lease: Lease) -> None:
@@ -593,6 +620,7 @@ class Pool:
                 if view is not None:
                     self._apply_fleet(backend, view)
         released = self._scheduler.release(grant)
+        self._deliver()
         if released and self._drained is not None and not self._scheduler.grants:
             self._drained.set()
 
@@ -660,8 +688,8 @@ class Pool:
             self._warm.setdefault(name, {})[model] = when
 
     async def acquire_on(self, name: str, model: str) -> Lease:
-        """A lease on one named backend, waiting as long as it takes (warm-up, v0.7 callers)."""
-        return await self._acquire(model=model, priority=0, session=None, timeout=None, pin=name, tenant="")
+        """A lease on one named backend, waiting as long as it takes (warm-up)."""
+        return await Acquiring(self, LeaseRequest(model, timeout=None, pin=name))
 
     def serves(self, model: str) -> bool:
         """Whether any backend lists ``model`` now (healthy or not)."""
@@ -716,6 +744,7 @@ class Pool:
             self._closed = True
             for ticket in list(self._scheduler.waiting_tickets()):
                 self._scheduler.fail(ticket, PoolClosedError("the pool is shutting down"))
+            self._deliver()
         if grace > 0 and self._scheduler.grants:
             self._drained = anyio.Event()
             with anyio.move_on_after(grace):
@@ -789,6 +818,7 @@ class Pool:
         )
         if view.newest_age is not None:
             self._scheduler.passed_over(self._clock() - view.newest_age)
+        self._deliver()
 
     def _standing(self, name: str) -> Standing:
         """A backend as this process sees it, and its best waiter here (priority, then the longest
@@ -845,7 +875,10 @@ class Pool:
         leases and heads of a dead process stop counting here)."""
         while True:
             try:
-                views = await shared.renew(self._standings())
+                # Leases still held on a backend removed here are renewed too: they run until
+                # released, and other processes must go on counting them.
+                leased = {held.backend for held in shared.held.values()}
+                views = await shared.renew(self._standings(self._scheduler.backends.keys() | leased))
                 self._apply_views(views)
                 await self._read_key_leases(shared, self._capped_keys())  # keys of processes that died
                 await self._publish_heads(shared, everything=True)
@@ -897,12 +930,13 @@ class Pool:
         return [
             name
             for name, tenant in self._scheduler.tenants.items()
-            if tenant.max_concurrent is not None and (tenant.external or tenant.parked)
+            if tenant.max_concurrent is not None and (tenant.external or self._scheduler.has_parked(name))
         ]
 
     async def _read_key_leases(self, shared: SharedLeases, keys: list[str]) -> None:
         for key, others in (await shared.key_leases(keys)).items():
             self._scheduler.update_tenant(key, external=others)
+        self._deliver()
 
     async def _publish_queue(self, shared: SharedLeases) -> None:
         """Put this process's queue heads in the fleet's queue as they change, coalesced."""

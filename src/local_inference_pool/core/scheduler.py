@@ -12,24 +12,19 @@ The scheduler is a coordinator over parts that each own their indexes (``model``
 vocabulary): ``backends`` (the backends and which serve and hold which model), ``queues`` (waiting
 tickets, their orders and the tenants' fair shares), ``placement`` (which backend, waiting for a
 cache, starvation), ``learning`` (prompt caches, prefill and lease times), ``sessions`` (affinity),
-and ``status`` (the JSON view).
+and ``status`` (the JSON view), and ``dispatch`` (handing slots to tickets).
 
-Dispatch runs after every change that can free capacity and grants everything it can in one pass.
-Batching by model is bounded by overtaking (``placement``): a starving head may force a swap, and
-if nothing is free for one, a *drain barrier* reserves one backend for it: it admits no other
-model until the starving model gets a slot there, so a cold model is served in bounded time. With
-spare capacity, new requests are served as they arrive, so this is a wait of at most the bound;
-when the whole fleet is saturated and everyone waits, nobody is being passed over, so no server is
-drained for nothing.
+Dispatch (``dispatch``) runs after every change that can free capacity and grants everything it
+can in one pass.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from local_inference_pool.core.backends import BackendTable
+from local_inference_pool.core.dispatch import Dispatch
 from local_inference_pool.core.learning import CacheModel
 from local_inference_pool.core.model import (
     Affinity,
@@ -42,13 +37,12 @@ from local_inference_pool.core.model import (
     Ticket,
     TicketState,
 )
-from local_inference_pool.core.placement import Hold, Placement
+from local_inference_pool.core.placement import Placement
 from local_inference_pool.core.prompt_index import CacheStats
 from local_inference_pool.core.queues import Queues
 from local_inference_pool.core.sessions import SessionMemory
 from local_inference_pool.core.status import snapshot
 from local_inference_pool.errors import (
-    ModelNotFoundError,
     NoCapacityError,
     PoolError,
     QueueFullError,
@@ -114,15 +108,10 @@ class Scheduler:
             cache_wait_max=cache_wait_max,
             prefix_min_tokens=prefix_min_tokens,
         )
-        self.stats: dict[str, int] = dict.fromkeys(
-            ("granted", "released", "loads", "cancelled", "timed_out", "failed", "rejected",
-             "affinity_hit", "affinity_miss", "affinity_waited", "affinity_moved", "affinity_prefix",
-             "barriers"),
-            0,
-        )  # fmt: skip
-        self._ids = itertools.count(1)
-        self._barriers: dict[str, Backend] = {}
-        self._events = Events()
+        self.dispatch = Dispatch(
+            clock, self.table, self.queues, self.placement, self.learning, self.sessions, self.grants
+        )
+        self.stats = self.dispatch.stats
 
     @property
     def cache_stats(self) -> dict[tuple[str, str], CacheStats]:
@@ -130,7 +119,8 @@ class Scheduler:
 
     def take_events(self) -> Events:
         """What the calls since the last ``take_events`` did to waiting tickets."""
-        events, self._events = self._events, Events()
+        dispatch = self.dispatch
+        events, dispatch.events = dispatch.events, Events()
         return events
 
     # --- backends --------------------------------------------------------------------------
@@ -159,20 +149,20 @@ class Scheduler:
             resident=resident,
             cache_tokens=cache_tokens,
         )
-        self._after_change([backend])
+        self.dispatch.after_change([backend])
         return backend
 
     def remove_backend(self, name: str) -> None:
         """Forget a backend, and everything known of it. Its grants stay valid and releasing them
         is harmless; its pinned requests fail, and those held for its cache go back to queue."""
         backend = self.table.remove(name)
-        self._clear_barrier(backend)
+        self.dispatch.clear_barrier(backend)
         self.learning.forget(name)
         self.learning.forget_stats(name)
-        self._release_holds(backend)
+        self.dispatch.release_holds(backend)
         for ticket in self.queues.forget_backend(name):
-            self.fail(ticket, NoCapacityError(f"backend {name!r} was removed", model=ticket.model))
-        self._after_change([])
+            self.dispatch.fail(ticket, NoCapacityError(f"backend {name!r} was removed", model=ticket.model))
+        self.dispatch.after_change([])
 
     def update_backend(
         self,
@@ -197,7 +187,7 @@ class Scheduler:
             backend.weight = weight
         if max_loaded_models is not _UNSET:
             backend.max_loaded_models = max(1, max_loaded_models)
-            self._set_resident(backend, backend.resident)
+            self.dispatch.set_resident(backend, backend.resident)
         if external_busy is not _UNSET:
             backend.external_busy = max(0, external_busy)
         if foreign_models is not _UNSET:
@@ -209,22 +199,18 @@ class Scheduler:
         if models is not _UNSET:
             self.table.set_models(backend, None if models is None else frozenset(models))
         if resident is not _UNSET:
-            self._set_resident(backend, resident)
+            self.dispatch.set_resident(backend, resident)
             backend.residency_known = True
         if health is not _UNSET and health is not backend.health:
             backend.health = health
             if health is not Health.HEALTHY:
-                self._clear_barrier(backend)
+                self.dispatch.clear_barrier(backend)
             if health is Health.UNHEALTHY:  # down: whatever it comes back with, its cache is gone
                 self.learning.forget(name)
         if backend.health is not Health.HEALTHY or models is not _UNSET:
-            self._release_holds(backend)
+            self.dispatch.release_holds(backend)
         self.table.touch(backend)
-        self._after_change([backend])
-
-    def _set_resident(self, backend: Backend, resident: Sequence[str]) -> None:
-        for model in self.table.set_resident(backend, resident):
-            self.learning.forget_model(backend.name, model)
+        self.dispatch.after_change([backend])
 
     # --- tenants ---------------------------------------------------------------------------
 
@@ -240,25 +226,20 @@ class Scheduler:
         tenant = self.queues.declare(
             name, weight=weight, max_concurrent=max_concurrent, max_queued=max_queued
         )
-        self._unpark(tenant)
+        self.dispatch.unpark(tenant)
         return tenant
 
     def update_tenant(self, name: str, *, external: int) -> None:
         """What other processes of the fleet hold for a tenant (its cap counts them)."""
         tenant = self.queues.tenant(name)
         tenant.external = max(0, external)
-        self._unpark(tenant)
+        self.dispatch.unpark(tenant)
         self.queues.forget_if_idle(tenant)
 
     def has_parked(self, name: str) -> bool:
         """Whether requests of the tenant wait for one of its leases to end (it is at its cap)."""
         tenant = self.tenants.get(name)
         return tenant is not None and self.queues.has_parked(tenant)
-
-    def _unpark(self, tenant: Tenant) -> None:
-        for model in sorted(self.queues.unpark(tenant)):
-            if self.table.free:
-                self._place(model)
 
     # --- tickets ---------------------------------------------------------------------------
 
@@ -289,7 +270,7 @@ class Scheduler:
             tag = queues.start_tag(owner)
             owner.finish = tag + 1.0 / owner.weight
         ticket = Ticket(
-            id=next(self._ids),
+            id=next(self.dispatch.ids),
             model=model,
             priority=request.priority,
             arrival=now if request.arrival is None else min(request.arrival, now),
@@ -302,11 +283,11 @@ class Scheduler:
         )
         queues.enqueue(ticket)
         if request.pin is not None:
-            self._fill(self.backends[request.pin])
+            self.dispatch.fill(self.backends[request.pin])
         elif self.table.free:
-            self._place(model)
+            self.dispatch.place(model)
         if ticket.state is TicketState.GRANTED and queues.total:
-            self._serve_starving()  # granting a newcomer may pass over an older request
+            self.dispatch.serve_starving()  # granting a newcomer may pass over an older request
         if ticket.state is TicketState.WAITING:
             error: PoolError | None = None
             if queues.by_model.get(model, 0) > self.queue_limit:
@@ -314,7 +295,7 @@ class Scheduler:
             elif owner.max_queued is not None and owner.waiting > owner.max_queued:
                 error = self._key_queue_full(owner)
             if error is not None:
-                self._withdraw(ticket, TicketState.FAILED)
+                self.dispatch.withdraw(ticket, TicketState.FAILED)
                 owner.finish = finish  # refused: its fair share is not charged
                 raise self._refused(error, owner)
         return ticket
@@ -351,7 +332,7 @@ class Scheduler:
             self.queues.forget_if_idle(owner)
             return None
         ticket = Ticket(
-            id=next(self._ids),
+            id=next(self.dispatch.ids),
             model=model,
             priority=0,
             arrival=self.clock(),
@@ -362,9 +343,9 @@ class Scheduler:
             tag=self.queues.start_tag(owner),
         )
         backend, affinity = self.placement.choose_backend(ticket, candidates)
-        grant = self._grant(ticket, backend, affinity, queued=False)
+        grant = self.dispatch.grant(ticket, backend, affinity, queued=False)
         if self.queues.total:
-            self._serve_starving()
+            self.dispatch.serve_starving()
         return grant
 
     def alternative(self, model: str, avoid: Iterable[str]) -> str | None:
@@ -374,7 +355,7 @@ class Scheduler:
     def cancel(self, ticket: Ticket) -> None:
         """Withdraw a ticket. A grant its waiter never took is released and passed on."""
         if ticket.state is TicketState.WAITING:
-            self._withdraw(ticket, TicketState.CANCELLED)
+            self.dispatch.withdraw(ticket, TicketState.CANCELLED)
             self.stats["cancelled"] += 1
             self.queues.forget_if_idle(ticket.tenant)
         elif ticket.state is TicketState.GRANTED and ticket.grant is not None:
@@ -402,24 +383,18 @@ class Scheduler:
         if not backend.removed:
             self.table.touch(backend)
         if was_capped:  # its parked and pinned requests may go now, wherever there is room
-            self._unpark(tenant)
-            self._dispatch_all()
+            self.dispatch.unpark(tenant)
+            self.dispatch.dispatch_all()
         if not backend.removed:
-            self._fill(backend)
+            self.dispatch.fill(backend)
         if self.queues.by_model:
-            self._serve_starving()
+            self.dispatch.serve_starving()
         self.queues.forget_if_idle(tenant)
         return True
 
     def fail(self, ticket: Ticket, error: PoolError) -> None:
         """End a waiting ticket with an error (its waiter raises it)."""
-        if ticket.state is not TicketState.WAITING:
-            return
-        self._withdraw(ticket, TicketState.FAILED)
-        ticket.error = error
-        self.stats["failed"] += 1
-        self._events.failed.append(ticket)
-        self.queues.forget_if_idle(ticket.tenant)
+        self.dispatch.fail(ticket, error)
 
     def refresh(self) -> None:
         """Apply what time alone changes: deadlines pass, holds run out, affinities expire."""
@@ -428,7 +403,7 @@ class Scheduler:
         for ticket in expired:
             waited = now - ticket.arrival
             self.stats["timed_out"] += 1
-            self.fail(
+            self.dispatch.fail(
                 ticket,
                 QueueTimeoutError(
                     f"no slot for model {ticket.model!r} within {waited:.1f}s; "
@@ -445,8 +420,8 @@ class Scheduler:
                 models.add(ticket.model)
         for model in sorted(models):
             if self.table.free:
-                self._place(model)
-        self._serve_starving()
+                self.dispatch.place(model)
+        self.dispatch.serve_starving()
 
     def next_wakeup(self) -> float | None:
         """When ``refresh`` next has something to do (the earliest deadline or end of a hold), or None.
@@ -484,7 +459,7 @@ class Scheduler:
         if arrival > self.placement.newest_granted:
             self.placement.newest_granted = arrival
             if self.queues.by_model:
-                self._serve_starving()
+                self.dispatch.serve_starving()
 
     def remember_affinity(self, key: str, backend: str) -> None:
         """Where a session was last served (another process of the fleet says): its next grant
@@ -542,200 +517,3 @@ class Scheduler:
 
     def snapshot(self) -> dict[str, Any]:
         return snapshot(self)
-
-    # --- dispatch --------------------------------------------------------------------------
-
-    def _after_change(self, changed: Iterable[Backend]) -> None:
-        self._fail_unservable()
-        for backend in sorted(changed, key=lambda b: b.index):
-            self._fill(backend)
-        self._dispatch_all()
-        self._serve_starving()
-
-    def _dispatch_all(self) -> None:
-        for backend in sorted(self.table.free, key=lambda b: b.index):
-            self._fill(backend)
-
-    def _place(self, model: str) -> None:
-        """Give waiting tickets of one model the best free backends, head first."""
-        placement = self.placement
-        while (head := self.queues.head(model)) is not None:
-            may_swap = placement.starving(head) or placement.swap_worthwhile(model)
-            candidates = [
-                b
-                for b in self.table.free_serving(model)
-                if b.can_take(model) and (may_swap or not b.needs_swap(model))
-            ]
-            if not candidates:
-                return
-            backend, _ = placement.choose_backend(head, candidates)
-            self._offer(head, backend)
-
-    def _fill(self, backend: Backend) -> None:
-        """Give a backend's free slots to the best waiting tickets."""
-        while backend.free and backend.health is Health.HEALTHY and not backend.removed:
-            ticket = self._choose_ticket(backend)
-            if ticket is None:
-                return
-            self._offer(ticket, backend)
-
-    def _offer(self, ticket: Ticket, backend: Backend) -> None:
-        """Offer a waiting ticket a slot: it takes it (or one on a backend caching more of its
-        prompt), or it is held for a busy backend's cache."""
-        target = self.placement.offer(ticket, backend)
-        if isinstance(target, Hold):
-            ticket.hold_started = self.clock()
-            self.queues.hold(ticket, target.holder, ticket.hold_started + target.budget)
-            self._events.held.append(ticket)
-            return
-        affinity = self.placement.affinity_outcome(ticket, target)
-        self._withdraw(ticket, TicketState.WAITING)
-        self._grant(ticket, target, affinity, queued=True)
-
-    def _choose_ticket(self, backend: Backend) -> Ticket | None:
-        queues, placement = self.queues, self.placement
-        pinned = queues.pinned_head(backend)
-        if pinned is not None and backend.can_take(pinned.model) and not pinned.tenant.capped:
-            return pinned
-        if backend.models is None:
-            return None
-        held = queues.held_head(backend)
-        if held is not None and (not backend.can_take(held.model) or held.tenant.capped):
-            held = None
-        waiting = queues.by_model
-        models: Iterable[str] = (
-            (m for m in waiting if m in backend.models)
-            if len(waiting) <= len(backend.models)
-            else (m for m in backend.models if m in waiting)
-        )
-        best: Ticket | None = None
-        best_key: tuple[bool, int, bool, float, int] | None = None
-        for model in models:
-            if not backend.can_take(model):
-                continue
-            head = queues.head(model)
-            if head is None:
-                continue
-            starving = placement.starving(head)
-            if backend.needs_swap(model) and not starving and not placement.swap_worthwhile(model):
-                continue
-            key = (not starving, -head.priority, backend.needs_load(model), head.tag, head.id)
-            if best_key is None or key < best_key:
-                best, best_key = head, key
-        if held is not None and (
-            best is None or (best_key is not None and best_key[0] and held.priority >= best.priority)
-        ):
-            return held  # it waits for this backend's cache: first in line here but for those
-        return best
-
-    def _serve_starving(self) -> None:
-        """Starving heads may force a swap; if nothing is free for one, drain a backend for it."""
-        for model in [m for m in self.queues.by_model if m not in self._barriers]:
-            head = self.queues.head(model)
-            if head is None or not self.placement.starving(head):
-                continue
-            self._place(model)
-            serving = self.table.serving.get(model, ())
-            if self.queues.head(model) is None or any(model in b.active for b in serving):
-                continue  # already being served somewhere: it waits for load, not for a swap
-            candidates = [
-                b
-                for b in serving
-                if b.health is Health.HEALTHY and b.barrier is None and b.slots > b.external_busy
-            ]
-            if not candidates:
-                continue
-            target = min(candidates, key=lambda b: self._drain_cost(b, model))
-            target.barrier = model
-            self._barriers[model] = target
-            self.stats["barriers"] += 1
-            self._fill(target)
-
-    def _drain_cost(self, backend: Backend, model: str) -> tuple[float, float, int]:
-        """How much draining this backend for ``model`` holds up: first the work waiting for the
-        models it runs now (they lose this backend), then the leases it must finish first."""
-        waiting = self.queues.by_model
-        stranded = sum(waiting.get(m, 0) for m in backend.active if m != model)
-        finishing = sum(n for m, n in backend.active.items() if m != model)
-        return (stranded / backend.slots, finishing / backend.slots, backend.index)
-
-    def _grant(self, ticket: Ticket, backend: Backend, affinity: Affinity | None, *, queued: bool) -> Grant:
-        model = ticket.model
-        load = backend.needs_load(model)
-        if load:
-            backend.loads += 1
-            self.stats["loads"] += 1
-        if not backend.resident or backend.resident[0] != model:
-            self._set_resident(backend, [model, *(m for m in backend.resident if m != model)])
-        backend.residency_known = True
-        backend.active[model] = backend.active.get(model, 0) + 1
-        backend.active_total += 1
-        backend.granted += 1
-        ticket.tenant.active += 1
-        ticket.tenant.granted += 1
-        if ticket.tag > self.queues.virtual:
-            self.queues.virtual = ticket.tag
-        self.placement.newest_granted = max(self.placement.newest_granted, ticket.arrival)
-        if backend.barrier == model:
-            self._clear_barrier(backend)
-        if ticket.prompt is not None and (ticket.prompt.blocks or ticket.hold_started or ticket.moved_from):
-            self.learning.sent(ticket, backend, affinity)
-        ticket.held_for = None
-        grant = Grant(
-            id=next(self._ids),
-            ticket=ticket,
-            backend=backend,
-            model=model,
-            granted_at=self.clock(),
-            loaded_model=load,
-            affinity=affinity,
-        )
-        self.grants[grant.id] = grant
-        ticket.state = TicketState.GRANTED
-        ticket.grant = grant
-        self.stats["granted"] += 1
-        if affinity is not None:
-            self.stats[f"affinity_{affinity.value}"] += 1
-            if ticket.affinity_key is not None:
-                self.sessions.remember(ticket.affinity_key, backend.name)
-        self.table.touch(backend)
-        if queued:
-            self._events.granted.append(ticket)
-        return grant
-
-    # --- bookkeeping -----------------------------------------------------------------------
-
-    def _withdraw(self, ticket: Ticket, state: TicketState) -> None:
-        """A waiting ticket leaves every queue; a model with no waiter left frees its barrier."""
-        if self.queues.withdraw(ticket):
-            barrier = self._barriers.get(ticket.model)
-            if barrier is not None:
-                self._clear_barrier(barrier)
-        ticket.state = state
-
-    def _release_holds(self, backend: Backend) -> None:
-        """Tickets held for a backend that cannot serve them now go back to their queues."""
-        serves = backend.health is Health.HEALTHY and not backend.removed and backend.models is not None
-        models = set()
-        for ticket in self.queues.held_on(backend):
-            if not serves or ticket.model not in (backend.models or ()):
-                self.queues.unhold(ticket)
-                models.add(ticket.model)
-        for model in sorted(models):
-            if self.table.free:
-                self._place(model)
-
-    def _fail_unservable(self) -> None:
-        """Once every model list is known, tickets for a model nobody serves fail at once."""
-        if self.table.discovery_pending():
-            return
-        for model in [m for m in self.queues.by_model if not self.table.serving.get(m)]:
-            error_text = f"model {model!r} is no longer served by any backend"
-            for ticket in self.queues.waiting_for_model(model):
-                if ticket.pin is None:
-                    self.fail(ticket, ModelNotFoundError(error_text, model=model))
-
-    def _clear_barrier(self, backend: Backend) -> None:
-        if backend.barrier is not None:
-            self._barriers.pop(backend.barrier, None)
-            backend.barrier = None

@@ -22,7 +22,8 @@ from local_inference_pool import BackendConfig, Pool, PoolConfig
 from local_inference_pool.core.scheduler import Affinity
 from local_inference_pool.errors import StateUnavailableError
 from local_inference_pool.gateway.metrics import PoolMetrics
-from local_inference_pool.pool.leases import Lease
+from local_inference_pool.gateway.responses import ResponseMemory
+from local_inference_pool.pool import Lease
 
 from .redis_store import Store
 
@@ -426,9 +427,11 @@ async def test_across_the_fleet_a_higher_priority_goes_first_even_when_it_came_l
 
 async def test_the_backend_that_stores_a_response_is_known_to_every_process(store: Store) -> None:
     async with pools(store, 2) as (first, second):
-        await first.remember_response("resp_fleet_1", "a")
-        assert await second.response_backend("resp_fleet_1") == "a"  # made through another process
-        assert await second.response_backend("resp_never") is None
+        made_here, elsewhere = ResponseMemory(first.config, first), ResponseMemory(second.config, second)
+        await made_here.remember("resp_fleet_1", "a")
+        assert await elsewhere.backend_of("resp_fleet_1") == "a"  # made through another process
+        assert await elsewhere.backend_of("resp_never") is None
+        assert len(elsewhere) == 0  # another process's ids are read from the store, not copied
 
 
 def capped(store: Store, cap: int = 2) -> PoolConfig:

@@ -15,7 +15,7 @@ import anyio
 import httpx
 
 from local_inference_pool.config import BackendConfig
-from local_inference_pool.pool.leases import Pool as LeasePool
+from local_inference_pool.pool import Pool as LeasePool
 from local_inference_pool.upstream.backends.openai import (
     REQUEST_ERRORS,
     client_or,

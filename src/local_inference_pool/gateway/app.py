@@ -56,7 +56,7 @@ from local_inference_pool.gateway.relay import refuse
 from local_inference_pool.gateway.replies import error_response, openai_error
 from local_inference_pool.gateway.routes import ModelFrom, RouteSpec, routes_for
 from local_inference_pool.gateway.runtime import PASSED_HEADERS, RESPONSE_ID, Call, Runtime
-from local_inference_pool.pool.leases import Pool
+from local_inference_pool.pool import Pool
 from local_inference_pool.upstream.health import Monitor
 from local_inference_pool.upstream.transport import AiohttpTransport
 
@@ -344,7 +344,7 @@ async def _stored_at(runtime: Runtime, response_id: object) -> str:
         raise InvalidRequestError(
             f"{str(response_id)[:64]!r} is not a response id", code="invalid_response_id"
         )
-    backend = await runtime.pool.response_backend(response_id)
+    backend = await runtime.responses.backend_of(response_id)
     if backend is None:
         raise InvalidRequestError(
             f"no response {response_id!r} was made through this pool (or it expired after "
@@ -411,7 +411,7 @@ async def _status(request: Request) -> Response:
         backend["lacks_routes"] = lacking.get(backend["name"], [])
     if snapshot["shared_state"] is not None:
         with anyio.move_on_after(2):  # a status page never hangs on the store
-            snapshot["shared_state"]["processes"] = await runtime.pool.fleet()
+            snapshot["shared_state"]["processes"] = await runtime.pool.processes()
     return JSONResponse({**snapshot, "traffic": runtime.metrics.traffic()})
 
 

@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from local_inference_pool.core.scheduler import Affinity
-from local_inference_pool.pool.leases import Pool
+from local_inference_pool.pool import Pool
 
 __all__ = ["PoolMetrics", "PromptReport", "RequestRecord", "UsageSniffer", "prompt_report"]
 

@@ -50,7 +50,7 @@ from local_inference_pool.gateway.relay import (
     refuse_upstream,
 )
 from local_inference_pool.gateway.runtime import Call, Runtime, Target
-from local_inference_pool.pool.leases import Lease, Pool
+from local_inference_pool.pool import Lease, Pool
 from local_inference_pool.upstream.backends import continues
 from local_inference_pool.upstream.backends.openai import describe_http_error
 

@@ -355,7 +355,7 @@ async def _remember(runtime: Runtime, response_id: str, backend: str) -> None:
     """Note which backend stores a response, if its id is one the pool may keep (a backend's id is
     input like any other: bounded, no spaces or control characters)."""
     if RESPONSE_ID.fullmatch(response_id):
-        await runtime.pool.remember_response(response_id, backend)
+        await runtime.responses.remember(response_id, backend)
 
 
 def raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:

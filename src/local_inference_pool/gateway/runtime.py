@@ -11,8 +11,9 @@ import httpx
 from local_inference_pool.config import PoolConfig
 from local_inference_pool.gateway.dialects import Dialect
 from local_inference_pool.gateway.metrics import PoolMetrics
+from local_inference_pool.gateway.responses import ResponseMemory
 from local_inference_pool.gateway.routes import RouteSpec, RouteSupport
-from local_inference_pool.pool.leases import Lease, Pool, Unleased
+from local_inference_pool.pool import Lease, Pool, Unleased
 from local_inference_pool.upstream.health import Monitor
 
 __all__ = ["PASSED_HEADERS", "RESPONSE_ID", "Call", "Runtime", "Target"]
@@ -36,6 +37,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.timeouts = self.client.timeout.as_dict()  # the client's, for requests sent past it
+        self.responses = ResponseMemory(self.config, self.pool)
         self._urls: dict[str, httpx.URL] = {}
 
     def upstream_url(self, base: str, path: str) -> httpx.URL:

@@ -4,6 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from .clock import Clock
 from .redis_store import Store, free_port
 
 
@@ -21,3 +22,9 @@ def store() -> Iterator[Store]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A clock at 1000 s that moves only when the test moves it."""
+    return Clock()

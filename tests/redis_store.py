@@ -72,3 +72,9 @@ class Store:
         seconds, micros = client.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         return int(client.zcount(f"{{lip}}:key:{key}", now_ms + 1, "+inf"))
+
+    def subscriptions(self) -> list[int]:
+        """The age in seconds of each subscribed connection (a subscription that broke and came back
+        is young again)."""
+        listed = redis.Redis(port=self.port).client_list(_type="pubsub")
+        return [int(client["age"]) for client in listed]

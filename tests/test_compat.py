@@ -101,6 +101,33 @@ def test_drain_guard_then_other_model_after_drain() -> None:
     assert pool.servers[S0].current_model == "modelB"
 
 
+@pytest.mark.anyio
+async def test_release_server_releases_the_callers_own_slot(pool: ServerPool) -> None:
+    """Two requests on one server: the one that took its slot last releases first, and its own
+    lease ends, not the older one (a URL alone cannot say whose slot it is; the task can)."""
+    pool.set_max_concurrent(2)
+    dispatcher = ConcurrentDispatcher(pool)
+    leases: dict[str, object] = {}
+    mine = asyncio.Event()
+
+    async def request(name: str, wait_for: asyncio.Event | None) -> None:
+        url = await dispatcher.submit("modelA")
+        leases[name] = pool._held[url][-1][1]
+        if wait_for is not None:
+            await wait_for.wait()
+        pool.release_server(url)
+
+    first = asyncio.ensure_future(request("first", mine))  # takes its slot first, finishes last
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(request("second", None))
+    await second
+    assert leases["second"].released  # type: ignore[attr-defined]
+    assert not leases["first"].released  # type: ignore[attr-defined]
+    mine.set()
+    await first
+    assert leases["first"].released  # type: ignore[attr-defined]
+
+
 def test_extra_release_is_ignored_not_negative(pool: ServerPool, caplog: pytest.LogCaptureFixture) -> None:
     url = pool.find_and_acquire("modelA")
     assert url is not None

@@ -10,17 +10,10 @@ from local_inference_pool import BackendConfig, Pool, PoolConfig
 from local_inference_pool.core.scheduler import Backend, Health
 from local_inference_pool.upstream.health import Monitor
 
+from .clock import Clock
 from .kinds import Server, Servers
 
 pytestmark = pytest.mark.anyio
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @asynccontextmanager

@@ -31,8 +31,15 @@ def test_a_keys_priority_is_its_default_and_never_above_its_cap() -> None:
     assert key_priority(None, settings, "batch") == -5
     assert key_priority(50, settings, "batch") == 1  # lowered to max_priority, not refused
     assert key_priority(-20, settings, "batch") == -20
-    assert key_priority(50, settings, "api_keys[0]") == 50  # the simple form has no caps
+    assert key_priority(50, settings, "api_keys[0]") == 50  # the pool's max_priority: 100
     assert key_priority(None, settings, "api_keys[0]") == 0
+
+
+def test_a_plain_key_or_none_is_capped_by_the_pools_max_priority() -> None:
+    capped = PoolConfig(api_keys=("sk-plain",), max_priority=3)
+    assert key_priority(50, capped, "api_keys[0]") == 3
+    assert key_priority(-7, capped, "api_keys[0]") == -7
+    assert key_priority(99, PoolConfig(max_priority=0), "") == 0  # an open pool's clients too
 
 
 def test_a_key_from_the_environment(monkeypatch: object) -> None:

@@ -8,18 +8,7 @@ from local_inference_pool.core.prompt_index import Prompt, prompt_of
 from local_inference_pool.core.scheduler import Affinity, Health, Scheduler, Ticket, TicketState
 from local_inference_pool.errors import ModelNotFoundError, NoCapacityError, QueueFullError, QueueTimeoutError
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
+from .clock import Clock
 
 
 class Done:

@@ -4,6 +4,7 @@ free loopback port, persistence off, and stops it). The store's own counts are c
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import signal
 import sys
@@ -122,6 +123,30 @@ async def test_a_release_in_one_pool_wakes_a_waiter_in_another_without_polling(s
         assert store.leases() == SLOTS
         for lease in [*leases, *got]:
             lease.release()
+
+
+async def test_a_quiet_fleet_keeps_its_subscriptions_and_still_hears_a_release(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Notices come on a connection with no read timeout: five times the store's 2 s timeout of
+    quiet (some redis-py releases end a subscription that reads nothing for that long) ends no
+    subscription, and the next release is heard at once."""
+    caplog.set_level(logging.WARNING)
+    async with pools(store, 2) as (first, second):
+        held = [await first.acquire("m") for _ in range(SLOTS)]
+        with anyio.fail_after(5):
+            while len(store.subscriptions()) < 2:
+                await anyio.sleep(0.05)
+        waiting = second.acquire("m", timeout=None)
+        assert waiting.at_once() is None
+        await anyio.sleep(10)  # quiet: no release, no queue change, only renewals
+        assert all(age >= 10 for age in store.subscriptions()), store.subscriptions()
+        assert not [r for r in caplog.records if "unreachable" in r.getMessage()]
+        held.pop().release()
+        with anyio.fail_after(1):
+            lease = await waiting
+        for one in [lease, *held]:
+            one.release()
 
 
 HOLDER = textwrap.dedent(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -237,7 +238,14 @@ def serve(path: str | None, host: str, port: int, log_level: str, *, workers: in
 
 
 def _serve_process(
-    config: PoolConfig, host: str, port: int, log_level: str, *, sockets: list[Any] | None, name: str
+    config: PoolConfig,
+    host: str,
+    port: int,
+    log_level: str,
+    *,
+    sockets: list[Any] | None,
+    name: str,
+    parent: int | None = None,
 ) -> int:
     """One serving process: uvicorn without its own signal handling, ours instead (one line, no
     traceback); on ``sockets`` when a parent bound them for its workers."""
@@ -274,7 +282,13 @@ def _serve_process(
 
     try:
         anyio.run(
-            _serve_until_stopped, server, running, config.shutdown_grace, f"{name} on {host}:{port}", sockets
+            _serve_until_stopped,
+            server,
+            running,
+            config.shutdown_grace,
+            f"{name} on {host}:{port}",
+            sockets,
+            parent,
         )
     except (OSError, SystemExit) as exc:  # the port is taken, or the address is not ours
         if isinstance(exc, SystemExit) and not exc.code:
@@ -286,10 +300,12 @@ def _serve_process(
 
 def _serve_workers(path: str | None, host: str, port: int, log_level: str, workers: int) -> int:
     """``workers`` processes on one socket bound here, as uvicorn's own workers do; the kernel
-    spreads connections over them and the shared state spreads the slots. A terminal's Ctrl-C
-    reaches every process; a signal sent to this one alone is passed on to them."""
-    import multiprocessing
+    spreads connections over them and the shared state spreads the slots.
 
+    Each worker runs in a process group of its own, so a signal reaches it once, from here: a
+    terminal's Ctrl-C goes to this process's group only, and this process passes every SIGINT and
+    SIGTERM on. (In one group, the terminal's signal and the one passed on would reach a worker as
+    two, and the second means "stop at once".) A worker whose parent dies stops as if told to."""
     import uvicorn
 
     try:
@@ -319,17 +335,26 @@ def _serve_workers(path: str | None, host: str, port: int, log_level: str, worke
             signal.signal(number, handler)
     codes = [child.exitcode for child in children]
     print(f"local-inference-pool: {workers} workers stopped (exit codes {codes})", flush=True)
-    return 0 if all(code in (0, 130) for code in codes) else 1
+    if all(code == 0 for code in codes):
+        return 0
+    return 130 if all(code in (0, 130) for code in codes) else 1  # 130: some were stopped at once
 
 
 def _worker(
     path: str | None, host: str, port: int, log_level: str, sock: Any, index: int, workers: int
 ) -> None:
-    # Signals reach every worker of a terminal's process group, and its parent passes on the rest:
-    # a worker must not also take SIGINT as KeyboardInterrupt before its loop handles it.
+    # Out of the terminal's process group: the parent passes each signal on, once.
+    os.setpgrp()
     _configure_logging(log_level)
+    parent = multiprocessing.parent_process()
     code = _serve_process(
-        load_config(path), host, port, log_level, sockets=[sock], name=f"worker {index}/{workers}"
+        load_config(path),
+        host,
+        port,
+        log_level,
+        sockets=[sock],
+        name=f"worker {index}/{workers}",
+        parent=None if parent is None else parent.sentinel,
     )
     sys.exit(code)
 
@@ -344,11 +369,21 @@ async def _serve_until_stopped(
     grace: float,
     where: str,
     sockets: list[Any] | None = None,
+    parent: int | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM (to the process or its whole group, as a terminal's Ctrl-C):
     one line says what stops and how much is still running, which gets ``grace`` seconds; a second
-    signal stops the process at once, also with one line and no traceback."""
+    signal stops the process at once, also with one line and no traceback. ``parent``: the parent's
+    sentinel (a worker's): readable once the parent is gone, which stops this process as SIGTERM
+    would."""
     stopping: list[str] = []
+
+    async def on_orphaned(sentinel: int) -> None:
+        await anyio.wait_readable(sentinel)
+        if not stopping:
+            stopping.append("parent gone")
+            print(f"the parent process is gone: stopping {where}", flush=True)
+            server.should_exit = True
 
     async def on_signals(*, task_status: TaskStatus[None]) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -369,6 +404,8 @@ async def _serve_until_stopped(
 
     async with anyio.create_task_group() as group:
         await group.start(on_signals)
+        if parent is not None:
+            group.start_soon(on_orphaned, parent)
         await server.serve(sockets=sockets)
         group.cancel_scope.cancel()
 

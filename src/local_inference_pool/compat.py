@@ -228,7 +228,9 @@ class ServerPool:
         # v0.7 had no queue limit and no default timeout: submit(timeout=...) decides.
         base = config or PoolConfig(queue_limit=1_000_000)
         self.pool = Pool(replace(base, backends=tuple(backends), queue_timeout=None))
-        self._held: dict[str, deque[Lease]] = {}
+        # url -> the leases held there, oldest first, each with the task that took it (None: taken
+        # outside a task, by find_and_acquire from synchronous code)
+        self._held: dict[str, deque[tuple[object | None, Lease]]] = {}
         for entry in entries:
             name = self._names[entry.url]
             entry._pool = self
@@ -298,13 +300,20 @@ class ServerPool:
         return None if lease is None else self._hold(lease)
 
     def release_server(self, server_url: str) -> None:
-        """Release one slot taken on this server (oldest first)."""
+        """Release one slot taken on this server: the calling task's own (its oldest), else the
+        oldest. A URL cannot say whose slot it is; the task that took it can, so each request's
+        lease ends with that request (its lease time and prompt-cache figures stay its own)."""
         url = self._url_key(server_url)
         held = self._held.get(url)
         if not held:
             logger.warning("release_server(%r): no slot is held on that server; ignored", server_url)
             return
-        held.popleft().release()
+        caller = _current_task()
+        mine = next((entry for entry in held if caller is not None and entry[0] is caller), held[0])
+        held.remove(mine)
+        if not held:
+            del self._held[url]
+        mine[1].release()
         self.resource_available.set()
 
     def report_server_error(self, server_url: str, error: BaseException | str) -> None:
@@ -331,7 +340,7 @@ class ServerPool:
 
     def _hold(self, lease: Lease) -> str:
         url = self._url_of[lease.backend]
-        self._held.setdefault(url, deque()).append(lease)
+        self._held.setdefault(url, deque()).append((_current_task(), lease))
         return url
 
     def _url_key(self, server_url: str) -> str:
@@ -423,3 +432,11 @@ def _kind(server_type: str) -> BackendKind:
     """v0.7's free-form server_type, mapped to a backend kind ('auto' when unrecognised)."""
     spelled = server_type.lower().replace(".", "").replace("-", "").replace("_", "")
     return next((kind for kind in BACKEND_KINDS if kind == spelled), "auto")
+
+
+def _current_task() -> object | None:
+    """The asyncio task running now, or None outside one."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None

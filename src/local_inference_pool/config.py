@@ -170,6 +170,7 @@ class PoolConfig:
     connect_timeout: float = 5.0
     read_timeout: float | None = 600.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    max_priority: int = 100  # x-priority above it is lowered to it, for requests under no [[keys]]
     public_status: bool = False
     max_body_size: int = 16 * 1024 * 1024
     shutdown_grace: float = 30.0
@@ -363,6 +364,15 @@ def _url(where: str, value: Any) -> str:
     return normalize_url(value, where=where)
 
 
+def _int_between(low: int, high: int) -> Parser:
+    def parse(where: str, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError(f"{where}: {value!r} is not allowed; expected an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
 POOL_KEYS: dict[str, Parser] = {
     "queue_limit": _int_at_least(0),
     "queue_timeout": _number(positive=True, optional=True),
@@ -379,6 +389,7 @@ POOL_KEYS: dict[str, Parser] = {
     "connect_timeout": _number(positive=True),
     "read_timeout": _number(positive=True, optional=True),
     "api_keys": _key_list,
+    "max_priority": _int_between(-100, 100),
     "public_status": _bool,
     "max_body_size": _int_at_least(1),
     "shutdown_grace": _number(positive=False),
@@ -420,15 +431,6 @@ def _key_name(where: str, value: Any) -> str:
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
         raise ConfigError(f"{where}: {name!r} is not allowed; 1-64 letters, digits, '.', '_' or '-'")
     return name
-
-
-def _int_between(low: int, high: int) -> Parser:
-    def parse(where: str, value: Any) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise ConfigError(f"{where}: {value!r} is not allowed; expected an integer from {low} to {high}")
-        return value
-
-    return parse
 
 
 KEY_KEYS: dict[str, Parser] = {

@@ -6,6 +6,8 @@ never has more requests than its slots, running or waiting."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -189,3 +191,118 @@ async def test_the_store_killed_and_restarted_mid_load_fails_closed_then_recover
                     await anyio.sleep(0.05)
     assert statuses == [200] * 6
     assert backend.stats.peak_in_flight <= 2
+
+
+async def test_ctrl_c_to_the_group_of_serve_workers_stops_gracefully(store: Store) -> None:
+    """A terminal's Ctrl-C is one SIGINT to the whole process group. Each worker must take it once
+    (graceful: its streams finish), not once from the terminal and once from its parent (which
+    would be a second signal: everything cut at once)."""
+    backend = SimulatedBackend(SimulatorConfig(models=("sim",), slots=8, tokens_per_second=20))
+    async with running(backend) as backend_url:
+        env = fleet_env(backend_url, store, shutdown_grace="20")
+        port = free_port()
+        command = [*pool_serve(port, "--workers", "2"), "--log-level", "warning"]
+        process = await anyio.open_process(
+            command, cwd=ROOT, env=env, start_new_session=True, stderr=subprocess.STDOUT
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        async with httpx.AsyncClient(base_url=base, trust_env=False) as once:
+                            status = (await once.get("/v1/pool/status")).json()
+                            if status["backends"][0]["health"] == "healthy":
+                                break
+                    except (httpx.TransportError, KeyError, IndexError, ValueError):
+                        pass
+                    await anyio.sleep(0.05)
+            body = {**CHAT, "stream": True, "max_tokens": 40}  # 2 s of tokens each
+            started = anyio.Event()
+            streaming: list[int] = []
+            bodies: list[bytes] = []
+
+            async def stream() -> None:
+                async with (
+                    httpx.AsyncClient(base_url=base, trust_env=False, timeout=30) as own,
+                    own.stream("POST", "/v1/chat/completions", json=body) as answer,
+                ):
+                    received = b""
+                    async for chunk in answer.aiter_bytes():
+                        if not received:
+                            streaming.append(1)
+                            if len(streaming) == 8:
+                                started.set()  # all eight are mid-stream
+                        received += chunk
+                    bodies.append(received)
+
+            workers = children_of(process.pid)
+            assert len(workers) >= 2
+            # The terminal's signal reaches the parent's group only; the parent passes it on once.
+            assert all(os.getpgid(pid) != os.getpgid(process.pid) for pid in workers)
+            async with anyio.create_task_group() as group:
+                for _ in range(8):
+                    group.start_soon(stream)
+                await started.wait()
+                os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+            assert process.stdout is not None
+            with anyio.fail_after(30):
+                code = await process.wait()
+            output = (await process.stdout.receive()).decode(errors="replace")
+        finally:
+            if process.returncode is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+    assert len(bodies) == 8
+    for received in bodies:  # every stream ran to its end: 40 tokens, then [DONE]
+        assert received.rstrip().endswith(b"data: [DONE]"), received[-200:]
+        assert received.count(b'"content"') >= 40
+    assert "again: stopped at once" not in output, output
+    assert output.count("SIGINT: stopping worker") == 2, output
+    assert code == 0, output
+    assert store.leases(backend_url.removeprefix("http://")) == 0
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux's /proc), serving workers and multiprocessing's helper."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return [child for child in found if b"local_inference_pool" in _cmdline(child) or _is_spawned(child)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _is_spawned(pid: int) -> bool:
+    return b"multiprocessing.spawn" in _cmdline(pid) and b"resource_tracker" not in _cmdline(pid)
+
+
+async def test_workers_stop_by_themselves_when_serve_is_killed(store: Store) -> None:
+    """``serve --workers`` killed with SIGKILL cannot pass anything on: its workers see their
+    parent gone and stop (their port closes), rather than serve on as orphans."""
+    backend = SimulatedBackend(SimulatorConfig(models=("sim",), slots=2))
+    async with running(backend) as backend_url:
+        port = free_port()
+        command = pool_serve(port, "--workers", "2")
+        async with serving_process_handle(command, port, fleet_env(backend_url, store)) as (_, process):
+            workers = [pid for pid in children_of(process.pid) if _is_spawned(pid)]
+            assert len(workers) == 2
+            process.kill()
+            await process.wait()
+            with anyio.fail_after(20):
+                while any(_alive(pid) for pid in workers):
+                    await anyio.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """Not yet exited (a zombie waiting for a parent that is gone counts as exited; reading /proc
+    is a local file system, not I/O worth a thread)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -116,10 +116,11 @@ def key_holder(authorization: str, config: PoolConfig, *, browser: bool = False)
 
 def key_priority(given: int | None, config: PoolConfig, holder: str) -> int:
     """A request's priority under its key: the key's default when it sends none, and never above
-    the key's ``max_priority`` (lowered to it, not refused: the request still runs)."""
+    the key's ``max_priority``, or the pool's for a plain ``api_keys`` key or none (lowered to it,
+    not refused: the request still runs)."""
     entry = next((k for k in config.keys if k.name == holder), None)
     if entry is None:
-        return 0 if given is None else given
+        return min(0 if given is None else given, config.max_priority)
     return min(entry.priority if given is None else given, entry.max_priority)
 
 

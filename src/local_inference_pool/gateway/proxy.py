@@ -136,7 +136,6 @@ async def _forward(
     failures: list[str] = []
     no_answer: list[str] = []  # backends that took the request and gave no answer
     lacking = runtime.routes.lacking(call.path) if route.learns else set()
-    tried_lacking: list[str] = []
     pin: str | None = call.pin
     attempts = 0
     while attempts < MAX_ATTEMPTS:
@@ -217,7 +216,6 @@ async def _forward(
                 )
                 runtime.routes.mark_lacking(target.backend, call.path)
                 lacking.add(target.backend)
-                tried_lacking.append(target.backend)
                 attempts -= 1  # not a failure of the backend
                 pin = runtime.pool.another_backend(inbound.model, lacking | set(no_answer))
                 if pin is None:

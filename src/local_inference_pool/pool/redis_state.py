@@ -337,6 +337,18 @@ class SharedLeases:
         self._client: redis.Redis = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
         )
+        # Notices wait on a connection of their own with no read timeout: a quiet fleet sends
+        # nothing for minutes, and some redis-py releases end a subscription that reads nothing
+        # within socket_timeout (redis-py #4098). A dead store still ends it: keepalive and a
+        # health check (a PING on a connection idle this long) find a peer that went away.
+        self._notice_client: redis.Redis = redis.Redis.from_url(
+            url,
+            socket_timeout=None,
+            socket_connect_timeout=timeout,
+            socket_keepalive=True,
+            health_check_interval=max(1, int(timeout * 5)),
+            retry_on_timeout=False,
+        )
         self._claim = self._client.register_script(_CLAIM)
         self._release = self._client.register_script(_RELEASE)
         self._renew = self._client.register_script(_RENEW)
@@ -643,7 +655,7 @@ class SharedLeases:
         """As it happens in another process: (backend, client key or '') where a lease was
         released, or None when its queue changed (this process's own are known here already)."""
         try:
-            async with self._client.pubsub(ignore_subscribe_messages=True) as subscription:
+            async with self._notice_client.pubsub(ignore_subscribe_messages=True) as subscription:
                 await subscription.subscribe(self.channel, self.queue_channel)
                 async for message in subscription.listen():
                     if _text(message["channel"]) == self.queue_channel:
@@ -657,6 +669,7 @@ class SharedLeases:
             raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
 
     async def aclose(self) -> None:
+        await self._notice_client.aclose()
         await self._client.aclose()
 
     def releasing_on(self, backend: str) -> int:

@@ -15,7 +15,8 @@ def test_a_release_from_a_thread_while_the_loop_is_stopped_is_not_lost() -> None
     loop = asyncio.new_event_loop()
     try:
         lease = loop.run_until_complete(pool.acquire("m"))  # the loop stops, and is not closed
-        assert not loop.is_running() and not loop.is_closed()
+        assert not loop.is_running()
+        assert not loop.is_closed()
         worker = threading.Thread(target=lease.release)
         worker.start()
         worker.join(5)

@@ -16,7 +16,8 @@ async def test_ten_thousand_leases_with_a_queue_timeout_leave_no_entry_behind() 
         async with pool.acquire("m", session=f"s{index % 10}", tenant=f"caller-{index}"):
             pass
     sizes = pool.scheduler.index_sizes()
-    assert sizes["deadlines"] <= 64 and sizes["arrivals"] <= 64, sizes
+    assert sizes["deadlines"] <= 64, sizes
+    assert sizes["arrivals"] <= 64, sizes
     assert sizes["tenants"] == 1, sizes  # the default tenant; made-up names are not kept
     assert sizes["sessions"] == 10
     assert sizes["grants"] == 0

@@ -75,7 +75,9 @@ async def soak(cycles: int, slots: int, waiters: int) -> list[tuple[int, float, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cycles", type=int, default=100_000)
     parser.add_argument("--slots", type=int, default=2)
     parser.add_argument("--waiters", type=int, default=2)

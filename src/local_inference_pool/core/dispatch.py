@@ -89,6 +89,7 @@ class Dispatch:
 
     def after_change(self, changed: Iterable[Backend]) -> None:
         self.fail_unservable()
+        self.queues.forget_models(self.table.serving)
         for backend in sorted(changed, key=lambda b: b.index):
             self.fill(backend)
         self.dispatch_all()

@@ -17,7 +17,7 @@ virtual time, so it neither waits behind a backlog nor jumps a fair turn.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 
 from local_inference_pool.core.heap import TicketHeap
 from local_inference_pool.core.model import Backend, Tenant, Ticket, TicketState
@@ -34,6 +34,8 @@ class Queues:
         self.total = 0  # waiting tickets, pinned and held included
         self.by_model: dict[str, int] = {}  # model -> waiting tickets (pinned and held included)
         self.held_by_model: dict[str, int] = {}  # model -> waiting tickets held for a cache
+        # Per model, kept while a backend serves the model (``forget_model``): allocated once, not
+        # once per request. Per backend and tenant, dropped when empty.
         self._queues: dict[str, TicketHeap[Ticket]] = {}  # model -> tickets free to go anywhere
         self._pinned: dict[str, TicketHeap[Ticket]] = {}  # backend -> tickets pinned to it
         self._held: dict[str, TicketHeap[Ticket]] = {}  # backend -> tickets waiting for its cache
@@ -123,9 +125,10 @@ class Queues:
         if ticket.pin is not None:
             _discard(self._pinned, ticket.pin, ticket)
         else:
-            _discard(self._queues, model, ticket)
-        _discard(self._parked, ticket.tenant.name, ticket)
-        _discard(self._arrivals, model, ticket)
+            self._queues[model].discard(ticket)
+        if self._parked:
+            _discard(self._parked, ticket.tenant.name, ticket)
+        self._arrivals[model].discard(ticket)
         self._deadlines.discard(ticket)
         ticket.tenant.waiting -= 1
         self.total -= 1
@@ -135,6 +138,12 @@ class Queues:
             return False
         del self.by_model[model]
         return True
+
+    def forget_models(self, served: Container[str]) -> None:
+        """The orders of models no backend serves any more and nothing waits for go."""
+        for model in [m for m in self._arrivals if m not in served and m not in self.by_model]:
+            self._queues.pop(model, None)
+            del self._arrivals[model]
 
     def forget_backend(self, name: str) -> list[Ticket]:
         """A backend is gone: its pinned tickets, for the caller to fail (its held ones are the
@@ -156,8 +165,6 @@ class Queues:
                 return ticket
             queue.pop()
             _heap(self._parked, tenant.name).push(ticket.order, ticket)
-        if queue is not None:
-            del self._queues[model]
         return None
 
     def pinned_head(self, backend: Backend) -> Ticket | None:
@@ -184,7 +191,7 @@ class Queues:
 
     def hold(self, ticket: Ticket, holder: Backend, until: float) -> None:
         """Take a ticket out of its model's queue to wait for one backend until ``until``."""
-        _discard(self._queues, ticket.model, ticket)
+        self._queues[ticket.model].discard(ticket)
         ticket.held_for = holder
         ticket.hold_until = until
         self.held_by_model[ticket.model] = self.held_by_model.get(ticket.model, 0) + 1

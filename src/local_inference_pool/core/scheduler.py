@@ -117,6 +117,11 @@ class Scheduler:
     def cache_stats(self) -> dict[tuple[str, str], CacheStats]:
         return self.learning.stats
 
+    @property
+    def has_events(self) -> bool:
+        """Whether calls since the last ``take_events`` did anything to waiting tickets."""
+        return bool(self.dispatch.events)
+
     def take_events(self) -> Events:
         """What the calls since the last ``take_events`` did to waiting tickets."""
         dispatch = self.dispatch

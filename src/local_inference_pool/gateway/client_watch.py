@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Callable
 from types import TracebackType
 
 from starlette.types import Receive
@@ -22,6 +24,12 @@ class ClientWatch:
     seconds: most plain requests are answered sooner, and a task per request cost a sixth of the
     pool's plain-request throughput (measured with wrk at c=32). A wait ends by cancelling the request
     task and taking the cancellation back at the end of the block, as ``asyncio.timeout`` does.
+    That is why this module uses asyncio itself, the one module of the gateway that does: a task
+    started lazily on the loop, and a cancellation taken back, are what anyio's task groups and
+    cancel scopes would make a cost of every request.
+
+    While a response is relayed, ``watch_sending`` also watches for a client that stopped reading:
+    its socket fills and a send blocks forever. One check every half timeout, not a timer per chunk.
     """
 
     def __init__(self, receive: Receive) -> None:
@@ -30,6 +38,8 @@ class ClientWatch:
         self._waits: list[_UntilGone] = []
         self._watcher: asyncio.Task[None] | None = None
         self._start_watcher: asyncio.TimerHandle | None = None
+        self._send_watchdog: asyncio.Task[None] | None = None
+        self.too_slow = False  # a send stayed blocked past its timeout
 
     def until_gone(self) -> _UntilGone:
         return _UntilGone(self)
@@ -38,11 +48,33 @@ class ClientWatch:
         for wait in self._waits:
             wait.end()
 
+    def watch_sending(self, sending_since: Callable[[], float | None], timeout: float) -> None:
+        """End the waits once a send has been blocked for ``timeout`` seconds (``sending_since``:
+        when the send under way began, None between sends); ``too_slow`` says so."""
+        self._send_watchdog = asyncio.get_running_loop().create_task(
+            self._watch_sending(sending_since, timeout)
+        )
+
+    def stop_watching_sends(self) -> None:
+        if self._send_watchdog is not None:
+            self._send_watchdog.cancel()
+            self._send_watchdog = None
+
+    async def _watch_sending(self, sending_since: Callable[[], float | None], timeout: float) -> None:
+        while True:
+            await asyncio.sleep(timeout / 2)
+            since = sending_since()
+            if since is not None and time.monotonic() - since > timeout:
+                self.too_slow = True
+                self.end_waits()
+                return
+
     def close(self) -> None:
         if self._start_watcher is not None:
             self._start_watcher.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
+        self.stop_watching_sends()
 
     def _arm(self) -> None:
         if self._watcher is None and self._start_watcher is None:

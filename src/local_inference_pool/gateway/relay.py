@@ -18,7 +18,6 @@ What it guarantees, from the moment it owns the lease:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -409,15 +408,14 @@ class UpstreamRelay:
 
     async def __call__(self, watch: ClientWatch, send: Send) -> None:
         timeout = self.runtime.config.send_timeout
-        watchdog: asyncio.Task[None] | None = None
         try:
             if timeout is not None:
-                watchdog = asyncio.get_running_loop().create_task(self._watch_sending(watch, timeout))
+                watch.watch_sending(lambda: self._sending_since, timeout)
             async with watch.until_gone():
                 await self._relay(send)
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
+            watch.stop_watching_sends()
+            self._too_slow = watch.too_slow
             if self._too_slow:
                 logger.info(
                     "client stopped reading the response from %s for %ss: gave up",
@@ -489,17 +487,6 @@ class UpstreamRelay:
         message = f"the backend {self.lease.backend} failed during the response: {reason}"
         event = self.dialect.stream_error(message, "upstream_failed")
         await send({"type": "http.response.body", "body": event, "more_body": False})
-
-    async def _watch_sending(self, watch: ClientWatch, timeout: float) -> None:
-        """A client that stops reading fills its socket and blocks a send forever: one check every half
-        timeout (not a timer per chunk) frees the slot and stops the backend."""
-        while True:
-            await asyncio.sleep(timeout / 2)
-            since = self._sending_since
-            if since is not None and time.monotonic() - since > timeout:
-                self._too_slow = True
-                watch.end_waits()
-                return
 
     def _report(self) -> None:
         record = self.record

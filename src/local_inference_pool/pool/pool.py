@@ -376,9 +376,9 @@ class Pool:
     def _deliver(self) -> None:
         """Act on what the scheduler's calls since the last delivery did: wake the waiters of the
         tickets they granted, failed or held (a held one looks again when its hold ends)."""
-        events = self._scheduler.take_events()
-        if not events:
+        if not self._scheduler.has_events:
             return
+        events = self._scheduler.take_events()
         waiters = self._waiters
         for ticket in events.tickets():
             event = waiters.get(ticket.id)

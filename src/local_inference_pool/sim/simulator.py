@@ -23,7 +23,6 @@ import hashlib
 import json
 import re
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+
+from local_inference_pool.sim.answers import Reply
+from local_inference_pool.sim.prompt_cache import PromptCache
 
 __all__ = ["Faults", "SimulatedBackend", "SimulatorConfig"]
 
@@ -92,7 +94,7 @@ class SimulatedBackend:
         self._started = time.monotonic()
         self._slots: anyio.Semaphore | None = None
         self._load_lock: anyio.Lock | None = None
-        self._cache: OrderedDict[tuple[str, ...], None] = OrderedDict()  # prompts, as prefix digests
+        self._cache = PromptCache(self.config.cached_prompts)
         self.responses: dict[str, dict[str, Any]] = {}  # stored responses (stateful_responses)
         self._app = Starlette(
             routes=[
@@ -314,7 +316,7 @@ class SimulatedBackend:
         prompt_tokens, cached = self._prompt_cache(body, remember=False)
         start, prefill = _continues(kind, body)
         rate = self.config.prefill_tokens_per_second
-        reply = _Reply(
+        reply = Reply(
             kind=kind,
             model=model,
             tokens=tokens,
@@ -357,9 +359,7 @@ class SimulatedBackend:
         self.stats.completed += 1
         return JSONResponse(reply.whole())
 
-    async def _stream(
-        self, reply: _Reply, include_usage: bool, die_after: int | None
-    ) -> AsyncIterator[bytes]:
+    async def _stream(self, reply: Reply, include_usage: bool, die_after: int | None) -> AsyncIterator[bytes]:
         async with self._slot(reply.model):
             await self._evaluate_prompt(reply)
             yield _sse(reply.chunk(role=True))
@@ -379,7 +379,7 @@ class SimulatedBackend:
             yield b"data: [DONE]\n\n"
         self.stats.completed += 1
 
-    async def _named_events(self, reply: _Reply, die_after: int | None) -> AsyncIterator[bytes]:
+    async def _named_events(self, reply: Reply, die_after: int | None) -> AsyncIterator[bytes]:
         """A streamed answer of Anthropic's Messages or OpenAI's Responses API: named events."""
         async with self._slot(reply.model):
             await self._evaluate_prompt(reply)
@@ -443,225 +443,18 @@ class SimulatedBackend:
                 self.stats.model_loads += 1
 
     def _prompt_cache(self, body: dict[str, Any], *, remember: bool = True) -> tuple[int, int]:
-        """Prompt tokens, and how many of them (whole messages from the start) it holds in its cache."""
-        messages = body.get("messages", body.get("input"))
-        parts = (
-            [json.dumps(m, sort_keys=True) for m in messages]
-            if isinstance(messages, list)
-            else [str(body.get("prompt", messages or ""))]
-        )
-        system = body.get("system")
-        if system:
-            parts.insert(0, json.dumps(system, sort_keys=True))
-        digests = tuple(_digest(parts[: end + 1]) for end in range(len(parts)))
-        total = sum(len(p) // 4 + 1 for p in parts)
-        best = 0
-        for held in self._cache:
-            common = 0
-            for mine, theirs in zip(digests, held, strict=False):
-                if mine != theirs:
-                    break
-                common += 1
-            best = max(best, common)
-        cached = sum(len(p) // 4 + 1 for p in parts[:best])
-        if remember:  # a prompt that extends a held one replaces it, as a slot's cache grows
-            for held in [h for h in self._cache if digests[: len(h)] == h and h != digests]:
-                del self._cache[held]
-            self._cache[digests] = None
-            self._cache.move_to_end(digests)
-            if self.config.cached_prompts:
-                while len(self._cache) > self.config.cached_prompts:
-                    self._cache.popitem(last=False)
-        return total, min(cached, total - 1) if cached else 0
+        return self._cache.look_up(body, remember=remember)
 
-    def _remember(self, body: dict[str, Any], reply: _Reply) -> None:
+    def _remember(self, body: dict[str, Any], reply: Reply) -> None:
         """Its cache holds the prompt and, after it, the answer, as the next turn sends it back."""
         messages = body.get("messages")
         if isinstance(messages, list):
             body = {**body, "messages": [*messages, {"role": "assistant", "content": reply.text}]}
         self._prompt_cache(body)
 
-    async def _evaluate_prompt(self, reply: _Reply) -> None:
+    async def _evaluate_prompt(self, reply: Reply) -> None:
         if reply.prompt_seconds:
             await anyio.sleep(reply.prompt_seconds)
-
-
-@dataclass
-class _Reply:
-    kind: str
-    model: str
-    tokens: int
-    prompt_tokens: int
-    cached: int
-    start: int = 0  # the first token's number: a continued answer goes on from the prefill's
-    prefill: str = ""  # echoed first, as llama-server does (whitespace normalised)
-    prompt_seconds: float = 0.0  # evaluating the uncached prompt
-    id: str = field(default_factory=lambda: f"sim{time.monotonic_ns()}")
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    def _base(self, obj: str) -> dict[str, Any]:
-        return {"id": f"chatcmpl-{self.id}", "object": obj, "created": self.created, "model": self.model}
-
-    def usage(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.tokens,
-            "total_tokens": self.prompt_tokens + self.tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached},
-        }
-
-    def timings(self) -> dict[str, Any]:
-        return {
-            "cache_n": self.cached,
-            "prompt_n": self.prompt_tokens - self.cached,
-            "prompt_ms": round(self.prompt_seconds * 1000, 3),
-            "predicted_n": self.tokens,
-        }
-
-    @property
-    def text(self) -> str:
-        return self.prefill + "".join(f"tok{i} " for i in range(self.start, self.start + self.tokens))
-
-    def anthropic_usage(self) -> dict[str, Any]:
-        return {
-            "input_tokens": self.prompt_tokens - self.cached,
-            "cache_read_input_tokens": self.cached,
-            "output_tokens": self.tokens,
-        }
-
-    def responses_usage(self) -> dict[str, Any]:
-        return {
-            "input_tokens": self.prompt_tokens,
-            "output_tokens": self.tokens,
-            "total_tokens": self.prompt_tokens + self.tokens,
-            "input_tokens_details": {"cached_tokens": self.cached},
-        }
-
-    def message(self, *, text: str, done: bool) -> dict[str, Any]:
-        usage = self.anthropic_usage() if done else {**self.anthropic_usage(), "output_tokens": 0}
-        return {
-            "id": f"msg_{self.id}",
-            "type": "message",
-            "role": "assistant",
-            "content": [{"type": "text", "text": text}] if done else [],
-            "model": self.model,
-            "stop_reason": "max_tokens" if done else None,
-            "stop_sequence": None,
-            "usage": usage,
-        }
-
-    def response(self, *, done: bool) -> dict[str, Any]:
-        output = [
-            {
-                "type": "message",
-                "id": f"msg_{self.id}",
-                "status": "completed",
-                "role": "assistant",
-                "content": [{"type": "output_text", "text": self.text, "annotations": []}],
-            }
-        ]
-        return {
-            "id": f"resp_{self.id}",
-            "object": "response",
-            "created_at": self.created,
-            "status": "completed" if done else "in_progress",
-            "model": self.model,
-            "output": output if done else [],
-            "usage": self.responses_usage() if done else None,
-        }
-
-    def opening_events(self) -> list[tuple[str, dict[str, Any]]]:
-        if self.kind == "message":
-            return [
-                ("message_start", {"type": "message_start", "message": self.message(text="", done=False)}),
-                (
-                    "content_block_start",
-                    {
-                        "type": "content_block_start",
-                        "index": 0,
-                        "content_block": {"type": "text", "text": ""},
-                    },
-                ),
-            ]
-        return [
-            ("response.created", {"type": "response.created", "response": self.response(done=False)}),
-            ("response.in_progress", {"type": "response.in_progress", "response": self.response(done=False)}),
-        ]
-
-    def delta_event(self, text: str) -> tuple[str, dict[str, Any]]:
-        if self.kind == "message":
-            delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
-            return "content_block_delta", delta
-        return "response.output_text.delta", {
-            "type": "response.output_text.delta",
-            "item_id": f"msg_{self.id}",
-            "output_index": 0,
-            "content_index": 0,
-            "delta": text,
-        }
-
-    def closing_events(self) -> list[tuple[str, dict[str, Any]]]:
-        if self.kind == "message":
-            return [
-                ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-                (
-                    "message_delta",
-                    {
-                        "type": "message_delta",
-                        "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
-                        "usage": {"output_tokens": self.tokens},
-                    },
-                ),
-                ("message_stop", {"type": "message_stop"}),
-            ]
-        return [("response.completed", {"type": "response.completed", "response": self.response(done=True)})]
-
-    def whole(self) -> dict[str, Any]:
-        text = self.text
-        if self.kind == "message":
-            return self.message(text=text, done=True)
-        if self.kind == "response":
-            return self.response(done=True)
-        if self.kind == "chat.completion":
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": "length",
-            }
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": "length"}
-        return {
-            **self._base(self.kind),
-            "choices": [choice],
-            "usage": self.usage(),
-            "timings": self.timings(),
-        }
-
-    def chunk(
-        self, *, role: bool = False, text: str | None = None, finish: bool = False, timings: bool = False
-    ) -> dict[str, Any]:
-        if self.kind != "chat.completion":
-            choice: dict[str, Any] = {
-                "index": 0,
-                "text": text or "",
-                "finish_reason": "length" if finish else None,
-            }
-            chunk = {**self._base("text_completion"), "choices": [choice]}
-        else:
-            delta: dict[str, Any] = {}
-            if role:
-                delta = {"role": "assistant", "content": None}
-            elif text is not None:
-                delta = {"content": text}
-            choice = {"index": 0, "delta": delta, "finish_reason": "length" if finish else None}
-            chunk = {**self._base("chat.completion.chunk"), "choices": [choice]}
-        if timings:
-            chunk["timings"] = self.timings()
-        return chunk
-
-    def usage_chunk(self) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
-        return {**self._base(obj), "choices": [], "usage": self.usage(), "timings": self.timings()}
 
 
 _TOKEN = re.compile(r"tok\d+")
@@ -688,10 +481,6 @@ def _event(name: str, data: dict[str, Any]) -> bytes:
 
 def _sse(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
-
-
-def _digest(parts: list[str]) -> str:
-    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
 def _vector(text: str) -> list[float]:

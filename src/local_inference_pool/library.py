@@ -15,6 +15,7 @@ import anyio
 import httpx
 
 from local_inference_pool.config import BackendConfig
+from local_inference_pool.core.model import Health, LeaseRequest
 from local_inference_pool.pool import Pool as LeasePool
 from local_inference_pool.upstream.backends.openai import (
     REQUEST_ERRORS,
@@ -71,7 +72,7 @@ class Pool(LeasePool):
 
         async def warm_one(http: httpx.AsyncClient, name: str) -> None:
             try:
-                lease = await self.acquire_on(name, model)
+                lease = await self.acquire(LeaseRequest(model, timeout=None, pin=name))
             except Exception as exc:
                 results[name] = str(exc)
                 return
@@ -89,6 +90,17 @@ class Pool(LeasePool):
             for name in self.warm_candidates(model)[:backends]:
                 group.start_soon(warm_one, http, name)
         return results
+
+    def warm_candidates(self, model: str) -> list[str]:
+        """The backends that serve ``model`` and are not down, best to warm first: where the model
+        is loaded already, then the least loaded."""
+        serving = [
+            b
+            for b in self.scheduler.backends.values()
+            if b.models is not None and model in b.models and b.health is not Health.UNHEALTHY
+        ]
+        serving.sort(key=lambda b: (b.needs_load(model), b.load_ratio, b.index))
+        return [b.name for b in serving]
 
     def _client(self, client: httpx.AsyncClient | None) -> AbstractAsyncContextManager[httpx.AsyncClient]:
         return client_or(

@@ -33,7 +33,7 @@ from local_inference_pool.core.model import (
 from local_inference_pool.core.placement import Hold, Placement
 from local_inference_pool.core.queues import Queues
 from local_inference_pool.core.sessions import SessionMemory
-from local_inference_pool.errors import ModelNotFoundError, PoolError
+from local_inference_pool.errors import ModelNotFoundError, PoolError, QueueTimeoutError
 
 __all__ = ["Dispatch"]
 
@@ -76,6 +76,62 @@ class Dispatch:
         for model in sorted(self.queues.unpark(tenant)):
             if self.table.free:
                 self.place(model)
+
+    def release(self, grant: Grant) -> bool:
+        """Free the grant's slot. Idempotent: only the first call frees anything."""
+        if grant.released:
+            return False
+        grant.released = True
+        grant.ticket.state = TicketState.RELEASED
+        del self.grants[grant.id]
+        self.stats["released"] += 1
+        backend = grant.backend
+        backend.lease_seconds.add(max(0.0, self.clock() - grant.granted_at))
+        remaining = backend.active[grant.model] - 1
+        if remaining:
+            backend.active[grant.model] = remaining
+        else:
+            del backend.active[grant.model]
+        backend.active_total -= 1
+        tenant = grant.ticket.tenant
+        was_capped = tenant.capped
+        tenant.active -= 1
+        if not backend.removed:
+            self.table.touch(backend)
+        if was_capped:  # its parked and pinned requests may go now, wherever there is room
+            self.unpark(tenant)
+            self.dispatch_all()
+        if not backend.removed:
+            self.fill(backend)
+        if self.queues.by_model:
+            self.serve_starving()
+        self.queues.forget_if_idle(tenant)
+        return True
+
+    def expire(self, now: float) -> None:
+        """Deadlines that passed fail their tickets; holds that ran out go back to their queues."""
+        expired, ended = self.queues.due(now)
+        for ticket in expired:
+            waited = now - ticket.arrival
+            self.stats["timed_out"] += 1
+            self.fail(
+                ticket,
+                QueueTimeoutError(
+                    f"no slot for model {ticket.model!r} within {waited:.1f}s; "
+                    f"{self.queues.by_model.get(ticket.model, 0)} more waiting for it",
+                    model=ticket.model,
+                    waited=waited,
+                ),
+            )
+        models: set[str] = set()
+        for ticket in ended:
+            if ticket.held_for is not None and ticket.state is TicketState.WAITING:
+                self.queues.unhold(ticket)
+                models.add(ticket.model)
+        for model in sorted(models):
+            if self.table.free:
+                self.place(model)
+        self.serve_starving()
 
     def fail(self, ticket: Ticket, error: PoolError) -> None:
         """End a waiting ticket with an error (its waiter raises it)."""

@@ -41,12 +41,11 @@ from local_inference_pool.core.placement import Placement
 from local_inference_pool.core.prompt_index import CacheStats
 from local_inference_pool.core.queues import Queues
 from local_inference_pool.core.sessions import SessionMemory
-from local_inference_pool.core.status import snapshot
+from local_inference_pool.core.status import index_sizes, snapshot
 from local_inference_pool.errors import (
     NoCapacityError,
     PoolError,
     QueueFullError,
-    QueueTimeoutError,
     TenantQueueFullError,
 )
 
@@ -260,32 +259,20 @@ class Scheduler:
             if "affinity_key" in fields:
                 fields["session"] = fields.pop("affinity_key")
             request = LeaseRequest(request, **fields)
-        now = self.clock()
         model, queues = request.model, self.queues
         self.table.check_servable(model, request.pin)
         owner = queues.tenant(request.tenant)
         free = bool(self.table.free)
         if owner.max_queued is not None and owner.waiting >= owner.max_queued and not free:
-            raise self._refused(self._key_queue_full(owner), owner)
+            raise self._refused(_key_queue_full(owner), owner)
         if queues.by_model.get(model, 0) >= self.queue_limit and not free:
-            raise self._refused(self._queue_full(model), owner)
+            raise self._refused(_queue_full(model, queues.by_model.get(model, 0), self.queue_limit), owner)
         finish = owner.finish
         tag = request.tag
         if tag is None:
             tag = queues.start_tag(owner)
             owner.finish = tag + 1.0 / owner.weight
-        ticket = Ticket(
-            id=next(self.dispatch.ids),
-            model=model,
-            priority=request.priority,
-            arrival=now if request.arrival is None else min(request.arrival, now),
-            deadline=None if request.timeout is None else now + request.timeout,
-            affinity_key=request.session if self.sessions.enabled else None,
-            pin=request.pin,
-            tenant=owner,
-            tag=tag,
-            prompt=request.prompt,
-        )
+        ticket = self._ticket(request, owner, tag)
         queues.enqueue(ticket)
         if request.pin is not None:
             self.dispatch.fill(self.backends[request.pin])
@@ -296,9 +283,9 @@ class Scheduler:
         if ticket.state is TicketState.WAITING:
             error: PoolError | None = None
             if queues.by_model.get(model, 0) > self.queue_limit:
-                error = self._queue_full(model)
+                error = _queue_full(model, queues.by_model.get(model, 0), self.queue_limit)
             elif owner.max_queued is not None and owner.waiting > owner.max_queued:
-                error = self._key_queue_full(owner)
+                error = _key_queue_full(owner)
             if error is not None:
                 self.dispatch.withdraw(ticket, TicketState.FAILED)
                 owner.finish = finish  # refused: its fair share is not charged
@@ -310,16 +297,19 @@ class Scheduler:
         self.queues.forget_if_idle(tenant)
         return error
 
-    def _key_queue_full(self, tenant: Tenant) -> TenantQueueFullError:
-        return TenantQueueFullError(
-            f"the key {tenant.name!r} has {tenant.waiting} requests waiting, its limit "
-            f"(max_queued {tenant.max_queued}); retry later"
-        )
-
-    def _queue_full(self, model: str) -> QueueFullError:
-        return QueueFullError(
-            f"the queue for model {model!r} is full ({self.queues.by_model.get(model, 0)} waiting, limit "
-            f"{self.queue_limit}); retry later or raise pool.queue_limit"
+    def _ticket(self, request: LeaseRequest, owner: Tenant, tag: float) -> Ticket:
+        now = self.clock()
+        return Ticket(
+            id=next(self.dispatch.ids),
+            model=request.model,
+            priority=request.priority,
+            arrival=now if request.arrival is None else min(request.arrival, now),
+            deadline=None if request.timeout is None else now + request.timeout,
+            affinity_key=request.session if self.sessions.enabled else None,
+            pin=request.pin,
+            tenant=owner,
+            tag=tag,
+            prompt=request.prompt,
         )
 
     def try_acquire(self, model: str, *, affinity_key: str | None = None, tenant: str = "") -> Grant | None:
@@ -336,17 +326,7 @@ class Scheduler:
         if not candidates:
             self.queues.forget_if_idle(owner)
             return None
-        ticket = Ticket(
-            id=next(self.dispatch.ids),
-            model=model,
-            priority=0,
-            arrival=self.clock(),
-            deadline=None,
-            affinity_key=affinity_key if self.sessions.enabled else None,
-            pin=None,
-            tenant=owner,
-            tag=self.queues.start_tag(owner),
-        )
+        ticket = self._ticket(LeaseRequest(model, session=affinity_key), owner, self.queues.start_tag(owner))
         backend, affinity = self.placement.choose_backend(ticket, candidates)
         grant = self.dispatch.grant(ticket, backend, affinity, queued=False)
         if self.queues.total:
@@ -368,34 +348,7 @@ class Scheduler:
 
     def release(self, grant: Grant) -> bool:
         """Free the grant's slot. Idempotent: only the first call frees anything."""
-        if grant.released:
-            return False
-        grant.released = True
-        grant.ticket.state = TicketState.RELEASED
-        del self.grants[grant.id]
-        self.stats["released"] += 1
-        backend = grant.backend
-        backend.lease_seconds.add(max(0.0, self.clock() - grant.granted_at))
-        remaining = backend.active[grant.model] - 1
-        if remaining:
-            backend.active[grant.model] = remaining
-        else:
-            del backend.active[grant.model]
-        backend.active_total -= 1
-        tenant = grant.ticket.tenant
-        was_capped = tenant.capped
-        tenant.active -= 1
-        if not backend.removed:
-            self.table.touch(backend)
-        if was_capped:  # its parked and pinned requests may go now, wherever there is room
-            self.dispatch.unpark(tenant)
-            self.dispatch.dispatch_all()
-        if not backend.removed:
-            self.dispatch.fill(backend)
-        if self.queues.by_model:
-            self.dispatch.serve_starving()
-        self.queues.forget_if_idle(tenant)
-        return True
+        return self.dispatch.release(grant)
 
     def fail(self, ticket: Ticket, error: PoolError) -> None:
         """End a waiting ticket with an error (its waiter raises it)."""
@@ -404,29 +357,8 @@ class Scheduler:
     def refresh(self) -> None:
         """Apply what time alone changes: deadlines pass, holds run out, affinities expire."""
         now = self.clock()
-        expired, ended = self.queues.due(now)
-        for ticket in expired:
-            waited = now - ticket.arrival
-            self.stats["timed_out"] += 1
-            self.dispatch.fail(
-                ticket,
-                QueueTimeoutError(
-                    f"no slot for model {ticket.model!r} within {waited:.1f}s; "
-                    f"{self.queues.by_model.get(ticket.model, 0)} more waiting for it",
-                    model=ticket.model,
-                    waited=waited,
-                ),
-            )
         self.sessions.expire(now)
-        models: set[str] = set()
-        for ticket in ended:
-            if ticket.held_for is not None and ticket.state is TicketState.WAITING:
-                self.queues.unhold(ticket)
-                models.add(ticket.model)
-        for model in sorted(models):
-            if self.table.free:
-                self.dispatch.place(model)
-        self.dispatch.serve_starving()
+        self.dispatch.expire(now)
 
     def next_wakeup(self) -> float | None:
         """When ``refresh`` next has something to do (the earliest deadline or end of a hold), or None.
@@ -458,7 +390,7 @@ class Scheduler:
 
     # --- what other processes of the fleet say ----------------------------------------------
 
-    def passed_over(self, arrival: float) -> None:
+    def granted_elsewhere(self, arrival: float) -> None:
         """A request that arrived at ``arrival`` was granted elsewhere (another process of the
         fleet): waiters here that arrived ``starvation_bound`` before it starve, as if it were here."""
         if arrival > self.placement.newest_granted:
@@ -513,12 +445,21 @@ class Scheduler:
 
     def index_sizes(self) -> dict[str, int]:
         """How many entries each of the scheduler's indexes holds (the soak benchmark's figures)."""
-        return {
-            **self.queues.sizes(),
-            "grants": len(self.grants),
-            "sessions": len(self.sessions),
-            "backends_free": len(self.table.free),
-        }
+        return index_sizes(self)
 
     def snapshot(self) -> dict[str, Any]:
         return snapshot(self)
+
+
+def _key_queue_full(tenant: Tenant) -> TenantQueueFullError:
+    return TenantQueueFullError(
+        f"the key {tenant.name!r} has {tenant.waiting} requests waiting, its limit "
+        f"(max_queued {tenant.max_queued}); retry later"
+    )
+
+
+def _queue_full(model: str, waiting: int, limit: int) -> QueueFullError:
+    return QueueFullError(
+        f"the queue for model {model!r} is full ({waiting} waiting, limit {limit}); "
+        "retry later or raise pool.queue_limit"
+    )

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from local_inference_pool.core.scheduler import Scheduler
 
-__all__ = ["snapshot"]
+__all__ = ["index_sizes", "snapshot"]
 
 
 def snapshot(scheduler: Scheduler) -> dict[str, Any]:
@@ -83,6 +83,16 @@ def snapshot(scheduler: Scheduler) -> dict[str, Any]:
             for name, t in sorted(scheduler.tenants.items())
         },
         "stats": dict(scheduler.stats),
+    }
+
+
+def index_sizes(scheduler: Scheduler) -> dict[str, int]:
+    """How many entries each of the scheduler's indexes holds, dead heap entries included."""
+    return {
+        **scheduler.queues.sizes(),
+        "grants": len(scheduler.grants),
+        "sessions": len(scheduler.sessions),
+        "backends_free": len(scheduler.table.free),
     }
 
 

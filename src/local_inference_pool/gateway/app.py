@@ -52,7 +52,7 @@ from local_inference_pool.gateway.inbound import (
 )
 from local_inference_pool.gateway.metrics import PoolMetrics, RequestRecord
 from local_inference_pool.gateway.proxy import forward
-from local_inference_pool.gateway.relay import refuse
+from local_inference_pool.gateway.relay import send_refusal
 from local_inference_pool.gateway.replies import error_response, openai_error
 from local_inference_pool.gateway.routes import ModelFrom, RouteSpec, routes_for
 from local_inference_pool.gateway.runtime import PASSED_HEADERS, RESPONSE_ID, Call, Runtime
@@ -284,7 +284,7 @@ class RouteEndpoint:
         try:
             holder = key_holder(dialect.credentials(scope["headers"]), runtime.config)
             if holder is None:
-                await refuse(send, _unauthorized(dialect=dialect), record, runtime)
+                await send_refusal(send, _unauthorized(dialect=dialect), record, runtime)
                 return
             record.key = holder or "-"
             inbound, call = await _read_request(scope, receive, headers, runtime, route)
@@ -295,7 +295,7 @@ class RouteEndpoint:
             runtime.metrics.observe(record)
             return
         except PoolError as exc:
-            await refuse(send, dialect.error_for(exc), record, runtime)
+            await send_refusal(send, dialect.error_for(exc), record, runtime)
             return
         record.model = inbound.model or "-"
         await forward(receive, send, runtime, call, inbound, record)

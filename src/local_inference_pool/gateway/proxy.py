@@ -40,14 +40,14 @@ from local_inference_pool.gateway.metrics import RequestRecord
 from local_inference_pool.gateway.relay import (
     AnswerBroke,
     UpstreamRelay,
-    answer,
     client_gone,
+    close_unread,
     continue_stream,
     end_stream,
-    give_up,
     raw_chunks,
-    refuse,
-    refuse_upstream,
+    relay_answer,
+    send_refusal,
+    send_upstream_refusal,
 )
 from local_inference_pool.gateway.runtime import Call, Runtime, Target
 from local_inference_pool.pool import Lease, Pool
@@ -145,10 +145,10 @@ async def _forward(
         except NoCapacityError as exc:
             if failures:
                 break  # the backends that refused were the last ones: report them, not "no capacity"
-            await refuse(send, dialect.error_for(exc), record, runtime)
+            await send_refusal(send, dialect.error_for(exc), record, runtime)
             return
         except PoolError as exc:
-            await refuse(send, dialect.error_for(exc), record, runtime)
+            await send_refusal(send, dialect.error_for(exc), record, runtime)
             return
         if target is None:  # the client left while queued: nobody to answer
             client_gone(record, runtime)
@@ -172,12 +172,12 @@ async def _forward(
             reason = describe_http_error(exc)
             if isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout):  # reached, but too slow
                 message = f"the backend {target.backend} sent no response headers within {runtime.config.read_timeout}s"
-                await refuse_upstream(send, dialect, 504, message, "upstream_timeout", record, runtime)
+                await send_upstream_refusal(send, dialect, 504, message, "upstream_timeout", record, runtime)
                 return
             if isinstance(exc, httpx.PoolTimeout):  # the pool's own limit, not the backend's fault
                 message = "the pool has no free upstream connection; retry shortly"
                 error = dialect.error(503, message, "service_unavailable", "upstream_busy", retry_after=1)
-                await refuse(send, error, record, runtime)
+                await send_refusal(send, error, record, runtime)
                 return
             failures.append(f"{target.backend}: {reason}")
             if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.UnsupportedProtocol):
@@ -207,10 +207,10 @@ async def _forward(
             try:
                 missing = await _lacks_route(response, prefetched)
             except BaseException:
-                await give_up(response, target)
+                await close_unread(response, target)
                 raise
             if missing:
-                await give_up(response, target)
+                await close_unread(response, target)
                 logger.info(
                     "backend %s lacks %s %s: sending elsewhere", target.backend, call.method, call.path
                 )
@@ -224,7 +224,7 @@ async def _forward(
                 continue
         recorder = Recorder() if continuable else None
         try:
-            relay = await answer(
+            relay = await relay_answer(
                 watch,
                 send,
                 runtime,
@@ -245,7 +245,7 @@ async def _forward(
             if pin is None:
                 message = broke.message
                 record.outcome = "failed_midway"
-                await refuse_upstream(send, dialect, 502, message, "upstream_failed", record, runtime)
+                await send_upstream_refusal(send, dialect, 502, message, "upstream_failed", record, runtime)
                 return
             continue
         if relay is not None and relay.interrupted is not None and recorder is not None:
@@ -260,10 +260,10 @@ async def _forward(
         return
     if no_answer:
         message = f"no backend answered the request for model {inbound.model!r}: {'; '.join(failures)}"
-        await refuse_upstream(send, dialect, 502, message, "upstream_no_answer", record, runtime)
+        await send_upstream_refusal(send, dialect, 502, message, "upstream_no_answer", record, runtime)
         return
     message = f"no backend for model {inbound.model!r} could be reached: {'; '.join(failures)}"
-    await refuse_upstream(send, dialect, 502, message, "upstream_unreachable", record, runtime)
+    await send_upstream_refusal(send, dialect, 502, message, "upstream_unreachable", record, runtime)
 
 
 async def _fail_over(
@@ -368,7 +368,7 @@ async def _send_continuation(
     if response.status_code != 200 or not response.headers.get("content-type", "").startswith(
         "text/event-stream"
     ):
-        await give_up(response, target)
+        await close_unread(response, target)
         return None
     return response
 
@@ -405,7 +405,7 @@ async def _refuse_lacking(
         f"no backend{model} serves {call.method} {call.route.path} "
         f"(lacking it: {', '.join(lacking) or 'all'})"
     )
-    await refuse(
+    await send_refusal(
         send,
         call.dialect.error(404, message, "invalid_request_error", "route_not_supported"),
         record,

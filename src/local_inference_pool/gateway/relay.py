@@ -42,15 +42,15 @@ __all__ = [
     "SMALL_ANSWER",
     "AnswerBroke",
     "UpstreamRelay",
-    "answer",
     "client_gone",
     "client_headers",
+    "close_unread",
     "continue_stream",
     "end_stream",
-    "give_up",
     "raw_chunks",
-    "refuse",
-    "refuse_upstream",
+    "relay_answer",
+    "send_refusal",
+    "send_upstream_refusal",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def learn(lease: Target, usage: UsageSniffer, record: RequestRecord) -> None:
         )
 
 
-async def refuse_upstream(
+async def send_upstream_refusal(
     send: Send,
     dialect: Dialect,
     status: int,
@@ -120,10 +120,10 @@ async def refuse_upstream(
     runtime: Runtime,
 ) -> None:
     """The pool's answer when the backend could not give one (a ``server_error``)."""
-    await refuse(send, dialect.error(status, message, "server_error", code), record, runtime)
+    await send_refusal(send, dialect.error(status, message, "server_error", code), record, runtime)
 
 
-async def refuse(send: Send, response: Response, record: RequestRecord, runtime: Runtime) -> None:
+async def send_refusal(send: Send, response: Response, record: RequestRecord, runtime: Runtime) -> None:
     """Answer with the pool's own error, recorded under its OpenAI error code (unless already known)."""
     record.status = response.status_code
     if record.outcome == "ok":
@@ -144,7 +144,7 @@ def _error_code(response: Response) -> str:
     return str(code) if code else f"status_{response.status_code}"
 
 
-async def answer(
+async def relay_answer(
     watch: ClientWatch,
     send: Send,
     runtime: Runtime,
@@ -198,7 +198,7 @@ async def answer(
                 recorder=recorder if streamed and response.status_code == 200 else None,
             )
     except BaseException:
-        await give_up(response, lease)
+        await close_unread(response, lease)
         raise
     if relay is None:
         relay = await _answer_whole(
@@ -236,7 +236,7 @@ async def continue_stream(
             seam=seam,
         )
     except BaseException:
-        await give_up(response, lease)
+        await close_unread(response, lease)
         raise
     await relay(watch, send)
     return relay
@@ -264,7 +264,7 @@ async def end_stream(
     runtime.metrics.observe(record)
 
 
-async def give_up(response: httpx.Response, lease: Target) -> None:
+async def close_unread(response: httpx.Response, lease: Target) -> None:
     """Close the upstream answer unread (the backend sees its connection close) and free the slot;
     the closing is shielded from cancellation and bounded, so the slot is freed whatever happens."""
     try:
@@ -311,17 +311,17 @@ async def _answer_whole(
                     )
             read_all = True
     except httpx.HTTPError as exc:
-        await give_up(response, lease)
+        await close_unread(response, lease)
         reason = describe_http_error(exc)
         runtime.monitor.failed(lease.backend, f"died mid-response: {reason}")
         if rerun:
             raise AnswerBroke(lease.backend, reason) from None
         record.outcome = "failed_midway"
         message = f"the backend {lease.backend} failed during the response: {reason}"
-        await refuse_upstream(send, call.dialect, 502, message, "upstream_failed", record, runtime)
+        await send_upstream_refusal(send, call.dialect, 502, message, "upstream_failed", record, runtime)
         return None
     except BaseException:
-        await give_up(response, lease)
+        await close_unread(response, lease)
         raise
     try:
         await response.aclose()  # read to the end: this only hands the connection back

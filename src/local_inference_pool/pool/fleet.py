@@ -2,7 +2,7 @@
 
 A pool grants slots from its own scheduler. With ``[pool] state``, a grant is only a candidate
 until it is claimed in the shared store, where every process's leases are counted; a claim that
-loses hands the grant back and the request queues again in its place (``Pool.settle``). Both kinds
+loses hands the grant back and the request queues again in its place (``Pool.lease_for``). Both kinds
 of fleet answer the same small interface, so the pool has one path for both:
 
 - ``claim(grant, check_session)``: whether the grant holds fleet-wide;
@@ -284,7 +284,7 @@ class RedisFleet:
             foreign_models=[m for m, n in view.models.items() if n > 0],
         )
         if view.newest_age is not None:
-            self.scheduler.passed_over(self.clock() - view.newest_age)
+            self.scheduler.granted_elsewhere(self.clock() - view.newest_age)
         self.deliver()
 
     def _standing(self, name: str) -> Standing:

@@ -135,7 +135,7 @@ class Acquiring:
             if lease is not None:
                 return lease
         assert self._ticket is not None
-        return await self._pool.settle(self._ticket, self._granted)
+        return await self._pool.lease_for(self._ticket, self._granted)
 
     def __await__(self) -> Generator[Any, None, Lease]:
         return self._wait().__await__()

@@ -64,18 +64,7 @@ class Pool:
         them as LOADING (requests wait for the first probe); a library user without probes, HEALTHY."""
         self.config = config
         self._clock = clock
-        self._scheduler = Scheduler(
-            clock=clock,
-            queue_limit=config.queue_limit,
-            starvation_bound=config.starvation_bound,
-            affinity=config.affinity,
-            affinity_ttl=config.affinity_ttl,
-            affinity_max_sessions=config.affinity_max_sessions,
-            cache_wait_max=config.cache_wait_max,
-            prefill_seconds_per_token=config.prefill_ms_per_token / 1000,
-            prefix_min_tokens=config.prefix_min_tokens,
-            prefix_index_blocks=config.prefix_index_blocks,
-        )
+        self._scheduler = _scheduler_for(config, clock)
         self._backend_configs: dict[str, BackendConfig] = {}
         self._api_keys: dict[str, str | None] = {}
         self._warm: dict[str, dict[str, float]] = {}
@@ -153,25 +142,19 @@ class Pool:
         server says is running, ours included: the rest is outside work that takes our capacity.
         """
         configured = self._backend_configs[name]
-        changes: dict[str, Any] = {}
-        if slots is not None and configured.slots is None:
-            changes["slots"] = slots
-        if models is not None and configured.models is None:
-            changes["models"] = list(models)
-        if resident is not None:
-            changes["resident"] = list(resident)
-        if health is not None:
-            changes["health"] = health
-        if external_busy is not None:
-            changes["external_busy"] = external_busy
         if server_busy is not None:
             ours = self._scheduler.backends[name].active_total
-            changes["external_busy"] = self.fleet.outside_busy(name, max(0, server_busy - ours))
-        if trial is not None:
-            changes["trial"] = trial
-        if context is not None:
-            changes["context"] = context
-        self.override_backend(name, **changes)
+            external_busy = self.fleet.outside_busy(name, max(0, server_busy - ours))
+        given = {
+            "slots": slots if configured.slots is None else None,
+            "models": None if models is None or configured.models is not None else list(models),
+            "resident": None if resident is None else list(resident),
+            "health": health,
+            "external_busy": external_busy,
+            "trial": trial,
+            "context": context,
+        }
+        self.override_backend(name, **{key: value for key, value in given.items() if value is not None})
 
     def override_backend(self, name: str, **changes: Any) -> None:
         """Apply changes as given (an operator's word: a configured value does not win), and
@@ -230,10 +213,10 @@ class Pool:
     @property
     def shared(self) -> bool:
         """Whether leases are shared with other processes (``config.state``): then a grant is only
-        a candidate until ``settle`` has claimed it fleet-wide."""
+        a candidate until ``lease_for`` has claimed it fleet-wide."""
         return self.config.state is not None
 
-    async def settle(self, ticket: Ticket, lease: Lease | None = None) -> Lease:
+    async def lease_for(self, ticket: Ticket, lease: Lease | None = None) -> Lease:
         """The ticket's lease once it is granted and, with shared state, claimed fleet-wide.
 
         A claim that loses (other processes hold the backend's slots, another model is active
@@ -263,17 +246,7 @@ class Pool:
             lease.release()
             deadline = ticket.deadline
             ticket = self.submit(
-                LeaseRequest(
-                    ticket.model,
-                    priority=ticket.priority,
-                    session=ticket.affinity_key,
-                    timeout=None if deadline is None else max(0.0, deadline - self._clock()),
-                    pin=ticket.pin,
-                    tenant=ticket.tenant.name,
-                    prompt=ticket.prompt,
-                    arrival=ticket.arrival,
-                    tag=ticket.tag,
-                )
+                _queued_again(ticket, None if deadline is None else deadline - self._clock())
             )
             lease = self.granted(ticket)
 
@@ -433,25 +406,10 @@ class Pool:
         """The configuration of every backend in the pool now."""
         return list(self._backend_configs.values())
 
-    def warm_candidates(self, model: str) -> list[str]:
-        """The backends that serve ``model`` and are not down, best to warm first: where the model
-        is loaded already, then the least loaded."""
-        serving = [
-            b
-            for b in self._scheduler.backends.values()
-            if b.models is not None and model in b.models and b.health is not Health.UNHEALTHY
-        ]
-        serving.sort(key=lambda b: (b.needs_load(model), b.load_ratio, b.index))
-        return [b.name for b in serving]
-
     def note_warm(self, name: str, model: str, when: float) -> None:
         """A model was warmed on a backend (wall-clock time): shown as ``warm_models``."""
         if name in self._backend_configs:
             self._warm.setdefault(name, {})[model] = when
-
-    async def acquire_on(self, name: str, model: str) -> Lease:
-        """A lease on one named backend, waiting as long as it takes (warm-up)."""
-        return await Acquiring(self, LeaseRequest(model, timeout=None, pin=name))
 
     def serves(self, model: str) -> bool:
         """Whether any backend lists ``model`` now (healthy or not)."""
@@ -508,3 +466,34 @@ class Pool:
     ) -> None:
         await self.aclose()
         await self.fleet.stop()
+
+
+def _scheduler_for(config: PoolConfig, clock: Callable[[], float]) -> Scheduler:
+    return Scheduler(
+        clock=clock,
+        queue_limit=config.queue_limit,
+        starvation_bound=config.starvation_bound,
+        affinity=config.affinity,
+        affinity_ttl=config.affinity_ttl,
+        affinity_max_sessions=config.affinity_max_sessions,
+        cache_wait_max=config.cache_wait_max,
+        prefill_seconds_per_token=config.prefill_ms_per_token / 1000,
+        prefix_min_tokens=config.prefix_min_tokens,
+        prefix_index_blocks=config.prefix_index_blocks,
+    )
+
+
+def _queued_again(ticket: Ticket, left: float | None) -> LeaseRequest:
+    """The request of a ticket whose claim lost, queued again in its place (its arrival and fair
+    tag kept) with what is left of its deadline."""
+    return LeaseRequest(
+        ticket.model,
+        priority=ticket.priority,
+        session=ticket.affinity_key,
+        timeout=None if left is None else max(0.0, left),
+        pin=ticket.pin,
+        tenant=ticket.tenant.name,
+        prompt=ticket.prompt,
+        arrival=ticket.arrival,
+        tag=ticket.tag,
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +17,9 @@ import openai
 import pytest
 from anthropic.types import MessageParam
 
-from local_inference_pool import BackendConfig, PoolConfig
-from local_inference_pool.gateway.app import create_standalone_app
-from local_inference_pool.gateway.serving import running
 from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
+
+from .stack import started
 
 pytestmark = pytest.mark.anyio
 
@@ -50,22 +49,10 @@ class Stack:
 
 
 @asynccontextmanager
-async def stack(*configs: SimulatorConfig, **pool: object) -> AsyncIterator[Stack]:
+async def stack(*configs: SimulatorConfig, **pool: Any) -> AsyncIterator[Stack]:
     backends = [SimulatedBackend(config) for config in configs or (SimulatorConfig(models=("sim",)),)]
-    async with AsyncExitStack() as stack_:
-        urls = [await stack_.enter_async_context(running(b)) for b in backends]
-        config = PoolConfig(
-            backends=tuple(BackendConfig(url=u, name=f"b{i}") for i, u in enumerate(urls)),
-            api_keys=(KEY,),
-            health_interval=0.5,
-            **pool,  # type: ignore[arg-type]
-        )
-        url = await stack_.enter_async_context(running(create_standalone_app(config)))
-        result = Stack(url, backends)
-        with anyio.fail_after(5):
-            while any(b["health"] != "healthy" for b in (await result.status())["backends"]):
-                await anyio.sleep(0.02)
-        yield result
+    async with started(backends, key=KEY, **pool) as up:
+        yield Stack(up.url, backends)
 
 
 def sim(*models: str, **settings: Any) -> SimulatorConfig:

@@ -7,17 +7,16 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import httpx
 import pytest
 
-from local_inference_pool import BackendConfig, PoolConfig
-from local_inference_pool.gateway.app import create_standalone_app
-from local_inference_pool.gateway.serving import running
 from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
+
+from .stack import started
 
 pytestmark = pytest.mark.anyio
 
@@ -35,21 +34,11 @@ async def pool(**settings: Any) -> AsyncIterator[httpx.AsyncClient]:
     simulated = SimulatorConfig(
         models=("sim",), slots=1, tokens_per_second=200.0, prefill_tokens_per_second=2000.0
     )
-    async with AsyncExitStack() as stack:
-        urls = [await stack.enter_async_context(running(SimulatedBackend(simulated))) for _ in range(2)]
-        config = PoolConfig(
-            backends=tuple(BackendConfig(url=u, name=f"b{i}") for i, u in enumerate(urls)),
-            health_interval=0.5,
-            public_status=True,
-            **settings,
-        )
-        url = await stack.enter_async_context(running(create_standalone_app(config)))
-        http = await stack.enter_async_context(
-            httpx.AsyncClient(base_url=f"{url}/v1", trust_env=False, timeout=20)
-        )
-        with anyio.fail_after(5):
-            while any(b["health"] != "healthy" for b in (await http.get("/pool/status")).json()["backends"]):
-                await anyio.sleep(0.02)
+    backends = [SimulatedBackend(simulated) for _ in range(2)]
+    async with (
+        started(backends, public_status=True, **settings) as up,
+        httpx.AsyncClient(base_url=f"{up.url}/v1", trust_env=False, timeout=20) as http,
+    ):
         yield http
 
 

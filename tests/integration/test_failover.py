@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from local_inference_pool import BackendConfig, PoolConfig
-from local_inference_pool.gateway.app import create_standalone_app
-from local_inference_pool.gateway.serving import running
+from local_inference_pool import BackendConfig
 from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
+
+from .stack import started
 
 pytestmark = pytest.mark.anyio
 
@@ -44,20 +44,9 @@ async def stack(**pool: Any) -> AsyncIterator[Stack]:
     backends = [
         SimulatedBackend(SimulatorConfig(models=("sim",), slots=2, tokens_per_second=2000)) for _ in range(2)
     ]
-    async with AsyncExitStack() as stack_:
-        urls = [await stack_.enter_async_context(running(b)) for b in backends]
-        config = PoolConfig(
-            backends=tuple(BackendConfig(url=u, name=f"b{i}", kind="llamacpp") for i, u in enumerate(urls)),
-            health_interval=0.5,
-            public_status=True,
-            **pool,
-        )
-        url = await stack_.enter_async_context(running(create_standalone_app(config)))
-        result = Stack(url, backends)
-        with anyio.fail_after(5):
-            while any(b["health"] != "healthy" for b in (await result.status())["backends"]):
-                await anyio.sleep(0.02)
-        yield result
+    llamacpp = lambda index, url: BackendConfig(url=url, name=f"b{index}", kind="llamacpp")  # noqa: E731
+    async with started(backends, backend=llamacpp, public_status=True, **pool) as up:
+        yield Stack(up.url, backends)
 
 
 def body(route: str, **extra: Any) -> dict[str, Any]:

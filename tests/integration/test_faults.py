@@ -17,10 +17,11 @@ import httpx
 import pytest
 
 from local_inference_pool import BackendConfig, PoolConfig, create_standalone_app
-from local_inference_pool.gateway.serving import Served, running, serving
+from local_inference_pool.gateway.serving import Served, running
 from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
 
 from .. import loopback
+from .stack import started
 
 pytestmark = pytest.mark.anyio
 
@@ -56,22 +57,13 @@ class Fleet:
 @asynccontextmanager
 async def fleet(*configs: SimulatorConfig, **pool: Any) -> AsyncIterator[Fleet]:
     sims = [SimulatedBackend(c) for c in configs]
-    async with AsyncExitStack() as stack:
-        servers = [await stack.enter_async_context(serving(s)) for s in sims]
-        urls = [server.url for server in servers]
-        config = PoolConfig(
-            backends=tuple(BackendConfig(url=u, name=f"sim{i}") for i, u in enumerate(urls)),
-            **{"health_interval": 0.2, "public_status": True, **pool},
-        )
-        base = await stack.enter_async_context(running(create_standalone_app(config)))
-        client = await stack.enter_async_context(
-            httpx.AsyncClient(base_url=f"{base}/v1", trust_env=False, timeout=30)
-        )
-        result = Fleet(client, sims, servers)
-        with anyio.fail_after(5):
-            while any(b["health"] != "healthy" for b in (await result.status())["backends"]):
-                await anyio.sleep(0.02)
-        yield result
+    named = lambda index, url: BackendConfig(url=url, name=f"sim{index}")  # noqa: E731
+    settings = {"health_interval": 0.2, "public_status": True, **pool}
+    async with (
+        started(sims, backend=named, **settings) as up,
+        httpx.AsyncClient(base_url=f"{up.url}/v1", trust_env=False, timeout=30) as client,
+    ):
+        yield Fleet(client, sims, up.servers)
 
 
 async def post(client: httpx.AsyncClient, body: dict[str, Any]) -> None:

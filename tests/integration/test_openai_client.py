@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,10 +12,10 @@ import httpx
 import openai
 import pytest
 
-from local_inference_pool import BackendConfig, PoolConfig
-from local_inference_pool.gateway.app import create_standalone_app
-from local_inference_pool.gateway.serving import running
+from local_inference_pool import BackendConfig
 from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
+
+from .stack import started
 
 pytestmark = pytest.mark.anyio
 
@@ -42,20 +42,9 @@ async def stack(slots: int = 2, tokens_per_second: float = 400.0, **pool: object
         SimulatedBackend(SimulatorConfig(models=("sim",), slots=slots, tokens_per_second=tokens_per_second))
         for _ in range(2)
     ]
-    async with AsyncExitStack() as stack_:
-        urls = [await stack_.enter_async_context(running(b)) for b in backends]
-        config = PoolConfig(
-            backends=tuple(BackendConfig(url=u) for u in urls),
-            api_keys=("sk-pool",),
-            health_interval=0.5,
-            **pool,  # type: ignore[arg-type]
-        )
-        url = await stack_.enter_async_context(running(create_standalone_app(config)))
-        result = Stack(url, backends)
-        with anyio.fail_after(5):
-            while any(b["health"] != "healthy" for b in (await result.status())["backends"]):
-                await anyio.sleep(0.02)
-        yield result
+    unnamed = lambda _index, url: BackendConfig(url=url)  # noqa: E731 - named by the pool, from the URL
+    async with started(backends, backend=unnamed, key="sk-pool", **pool) as up:
+        yield Stack(up.url, backends)
 
 
 async def test_chat_with_the_official_client_and_slot_detection() -> None:

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp
 
 from local_inference_pool.gateway.app import create_pool_app
 
-from .fakes import FakeBackend, Fleet, plain_answer
+from ..fakes import FakeBackend, Fleet, plain_answer
 
 pytestmark = pytest.mark.anyio
 

@@ -7,7 +7,7 @@ from local_inference_pool.core.scheduler import Health
 from local_inference_pool.upstream.backends import detect, probe
 from local_inference_pool.upstream.backends.base import with_latest_alias
 
-from .kinds import Server, Servers
+from ..kinds import Server, Servers
 
 pytestmark = pytest.mark.anyio
 

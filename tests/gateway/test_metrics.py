@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from local_inference_pool.gateway.app import create_pool_app
 from local_inference_pool.gateway.metrics import UsageSniffer
 
-from .fakes import FakeBackend, Fleet
+from ..fakes import FakeBackend, Fleet
 from .test_app import CHAT, client_for
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}

@@ -10,8 +10,8 @@ from local_inference_pool import BackendConfig, Pool, PoolConfig
 from local_inference_pool.core.scheduler import Backend, Health
 from local_inference_pool.upstream.health import Monitor
 
-from .clock import Clock
-from .kinds import Server, Servers
+from ..clock import Clock
+from ..kinds import Server, Servers
 
 pytestmark = pytest.mark.anyio
 

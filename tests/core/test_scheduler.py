@@ -8,7 +8,7 @@ from local_inference_pool.core.prompt_index import Prompt, prompt_of
 from local_inference_pool.core.scheduler import Affinity, Health, Scheduler, Ticket, TicketState
 from local_inference_pool.errors import ModelNotFoundError, NoCapacityError, QueueFullError, QueueTimeoutError
 
-from .clock import Clock
+from ..clock import Clock
 
 
 class Done:

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message
 from local_inference_pool import Pool
 from local_inference_pool.gateway.app import create_pool_app
 
-from .fakes import FakeBackend, Fleet
+from ..fakes import FakeBackend, Fleet
 
 LIMIT = 4096
 SETTINGS = settings(

@@ -26,7 +26,7 @@ from local_inference_pool.gateway.metrics import PoolMetrics
 from local_inference_pool.gateway.responses import ResponseMemory
 from local_inference_pool.pool import Lease
 
-from .redis_store import Store
+from ..redis_store import Store
 
 pytestmark = pytest.mark.anyio
 

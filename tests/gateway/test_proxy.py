@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from local_inference_pool import Pool
 from local_inference_pool.gateway.app import create_pool_app
 
-from .fakes import FakeBackend, Fleet
+from ..fakes import FakeBackend, Fleet
 
 pytestmark = pytest.mark.anyio
 

@@ -40,6 +40,14 @@ def config(store: Store, **pool: object) -> PoolConfig:
     return PoolConfig(backends=(backend,), state=store.url, **{"lease_ttl": 30.0, **pool})  # type: ignore[arg-type]
 
 
+async def queued_in_the_fleet(store: Store, model: str) -> None:
+    """Until a process has published a waiting request for ``model`` as its queue head: it was
+    placed, refused or not claimed, and waits, as the fleet sees it."""
+    with anyio.fail_after(5):
+        while not store.queue(model):
+            await anyio.sleep(0.01)
+
+
 @asynccontextmanager
 async def pools(store: Store, count: int, **settings: object) -> AsyncIterator[list[Pool]]:
     async with AsyncExitStack() as stack:
@@ -95,7 +103,7 @@ async def test_a_model_active_in_one_pool_holds_another_model_back_in_another(st
 
         async with anyio.create_task_group() as group:
             group.start_soon(other_model)
-            await anyio.sleep(0.3)
+            await queued_in_the_fleet(store, "x")
             assert got == []  # a slot is free, but the backend is busy with model m
             assert store.models() == {"m": 1}
             lease.release()
@@ -115,7 +123,7 @@ async def test_a_release_in_one_pool_wakes_a_waiter_in_another_without_polling(s
 
         async with anyio.create_task_group() as group:
             group.start_soon(wait_for_one)
-            await anyio.sleep(0.3)
+            await queued_in_the_fleet(store, "m")
             assert got == []
             leases.pop().release()
             with anyio.fail_after(2):  # a notification, not the renewal pass
@@ -263,7 +271,7 @@ async def test_two_v07_programs_on_one_store_share_the_drain_guard(store: Store)
     async with program() as first, program() as second:
         held = await ConcurrentDispatcher(first).submit("model-a")
         other = asyncio.ensure_future(ConcurrentDispatcher(second).submit("model-b", timeout=10))
-        await anyio.sleep(0.3)
+        await queued_in_the_fleet(store, "model-b")
         assert not other.done()  # the server is busy with model-a in the other program
         first.release_server(held)
         with anyio.fail_after(5):

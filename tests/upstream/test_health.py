@@ -40,6 +40,13 @@ async def until(check: object, timeout: float = 2.0) -> None:
             await anyio.sleep(0.005)
 
 
+async def probed(server: Server, times: int = 3) -> None:
+    """Until the monitor has probed ``server`` about ``times`` more times (a probe asks two to four
+    paths): several polls have happened, which a fixed sleep would only hope for."""
+    seen = len(server.paths)
+    await until(lambda: len(server.paths) >= seen + 2 * times)
+
+
 async def test_detects_once_and_shows_the_kind_and_health_in_the_snapshot() -> None:
     servers = Servers(a=Server("llamacpp", slots=3), b=Server("ollama", models=["q:latest"]))
     async with monitored(
@@ -47,7 +54,8 @@ async def test_detects_once_and_shows_the_kind_and_health_in_the_snapshot() -> N
     ) as (pool, _):
         backends = pool.scheduler.backends
         await until(lambda: all(b.health is Health.HEALTHY for b in backends.values()))
-        await anyio.sleep(0.1)  # several more polls
+        await probed(servers["a"])
+        await probed(servers["b"])
         snapshot = {b["name"]: b for b in pool.snapshot()["backends"]}
     assert snapshot["a:1"]["detected_kind"] == "llamacpp"
     assert snapshot["b:1"]["detected_kind"] == "ollama"
@@ -84,7 +92,7 @@ async def test_a_request_waiting_for_a_loading_backend_flows_when_it_is_ready() 
         async with anyio.create_task_group() as group:
             group.start_soon(request)
             await until(lambda: pool.scheduler.waiting == 1)
-            await anyio.sleep(0.1)  # several probes: still loading, still waiting
+            await probed(servers["boot"])  # still loading, still waiting
             assert got == []
             servers["boot"].loading = False
             await until(lambda: bool(got))
@@ -119,7 +127,7 @@ async def test_outside_work_on_llama_cpp_slots_takes_our_capacity() -> None:
 
         async with anyio.create_task_group() as group:
             group.start_soon(request)
-            await anyio.sleep(0.1)
+            await probed(servers["a"])
             assert got == []  # no free slot while the outside work runs
             servers["a"].busy = 0
             await until(lambda: bool(got))
@@ -147,7 +155,7 @@ async def test_circuit_opens_after_failures_then_one_trial_decides() -> None:
         assert health(backend) is Health.HEALTHY  # one failure is not enough
         monitor.failed("a:1", "answered 500")
         assert health(backend) is Health.UNHEALTHY
-        await anyio.sleep(0.1)  # probes keep succeeding, the circuit keeps it out
+        await probed(servers["a"])  # probes keep succeeding, the circuit keeps it out
         assert health(backend) is Health.UNHEALTHY
         clock.now += 10
         await until(lambda: backend.health is Health.HEALTHY)
@@ -156,7 +164,7 @@ async def test_circuit_opens_after_failures_then_one_trial_decides() -> None:
         monitor.failed("a:1", "answered 502")  # the trial fails: out again, for longer
         assert health(backend) is Health.UNHEALTHY
         clock.now += 10
-        await anyio.sleep(0.1)
+        await probed(servers["a"])
         assert health(backend) is Health.UNHEALTHY  # the cooldown doubled to 20 s
         clock.now += 10
         await until(lambda: backend.trial)
@@ -184,6 +192,6 @@ async def test_nothing_is_logged_per_poll_at_info(caplog: pytest.LogCaptureFixtu
     servers = Servers(a=Server("llamacpp"))
     async with monitored(servers, BackendConfig(url="http://a:1")) as (pool, _):
         await until(lambda: pool.scheduler.backends["a:1"].health is Health.HEALTHY)
-        await anyio.sleep(0.2)  # about ten more polls
+        await probed(servers["a"], times=10)
     lines = [r.getMessage() for r in caplog.records if r.levelno >= 20]
     assert lines == ["backend a:1 (http://a:1) detected as llamacpp", "backend a:1 is healthy"]

@@ -46,9 +46,17 @@ async def serving_process(command: list[str], port: int, env: dict[str, str]) ->
 
 @asynccontextmanager
 async def serving_process_handle(
-    command: list[str], port: int, env: dict[str, str]
+    command: list[str], port: int, env: dict[str, str], *, own_group: bool = False
 ) -> AsyncIterator[tuple[str, Process]]:
-    process: Process = await anyio.open_process([*command, "--log-level", "warning"], cwd=ROOT, env=env)
+    """``own_group``: in a process group (and session) of its own, as a terminal runs a command;
+    its output on stdout, stderr included."""
+    process: Process = await anyio.open_process(
+        [*command, "--log-level", "warning"],
+        cwd=ROOT,
+        env=env,
+        start_new_session=own_group,
+        stderr=subprocess.STDOUT if own_group else None,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         with anyio.fail_after(30):
@@ -201,22 +209,8 @@ async def test_ctrl_c_to_the_group_of_serve_workers_stops_gracefully(store: Stor
     async with running(backend) as backend_url:
         env = fleet_env(backend_url, store, shutdown_grace="20")
         port = free_port()
-        command = [*pool_serve(port, "--workers", "2"), "--log-level", "warning"]
-        process = await anyio.open_process(
-            command, cwd=ROOT, env=env, start_new_session=True, stderr=subprocess.STDOUT
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            with anyio.fail_after(30):
-                while True:
-                    try:
-                        async with httpx.AsyncClient(base_url=base, trust_env=False) as once:
-                            status = (await once.get("/v1/pool/status")).json()
-                            if status["backends"][0]["health"] == "healthy":
-                                break
-                    except (httpx.TransportError, KeyError, IndexError, ValueError):
-                        pass
-                    await anyio.sleep(0.05)
+        command = pool_serve(port, "--workers", "2")
+        async with serving_process_handle(command, port, env, own_group=True) as (base, process):
             body = {**CHAT, "stream": True, "max_tokens": 40}  # 2 s of tokens each
             started = anyio.Event()
             streaming: list[int] = []
@@ -249,10 +243,6 @@ async def test_ctrl_c_to_the_group_of_serve_workers_stops_gracefully(store: Stor
             with anyio.fail_after(30):
                 code = await process.wait()
             output = (await process.stdout.receive()).decode(errors="replace")
-        finally:
-            if process.returncode is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                await process.wait()
     assert len(bodies) == 8
     for received in bodies:  # every stream ran to its end: 40 tokens, then [DONE]
         assert received.rstrip().endswith(b"data: [DONE]"), received[-200:]

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Generator
 from types import TracebackType
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     from local_inference_pool.pool.pool import Pool
 
 __all__ = ["Acquiring", "Lease", "Unleased"]
+
+logger = logging.getLogger(__name__)
 
 
 class Lease:
@@ -29,7 +32,7 @@ class Lease:
         # The outbound key for this backend (never the caller's), kept with the lease: a backend
         # removed while the lease runs takes its configuration with it.
         self.api_key: str | None = pool._api_keys.get(grant.backend.name)
-        self._finalizer = weakref.finalize(self, pool._release_dropped, grant)
+        self._finalizer = weakref.finalize(self, _dropped, pool, grant)
         self._finalizer.atexit = False  # a process that exits holding leases has no pool to return them to
 
     @property
@@ -149,3 +152,15 @@ class Acquiring:
     ) -> None:
         if self._lease is not None:
             self._lease.release()
+
+
+def _dropped(pool: Pool, grant: Grant) -> None:
+    """A lease was garbage-collected without ``release()``: its slot is given back, and said."""
+    if grant.released:
+        return
+    logger.warning(
+        "a lease for model %r on %s was dropped without release(); releasing it now",
+        grant.model,
+        grant.backend.name,
+    )
+    pool._release_later(grant)

@@ -18,7 +18,6 @@ handed out (``fleet``).
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -45,7 +44,6 @@ from local_inference_pool.pool.loop_binding import LoopBinding
 
 __all__ = ["Pool"]
 
-logger = logging.getLogger(__name__)
 
 _DEFAULT: Final[Any] = object()
 
@@ -378,16 +376,9 @@ class Pool:
         if released and self._drained is not None and not self._scheduler.grants:
             self._drained.set()
 
-    def _release_dropped(self, grant: Grant) -> None:
-        # The garbage collector may run this in the middle of any scheduler call, on any thread:
+    def _release_later(self, grant: Grant) -> None:
+        # From the garbage collector, which may run in the middle of a scheduler call on any thread:
         # never touch the scheduler here, hand the release to the loop.
-        if grant.released:
-            return
-        logger.warning(
-            "a lease for model %r on %s was dropped without release(); releasing it now",
-            grant.model,
-            grant.backend.name,
-        )
         self._binding.call(lambda: self._release_on_loop(grant), always_hand_off=True)
 
     def bind_running_loop(self) -> None:

@@ -92,8 +92,8 @@ class Running:
 
 
 @asynccontextmanager
-async def running_app(fleet: Fleet) -> AsyncIterator[Running]:
-    app = create_pool_app(fleet.config(), transport=fleet.transport)
+async def running_app(fleet: Fleet, **settings: Any) -> AsyncIterator[Running]:
+    app = create_pool_app(fleet.config(**settings), transport=fleet.transport)
     async with LifespanManager(app) as manager:
         pool: Pool = app.state.runtime.pool
         with anyio.fail_after(5):

@@ -170,6 +170,31 @@ class Dispatch:
             backend, _ = placement.choose_backend(head, candidates)
             self.offer(head, backend)
 
+    def grant_new(self, ticket: Ticket) -> bool:
+        """Grant a new ticket, for a model nothing else waits for, as ``place`` would once it were
+        queued, without queueing it first (the common case of a gateway with room: no queue entry
+        made and withdrawn per request). False: it must queue (no free backend may take it, its
+        tenant is at its cap, or it is to wait for a busy backend's cache)."""
+        tenant = ticket.tenant
+        if tenant.max_concurrent is not None and tenant.capped:
+            return False
+        model, placement = ticket.model, self.placement
+        # As if queued: the ticket would be its model's one waiter (``swap_worthwhile`` with one).
+        may_swap = placement.starving(ticket) or self.table.healthy_slots_with(model) <= 1
+        candidates = [
+            b
+            for b in self.table.free_serving(model)
+            if b.can_take(model) and (may_swap or not b.needs_swap(model))
+        ]
+        if not candidates:
+            return False
+        backend, _ = placement.choose_backend(ticket, candidates)
+        target = placement.offer(ticket, backend)
+        if isinstance(target, Hold):
+            return False  # queued, it is offered the same slot again and held then
+        self.grant(ticket, target, placement.affinity_outcome(ticket, target), queued=True)
+        return True
+
     def fill(self, backend: Backend) -> None:
         """Give a backend's free slots to the best waiting tickets."""
         while backend.free and backend.health is Health.HEALTHY and not backend.removed:

@@ -273,11 +273,13 @@ class Scheduler:
             tag = queues.start_tag(owner)
             owner.finish = tag + 1.0 / owner.weight
         ticket = self._ticket(request, owner, tag)
-        queues.enqueue(ticket)
         if request.pin is not None:
+            queues.enqueue(ticket)
             self.dispatch.fill(self.backends[request.pin])
-        elif self.table.free:
-            self.dispatch.place(model)
+        elif not (self.table.free and model not in queues.by_model and self.dispatch.grant_new(ticket)):
+            queues.enqueue(ticket)  # it waits, unless a free backend takes it now
+            if self.table.free:
+                self.dispatch.place(model)
         if ticket.state is TicketState.GRANTED and queues.total:
             self.dispatch.serve_starving()  # granting a newcomer may pass over an older request
         if ticket.state is TicketState.WAITING:

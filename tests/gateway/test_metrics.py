@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from local_inference_pool.gateway.app import create_pool_app
-from local_inference_pool.gateway.metrics import UsageSniffer
+from local_inference_pool.gateway.usage import UsageSniffer
 
 from ..fakes import FakeBackend, Fleet
 from .test_app import CHAT, client_for
@@ -170,7 +170,7 @@ def test_an_event_too_long_to_keep_is_skipped_and_the_next_one_still_read() -> N
 
 
 def test_a_prompts_cache_figures_are_read_from_each_familys_usage() -> None:
-    from local_inference_pool.gateway.metrics import PromptReport, prompt_report
+    from local_inference_pool.gateway.usage import PromptReport, prompt_report
 
     timings = {"cache_n": 236, "prompt_n": 40, "prompt_ms": 80.0}
     assert prompt_report({"prompt_tokens": 276}, timings) == PromptReport(276, 236, 0.08, 40)

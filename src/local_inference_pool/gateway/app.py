@@ -52,7 +52,7 @@ from local_inference_pool.gateway.inbound import (
 )
 from local_inference_pool.gateway.metrics import PoolMetrics, RequestRecord
 from local_inference_pool.gateway.proxy import forward
-from local_inference_pool.gateway.relay import send_refusal
+from local_inference_pool.gateway.refusals import send_refusal
 from local_inference_pool.gateway.replies import error_response, openai_error
 from local_inference_pool.gateway.routes import ModelFrom, RouteSpec, routes_for
 from local_inference_pool.gateway.runtime import PASSED_HEADERS, RESPONSE_ID, Call, Runtime

@@ -37,17 +37,15 @@ from local_inference_pool.gateway.failover import (
 )
 from local_inference_pool.gateway.inbound import Inbound
 from local_inference_pool.gateway.metrics import RequestRecord
+from local_inference_pool.gateway.refusals import client_gone, send_refusal, send_upstream_refusal
 from local_inference_pool.gateway.relay import (
     AnswerBroke,
     UpstreamRelay,
-    client_gone,
     close_unread,
     continue_stream,
     end_stream,
     raw_chunks,
     relay_answer,
-    send_refusal,
-    send_upstream_refusal,
 )
 from local_inference_pool.gateway.runtime import Call, Runtime, Target
 from local_inference_pool.pool import Lease, Pool

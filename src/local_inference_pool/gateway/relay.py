@@ -25,14 +25,14 @@ from typing import cast
 
 import anyio
 import httpx
-from starlette.responses import Response
-from starlette.types import Message, Send
+from starlette.types import Send
 
 from local_inference_pool.gateway.client_watch import ClientWatch
-from local_inference_pool.gateway.dialects import Dialect
 from local_inference_pool.gateway.failover import Recorder, Seam
-from local_inference_pool.gateway.metrics import RequestRecord, UsageSniffer, prompt_report
+from local_inference_pool.gateway.metrics import RequestRecord
+from local_inference_pool.gateway.refusals import client_gone, send_upstream_refusal
 from local_inference_pool.gateway.runtime import RESPONSE_ID, Call, Runtime, Target
+from local_inference_pool.gateway.usage import UsageSniffer, prompt_report
 from local_inference_pool.pool.leases import Lease
 from local_inference_pool.upstream.backends.openai import describe_http_error
 
@@ -42,15 +42,12 @@ __all__ = [
     "SMALL_ANSWER",
     "AnswerBroke",
     "UpstreamRelay",
-    "client_gone",
     "client_headers",
     "close_unread",
     "continue_stream",
     "end_stream",
     "raw_chunks",
     "relay_answer",
-    "send_refusal",
-    "send_upstream_refusal",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,11 +88,6 @@ def client_headers(upstream: httpx.Response, extra: list[tuple[bytes, bytes]]) -
     return [h for h in headers if h[0] not in dropped] + extra
 
 
-def client_gone(record: RequestRecord, runtime: Runtime) -> None:
-    record.status, record.outcome = 499, "client_gone"
-    runtime.metrics.observe(record)
-
-
 def learn(lease: Target, usage: UsageSniffer, record: RequestRecord) -> None:
     """Tell the pool what the backend said of the request's prompt (its cache, its prefill time)."""
     report = prompt_report(usage.usage, usage.timings)
@@ -108,40 +100,6 @@ def learn(lease: Target, usage: UsageSniffer, record: RequestRecord) -> None:
             prefill_seconds=report.prefill_seconds,
             evaluated_tokens=report.evaluated_tokens,
         )
-
-
-async def send_upstream_refusal(
-    send: Send,
-    dialect: Dialect,
-    status: int,
-    message: str,
-    code: str,
-    record: RequestRecord,
-    runtime: Runtime,
-) -> None:
-    """The pool's answer when the backend could not give one (a ``server_error``)."""
-    await send_refusal(send, dialect.error(status, message, "server_error", code), record, runtime)
-
-
-async def send_refusal(send: Send, response: Response, record: RequestRecord, runtime: Runtime) -> None:
-    """Answer with the pool's own error, recorded under its OpenAI error code (unless already known)."""
-    record.status = response.status_code
-    if record.outcome == "ok":
-        record.outcome = _error_code(response)
-    runtime.metrics.observe(record)
-    try:
-        await response({"type": "http"}, _nothing_to_receive, send)
-    except OSError:  # ASGI 2.4: the client left before its answer; nobody to tell
-        logger.debug("client left before the pool's %d answer", response.status_code)
-
-
-async def _nothing_to_receive() -> Message:
-    return {"type": "http.disconnect"}
-
-
-def _error_code(response: Response) -> str:
-    code = getattr(response, "code", None)  # the pool's own answers (replies.ErrorReply) carry it
-    return str(code) if code else f"status_{response.status_code}"
 
 
 async def relay_answer(

@@ -46,11 +46,11 @@ class Pool(LeasePool):
                 errors[backend.name] = describe_http_error(exc)
                 return
             errors[backend.name] = None
-            if self.has_backend(backend.name):
+            if backend.name in self.backends:
                 self.update_backend(backend.name, models=models)
 
         async with self._client(client) as http, anyio.create_task_group() as group:
-            for backend in self.backend_configs():
+            for backend in self.backends.configs():
                 if backend.models is None:
                     group.start_soon(probe, http, backend)
         return errors
@@ -82,7 +82,7 @@ class Pool(LeasePool):
                 results[name] = describe_http_error(exc)
             else:
                 results[name] = None
-                self.note_warm(name, model, time.time())
+                self.backends.note_warm(name, model, time.time())
             finally:
                 lease.release()
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from local_inference_pool.core.prompt_index import prompt_of
 from local_inference_pool.core.scheduler import Grant, Health, Scheduler, Ticket
+from local_inference_pool.errors import PoolError
 
 MODELS = ["m0", "m1", "m2"]
 PROMPTS = [None, ["a shared system prompt " * 30, "question one"], ["a shared system prompt " * 30, "two"]]
@@ -63,7 +64,7 @@ def run(script: list[tuple[Any, ...]], *, shortcut: bool) -> list[tuple[Any, ...
                     priority=priority,
                     prompt=None if parts is None else prompt_of(parts, model=model),
                 )
-            except Exception as exc:  # refused the same way on both sides
+            except PoolError as exc:  # refused the same way on both sides
                 seen.append(("refused", type(exc).__name__))
                 continue
             tickets.append(ticket)

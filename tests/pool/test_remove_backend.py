@@ -37,7 +37,7 @@ async def test_nothing_of_a_removed_backend_comes_back_with_a_new_one_of_its_nam
     lease = await pool.acquire("m")
     lease.learn(prompt_tokens=100, cached_tokens=50)
     pool.annotate(lease.backend, last_error="it broke")
-    pool.note_warm(lease.backend, "m", 1.0)
+    pool.backends.note_warm(lease.backend, "m", 1.0)
     name = lease.backend
     pool.remove_backend(name)
     pool.annotate(name, detected_kind="llamacpp")  # a probe that ends after the removal adds nothing

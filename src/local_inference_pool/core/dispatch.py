@@ -159,12 +159,7 @@ class Dispatch:
         """Give waiting tickets of one model the best free backends, head first."""
         placement = self.placement
         while (head := self.queues.head(model)) is not None:
-            may_swap = placement.starving(head) or placement.swap_worthwhile(model)
-            candidates = [
-                b
-                for b in self.table.free_serving(model)
-                if b.can_take(model) and (may_swap or not b.needs_swap(model))
-            ]
+            candidates = self._candidates(model, placement.starving(head) or placement.swap_worthwhile(model))
             if not candidates:
                 return
             backend, _ = placement.choose_backend(head, candidates)
@@ -180,12 +175,9 @@ class Dispatch:
             return False
         model, placement = ticket.model, self.placement
         # As if queued: the ticket would be its model's one waiter (``swap_worthwhile`` with one).
-        may_swap = placement.starving(ticket) or self.table.healthy_slots_with(model) <= 1
-        candidates = [
-            b
-            for b in self.table.free_serving(model)
-            if b.can_take(model) and (may_swap or not b.needs_swap(model))
-        ]
+        candidates = self._candidates(
+            model, placement.starving(ticket) or self.table.healthy_slots_with(model) <= 1
+        )
         if not candidates:
             return False
         backend, _ = placement.choose_backend(ticket, candidates)
@@ -194,6 +186,15 @@ class Dispatch:
             return False  # queued, it is offered the same slot again and held then
         self.grant(ticket, target, placement.affinity_outcome(ticket, target), queued=True)
         return True
+
+    def _candidates(self, model: str, may_swap: bool) -> list[Backend]:
+        """The free backends that may take the model now: the drain guard allows it, and, unless
+        a swap is allowed, it evicts nothing there."""
+        return [
+            b
+            for b in self.table.free_serving(model)
+            if b.can_take(model) and (may_swap or not b.needs_swap(model))
+        ]
 
     def fill(self, backend: Backend) -> None:
         """Give a backend's free slots to the best waiting tickets."""

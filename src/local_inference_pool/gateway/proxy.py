@@ -337,7 +337,7 @@ def _continuable_backend(
     """Another healthy backend of the model whose kind can continue the answer, and the body."""
     avoid = list(failed)
     while (name := pool.another_backend(model, avoid)) is not None:
-        body = continuation(payload, partial, route, continues(pool.backend_kind(name), API[route]))
+        body = continuation(payload, partial, route, continues(pool.backends.kind(name), API[route]))
         if body is not None:
             return name, body
         avoid.append(name)

@@ -31,7 +31,7 @@ class Lease:
         self.queue_wait = queue_wait
         # The outbound key for this backend (never the caller's), kept with the lease: a backend
         # removed while the lease runs takes its configuration with it.
-        self.api_key: str | None = pool._api_keys.get(grant.backend.name)
+        self.api_key: str | None = pool.backends.api_key(grant.backend.name)
         self._finalizer = weakref.finalize(self, _dropped, pool, grant)
         self._finalizer.atexit = False  # a process that exits holding leases has no pool to return them to
 

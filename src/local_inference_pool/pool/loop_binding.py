@@ -29,13 +29,14 @@ class LoopBinding:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
 
-    def bind(self, *, idle: bool) -> None:
-        """Bind to the running loop. A pool in use (``idle`` False) on a loop that is still open
-        cannot move to another: its waiters and leases belong to the first."""
+    def bind(self, *, idle: Callable[[], bool]) -> None:
+        """Bind to the running loop. A pool in use (``idle()`` False) on a loop that is still open
+        cannot move to another: its waiters and leases belong to the first. ``idle`` is asked only
+        when the loop is another: on every request, it is the same one."""
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
-        if self._loop is None or self._loop.is_closed() or idle:
+        if self._loop is None or self._loop.is_closed() or idle():
             self._loop = loop
             self._thread = threading.get_ident()
             return
@@ -44,7 +45,7 @@ class LoopBinding:
             "(slots are counted per pool, so share the loop, not the pool)"
         )
 
-    def bind_if_running(self, *, idle: bool) -> None:
+    def bind_if_running(self, *, idle: Callable[[], bool]) -> None:
         """Bind to the running event loop, if any (synchronous callers may have none)."""
         try:
             asyncio.get_running_loop()

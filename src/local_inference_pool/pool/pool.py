@@ -38,6 +38,7 @@ from local_inference_pool.core.scheduler import (
     TicketState,
 )
 from local_inference_pool.errors import NoCapacityError, PoolClosedError
+from local_inference_pool.pool.directory import BackendDirectory
 from local_inference_pool.pool.fleet import LocalFleet, RedisFleet
 from local_inference_pool.pool.leases import Acquiring, Lease, Unleased
 from local_inference_pool.pool.loop_binding import LoopBinding
@@ -63,10 +64,7 @@ class Pool:
         self.config = config
         self._clock = clock
         self._scheduler = _scheduler_for(config, clock)
-        self._backend_configs: dict[str, BackendConfig] = {}
-        self._api_keys: dict[str, str | None] = {}
-        self._warm: dict[str, dict[str, float]] = {}
-        self._info: dict[str, dict[str, Any]] = {}
+        self.backends = BackendDirectory()  # configuration, keys and status facts per backend
         self._waiters: dict[int, anyio.Event] = {}
         self._binding = LoopBinding()
         self._closed = False
@@ -94,8 +92,7 @@ class Pool:
 
     def add_backend(self, backend: BackendConfig, *, health: Health = Health.HEALTHY) -> None:
         """Add a server. Until its slot count is detected or configured it counts as one slot."""
-        self._backend_configs[backend.name] = backend
-        self._api_keys[backend.name] = backend.api_key
+        self.backends.add(backend)
         self._scheduler.add_backend(
             backend.name,
             backend.url,
@@ -114,11 +111,8 @@ class Pool:
         fleet-wide) until they are released. Nothing else of it is kept: a server added again
         under its name starts anew."""
         self._scheduler.remove_backend(name)
-        del self._backend_configs[name]
-        for per_backend in (self._warm, self._info):
-            per_backend.pop(name, None)
+        self.backends.remove(name)
         self.fleet.forget(name)
-        self._api_keys.pop(name, None)
         self._deliver()
 
     def update_backend(
@@ -139,20 +133,18 @@ class Pool:
         A configured slot count or model list wins over a detected one. ``server_busy`` is what the
         server says is running, ours included: the rest is outside work that takes our capacity.
         """
-        configured = self._backend_configs[name]
         if server_busy is not None:
             ours = self._scheduler.backends[name].active_total
             external_busy = self.fleet.outside_busy(name, max(0, server_busy - ours))
         given = {
-            "slots": slots if configured.slots is None else None,
-            "models": None if models is None or configured.models is not None else list(models),
             "resident": None if resident is None else list(resident),
             "health": health,
             "external_busy": external_busy,
             "trial": trial,
             "context": context,
         }
-        self.override_backend(name, **{key: value for key, value in given.items() if value is not None})
+        changes = {key: value for key, value in given.items() if value is not None}
+        self.override_backend(name, **changes, **self.backends.detected(name, slots=slots, models=models))
 
     def override_backend(self, name: str, **changes: Any) -> None:
         """Apply changes as given (an operator's word: a configured value does not win), and
@@ -160,17 +152,9 @@ class Pool:
         self._scheduler.update_backend(name, **changes)
         self._deliver()
 
-    def backend_kind(self, name: str) -> str:
-        """The backend's kind: configured, else as detected (``auto`` until a probe says)."""
-        configured = self._backend_configs.get(name)
-        if configured is not None and configured.kind != "auto":
-            return configured.kind
-        return str(self._info.get(name, {}).get("detected_kind", "auto"))
-
     def annotate(self, name: str, **info: Any) -> None:
         """Facts for the snapshot that the scheduler does not use (detected kind, circuit, errors)."""
-        if name in self._backend_configs:  # a probe that ends after its backend went adds nothing
-            self._info.setdefault(name, {}).update(info)
+        self.backends.annotate(name, **info)
 
     # --- leases ----------------------------------------------------------------------------
 
@@ -255,7 +239,7 @@ class Pool:
         withdraws it on any exit, so a ticket that is abandoned unwaited holds its place until its
         deadline. ``acquire`` does all of this; this is its first step.
         """
-        self._binding.bind(idle=self._idle())
+        self._binding.bind(idle=self._idle)
         if self._closed:
             raise PoolClosedError("the pool is closed")
         if not isinstance(request.model, str) or not request.model:
@@ -303,7 +287,7 @@ class Pool:
         """A lease now if a backend has a free slot for ``model``, else None; never queues, never
         waits (the v0.7 layer's ``find_and_acquire``). Not with shared state: a fleet-wide claim
         takes a round trip."""
-        self._binding.bind_if_running(idle=self._idle())
+        self._binding.bind_if_running(idle=self._idle)
         if self._closed:
             raise PoolClosedError("the pool is closed")
         grant = self._scheduler.try_acquire(model)
@@ -327,7 +311,7 @@ class Pool:
         found = self._scheduler.backends.get(backend)
         if found is None or found.health is not Health.HEALTHY:
             raise NoCapacityError(f"the backend {backend!r} is not available now; retry later", model=model)
-        return Unleased(found.name, found.url, self._api_keys.get(found.name))
+        return Unleased(found.name, found.url, self.backends.api_key(found.name))
 
     def models(self) -> list[str]:
         """Every model some backend lists, sorted."""
@@ -383,24 +367,12 @@ class Pool:
 
     def bind_running_loop(self) -> None:
         """Bind to the running event loop, if any (synchronous callers may have none)."""
-        self._binding.bind_if_running(idle=self._idle())
+        self._binding.bind_if_running(idle=self._idle)
 
     def _idle(self) -> bool:
         return not self._scheduler.grants and not self._waiters
 
     # --- warm-up, state, shutdown ----------------------------------------------------------
-
-    def has_backend(self, name: str) -> bool:
-        return name in self._backend_configs
-
-    def backend_configs(self) -> list[BackendConfig]:
-        """The configuration of every backend in the pool now."""
-        return list(self._backend_configs.values())
-
-    def note_warm(self, name: str, model: str, when: float) -> None:
-        """A model was warmed on a backend (wall-clock time): shown as ``warm_models``."""
-        if name in self._backend_configs:
-            self._warm.setdefault(name, {})[model] = when
 
     def serves(self, model: str) -> bool:
         """Whether any backend lists ``model`` now (healthy or not)."""
@@ -410,11 +382,8 @@ class Pool:
         """The whole state, JSON-ready: backends, slots, leases per model, queue by model."""
         state = self._scheduler.snapshot()
         for backend in state["backends"]:
-            configured = self._backend_configs.get(backend["name"])
-            backend["kind"] = configured.kind if configured else "auto"
-            backend["warm_models"] = sorted(self._warm.get(backend["name"], {}))
+            backend.update(self.backends.describe(backend["name"]))
             backend.update(self.fleet.backend_view(backend["name"]))
-            backend.update(self._info.get(backend["name"], {}))
         state["closed"] = self._closed
         state["shared_state"] = self.fleet.status()
         return state
@@ -448,7 +417,7 @@ class Pool:
         """With ``config.state``: connect to the shared store and start renewing leases, listening
         for releases in other processes and sending this one's releases."""
         if self.fleet.shared:
-            self._binding.bind(idle=self._idle())
+            self._binding.bind(idle=self._idle)
         await self.fleet.start()
         return self
 

@@ -40,10 +40,9 @@ class Stack:
 
 
 @asynccontextmanager
-async def stack(**pool: Any) -> AsyncIterator[Stack]:
-    backends = [
-        SimulatedBackend(SimulatorConfig(models=("sim",), slots=2, tokens_per_second=2000)) for _ in range(2)
-    ]
+async def stack(lacks: tuple[str, ...] = (), **pool: Any) -> AsyncIterator[Stack]:
+    config = SimulatorConfig(models=("sim",), slots=2, tokens_per_second=2000, lacks=lacks)
+    backends = [SimulatedBackend(config) for _ in range(2)]
     llamacpp = lambda index, url: BackendConfig(url=url, name=f"b{index}", kind="llamacpp")  # noqa: E731
     async with started(backends, backend=llamacpp, public_status=True, **pool) as up:
         yield Stack(up.url, backends)
@@ -111,6 +110,26 @@ async def test_a_stream_whose_backend_dies_continues_on_another_and_reads_as_one
     assert status["active_leases"] == 0
     assert 'lip_midstream_failovers_total{model="sim",outcome="continued"} 1.0' in metrics
     assert s.backends[1].stats.completed == 1  # the rest came from the other server
+
+
+@pytest.mark.parametrize(
+    ("lacks", "way"),
+    [((), "token ids"), (("/completion",), "text"), (("/apply-template",), "text"), (("/tokenize",), "text")],
+)
+@pytest.mark.parametrize("route", ["/chat/completions", "/completions"])
+async def test_llama_server_continues_by_token_ids_and_by_text_where_its_token_routes_are_missing(
+    route: str, lacks: tuple[str, ...], way: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="local_inference_pool.gateway.midstream")
+    if route == "/completions" and lacks == ("/apply-template",):
+        way = "token ids"  # a completion has no template to render
+    async with stack(lacks) as s, s.http() as http:
+        s.backends[0].faults.die_after_tokens = 5
+        events = await stream(http, route, body(route))
+        status = await s.status()
+    assert_one_stream(events, route)
+    assert status["active_leases"] == 0
+    assert f"continued a stream of 'sim' on b1 by {way}" in caplog.text
 
 
 async def test_the_access_log_names_both_backends(caplog: pytest.LogCaptureFixture) -> None:

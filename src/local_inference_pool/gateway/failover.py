@@ -24,9 +24,20 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
-__all__ = ["API", "MAX_RECORDED", "Partial", "Recorder", "Seam", "continuation", "read_partial", "refusal"]
+__all__ = [
+    "API",
+    "MAX_RECORDED",
+    "Partial",
+    "Recorder",
+    "Seam",
+    "StreamSeam",
+    "continuation",
+    "events_in",
+    "read_partial",
+    "refusal",
+]
 
 MAX_RECORDED: Final = 4 << 20  # bytes of a stream kept to continue it; longer ones are not
 API: Final = {"/chat/completions": "chat", "/completions": "completions", "/messages": "messages"}
@@ -60,16 +71,23 @@ class Recorder:
         self.buffer += chunk
 
 
+class StreamSeam(Protocol):
+    """Joins a continuation's stream to the client's: what to send for each chunk that came."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+
 @dataclass
 class Partial:
     """What the client got of a stream before it broke."""
 
     text: str = ""
     pieces: int = 0  # content pieces sent: the tokens emitted, near enough
+    texts: list[str] = field(default_factory=list)  # those pieces, one by one
     first: dict[str, Any] = field(default_factory=dict)  # id, created, model, system_fingerprint, object
     finished: bool = False  # its finish_reason or [DONE] went out: nothing to continue
     refusal: str | None = None  # why it cannot be continued faithfully
-    block: int = 0  # messages: the index of the last content block the client saw start
+    block: int = -1  # messages: the index of the last content block the client saw start
     block_open: bool = False  # messages: that block has not stopped
 
 
@@ -95,7 +113,7 @@ def refusal(payload: Mapping[str, Any], route: str) -> str | None:
     return None
 
 
-def _events(data: bytes) -> list[bytes]:
+def events_in(data: bytes) -> list[bytes]:
     """The ``data:`` payloads of the complete events in ``data`` (any of SSE's line endings)."""
     text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     payloads = []
@@ -112,7 +130,7 @@ def read_partial(data: bytes, route: str) -> Partial:
         return _read_messages(data)
     partial = Partial()
     texts: list[str] = []
-    for payload in _events(data):
+    for payload in events_in(data):
         if payload.strip() == b"[DONE]":
             partial.finished = True
             continue
@@ -146,6 +164,7 @@ def read_partial(data: bytes, route: str) -> Partial:
         if isinstance(piece, str) and piece:
             texts.append(piece)
             partial.pieces += 1
+    partial.texts = texts
     partial.text = "".join(texts)
     return partial
 
@@ -153,7 +172,7 @@ def read_partial(data: bytes, route: str) -> Partial:
 def _read_messages(data: bytes) -> Partial:
     partial = Partial()
     texts: list[str] = []
-    for payload in _events(data):
+    for payload in events_in(data):
         try:
             event = json.loads(payload)
         except ValueError:
@@ -181,6 +200,7 @@ def _read_messages(data: bytes) -> Partial:
             kind == "message_delta" and (event.get("delta") or {}).get("stop_reason")
         ):
             partial.finished = True
+    partial.texts = texts
     partial.text = "".join(texts)
     return partial
 
@@ -229,7 +249,7 @@ class Seam:
         return b"".join(out)
 
     def _rewrite(self, event: bytes) -> list[bytes]:
-        payloads = _events(event)
+        payloads = events_in(event)
         if not payloads:
             return [event]  # a comment or a named event without data: as it came
         payload = payloads[0]

@@ -17,74 +17,29 @@ at a measured 170 µs per request.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
 
 import httpx
 from starlette.types import Receive, Send
 
-from local_inference_pool.core.model import LeaseRequest
 from local_inference_pool.errors import NoCapacityError, PoolError
 from local_inference_pool.gateway.client_watch import ClientWatch
-from local_inference_pool.gateway.failover import (
-    API,
-    Partial,
-    Recorder,
-    Seam,
-    continuation,
-    read_partial,
-    refusal,
-)
+from local_inference_pool.gateway.failover import Recorder, refusal
 from local_inference_pool.gateway.inbound import Inbound
+from local_inference_pool.gateway.leasing import acquire_unless_gone
 from local_inference_pool.gateway.metrics import RequestRecord
+from local_inference_pool.gateway.midstream import fail_over
 from local_inference_pool.gateway.refusals import client_gone, send_refusal, send_upstream_refusal
-from local_inference_pool.gateway.relay import (
-    AnswerBroke,
-    UpstreamRelay,
-    close_unread,
-    continue_stream,
-    end_stream,
-    raw_chunks,
-    relay_answer,
-)
-from local_inference_pool.gateway.runtime import Call, Runtime, Target
-from local_inference_pool.pool import Lease, Pool
-from local_inference_pool.upstream.backends import continues
+from local_inference_pool.gateway.relay import AnswerBroke, close_unread, raw_chunks, relay_answer
+from local_inference_pool.gateway.runtime import Call, Runtime, Target, upstream_request
+from local_inference_pool.pool import Pool
 from local_inference_pool.upstream.backends.openai import describe_http_error
 
-__all__ = ["MAX_ATTEMPTS", "forward", "upstream_headers", "upstream_request"]
+__all__ = ["MAX_ATTEMPTS", "forward"]
 
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # the first backend and up to two others after a connection failure
 LACKING_BODY = 4096  # of a 404 answer, read to tell a missing route from a missing model
-
-
-def upstream_headers(target: Target, request_id: str, call: Call) -> list[tuple[bytes, bytes]]:
-    """What the backend gets: the body's type, no compression, its own key. Never the client's
-    credentials."""
-    headers = [(b"accept-encoding", b"identity"), (b"x-request-id", request_id.encode()), *call.passed]
-    if call.content_type is not None:
-        headers.append((b"content-type", call.content_type))
-    if target.api_key:
-        key = target.api_key.encode()
-        headers.append((b"authorization", b"Bearer " + key))
-        if call.dialect.name == "anthropic":
-            headers.append((b"x-api-key", key))  # what servers speaking Anthropic's API may read
-    return headers
-
-
-def upstream_request(
-    runtime: Runtime, call: Call, target: Target, record: RequestRecord, body: bytes
-) -> httpx.Request:
-    """The request to send the target: the call's method and path, the backend's headers, ``body``."""
-    return httpx.Request(
-        call.method,
-        runtime.upstream_url(target.url, call.path),
-        headers=upstream_headers(target, record.request_id, call),
-        content=body,
-        extensions={"timeout": runtime.timeouts},
-    )
 
 
 async def forward(
@@ -161,7 +116,7 @@ async def _forward(
         attempts += 1
         record.backend = target.backend
         try:  # every step after the acquire is inside: whatever fails, the slot goes back
-            request = upstream_request(runtime, call, target, record, inbound.body)
+            request = upstream_request(runtime, call, target, record.request_id, inbound.body)
             response: httpx.Response | None = None
             async with watch.until_gone():
                 response = await runtime.transport.handle_async_request(request)
@@ -247,7 +202,7 @@ async def _forward(
                 return
             continue
         if relay is not None and relay.interrupted is not None and recorder is not None:
-            await _fail_over(watch, send, runtime, call, inbound, record, relay, recorder)
+            await fail_over(watch, send, runtime, call, inbound, record, relay, recorder)
         elif record.outcome == "failed_midway" and why_not not in ("route", "not streamed"):
             # A stream that could have been continued but may not be: say why, in the metrics too.
             outcome = "off" if why_not is None else "not_faithful"
@@ -264,120 +219,13 @@ async def _forward(
     await send_upstream_refusal(send, dialect, 502, message, "upstream_unreachable", record, runtime)
 
 
-async def _fail_over(
-    watch: ClientWatch,
-    send: Send,
-    runtime: Runtime,
-    call: Call,
-    inbound: Inbound,
-    record: RequestRecord,
-    relay: UpstreamRelay,
-    recorder: Recorder,
-) -> None:
-    """A stream whose backend failed midway, the client still there: continue it on another backend
-    of the model (pinned there, ahead of its queue: this request already waited), at most
-    ``midstream_failovers`` times, or end it with the route's error event saying why not."""
-    pool, route, model = runtime.pool, call.route.path, inbound.model
-    failed = [relay.lease.backend]
-    message = f"the backend {relay.lease.backend} failed during the response: {relay.interrupted}"
-    outcome = "budget_spent"
-    for _attempt in range(runtime.config.midstream_failovers):
-        partial = read_partial(bytes(recorder.buffer), route)
-        if partial.finished:  # it failed after its end marker: nothing is missing
-            await end_stream(send, None, record, runtime, "ok")
-            return
-        if partial.refusal is not None:
-            outcome = "not_faithful"
-            logger.info("not continuing a stream of %r: %s", model, partial.refusal)
-            break
-        target_name, body = _continuable_backend(pool, model, failed, inbound.payload, partial, route)
-        if target_name is None or body is None:
-            outcome = "no_backend"
-            break
-        again = Inbound(
-            body, model, inbound.priority, inbound.session, inbound.payload, inbound.tenant, inbound.prompt
-        )
-        try:
-            target = await _acquire_unless_gone(watch, pool, again, target_name)
-        except PoolError:
-            outcome = "no_backend"
-            break
-        if target is None:
-            client_gone(record, runtime)
-            return
-        response = await _send_continuation(watch, runtime, call, target, record, body)
-        if response is None:
-            if watch.gone:
-                client_gone(record, runtime)
-                return
-            failed.append(target.backend)
-            outcome = "failed"
-            continue
-        record.failed_over_from.append(relay.lease.backend)
-        record.backend = target.backend
-        seam = Seam(partial, route)
-        failed_at = relay.failed_at
-        relay = await continue_stream(watch, send, runtime, response, target, record, call, recorder, seam)
-        gap = None if relay.first_sent_at is None or failed_at is None else relay.first_sent_at - failed_at
-        runtime.metrics.failover(model, "continued", gap)
-        if relay.interrupted is None:
-            return  # the continuation ran to its end (and reported the request)
-        failed.append(relay.lease.backend)
-        message = f"the backend {relay.lease.backend} failed during the response: {relay.interrupted}"
-        outcome = "budget_spent"
-    runtime.metrics.failover(model, outcome)
-    await end_stream(
-        send, call.dialect.stream_error(message, "upstream_failed"), record, runtime, "failed_midway"
-    )
-
-
-def _continuable_backend(
-    pool: Pool, model: str, failed: list[str], payload: Mapping[str, Any], partial: Partial, route: str
-) -> tuple[str | None, bytes | None]:
-    """Another healthy backend of the model whose kind can continue the answer, and the body."""
-    avoid = list(failed)
-    while (name := pool.another_backend(model, avoid)) is not None:
-        body = continuation(payload, partial, route, continues(pool.backends.kind(name), API[route]))
-        if body is not None:
-            return name, body
-        avoid.append(name)
-    return None, None
-
-
-async def _send_continuation(
-    watch: ClientWatch, runtime: Runtime, call: Call, target: Target, record: RequestRecord, body: bytes
-) -> httpx.Response | None:
-    """The continuation's streamed answer, or None (the slot given back) if it gave none."""
-    request = upstream_request(runtime, call, target, record, body)
-    response: httpx.Response | None = None
-    try:
-        async with watch.until_gone():
-            response = await runtime.transport.handle_async_request(request)
-    except httpx.HTTPError as exc:
-        target.release()
-        runtime.monitor.failed(target.backend, f"continuation: {describe_http_error(exc)}")
-        return None
-    except BaseException:
-        target.release()
-        raise
-    if response is None:
-        target.release()
-        return None
-    if response.status_code != 200 or not response.headers.get("content-type", "").startswith(
-        "text/event-stream"
-    ):
-        await close_unread(response, target)
-        return None
-    return response
-
-
 async def _target(
     watch: ClientWatch, pool: Pool, call: Call, inbound: Inbound, pin: str | None, lacking: set[str]
 ) -> Target | None:
     """Where the request goes: a slot (queued if need be), or for a route that takes none, a
     backend chosen now. None if the client left while queued."""
     if call.route.slot:
-        return await _acquire_unless_gone(watch, pool, inbound, pin)
+        return await acquire_unless_gone(watch, pool, inbound, pin)
     return pool.pick(inbound.model, avoid=lacking, backend=pin)
 
 
@@ -409,28 +257,3 @@ async def _refuse_lacking(
         record,
         runtime,
     )
-
-
-async def _acquire_unless_gone(
-    watch: ClientWatch, pool: Pool, inbound: Inbound, pin: str | None
-) -> Lease | None:
-    """A slot for the request, or None if the client leaves while it queues (freeing its place)."""
-    acquiring = pool.acquire(
-        LeaseRequest(
-            inbound.model,
-            priority=inbound.priority,
-            session=inbound.session,
-            timeout=pool.config.queue_timeout,
-            pin=pin,
-            tenant=inbound.tenant,
-            prompt=inbound.prompt,
-        )
-    )
-    lease = acquiring.at_once()
-    if lease is not None:
-        return lease  # the common case: a slot was free, nothing to wait for
-    async with watch.until_gone():
-        # Waits if needed, and with shared state claims the slot fleet-wide; cancelled, it passes
-        # on any grant that raced the cancel and gives back any claim.
-        return await acquiring
-    return None  # the client left

@@ -28,7 +28,7 @@ import httpx
 from starlette.types import Send
 
 from local_inference_pool.gateway.client_watch import ClientWatch
-from local_inference_pool.gateway.failover import Recorder, Seam
+from local_inference_pool.gateway.failover import Recorder, StreamSeam
 from local_inference_pool.gateway.metrics import RequestRecord
 from local_inference_pool.gateway.refusals import client_gone, send_upstream_refusal
 from local_inference_pool.gateway.runtime import RESPONSE_ID, Call, Runtime, Target
@@ -176,7 +176,7 @@ async def continue_stream(
     record: RequestRecord,
     call: Call,
     recorder: Recorder,
-    seam: Seam,
+    seam: StreamSeam,
 ) -> UpstreamRelay:
     """Relay a continuation into the client's stream, which is already open: through the ``seam``,
     and recorded with what the client got before (for another continuation if this one fails too)."""
@@ -341,7 +341,7 @@ class UpstreamRelay:
         record: RequestRecord,
         call: Call,
         recorder: Recorder | None = None,
-        seam: Seam | None = None,
+        seam: StreamSeam | None = None,
     ) -> None:
         self.upstream = upstream
         self.lease = lease

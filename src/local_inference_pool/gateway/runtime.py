@@ -16,7 +16,15 @@ from local_inference_pool.gateway.routes import RouteSpec, RouteSupport
 from local_inference_pool.pool import Lease, Pool, Unleased
 from local_inference_pool.upstream.health import Monitor
 
-__all__ = ["PASSED_HEADERS", "RESPONSE_ID", "Call", "Runtime", "Target"]
+__all__ = [
+    "PASSED_HEADERS",
+    "RESPONSE_ID",
+    "Call",
+    "Runtime",
+    "Target",
+    "upstream_headers",
+    "upstream_request",
+]
 
 RESPONSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,256}")  # ids the pool remembers and looks up
 PASSED_HEADERS = (b"anthropic-version", b"anthropic-beta")  # the API's version, not a credential
@@ -69,3 +77,30 @@ class Call:
     @property
     def dialect(self) -> Dialect:
         return self.route.dialect
+
+
+def upstream_headers(target: Target, request_id: str, call: Call) -> list[tuple[bytes, bytes]]:
+    """What the backend gets: the body's type, no compression, its own key. Never the client's
+    credentials."""
+    headers = [(b"accept-encoding", b"identity"), (b"x-request-id", request_id.encode()), *call.passed]
+    if call.content_type is not None:
+        headers.append((b"content-type", call.content_type))
+    if target.api_key:
+        key = target.api_key.encode()
+        headers.append((b"authorization", b"Bearer " + key))
+        if call.dialect.name == "anthropic":
+            headers.append((b"x-api-key", key))  # what servers speaking Anthropic's API may read
+    return headers
+
+
+def upstream_request(
+    runtime: Runtime, call: Call, target: Target, request_id: str, body: bytes
+) -> httpx.Request:
+    """The request to send the target: the call's method and path, the backend's headers, ``body``."""
+    return httpx.Request(
+        call.method,
+        runtime.upstream_url(target.url, call.path),
+        headers=upstream_headers(target, request_id, call),
+        content=body,
+        extensions={"timeout": runtime.timeouts},
+    )

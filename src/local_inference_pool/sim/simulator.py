@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from local_inference_pool.sim import native
 from local_inference_pool.sim.answers import Reply
 from local_inference_pool.sim.prompt_cache import PromptCache
 
@@ -115,6 +116,8 @@ class SimulatedBackend:
                 Route("/v1/responses", self._responses, methods=["POST"]),
                 Route("/v1/responses/{response_id}", self._stored_response, methods=["GET", "DELETE"]),
                 Route("/tokenize", self._tokenize, methods=["POST"]),
+                Route("/apply-template", self._apply_template, methods=["POST"]),
+                Route("/completion", self._native_completion, methods=["POST"]),
                 Route("/v1/audio/transcriptions", self._transcribe, methods=["POST"]),
                 Route("/sim/stats", self._stats, methods=["GET"]),
             ]
@@ -277,8 +280,18 @@ class SimulatedBackend:
         body = await _json_body(request)
         if isinstance(body, Response):
             return body
-        content = str(body.get("content", ""))
-        return JSONResponse({"tokens": [len(word) for word in content.split()]})
+        tokens = native.tokenize(body.get("content", ""), add_special=bool(body.get("add_special")))
+        return JSONResponse({"tokens": tokens})
+
+    async def _apply_template(self, request: Request) -> Response:
+        body = await _json_body(request)
+        if isinstance(body, Response):
+            return body
+        return JSONResponse({"prompt": native.render(body.get("messages"))})
+
+    async def _native_completion(self, request: Request) -> Response:
+        """llama-server's native route: a prompt of text or token ids, ``n_predict``."""
+        return await self._generate(request, "native")
 
     async def _transcribe(self, request: Request) -> Response:
         async with request.form(max_part_size=16 * 1024 * 1024) as form:
@@ -314,6 +327,8 @@ class SimulatedBackend:
             or self.config.completion_tokens
         )
         prompt_tokens, cached = self._prompt_cache(body, remember=False)
+        if kind == "native" and isinstance(body.get("prompt"), list):
+            prompt_tokens = len(body["prompt"])
         start, prefill = _continues(kind, body)
         rate = self.config.prefill_tokens_per_second
         reply = Reply(
@@ -333,6 +348,8 @@ class SimulatedBackend:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             if kind in ("message", "response"):
                 stream = self._named_events(reply, faults.die_after_tokens)
+            elif kind == "native":
+                stream = self._native_stream(reply, faults.die_after_tokens)
             else:
                 stream = self._stream(reply, include_usage, faults.die_after_tokens)
             return StreamingResponse(
@@ -377,6 +394,19 @@ class SimulatedBackend:
             if include_usage:
                 yield _sse(reply.usage_chunk())
             yield b"data: [DONE]\n\n"
+        self.stats.completed += 1
+
+    async def _native_stream(self, reply: Reply, die_after: int | None) -> AsyncIterator[bytes]:
+        """llama-server's native stream: one token a chunk, a final chunk with ``stop``, no ``[DONE]``."""
+        async with self._slot(reply.model):
+            await self._evaluate_prompt(reply)
+            for index in range(reply.tokens):
+                if die_after is not None and index >= die_after:
+                    raise ConnectionAbortedError("simulated backend died mid-stream")
+                await anyio.sleep(1 / self.config.tokens_per_second)
+                number = reply.start + index
+                yield native.native_chunk(f"tok{number} ", number, index + 1, reply.prompt_tokens)
+            yield native.native_final(reply.model, reply.tokens, reply.prompt_tokens, reply.timings())
         self.stats.completed += 1
 
     async def _named_events(self, reply: Reply, die_after: int | None) -> AsyncIterator[bytes]:
@@ -466,6 +496,8 @@ def _continues(kind: str, body: dict[str, Any]) -> tuple[int, str]:
     them goes on from tokN. A chat answer echoes the prefill, whitespace normalised."""
     if kind == "text_completion":
         return len(_TOKEN.findall(str(body.get("prompt", "")))), ""
+    if kind == "native":
+        return native.start_of(body.get("prompt", "")), ""
     messages = body.get("messages")
     last = messages[-1] if isinstance(messages, list) and messages else None
     if kind in ("chat.completion", "message") and isinstance(last, dict) and last.get("role") == "assistant":

@@ -15,7 +15,7 @@ from local_inference_pool.config import BackendConfig
 from local_inference_pool.upstream.backends import llamacpp, lmstudio, ollama, openai, vllm
 from local_inference_pool.upstream.backends.base import Snapshot
 
-__all__ = ["DetectedKind", "Snapshot", "continues", "detect", "probe"]
+__all__ = ["DetectedKind", "Snapshot", "continues", "continues_by_tokens", "detect", "probe"]
 
 DetectedKind = Literal["llamacpp", "lmstudio", "ollama", "vllm", "openai"]
 Prober = Callable[[httpx.AsyncClient, BackendConfig], Awaitable[Snapshot]]
@@ -46,6 +46,12 @@ def continues(kind: str, api: str) -> dict[str, object] | None:
     if api == "completions":
         return {} if "chat" in ways else None
     return ways.get(api)
+
+
+def continues_by_tokens(kind: str) -> bool:
+    """Whether a backend of ``kind`` continues a partial answer from token ids (``llamacpp_tokens``):
+    exactly where it stopped, whatever the chat template."""
+    return kind == "llamacpp"
 
 
 async def probe(client: httpx.AsyncClient, backend: BackendConfig, kind: DetectedKind) -> Snapshot:

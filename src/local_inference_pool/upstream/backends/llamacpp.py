@@ -11,8 +11,9 @@ from local_inference_pool.core.scheduler import Health
 from local_inference_pool.upstream.backends.base import Snapshot
 from local_inference_pool.upstream.backends.openai import auth_headers
 
-# How it continues a partial answer (mid-stream failover): a trailing assistant message, on chat
-# and on Anthropic's messages alike, and it echoes the prefill first (BACKENDS.md section 7.4).
+# How it continues a partial answer by text (mid-stream failover), when it cannot by token ids
+# (llamacpp_tokens.py): a trailing assistant message, on chat and on Anthropic's messages alike,
+# and it echoes the prefill first (BACKENDS.md section 7.4).
 CONTINUES: dict[str, dict[str, object]] = {"chat": {}, "messages": {}}
 
 

@@ -35,6 +35,9 @@ from local_inference_pool.gateway.serving import running
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
 SYSTEM = "You are a terse assistant. Answer in one short sentence."
+# Gemma 3's own chat template: the GGUF carries none, and llama-server's fallback (ChatML) makes the
+# model answer in special-token text.
+TEMPLATE = Path(__file__).with_name("gemma3.jinja")
 ROUTER_MODELS = ("gemma-a", "gemma-b")
 
 
@@ -128,7 +131,19 @@ def llama_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str
         for _ in range(2):
             port = free_port()
             command = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "--"]
-            servers.append(launch([*command, "-np", "2", "-c", "4096", "-a", "gemma", "-t", "1"], port, logs))
+            command += [
+                "-np",
+                "2",
+                "-c",
+                "4096",
+                "-a",
+                "gemma",
+                "-t",
+                "1",
+                "--chat-template-file",
+                str(TEMPLATE),
+            ]
+            servers.append(launch(command, port, logs))
         await_health(servers)
         yield [server.url for server in servers]
     finally:
@@ -365,10 +380,11 @@ async def test_affinity_keeps_conversations_on_their_prompt_cache(
     with capsys.disabled():
         print(
             f"\nprompt-cache hit ratio on later turns, one conversation per slot: affinity on "
-            f"{with_affinity.cached_share:.0%}, off {without.cached_share:.0%}"
+            f"{with_affinity.cached_share:.0%}, off {without.cached_share:.0%} "
+            f"(ceiling {with_affinity.ceiling:.0%})"
         )
     assert with_affinity.cached_share > without.cached_share
-    assert with_affinity.cached_share >= 0.7
+    assert with_affinity.cached_share >= 0.9 * with_affinity.ceiling
 
 
 AGENT = "You are a coding agent for a small team. Follow these rules in every answer. " + " ".join(
@@ -409,8 +425,11 @@ async def test_more_conversations_than_slots_wait_for_their_prompt_cache(
     chat = runs["chat", "cache-aware"]
     assert chat.cached_share >= 0.85 * chat.ceiling
     # Agents share their long system prompt, and llama.cpp gives a returning conversation the idle
-    # slot most like its prompt: often another agent's, sharing only the rules. Measured 0.78-0.79.
-    assert runs["agents", "cache-aware"].cached_share >= 0.72
+    # slot most like its prompt: often another agent's, sharing only the rules. Gemma's template puts
+    # the rules inside the first user turn; measured 0.66 of a 0.91 ceiling (0.39 as before).
+    agents = runs["agents", "cache-aware"]
+    assert agents.cached_share >= 0.6
+    assert agents.cached_share > runs["agents", "as before"].cached_share + 0.1
 
 
 async def router_loads(url: str, loads: dict[str, int], *, task_status: TaskStatus[None]) -> None:
@@ -616,22 +635,53 @@ async def test_tokenize_reaches_llama_servers_root_route(llama_servers: list[str
     assert state["stats"]["granted"] == 0  # no slot taken
 
 
+@dataclass
+class Pair:
+    """Two servers of one slot each, for tests that kill one: a killed one can be started again."""
+
+    servers: list[Launched]
+    commands: list[list[str]]
+    logs: Path
+    template: str  # the chat template's name in TEMPLATES
+
+    def restart_killed(self) -> None:
+        for index, server in enumerate(self.servers):
+            if server.process.poll() is not None:
+                port = int(server.url.rsplit(":", 1)[1])
+                self.servers[index] = launch(self.commands[index], port, self.logs)
+        await_health(self.servers)
+
+    @property
+    def urls(self) -> list[str]:
+        return [server.url for server in self.servers]
+
+
+TEMPLATES = {
+    "gemma3.jinja": ["--chat-template-file", str(TEMPLATE)],
+    # llama.cpp's built-in Gemma template, on its template path without Jinja: it closes a trailing
+    # assistant message's turn, so it cannot continue a text prefill.
+    "built-in gemma": ["--no-jinja", "--chat-template", "gemma"],
+}
+
+
 @pytest.fixture
-def llama_pair(tmp_path: Path) -> Iterator[list[Launched]]:
-    """Two servers of one slot each, for a test that kills one."""
+def llama_pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pair]:
+    """Two servers of one slot each; ``indirect`` parameters name the chat template (TEMPLATES)."""
+    name = getattr(request, "param", "gemma3.jinja")
+    template = TEMPLATES[name]
     binary, model = server_binary(), model_file()
-    servers: list[Launched] = []
+    pair = Pair([], [], tmp_path, name)
     try:
         for _ in range(2):
             port = free_port()
             command = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "--"]
-            servers.append(
-                launch([*command, "-np", "1", "-c", "2048", "-a", "gemma", "-t", "1"], port, tmp_path)
-            )
-        await_health(servers)
-        yield servers
+            command += ["-np", "1", "-c", "2048", "-a", "gemma", "-t", "1", *template]
+            pair.commands.append(command)
+            pair.servers.append(launch(command, port, tmp_path))
+        await_health(pair.servers)
+        yield pair
     finally:
-        stop(servers)
+        stop(pair.servers)
 
 
 def _data(raw: bytes) -> list[Any]:
@@ -655,97 +705,161 @@ def _piece(chunk: Any, route: str) -> str:
     )
 
 
-@pytest.mark.parametrize("kill_after", [3, 25, 60])
-@pytest.mark.parametrize("route", ["/completions", "/chat/completions"])
-async def test_a_stream_survives_its_server_killed_midway(
-    llama_pair: list[Launched], route: str, kill_after: int
+# A greedy answer with markup and a word in two pieces in it (this small model echoes the tags).
+ASK = "Translate to French: <p>Hello world</p>"
+GREEDY: dict[str, Any] = {"model": "gemma", "max_tokens": 90, "temperature": 0, "stream": True}
+
+
+def cuts_of(pieces: list[str]) -> dict[str, int]:
+    """Where to kill a stream of these pieces: after the first, inside a word (the next piece goes on
+    with the word), inside markup (a tag open), and late."""
+    word = next(i for i in range(3, len(pieces)) if pieces[i - 1][-1:].isalpha() and pieces[i][:1].isalpha())
+    markup = next(
+        i for i in range(3, len(pieces)) if (text := "".join(pieces[:i])).rfind("<") > text.rfind(">")
+    )
+    return {
+        "after the first piece": 1,
+        "inside a word": word,
+        "inside markup": markup,
+        "late": len(pieces) - 12,
+    }
+
+
+@dataclass
+class Killed:
+    text: str
+    chunks: list[dict[str, Any]]
+    events: list[Any]
+    seen: int  # pieces the client had when the kill was sent
+    killed: Launched
+
+
+async def kill_midway(
+    http: httpx.AsyncClient, base: str, pair: Pair, route: str, body: dict[str, Any], after: int
+) -> Killed:
+    """Stream through the pool and SIGKILL the serving server once ``after`` pieces arrived."""
+    by_name = {f"llama{i}": server for i, server in enumerate(pair.servers)}
+    raw = bytearray()
+    seen = 0
+    async with http.stream("POST", f"{base}/v1{route}", json=body) as response:
+        serving = by_name[response.headers["x-backend"]]
+        async for chunk in response.aiter_raw():
+            raw += chunk
+            if serving.process.poll() is None:
+                seen = sum(1 for c in _data(bytes(raw)) if _piece(c, route))
+                if seen >= after:
+                    os.killpg(serving.process.pid, signal.SIGKILL)  # midway, as an OOM kill would
+    events = _data(bytes(raw))
+    chunks = [c for c in events if isinstance(c, dict)]
+    return Killed("".join(_piece(c, route) for c in events), chunks, events, seen, serving)
+
+
+def similarity(a: str, b: str) -> float:
+    import difflib
+
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("llama_pair", list(TEMPLATES), indirect=True)
+@pytest.mark.parametrize("route", ["/chat/completions", "/completions"])
+async def test_a_greedy_stream_killed_at_any_cut_goes_on_exactly_as_it_would_have(
+    llama_pair: Pair, route: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    body: dict[str, Any] = {"model": "gemma", "max_tokens": 120, "temperature": 0, "stream": True}
+    """The serving llama-server is SIGKILLed after the first piece, inside a word, inside markup and
+    late; each time the client's text is the uninterrupted text, whole, with no error."""
+    body = {**GREEDY, "messages": [{"role": "user", "content": ASK}]}
     if route == "/completions":
-        body["prompt"] = "Counting: 1, 2, 3, 4, 5,"
-    else:
-        body["messages"] = [{"role": "user", "content": "Count from one to fifty."}]
+        body = {**GREEDY, "prompt": f"<start_of_turn>user\n{ASK}<end_of_turn>\n<start_of_turn>model\n"}
     async with (
-        pool([s.url for s in llama_pair]) as (base, _),
+        pool(llama_pair.urls) as (base, _),
         httpx.AsyncClient(trust_env=False, timeout=120) as http,
     ):
         async with http.stream("POST", f"{base}/v1{route}", json=body) as reference:
             whole = _data(b"".join([c async for c in reference.aiter_raw()]))
-        expected = "".join(_piece(c, route) for c in whole)
-        by_name = {f"llama{i}": server for i, server in enumerate(llama_pair)}
-        raw = bytearray()
-        pieces = 0
-        async with http.stream("POST", f"{base}/v1{route}", json=body) as response:
-            serving = by_name[response.headers["x-backend"]]
-            async for chunk in response.aiter_raw():
-                raw += chunk
-                pieces = sum(1 for c in _data(bytes(raw)) if _piece(c, route))
-                if pieces >= kill_after and serving.process.poll() is None:
-                    os.killpg(serving.process.pid, signal.SIGKILL)  # midway, as an OOM kill would
-        state = await status(base)
-        metrics = (await http.get(f"{base}/v1/pool/metrics")).text
-    seam = re.search(r"^lip_midstream_seam_seconds_sum ([\d.e+-]+)$", metrics, re.MULTILINE)
-    events = _data(bytes(raw))
-    text = "".join(_piece(c, route) for c in events)
-    chunks = [c for c in events if isinstance(c, dict)]
-    assert serving.process.poll() is not None  # it was killed while the stream ran
-    assert not any("error" in c for c in chunks), chunks[-3:]
-    assert sum(1 for c in chunks for choice in c.get("choices", []) if choice.get("finish_reason")) == 1
-    assert events.count("[DONE]") == 1
-    assert len({c["id"] for c in chunks}) == 1
-    start = "".join(_piece(c, route) for c in chunks[:12])
-    assert text.startswith(start)
-    if len(start) > 12:
-        assert text.count(start) == 1  # nothing repeated at the seam
-    assert state["active_leases"] == 0
-    timings = [c["timings"] for c in chunks if isinstance(c.get("timings"), dict)]
-    prefill_ms = float(timings[-1].get("prompt_ms", float("nan"))) if timings else float("nan")
-    print(
-        f"\n{route}, killed after {kill_after} pieces: continued; identical to the uninterrupted run: "
-        f"{text == expected}; seam gap {float(seam.group(1)) * 1000 if seam else float('nan'):.0f} ms, "
-        f"of which the second server's prefill {prefill_ms:.0f} ms"
-    )
-    if text != expected:
-        at = next(
-            (i for i, (a, b) in enumerate(zip(text, expected, strict=False)) if a != b),
-            min(len(text), len(expected)),
-        )
-        print(
-            f"  first difference at character {at}: {text[max(0, at - 20) : at + 20]!r} against {expected[max(0, at - 20) : at + 20]!r}"
-        )
+        pieces = [p for c in whole if (p := _piece(c, route))]
+        expected = "".join(pieces)
+        results: dict[str, tuple[Killed, float]] = {}
+        for name, cut in cuts_of(pieces).items():
+            llama_pair.restart_killed()
+            with anyio.fail_after(30):
+                while any(b["health"] != "healthy" for b in (await status(base))["backends"]):
+                    await anyio.sleep(0.1)
+            before = _seam_sum((await http.get(f"{base}/v1/pool/metrics")).text)
+            killed = await kill_midway(http, base, llama_pair, route, body, cut)
+            gap = _seam_sum((await http.get(f"{base}/v1/pool/metrics")).text) - before
+            results[name] = (killed, gap)
+            assert (await status(base))["active_leases"] == 0
+    with capsys.disabled():
+        print(f"\n{route}, greedy, {len(pieces)} pieces ({llama_pair.template}): {expected[:60]!r}...")
+        for name, (killed, gap) in results.items():
+            timings = [c["timings"] for c in killed.chunks if isinstance(c.get("timings"), dict)]
+            prefill = float(timings[-1].get("prompt_ms", float("nan"))) if timings else float("nan")
+            print(
+                f"  killed {name} (after {killed.seen} pieces, next {pieces[killed.seen]!r}): "
+                f"similarity {similarity(killed.text, expected):.3f}, identical {killed.text == expected}; "
+                f"seam gap {gap * 1000:.0f} ms, the second server's prefill {prefill:.0f} ms"
+            )
+    for name, (killed, _gap) in results.items():
+        assert killed.killed.process.poll() is not None, name  # it was killed while the stream ran
+        assert not any("error" in c for c in killed.chunks), (name, killed.chunks[-3:])
+        assert killed.events.count("[DONE]") == 1, name
+        assert len({c["id"] for c in killed.chunks}) == 1, name
+        finishes = [ch for c in killed.chunks for ch in c.get("choices", []) if ch.get("finish_reason")]
+        assert len(finishes) == 1, name
+        assert killed.text == expected, (name, killed.seen, killed.text, expected)
 
 
-async def test_an_anthropic_stream_survives_its_server_killed_midway(llama_pair: list[Launched]) -> None:
+def _seam_sum(metrics: str) -> float:
+    found = re.search(r"^lip_midstream_seam_seconds_sum ([\d.e+-]+)$", metrics, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize("llama_pair", list(TEMPLATES), indirect=True)
+async def test_an_anthropic_stream_killed_inside_a_word_and_inside_markup_goes_on_exactly(
+    llama_pair: Pair, capsys: pytest.CaptureFixture[str]
+) -> None:
     import anthropic
 
-    messages: list[Any] = [{"role": "user", "content": "Count from one to fifty."}]
+    messages: list[Any] = [{"role": "user", "content": ASK}]
     greedy = {"temperature": 0}
     async with (
-        pool([s.url for s in llama_pair]) as (base, _),
+        pool(llama_pair.urls) as (base, _),
         anthropic.AsyncAnthropic(base_url=base, api_key="unused", max_retries=0, timeout=120) as client,
     ):
         async with client.messages.stream(
-            model="gemma", max_tokens=120, messages=messages, extra_body=greedy
+            model="gemma", max_tokens=90, messages=messages, extra_body=greedy
         ) as stream:
-            expected = "".join([piece async for piece in stream.text_stream])
-        pieces: list[str] = []
-        serving: Launched | None = None
-        async with client.messages.stream(
-            model="gemma", max_tokens=120, messages=messages, extra_body=greedy
-        ) as stream:
-            async for piece in stream.text_stream:
-                pieces.append(piece)
-                if len(pieces) == 10:
-                    busy = [b["name"] for b in (await status(base))["backends"] if b["active"]]
-                    serving = llama_pair[int(busy[0].removeprefix("llama"))]  # the one holding it
-                    os.killpg(serving.process.pid, signal.SIGKILL)  # midway, as an OOM kill would
-            final = await stream.get_final_message()
-        state = await status(base)
-    assert serving is not None
-    assert serving.process.poll() is not None
-    assert final.stop_reason is not None
-    text = "".join(pieces)
-    assert state["active_leases"] == 0
-    print(
-        f"\n/messages, killed after 10 pieces: continued; identical to the uninterrupted run: {text == expected}"
-    )
+            reference = [piece async for piece in stream.text_stream]
+        expected = "".join(reference)
+        cuts = cuts_of(reference)
+        results: dict[str, tuple[str, str | None, int]] = {}
+        for name in ("inside a word", "inside markup"):
+            llama_pair.restart_killed()
+            with anyio.fail_after(30):
+                while any(b["health"] != "healthy" for b in (await status(base))["backends"]):
+                    await anyio.sleep(0.1)
+            pieces: list[str] = []
+            async with client.messages.stream(
+                model="gemma", max_tokens=90, messages=messages, extra_body=greedy
+            ) as stream:
+                async for piece in stream.text_stream:
+                    pieces.append(piece)
+                    if len(pieces) == cuts[name]:
+                        busy = [b["name"] for b in (await status(base))["backends"] if b["active"]]
+                        serving = llama_pair.servers[int(busy[0].removeprefix("llama"))]
+                        os.killpg(serving.process.pid, signal.SIGKILL)  # midway, as an OOM kill would
+                final = await stream.get_final_message()
+            assert serving.process.poll() is not None
+            results[name] = ("".join(pieces), final.stop_reason, final.usage.output_tokens)
+            assert (await status(base))["active_leases"] == 0
+    with capsys.disabled():
+        for name, (text, _reason, _tokens) in results.items():
+            print(
+                f"\n/messages, greedy, {llama_pair.template}, killed {name} (after {cuts[name]} pieces): similarity "
+                f"{similarity(text, expected):.3f}, identical {text == expected}"
+            )
+    for name, (text, reason, tokens) in results.items():
+        assert text == expected, (name, text, expected)
+        assert reason == "max_tokens", name
+        assert tokens == 90, name

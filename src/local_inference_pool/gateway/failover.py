@@ -1,15 +1,17 @@
 """Continuing a stream whose backend died: what the client got so far, whether another backend can
-continue it faithfully, the request that makes it continue, and the seam between the two streams.
+continue it faithfully, the request that continues it by text, and the seam between the two streams.
 
-Pure functions over bytes and JSON, no I/O: the proxy decides when, the relay records and rewrites.
-OpenAI's streamed ``/chat/completions`` and ``/completions``, and Anthropic's ``/messages``.
+Pure functions over bytes and JSON, no I/O: ``midstream`` decides when and how, the relay records and
+rewrites. OpenAI's streamed ``/chat/completions`` and ``/completions``, and Anthropic's ``/messages``.
+llama-server continues by token ids instead (``native_seam``, ``llamacpp_tokens``), and by text
+only where that fails.
 
-- Chat: the original messages plus a trailing assistant message with the text so far, and what the
-  backend's kind needs besides (each adapter says, ``backends.continues``: llama-server and Ollama
-  continue a trailing assistant message; vLLM needs ``continue_final_message``; LM Studio and plain
-  OpenAI-compatible servers are not asked).
-- Completions: the prompt plus the text so far (no echo).
-- Messages (Anthropic's): the messages plus a trailing assistant message, which llama-server
+- Chat by text: the original messages plus a trailing assistant message with the text so far, and
+  what the backend's kind needs besides (each adapter says, ``backends.continues``: llama-server and
+  Ollama continue a trailing assistant message; vLLM needs ``continue_final_message``; LM Studio and
+  plain OpenAI-compatible servers are not asked).
+- Completions by text: the prompt plus the text so far (no echo).
+- Messages (Anthropic's) by text: the messages plus a trailing assistant message, which llama-server
   continues on ``/v1/messages`` (and echoes); other kinds are not used for it. The client's event
   sequence stays valid: no second ``message_start``, the open text block goes on (indices continue).
 - The token budget left: ``max_tokens`` less the content pieces already sent (a piece is a token in

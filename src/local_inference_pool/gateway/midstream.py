@@ -122,17 +122,13 @@ async def fail_over(
         record.failed_over_from.append(relay.lease.backend)
         record.backend = target.backend
         failed_at = relay.failed_at
+        how = "token ids" if way.by_tokens else "text"
+        logger.info("continued a stream of %r on %s by %s", model, target.backend, how)
         relay = await continue_stream(
             watch, send, runtime, response, target, record, call, recorder, way.seam
         )
         gap = None if relay.first_sent_at is None or failed_at is None else relay.first_sent_at - failed_at
         runtime.metrics.failover(model, "continued", gap)
-        logger.info(
-            "continued a stream of %r on %s by %s",
-            model,
-            target.backend,
-            "token ids" if way.by_tokens else "text",
-        )
         if relay.interrupted is None:
             return  # the continuation ran to its end (and reported the request)
         failed.append(relay.lease.backend)

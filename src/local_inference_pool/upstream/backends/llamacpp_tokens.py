@@ -6,11 +6,11 @@ as its chat route tokenizes it, then each generated piece tokenized on its own (
 one token per piece), all sent as token ids to its native ``/completion`` route. Text prefill cannot
 promise that: the partial text is tokenized again as a whole (a word cut in two becomes other
 tokens), and a template without prefill support closes the assistant's turn, so the model starts its
-answer again (BACKENDS.md section 1.9).
+answer again (llama.cpp's built-in ``gemma`` template does, measured).
 
-Three requests, none of which takes a slot: ``POST /apply-template`` (the chat body, answered with
-``{"prompt": ...}``), ``POST /tokenize`` twice (the prompt with its BOS; the pieces as a list, which
-llama-server tokenizes one by one), then the streamed ``POST /completion``.
+Three requests take no slot: ``POST /apply-template`` (the chat body, answered with
+``{"prompt": ...}``) and ``POST /tokenize`` twice (the prompt with its BOS; the pieces as a list,
+which llama-server tokenizes one by one). Then the streamed ``POST /completion`` continues.
 """
 
 from __future__ import annotations

@@ -184,6 +184,7 @@ class PoolConfig:
     state: str | None = field(default=None, repr=False)  # redis:// URL: leases shared by processes
     lease_ttl: float = 30.0
     midstream_failovers: int = 1
+    midstream_replay_tokens: int = 256
     response_ttl: float = 3600.0
     response_max_ids: int = 10_000
 
@@ -403,6 +404,7 @@ POOL_KEYS: dict[str, Parser] = {
     "state": lambda where, value: None if value is None else _state_url(where, value),
     "lease_ttl": _number(positive=True),
     "midstream_failovers": _int_at_least(0),
+    "midstream_replay_tokens": _int_at_least(0),
     "response_ttl": _number(positive=True),
     "response_max_ids": _int_at_least(1),
 }

@@ -129,7 +129,57 @@ async def test_llama_server_continues_by_token_ids_and_by_text_where_its_token_r
         status = await s.status()
     assert_one_stream(events, route)
     assert status["active_leases"] == 0
-    assert f"continued a stream of 'sim' on b1 by {way}" in caplog.text
+    assert f"continuing a stream of 'sim' on b1 by {way}" in caplog.text
+
+
+@pytest.mark.parametrize("route", ["/chat/completions", "/completions"])
+async def test_a_greedy_stream_is_replayed_and_checked_token_by_token(
+    route: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="local_inference_pool.gateway.midstream")
+    async with stack() as s, s.http() as http:
+        s.backends[0].faults.die_after_tokens = 7
+        events = await stream(http, route, body(route, temperature=0))
+        status = await s.status()
+    assert_one_stream(events, route)
+    assert status["active_leases"] == 0
+    assert "continuing a stream of 'sim' on b1 by a replay" in caplog.text
+
+
+async def test_a_replay_that_goes_another_way_sends_nothing_and_goes_on_from_the_tokens(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="local_inference_pool.gateway.midstream")
+    async with stack() as s, s.http() as http:
+        s.backends[0].faults.die_after_tokens = 7
+        s.backends[1].faults.differs_at = 4  # before the cut: the replay cannot be joined
+        events = await stream(http, "/chat/completions", body("/chat/completions", seed=42))
+        status = await s.status()
+        metrics = (await http.get("/pool/metrics")).text
+    assert_one_stream(events, "/chat/completions")
+    assert status["active_leases"] == 0
+    assert "the replay on b1 went another way" in caplog.text
+    assert "continuing a stream of 'sim' on b1 by token ids" in caplog.text
+    assert 'lip_midstream_failovers_total{model="sim",outcome="continued"} 1.0' in metrics
+
+
+async def test_a_replay_past_the_cut_is_checked_only_up_to_it() -> None:
+    async with stack() as s, s.http() as http:
+        s.backends[0].faults.die_after_tokens = 7
+        s.backends[1].faults.differs_at = 12  # after the cut: what the server says goes
+        events = await stream(http, "/chat/completions", body("/chat/completions", temperature=0))
+    text = text_of(events, "/chat/completions")
+    assert text.startswith("".join(f"tok{i} " for i in range(12)))
+    assert "tok1012 " in text  # the replay's own answer from its tie on, as the server decided
+
+
+async def test_replays_are_off_with_midstream_replay_tokens_zero(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="local_inference_pool.gateway.midstream")
+    async with stack(midstream_replay_tokens=0) as s, s.http() as http:
+        s.backends[0].faults.die_after_tokens = 7
+        events = await stream(http, "/chat/completions", body("/chat/completions", temperature=0))
+    assert_one_stream(events, "/chat/completions")
+    assert "by token ids" in caplog.text
 
 
 async def test_the_access_log_names_both_backends(caplog: pytest.LogCaptureFixture) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "Partial",
     "Recorder",
     "Seam",
+    "SeamDiverged",
     "StreamSeam",
     "continuation",
     "events_in",
@@ -74,9 +75,14 @@ class Recorder:
 
 
 class StreamSeam(Protocol):
-    """Joins a continuation's stream to the client's: what to send for each chunk that came."""
+    """Joins a continuation's stream to the client's: what to send for each chunk that came (or
+    ``SeamDiverged``: the continuation cannot be joined, and nothing of it was sent)."""
 
     def feed(self, chunk: bytes) -> bytes: ...
+
+
+class SeamDiverged(Exception):
+    """A replayed answer went another way than the one the client got, before any of it was sent."""
 
 
 @dataclass

@@ -2,7 +2,13 @@
 continued on another backend of the model (``failover`` decides what may be continued and how the
 streams join; this module finds the backend, asks it, and relays).
 
-Two ways to continue, chosen per backend kind:
+Three ways to continue:
+- **a replay**, for greedy decoding or a seeded sampler, when the client got at most
+  ``midstream_replay_tokens`` pieces: the client's own request again, through its own route, so the
+  second server computes the answer as the first did; the part the client got is checked and not
+  sent again (``ReplaySeam``). It is the one way that stays identical where the model's two best
+  tokens nearly tie, at one decode step per piece. One that goes another way sent nothing: the
+  same backend then goes on another way;
 - **by token ids** on llama-server (``llamacpp_tokens``): the conversation rendered and tokenized by
   the server itself, each piece the client got tokenized on its own, then the native ``/completion``
   route goes on from exactly those tokens; its stream is rewritten into the client's by a
@@ -48,6 +54,7 @@ from local_inference_pool.gateway.relay import (
     end_stream,
     raw_chunks,
 )
+from local_inference_pool.gateway.replay_seam import ReplaySeam
 from local_inference_pool.gateway.runtime import Call, Runtime, Target, upstream_request
 from local_inference_pool.upstream.backends import continues, continues_by_tokens
 from local_inference_pool.upstream.backends import llamacpp_tokens as tokens
@@ -70,6 +77,7 @@ class Way:
     body: bytes
     seam: StreamSeam
     by_tokens: bool
+    replays: bool = False  # regenerates what the client got, checks it, then goes on
 
 
 async def fail_over(
@@ -87,9 +95,13 @@ async def fail_over(
     ``midstream_failovers`` times, or end it with the route's error event saying why not."""
     pool, route, model = runtime.pool, call.route.path, inbound.model
     failed = [relay.lease.backend]
+    broken, failed_at = relay.lease.backend, relay.failed_at  # the last backend that failed midway
     message = f"the backend {relay.lease.backend} failed during the response: {relay.interrupted}"
     outcome = "budget_spent"
-    for _attempt in range(runtime.config.midstream_failovers):
+    attempts = 0
+    replay = True  # until a replay went another way: then from the tokens, on the same backend
+    again: str | None = None  # the backend to ask again, after its replay went another way
+    while attempts < runtime.config.midstream_failovers:
         partial = read_partial(bytes(recorder.buffer), route)
         if partial.finished:  # it failed after its end marker: nothing is missing
             await end_stream(send, None, record, runtime, "ok")
@@ -98,7 +110,7 @@ async def fail_over(
             outcome = "not_faithful"
             logger.info("not continuing a stream of %r: %s", model, partial.refusal)
             break
-        target_name = _continuable_backend(runtime, model, failed, route)
+        target_name = again or _continuable_backend(runtime, model, failed, route)
         if target_name is None:
             outcome = "no_backend"
             break
@@ -110,28 +122,37 @@ async def fail_over(
         if target is None:
             client_gone(record, runtime)
             return
-        asked = await _ask_to_continue(watch, runtime, call, target, record, inbound.payload, partial)
+        replays = replay and _replays(inbound.payload, partial, runtime.config.midstream_replay_tokens)
+        asked = await _ask_to_continue(
+            watch, runtime, call, target, record, inbound.payload, partial, replays
+        )
         if asked is None:
             if watch.gone:
                 client_gone(record, runtime)
                 return
             failed.append(target.backend)
-            outcome = "failed"
+            attempts, again, outcome = attempts + 1, None, "failed"
             continue
         way, response = asked
-        record.failed_over_from.append(relay.lease.backend)
+        how = "a replay" if way.replays else "token ids" if way.by_tokens else "text"
+        logger.info("continuing a stream of %r on %s by %s", model, target.backend, how)
+        record.failed_over_from.append(broken)  # before the relay reports the request
         record.backend = target.backend
-        failed_at = relay.failed_at
-        how = "token ids" if way.by_tokens else "text"
-        logger.info("continued a stream of %r on %s by %s", model, target.backend, how)
         relay = await continue_stream(
             watch, send, runtime, response, target, record, call, recorder, way.seam
         )
+        if relay.diverged:  # nothing of it was sent: the same backend goes on from the tokens
+            logger.info("the replay on %s went another way (%s)", target.backend, relay.interrupted)
+            record.failed_over_from.pop()
+            replay, again = False, target.backend
+            continue
+        attempts, again = attempts + 1, None
         gap = None if relay.first_sent_at is None or failed_at is None else relay.first_sent_at - failed_at
         runtime.metrics.failover(model, "continued", gap)
         if relay.interrupted is None:
             return  # the continuation ran to its end (and reported the request)
         failed.append(relay.lease.backend)
+        broken, failed_at = relay.lease.backend, relay.failed_at
         message = f"the backend {relay.lease.backend} failed during the response: {relay.interrupted}"
         outcome = "budget_spent"
     runtime.metrics.failover(model, outcome)
@@ -160,13 +181,23 @@ async def _ask_to_continue(
     record: RequestRecord,
     payload: Mapping[str, Any],
     partial: Partial,
+    replays: bool,
 ) -> tuple[Way, httpx.Response] | None:
-    """Ask ``target`` to continue ``partial``: by token ids where its kind can, and by text where its
-    kind can if that gave no stream (a server whose token routes are off or missing); its streamed
-    answer and the way it continues, or None (the slot given back) when neither gave one."""
+    """Ask ``target`` to continue ``partial``: by a replay of the client's own request when
+    ``replays``; else by token ids where its kind can, and by text where its kind can if that gave
+    no stream (a server whose token routes are off or missing). Its streamed answer and the way it
+    continues, or None (the slot given back) when none gave one."""
     route = call.route.path
     kind = runtime.pool.backends.kind(target.backend)
     try:
+        if replays:
+            replay = Way(call.path, json.dumps(payload).encode(), ReplaySeam(partial, route), False, True)
+            response, reached = await _send(watch, runtime, call, target, record, replay)
+            if response is not None:
+                return replay, response
+            if not reached:
+                target.release()
+                return None
         if continues_by_tokens(kind):
             way = await _by_tokens(watch, runtime, call, target, record, payload, partial)
             if way is not None:
@@ -241,19 +272,31 @@ async def _by_tokens(
             )
         if first is None or pieces is None:
             return None
-        body = tokens.completion_body(payload, first + pieces, _left(payload, partial))
+        body = tokens.completion_body(payload, first + pieces, _left(payload, partial.pieces))
         seam = NativeSeam(partial, route, payload, prompt_tokens=len(first))
         return Way(tokens.COMPLETION_PATH, json.dumps(body).encode(), seam, by_tokens=True)
     return None  # the server took too long to render or tokenize
 
 
-def _left(payload: Mapping[str, Any], partial: Partial) -> int | None:
-    """The client's token budget less what it got already (llama-server streams a token a piece)."""
+def _left(payload: Mapping[str, Any], sent: int) -> int | None:
+    """The client's token budget less the pieces it got (llama-server streams a token a piece)."""
     for budget in ("max_completion_tokens", "max_tokens", "n_predict"):
         given = payload.get(budget)
         if isinstance(given, int) and not isinstance(given, bool) and given > 0:
-            return max(1, given - partial.pieces)
+            return max(1, given - sent)
     return None
+
+
+def _replays(payload: Mapping[str, Any], partial: Partial, limit: int) -> bool:
+    """Whether to regenerate what the client got rather than go on from its tokens: only where the
+    server would generate it again, token for token (greedy decoding, or a seed), and only for up to
+    ``limit`` tokens (each costs one decode step at the seam)."""
+    if not partial.texts or partial.pieces > limit:
+        return False
+    temperature, top_k, seed = payload.get("temperature"), payload.get("top_k"), payload.get("seed")
+    greedy = (isinstance(temperature, int | float) and temperature <= 0) or top_k == 1
+    seeded = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 0xFFFFFFFF
+    return greedy or seeded
 
 
 async def _ask(

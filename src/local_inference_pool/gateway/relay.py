@@ -28,7 +28,7 @@ import httpx
 from starlette.types import Send
 
 from local_inference_pool.gateway.client_watch import ClientWatch
-from local_inference_pool.gateway.failover import Recorder, StreamSeam
+from local_inference_pool.gateway.failover import Recorder, SeamDiverged, StreamSeam
 from local_inference_pool.gateway.metrics import RequestRecord
 from local_inference_pool.gateway.refusals import client_gone, send_upstream_refusal
 from local_inference_pool.gateway.runtime import RESPONSE_ID, Call, Runtime, Target
@@ -352,6 +352,7 @@ class UpstreamRelay:
         self.seam = seam  # set on a continuation: its chunks are rewritten into the client's stream
         self.interrupted: str | None = None  # why the backend failed midway, when left to the proxy
         self.failed_at: float | None = None
+        self.diverged = False  # a replayed continuation went another way: nothing of it was sent
         self.first_sent_at: float | None = None
         self._remembers = call.route.remembers_response and upstream.status_code < 300
         self.is_event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
@@ -411,7 +412,11 @@ class UpstreamRelay:
                     await self._upstream_failed(send, exc)
                     return
                 if seam is not None:
-                    chunk = seam.feed(chunk)
+                    try:
+                        chunk = seam.feed(chunk)
+                    except SeamDiverged as diverged:
+                        self.interrupted, self.diverged = str(diverged), True
+                        return  # the proxy continues the stream another way
                     if not chunk:
                         continue
                     if self.first_sent_at is None:

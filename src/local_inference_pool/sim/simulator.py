@@ -69,6 +69,9 @@ class Faults:
     hang: bool = False  # accept the request and never answer
     die_after_tokens: int | None = None  # drop the connection mid-stream after this many tokens
     delay_headers: float = 0.0  # wait this long before sending headers
+    # An answer from its start (no prefill) goes another way from this token on, as a server whose
+    # arithmetic differs in the last bits takes the other side of a near tie.
+    differs_at: int | None = None
 
 
 @dataclass
@@ -386,7 +389,7 @@ class SimulatedBackend:
                 if die_after is not None and index >= die_after:
                     raise ConnectionAbortedError("simulated backend died mid-stream")
                 await anyio.sleep(1 / self.config.tokens_per_second)
-                chunk = reply.chunk(text=f"tok{reply.start + index} ")
+                chunk = reply.chunk(text=f"tok{self._number(reply, index)} ")
                 if self.config.chunk_padding:
                     chunk["padding"] = "." * self.config.chunk_padding
                 yield _sse(chunk)
@@ -404,7 +407,7 @@ class SimulatedBackend:
                 if die_after is not None and index >= die_after:
                     raise ConnectionAbortedError("simulated backend died mid-stream")
                 await anyio.sleep(1 / self.config.tokens_per_second)
-                number = reply.start + index
+                number = self._number(reply, index)
                 yield native.native_chunk(f"tok{number} ", number, index + 1, reply.prompt_tokens)
             yield native.native_final(reply.model, reply.tokens, reply.prompt_tokens, reply.timings())
         self.stats.completed += 1
@@ -421,10 +424,19 @@ class SimulatedBackend:
                 if die_after is not None and index >= die_after:
                     raise ConnectionAbortedError("simulated backend died mid-stream")
                 await anyio.sleep(1 / self.config.tokens_per_second)
-                yield _event(*reply.delta_event(f"tok{reply.start + index} "))
+                yield _event(*reply.delta_event(f"tok{self._number(reply, index)} "))
             for name, data in reply.closing_events():
                 yield _event(name, data)
         self.stats.completed += 1
+
+    def _number(self, reply: Reply, index: int) -> int:
+        """The number of a reply's token ``index``; with ``differs_at``, an answer from its start
+        takes the other side of a tie there (and all that follows is another answer)."""
+        number = reply.start + index
+        differs = self.faults.differs_at
+        if differs is not None and reply.start == 0 and not reply.prefill and number >= differs:
+            number += 1000
+        return number
 
     class _SlotContext:
         def __init__(self, backend: SimulatedBackend, model: str) -> None:

@@ -157,3 +157,19 @@ def test_a_replayed_anthropic_stream_that_stops_before_the_cut_raises() -> None:
     seam = ReplaySeam(read_partial(START + BLOCK + delta("Hello"), "/messages"), "/messages")
     with pytest.raises(SeamDiverged):
         seam.feed(START + BLOCK + delta("Hel") + END)
+
+
+def test_a_replay_of_a_stream_cut_before_any_text_sends_no_second_opening() -> None:
+    chat = ReplaySeam(read_partial(chat_chunk(role=True), "/chat/completions"), "/chat/completions")
+    events = data(chat.feed(replay("Hi", " there")))
+    chunks = [e for e in events if isinstance(e, dict) and e.get("choices")]
+    assert [c["choices"][0]["delta"] for c in chunks][:2] == [{"content": "Hi"}, {"content": " there"}]
+    message = ReplaySeam(read_partial(START, "/messages"), "/messages")
+    raw = message.feed(START + BLOCK + delta("Hi") + END)
+    kinds = [
+        json.loads(line.removeprefix("data: "))["type"]
+        for line in raw.decode().split("\n")
+        if line.startswith("data: ")
+    ]
+    assert kinds[:2] == ["content_block_start", "content_block_delta"]  # the client saw no block yet
+    assert "message_start" not in kinds

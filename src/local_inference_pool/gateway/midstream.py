@@ -290,9 +290,11 @@ def _left(payload: Mapping[str, Any], sent: int) -> int | None:
 def _replays(payload: Mapping[str, Any], partial: Partial, limit: int) -> bool:
     """Whether to regenerate what the client got rather than go on from its tokens: only where the
     server would generate it again, token for token (greedy decoding, or a seed), and only for up to
-    ``limit`` tokens (each costs one decode step at the seam)."""
-    if not partial.texts or partial.pieces > limit:
+    ``limit`` tokens (each costs one decode step at the seam); always when the client got no text."""
+    if limit <= 0 or partial.pieces > limit:
         return False
+    if not partial.texts:
+        return True  # nothing to check: the request again is exactly the answer, whatever its sampling
     temperature, top_k, seed = payload.get("temperature"), payload.get("top_k"), payload.get("seed")
     greedy = (isinstance(temperature, int | float) and temperature <= 0) or top_k == 1
     seeded = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 0xFFFFFFFF

@@ -70,10 +70,14 @@ class ReplaySeam:
         if "error" in chunk and self._to_skip:
             raise SeamDiverged(f"the replay failed: {chunk['error']}")
         chunk.update(self.partial.first)
-        if not self._to_skip:
-            return [_sse(chunk)]
         choices = chunk.get("choices") or []
         choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+        delta = choice.get("delta")
+        opening = isinstance(delta, dict) and "role" in delta and not delta.get("content")
+        if opening and not choice.get("finish_reason"):
+            return []  # the client had its role chunk from the first stream
+        if not self._to_skip:
+            return [_sse(chunk)]
         if self.route == "/completions":
             holder: dict[str, Any] = choice
             key = "text"
@@ -91,6 +95,11 @@ class ReplaySeam:
 
     def _message(self, chunk: dict[str, Any]) -> list[bytes]:
         kind = chunk.get("type")
+        partial = self.partial
+        if kind == "message_start":
+            return []  # the client had its one message_start
+        if kind == "content_block_start" and partial.block_open and chunk.get("index") == partial.block:
+            return []  # the client's text block is open and goes on
         if not self._to_skip:
             return [_named(chunk)]
         if kind == "error" or kind in ("message_delta", "message_stop", "content_block_stop"):

@@ -191,7 +191,8 @@ async def _ask_to_continue(
     kind = runtime.pool.backends.kind(target.backend)
     try:
         if replays:
-            replay = Way(call.path, json.dumps(payload).encode(), ReplaySeam(partial, route), False, True)
+            again = json.dumps(payload).encode()  # the client's own request
+            replay = Way(call.path, again, ReplaySeam(partial, route), by_tokens=False, replays=True)
             response, reached = await _send(watch, runtime, call, target, record, replay)
             if response is not None:
                 return replay, response

@@ -31,6 +31,7 @@ from typing import Any, Final, Protocol
 __all__ = [
     "API",
     "MAX_RECORDED",
+    "EventBuffer",
     "Partial",
     "Recorder",
     "Seam",
@@ -83,6 +84,24 @@ class StreamSeam(Protocol):
 
 class SeamDiverged(Exception):
     """A replayed answer went another way than the one the client got, before any of it was sent."""
+
+
+class EventBuffer:
+    """The complete events in a stream's chunks, which may cut an event anywhere (any of SSE's
+    line endings; an event is returned with its blank line, as ``\n\n``)."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def complete(self, chunk: bytes) -> list[bytes]:
+        self._buffer += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        events = []
+        while (end := self._buffer.find(b"\n\n")) >= 0:
+            events.append(bytes(self._buffer[: end + 2]))
+            del self._buffer[: end + 2]
+        return events
 
 
 @dataclass
@@ -241,18 +260,15 @@ class Seam:
     def __init__(self, partial: Partial, route: str) -> None:
         self.partial = partial
         self.route = route
-        self._buffer = bytearray()
+        self._events = EventBuffer()
         self._echo = partial.text.strip() if route in ("/chat/completions", "/messages") else ""
         self._held = ""  # content held while it may still be the echo
         self._held_chunk: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to send the client for what the continuation sent (complete events only)."""
-        self._buffer += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         out: list[bytes] = []
-        while (end := self._buffer.find(b"\n\n")) >= 0:
-            event = bytes(self._buffer[: end + 2])
-            del self._buffer[: end + 2]
+        for event in self._events.complete(chunk):
             out.extend(self._rewrite(event))
         return b"".join(out)
 

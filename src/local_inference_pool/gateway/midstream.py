@@ -22,6 +22,7 @@ Three ways to continue:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Mapping
@@ -235,6 +236,7 @@ async def _by_tokens(
     one, and the native request that goes on from both; None if the server did not answer so."""
     route = call.route.path
     model = payload.get("model")
+    ask = functools.partial(_ask, watch, runtime, call, target, record)
     with anyio.move_on_after(PREPARE_SECONDS):
         if route == "/completions":
             prompt: str | None = str(payload.get("prompt", ""))
@@ -242,35 +244,15 @@ async def _by_tokens(
             template = tokens.template_body(payload, API[route])
             if template is None:
                 return None
-            prompt = tokens.read_prompt(
-                await _ask(watch, runtime, call, target, record, tokens.TEMPLATE_PATH, template)
-            )
+            prompt = tokens.read_prompt(await ask(tokens.TEMPLATE_PATH, template))
         if prompt is None:
             return None
-        first = tokens.read_tokens(
-            await _ask(
-                watch,
-                runtime,
-                call,
-                target,
-                record,
-                tokens.TOKENIZE_PATH,
-                tokens.tokenize_body(prompt, model=model, with_bos=True),
-            )
-        )
+        asked = tokens.tokenize_body(prompt, model=model, with_bos=True)
+        first = tokens.read_tokens(await ask(tokens.TOKENIZE_PATH, asked))
         pieces: list[int] | None = []
         if partial.texts:
-            pieces = tokens.read_tokens(
-                await _ask(
-                    watch,
-                    runtime,
-                    call,
-                    target,
-                    record,
-                    tokens.TOKENIZE_PATH,
-                    tokens.tokenize_body(partial.texts, model=model, with_bos=False),
-                )
-            )
+            asked = tokens.tokenize_body(partial.texts, model=model, with_bos=False)
+            pieces = tokens.read_tokens(await ask(tokens.TOKENIZE_PATH, asked))
         if first is None or pieces is None:
             return None
         body = tokens.completion_body(payload, first + pieces, _left(payload, partial.pieces))

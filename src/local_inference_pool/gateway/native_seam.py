@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from local_inference_pool.gateway.failover import Partial, events_in
+from local_inference_pool.gateway.failover import EventBuffer, Partial, events_in
 
 __all__ = ["NativeSeam"]
 
@@ -31,18 +31,15 @@ class NativeSeam:
         self.prompt_tokens = prompt_tokens
         options = payload.get("stream_options")
         self._include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        self._buffer = bytearray()
+        self._events = EventBuffer()
         self._block = partial.block if partial.block_open else partial.block + 1
         self._block_open = partial.block_open
         self.ended = False
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to send the client for what the server sent (complete events only)."""
-        self._buffer += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         out: list[bytes] = []
-        while (end := self._buffer.find(b"\n\n")) >= 0:
-            event = bytes(self._buffer[: end + 2])
-            del self._buffer[: end + 2]
+        for event in self._events.complete(chunk):
             for payload in events_in(event):
                 out.extend(self._rewrite(payload))
         return b"".join(out)

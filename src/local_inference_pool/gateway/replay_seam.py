@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from local_inference_pool.gateway.failover import Partial, SeamDiverged, events_in
+from local_inference_pool.gateway.failover import EventBuffer, Partial, SeamDiverged, events_in
 
 __all__ = ["ReplaySeam"]
 
@@ -26,15 +26,12 @@ class ReplaySeam:
         self.partial = partial
         self.route = route
         self._to_skip = partial.text  # the text the client got, still to be seen in the replay
-        self._buffer = bytearray()
+        self._events = EventBuffer()
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to send the client for what the replay sent (complete events only)."""
-        self._buffer += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         out: list[bytes] = []
-        while (end := self._buffer.find(b"\n\n")) >= 0:
-            event = bytes(self._buffer[: end + 2])
-            del self._buffer[: end + 2]
+        for event in self._events.complete(chunk):
             out.extend(self._rewrite(event))
         return b"".join(out)
 

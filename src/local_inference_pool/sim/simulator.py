@@ -23,8 +23,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -37,6 +36,8 @@ from starlette.types import Receive, Scope, Send
 from local_inference_pool.sim import native
 from local_inference_pool.sim.answers import Reply
 from local_inference_pool.sim.prompt_cache import PromptCache
+from local_inference_pool.sim.slots import Slots, Stats
+from local_inference_pool.sim.streams import Faults, Streams
 
 __all__ = ["Faults", "SimulatedBackend", "SimulatorConfig"]
 
@@ -61,43 +62,24 @@ class SimulatorConfig:
     prefill_tokens_per_second: float = 0.0  # 0: the prompt costs no time
 
 
-@dataclass
-class Faults:
-    """Knobs a test turns; each applies to every request that arrives while it is set."""
-
-    status: int | None = None  # answer every completion with this status and an error body
-    hang: bool = False  # accept the request and never answer
-    die_after_tokens: int | None = None  # drop the connection mid-stream after this many tokens
-    delay_headers: float = 0.0  # wait this long before sending headers
-    # An answer from its start (no prefill) goes another way from this token on, as a server whose
-    # arithmetic differs in the last bits takes the other side of a near tie.
-    differs_at: int | None = None
-
-
-@dataclass
-class _Stats:
-    running: int = 0
-    peak: int = 0
-    deferred: int = 0
-    peak_in_flight: int = 0  # the most requests it had at once, running or waiting for a slot
-    requests: int = 0
-    completed: int = 0
-    abandoned: int = 0  # non-streaming requests stopped because their client disconnected
-    model_loads: int = 0
-    seen_headers: list[dict[str, str]] = field(default_factory=list)
-
-
 class SimulatedBackend:
     """An ASGI app. ``peak_running`` is the most requests it ever ran at once (never above slots)."""
 
     def __init__(self, config: SimulatorConfig | None = None) -> None:
         self.config = config or SimulatorConfig()
         self.faults = Faults()
-        self.stats = _Stats()
-        self.loaded: list[str] = [self.config.models[0]]
+        self.stats = Stats()
+        self._slots = Slots(
+            self.stats,
+            slots=self.config.slots,
+            first_model=self.config.models[0],
+            load_seconds=self.config.load_seconds,
+            max_loaded=self.config.max_loaded_models,
+        )
+        self._streams = Streams(
+            self.faults, self._slots, self.config.tokens_per_second, self.config.chunk_padding
+        )
         self._started = time.monotonic()
-        self._slots: anyio.Semaphore | None = None
-        self._load_lock: anyio.Lock | None = None
         self._cache = PromptCache(self.config.cached_prompts)
         self.responses: dict[str, dict[str, Any]] = {}  # stored responses (stateful_responses)
         self._app = Starlette(
@@ -125,6 +107,11 @@ class SimulatedBackend:
                 Route("/sim/stats", self._stats, methods=["GET"]),
             ]
         )
+
+    @property
+    def loaded(self) -> list[str]:
+        """The models loaded now, most recently used first."""
+        return self._slots.loaded
 
     @property
     def peak_running(self) -> int:
@@ -231,7 +218,7 @@ class SimulatedBackend:
         body, model = parsed
         items = body.get("input", "")
         inputs = items if isinstance(items, list) else [items]
-        async with self._slot(model):
+        async with self._slots.slot(model):
             data = [
                 {"object": "embedding", "index": i, "embedding": _vector(str(v))}
                 for i, v in enumerate(inputs)
@@ -303,7 +290,7 @@ class SimulatedBackend:
             if not isinstance(model, str) or model not in self.config.models:
                 return _error(404, f"model '{model}' not found", "invalid_request_error")
             size = len(await upload.read()) if upload is not None and not isinstance(upload, str) else 0
-        async with self._slot(model):
+        async with self._slots.slot(model):
             await anyio.sleep(0.01)
         return JSONResponse({"text": f"{size} bytes of audio heard by {model}"})
 
@@ -350,16 +337,16 @@ class SimulatedBackend:
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             if kind in ("message", "response"):
-                stream = self._named_events(reply, faults.die_after_tokens)
+                stream = self._streams.named(reply)
             elif kind == "native":
-                stream = self._native_stream(reply, faults.die_after_tokens)
+                stream = self._streams.native(reply)
             else:
-                stream = self._stream(reply, include_usage, faults.die_after_tokens)
+                stream = self._streams.openai(reply, include_usage)
             return StreamingResponse(
                 stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
         left = False
-        async with self._slot(model), anyio.create_task_group() as group:
+        async with self._slots.slot(model), anyio.create_task_group() as group:
 
             async def watch_disconnect() -> None:
                 # As llama-server: a client that closes its connection cancels its generation.
@@ -370,7 +357,7 @@ class SimulatedBackend:
                 group.cancel_scope.cancel()
 
             group.start_soon(watch_disconnect)
-            await self._evaluate_prompt(reply)
+            await self._streams.evaluate_prompt(reply)
             await anyio.sleep(tokens / self.config.tokens_per_second)
             group.cancel_scope.cancel()
         if left:
@@ -378,111 +365,6 @@ class SimulatedBackend:
             return Response(status_code=499)
         self.stats.completed += 1
         return JSONResponse(reply.whole())
-
-    async def _stream(self, reply: Reply, include_usage: bool, die_after: int | None) -> AsyncIterator[bytes]:
-        async with self._slot(reply.model):
-            await self._evaluate_prompt(reply)
-            yield _sse(reply.chunk(role=True))
-            if reply.prefill:  # as llama-server: a continued answer echoes the prefill first
-                yield _sse(reply.chunk(text=reply.prefill))
-            for index in range(reply.tokens):
-                if die_after is not None and index >= die_after:
-                    raise ConnectionAbortedError("simulated backend died mid-stream")
-                await anyio.sleep(1 / self.config.tokens_per_second)
-                chunk = reply.chunk(text=f"tok{self._number(reply, index)} ")
-                if self.config.chunk_padding:
-                    chunk["padding"] = "." * self.config.chunk_padding
-                yield _sse(chunk)
-            yield _sse(reply.chunk(finish=True, timings=not include_usage))
-            if include_usage:
-                yield _sse(reply.usage_chunk())
-            yield b"data: [DONE]\n\n"
-        self.stats.completed += 1
-
-    async def _native_stream(self, reply: Reply, die_after: int | None) -> AsyncIterator[bytes]:
-        """llama-server's native stream: one token a chunk, a final chunk with ``stop``, no ``[DONE]``."""
-        async with self._slot(reply.model):
-            await self._evaluate_prompt(reply)
-            for index in range(reply.tokens):
-                if die_after is not None and index >= die_after:
-                    raise ConnectionAbortedError("simulated backend died mid-stream")
-                await anyio.sleep(1 / self.config.tokens_per_second)
-                number = self._number(reply, index)
-                yield native.native_chunk(f"tok{number} ", number, index + 1, reply.prompt_tokens)
-            yield native.native_final(reply.model, reply.tokens, reply.prompt_tokens, reply.timings())
-        self.stats.completed += 1
-
-    async def _named_events(self, reply: Reply, die_after: int | None) -> AsyncIterator[bytes]:
-        """A streamed answer of Anthropic's Messages or OpenAI's Responses API: named events."""
-        async with self._slot(reply.model):
-            await self._evaluate_prompt(reply)
-            for name, data in reply.opening_events():
-                yield _event(name, data)
-            if reply.prefill:  # as llama-server: a continued answer echoes the prefill first
-                yield _event(*reply.delta_event(reply.prefill))
-            for index in range(reply.tokens):
-                if die_after is not None and index >= die_after:
-                    raise ConnectionAbortedError("simulated backend died mid-stream")
-                await anyio.sleep(1 / self.config.tokens_per_second)
-                yield _event(*reply.delta_event(f"tok{self._number(reply, index)} "))
-            for name, data in reply.closing_events():
-                yield _event(name, data)
-        self.stats.completed += 1
-
-    def _number(self, reply: Reply, index: int) -> int:
-        """The number of a reply's token ``index``; with ``differs_at``, an answer from its start
-        takes the other side of a tie there (and all that follows is another answer)."""
-        number = reply.start + index
-        differs = self.faults.differs_at
-        if differs is not None and reply.start == 0 and not reply.prefill and number >= differs:
-            number += 1000
-        return number
-
-    class _SlotContext:
-        def __init__(self, backend: SimulatedBackend, model: str) -> None:
-            self.backend = backend
-            self.model = model
-
-        async def __aenter__(self) -> None:
-            backend = self.backend
-            if backend._slots is None:
-                backend._slots = anyio.Semaphore(backend.config.slots)
-                backend._load_lock = anyio.Lock()
-            backend.stats.deferred += 1
-            in_flight = backend.stats.deferred + backend.stats.running
-            backend.stats.peak_in_flight = max(backend.stats.peak_in_flight, in_flight)
-            try:
-                await backend._slots.acquire()
-            finally:
-                backend.stats.deferred -= 1
-            try:
-                await backend._ensure_loaded(self.model)
-            except BaseException:
-                backend._slots.release()
-                raise
-            backend.stats.running += 1
-            backend.stats.peak = max(backend.stats.peak, backend.stats.running)
-
-        async def __aexit__(self, *exc_info: object) -> None:
-            self.backend.stats.running -= 1
-            assert self.backend._slots is not None
-            self.backend._slots.release()
-
-    def _slot(self, model: str) -> SimulatedBackend._SlotContext:
-        return SimulatedBackend._SlotContext(self, model)
-
-    async def _ensure_loaded(self, model: str) -> None:
-        if model in self.loaded:
-            self.loaded.remove(model)
-            self.loaded.insert(0, model)
-            return
-        assert self._load_lock is not None
-        async with self._load_lock:
-            if model not in self.loaded:
-                await anyio.sleep(self.config.load_seconds)
-                self.loaded.insert(0, model)
-                del self.loaded[self.config.max_loaded_models :]
-                self.stats.model_loads += 1
 
     def _prompt_cache(self, body: dict[str, Any], *, remember: bool = True) -> tuple[int, int]:
         return self._cache.look_up(body, remember=remember)
@@ -493,10 +375,6 @@ class SimulatedBackend:
         if isinstance(messages, list):
             body = {**body, "messages": [*messages, {"role": "assistant", "content": reply.text}]}
         self._prompt_cache(body)
-
-    async def _evaluate_prompt(self, reply: Reply) -> None:
-        if reply.prompt_seconds:
-            await anyio.sleep(reply.prompt_seconds)
 
 
 _TOKEN = re.compile(r"tok\d+")
@@ -517,14 +395,6 @@ def _continues(kind: str, body: dict[str, Any]) -> tuple[int, str]:
         if content.strip():
             return len(_TOKEN.findall(content)), content.strip() + " "
     return 0, ""
-
-
-def _event(name: str, data: dict[str, Any]) -> bytes:
-    return f"event: {name}\n".encode() + _sse(data)
-
-
-def _sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _vector(text: str) -> list[float]:

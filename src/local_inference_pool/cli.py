@@ -168,6 +168,7 @@ def effective_config(path: str | None) -> dict[str, Any]:
     config = load_config(path)
     data = asdict(config)
     data["api_keys"] = [REDACTED for _ in config.api_keys]
+    data["admin_keys"] = [REDACTED for _ in config.admin_keys]
     data["state"] = shown_state(config.state)
     for backend in data["backends"]:
         if backend["api_key"] is not None:

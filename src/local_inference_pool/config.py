@@ -23,9 +23,12 @@ __all__ = [
     "BACKEND_KINDS",
     "BackendConfig",
     "BackendKind",
+    "ConfigSource",
     "KeyConfig",
     "PoolConfig",
     "RouteConfig",
+    "backend_from_dict",
+    "backend_with",
     "load_config",
     "normalize_url",
 ]
@@ -187,6 +190,8 @@ class PoolConfig:
     midstream_replay_tokens: int = 256
     response_ttl: float = 3600.0
     response_max_ids: int = 10_000
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)  # the admin API's; off when empty
+    drain_timeout: float = 120.0  # a drain's bound: leases still running then are cut
 
     def __post_init__(self) -> None:
         _validate_fields(self, POOL_KEYS, "pool")
@@ -214,6 +219,11 @@ class PoolConfig:
                 raise ConfigError(f"keys[{entry.name!r}]: its key is also another key's (or in api_keys)")
             key_names.add(entry.name)
             secrets.add(entry.key or "")
+        if secrets & set(self.admin_keys):
+            raise ConfigError(
+                "pool.admin_keys: an admin key is also a user key (in api_keys or [[keys]]); an admin "
+                "key must be a secret of its own"
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PoolConfig:
@@ -226,7 +236,7 @@ class PoolConfig:
         if not isinstance(backends_section, list):
             raise ConfigError(f"backends: {backends_section!r} is not allowed; expected an array of tables")
         backends = tuple(
-            _backend_from_dict(entry, f"backends[{index}]") for index, entry in enumerate(backends_section)
+            backend_from_dict(entry, f"backends[{index}]") for index, entry in enumerate(backends_section)
         )
         routes = tuple(RouteConfig(**entry) for entry in _tables(data, "routes", ROUTE_KEYS))
         keys = tuple(KeyConfig(**entry) for entry in _tables(data, "keys", KEY_KEYS))
@@ -407,6 +417,8 @@ POOL_KEYS: dict[str, Parser] = {
     "midstream_replay_tokens": _int_at_least(0),
     "response_ttl": _number(positive=True),
     "response_max_ids": _int_at_least(1),
+    "admin_keys": _key_list,
+    "drain_timeout": _number(positive=False),
 }
 
 
@@ -502,7 +514,8 @@ def _tables(data: Mapping[str, Any], name: str, spec: Mapping[str, Parser]) -> l
     return [_parse_section(entry, spec, f"{name}[{index}]") for index, entry in enumerate(section)]
 
 
-def _backend_from_dict(entry: Any, where: str) -> BackendConfig:
+def backend_from_dict(entry: Any, where: str) -> BackendConfig:
+    """A ``[[backends]]`` entry (a table, or a URL alone), checked as the config file's are."""
     if isinstance(entry, str):
         entry = {"url": entry}
     if not isinstance(entry, Mapping):
@@ -510,6 +523,40 @@ def _backend_from_dict(entry: Any, where: str) -> BackendConfig:
     if "url" not in entry:
         raise ConfigError(f"{where}.url: missing; every backend needs a url like 'http://127.0.0.1:8080'")
     return BackendConfig(**_parse_section(entry, BACKEND_KEYS, where))
+
+
+def backend_with(backend: BackendConfig, changes: Any, where: str, allowed: tuple[str, ...]) -> BackendConfig:
+    """``backend`` with ``changes`` (a table of some of its keys, only ``allowed`` ones), checked as
+    the config file's are."""
+    if not isinstance(changes, Mapping) or not changes:
+        raise ConfigError(f"{where}: expected a JSON object with one or more of {', '.join(allowed)}")
+    for key in changes:
+        if key not in allowed:
+            known = BACKEND_KEYS if key in BACKEND_KEYS else allowed
+            hint = "may not be changed; remove the backend and add it" if key in known else "is not a key"
+            raise ConfigError(f"{where}.{str(key)[:64]}: {hint} (changeable: {', '.join(allowed)})")
+    values = {f.name: getattr(backend, f.name) for f in fields(BackendConfig)}
+    values.update(_parse_section(changes, BACKEND_KEYS, where))
+    return BackendConfig(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    """Where a served configuration comes from, to read again on a reload: the file (``path``, or
+    ``$LIP_CONFIG``) with the environment's ``LIP_*`` on top, as ``load_config`` reads it."""
+
+    path: str | None = None
+
+    @classmethod
+    def at(cls, path: str | os.PathLike[str] | None) -> ConfigSource:
+        given = os.fspath(path) if path is not None else os.environ.get(f"{ENV_PREFIX}CONFIG") or None
+        return cls(given)
+
+    def load(self) -> PoolConfig:
+        return load_config(self.path)
+
+    def __str__(self) -> str:
+        return self.path or "the environment (no config file)"
 
 
 # --- environment ----------------------------------------------------------------------------

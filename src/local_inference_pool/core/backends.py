@@ -71,7 +71,7 @@ class BackendTable:
 
     def touch(self, backend: Backend) -> None:
         """Index the backend as free or not, after anything that may change its free slots."""
-        if backend.free and backend.health is Health.HEALTHY and not backend.removed:
+        if backend.free and backend.health is Health.HEALTHY and not backend.removed and not backend.draining:
             self.free.add(backend)
         else:
             self.free.discard(backend)
@@ -111,11 +111,14 @@ class BackendTable:
         )
 
     def alternative(self, model: str, avoid: Iterable[str]) -> str | None:
-        """The backend to pin a retry to: healthy, serving ``model``, not in ``avoid``; one that can
-        take the model now (drain guard) first, then one that has it loaded, then the least loaded."""
+        """The backend to pin a retry to: healthy, serving ``model``, not in ``avoid``, not draining;
+        one that can take the model now (drain guard) first, then one that has it loaded, then the
+        least loaded."""
         excluded = set(avoid)
         others = [
-            b for b in self.serving.get(model, ()) if b.name not in excluded and b.health is Health.HEALTHY
+            b
+            for b in self.serving.get(model, ())
+            if b.name not in excluded and b.health is Health.HEALTHY and not b.draining
         ]
         if not others:
             return None

@@ -220,9 +220,9 @@ class Dispatch:
     def choose_ticket(self, backend: Backend) -> Ticket | None:
         queues, placement = self.queues, self.placement
         pinned = queues.pinned_head(backend)
-        if pinned is not None and backend.can_take(pinned.model) and not pinned.tenant.capped:
+        if pinned is not None and backend.can_take(pinned.model, pinned=True) and not pinned.tenant.capped:
             return pinned
-        if backend.models is None:
+        if backend.models is None or backend.draining:
             return None
         held = queues.held_head(backend)
         if held is not None and (not backend.can_take(held.model) or held.tenant.capped):
@@ -266,7 +266,10 @@ class Dispatch:
             candidates = [
                 b
                 for b in serving
-                if b.health is Health.HEALTHY and b.barrier is None and b.slots > b.external_busy
+                if b.health is Health.HEALTHY
+                and not b.draining
+                and b.barrier is None
+                and b.slots > b.external_busy
             ]
             if not candidates:
                 continue
@@ -340,7 +343,12 @@ class Dispatch:
 
     def release_holds(self, backend: Backend) -> None:
         """Tickets held for a backend that cannot serve them now go back to their queues."""
-        serves = backend.health is Health.HEALTHY and not backend.removed and backend.models is not None
+        serves = (
+            backend.health is Health.HEALTHY
+            and not backend.removed
+            and not backend.draining
+            and backend.models is not None
+        )
         models = set()
         for ticket in self.queues.held_on(backend):
             if not serves or ticket.model not in (backend.models or ()):

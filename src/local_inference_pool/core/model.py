@@ -100,6 +100,7 @@ class Backend:
     loads: int = 0
     granted: int = 0
     removed: bool = False
+    draining: bool = False  # an operator's drain: no new lease but a pinned one, until undrained
     context: int | None = None  # context per slot, in tokens, when the server says
     cache_tokens: int | None = None  # what its prompt cache holds, when configured
     lease_seconds: Ewma = field(default_factory=Ewma)  # how long a lease here lasts
@@ -114,9 +115,20 @@ class Backend:
     def load_ratio(self) -> float:
         return (self.active_total + self.external_busy) / (self.slots * self.weight)
 
-    def can_take(self, model: str) -> bool:
-        """Healthy, lists the model, not reserved for another, and the drain guard allows it."""
-        if self.health is not Health.HEALTHY or self.models is None or model not in self.models:
+    @property
+    def admin_state(self) -> str:
+        """``active``; ``draining`` while leases of this process run on it; then ``drained``."""
+        if not self.draining:
+            return "active"
+        return "draining" if self.active_total else "drained"
+
+    def can_take(self, model: str, *, pinned: bool = False) -> bool:
+        """Healthy, lists the model, not reserved for another, and the drain guard allows it; not
+        draining, unless the request is pinned here (as HAProxy's drain still admits sticky ones:
+        a stored response or a stream's own continuation lives on this backend only)."""
+        if (self.draining and not pinned) or self.health is not Health.HEALTHY:
+            return False
+        if self.models is None or model not in self.models:
             return False
         if self.barrier is not None and self.barrier != model:
             return False

@@ -127,6 +127,29 @@ class Scheduler:
         events, dispatch.events = dispatch.events, Events()
         return events
 
+    def configure(
+        self,
+        *,
+        queue_limit: int,
+        starvation_bound: float,
+        affinity: bool,
+        affinity_ttl: float,
+        affinity_max_sessions: int,
+        cache_wait_max: float,
+        prefill_seconds_per_token: float,
+        prefix_min_tokens: int,
+    ) -> None:
+        """New settings (a reloaded configuration), from the next decision on; what they make
+        possible at once (a raised queue limit, a shorter starvation bound) is dispatched now."""
+        self.queue_limit = queue_limit
+        self.placement.starvation_bound = starvation_bound
+        self.placement.cache_wait_max = cache_wait_max
+        self.placement.prefix_min_tokens = prefix_min_tokens
+        self.learning.prefill_seconds_per_token = prefill_seconds_per_token
+        sessions = self.sessions
+        sessions.enabled, sessions.ttl, sessions.max_sessions = affinity, affinity_ttl, affinity_max_sessions
+        self.dispatch.after_change([])
+
     # --- backends --------------------------------------------------------------------------
 
     def add_backend(
@@ -182,9 +205,26 @@ class Scheduler:
         max_loaded_models: int = _UNSET,
         trial: bool = _UNSET,
         context: int | None = _UNSET,
+        draining: bool = _UNSET,
+        cache_tokens: int | None = _UNSET,
+        url: str = _UNSET,
     ) -> None:
-        """Apply what a probe (or the operator) says; dispatch what the change makes possible."""
+        """Apply what a probe (or the operator) says; dispatch what the change makes possible.
+
+        ``draining``: the operator's drain. A draining backend takes no new lease but a pinned one;
+        requests held for its cache go elsewhere at once, and a barrier it held for a starving
+        model moves to another backend."""
         backend = self.backends[name]
+        if url is not _UNSET and url != backend.url:  # another server under the name: nothing holds
+            backend.url = url
+            self.learning.forget(name)
+        if cache_tokens is not _UNSET:
+            backend.cache_tokens = cache_tokens
+        if draining is not _UNSET and draining is not backend.draining:
+            backend.draining = draining
+            if draining:
+                self.dispatch.clear_barrier(backend)
+                self.dispatch.release_holds(backend)
         if slots is not _UNSET:
             backend.slots = max(1, slots)
         if weight is not _UNSET:
@@ -232,6 +272,16 @@ class Scheduler:
         )
         self.dispatch.unpark(tenant)
         return tenant
+
+    def undeclare_tenant(self, name: str) -> None:
+        """A key that left the configuration: its requests run on, with weight 1 and no caps, and
+        the tenant is forgotten once it has none."""
+        tenant = self.tenants.get(name)
+        if tenant is not None:
+            tenant.declared = False
+            tenant.weight, tenant.max_concurrent, tenant.max_queued = 1.0, None, None
+            self.dispatch.unpark(tenant)
+            self.queues.forget_if_idle(tenant)
 
     def update_tenant(self, name: str, *, external: int) -> None:
         """What other processes of the fleet hold for a tenant (its cap counts them)."""
@@ -440,6 +490,11 @@ class Scheduler:
     def check_servable(self, model: str, pin: str | None = None) -> None:
         """Raise as ``submit`` would when the model cannot be served now."""
         self.table.check_servable(model, pin)
+
+    def drained(self, name: str) -> bool:
+        """Whether the backend is drained: draining, and no lease of this process runs on it."""
+        backend = self.backends.get(name)
+        return backend is None or (backend.draining and not backend.active_total)
 
     def held_on(self, backend: Backend) -> int:
         """Requests waiting for the backend's prompt cache."""

@@ -27,6 +27,7 @@ def snapshot(scheduler: Scheduler) -> dict[str, Any]:
                 "name": b.name,
                 "url": b.url,
                 "health": b.health.value,
+                "admin_state": b.admin_state,
                 "slots": b.slots,
                 "busy": b.active_total + b.external_busy,
                 "active": b.active_total,

@@ -32,9 +32,11 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 
-from local_inference_pool.config import PoolConfig
+from local_inference_pool.config import ConfigSource, PoolConfig
 from local_inference_pool.core.scheduler import Health
 from local_inference_pool.errors import InvalidRequestError, PoolError
+from local_inference_pool.gateway.admin import ADMIN_ROUTES
+from local_inference_pool.gateway.changes import FleetChanges
 from local_inference_pool.gateway.dialects import ANTHROPIC, OPENAI, Dialect
 from local_inference_pool.gateway.inbound import (
     ClientGone,
@@ -97,11 +99,17 @@ def make_client(config: PoolConfig, transport: httpx.AsyncBaseTransport | None =
     )
 
 
-def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = None) -> Starlette:
+def create_pool_app(
+    config: PoolConfig,
+    *,
+    transport: TransportFactory | None = None,
+    source: ConfigSource | None = None,
+) -> Starlette:
     """An OpenAI-compatible app for ``config``'s backends, to mount at ``/v1`` or serve alone.
 
     ``transport`` builds the shared client's transport from its connection limits (default: ``AiohttpTransport``);
-    tests pass ``httpx.MockTransport``-returning factories.
+    tests pass ``httpx.MockTransport``-returning factories. ``source``: where ``config`` was read
+    from, to read again on a reload (SIGHUP, ``--watch``, ``POST /pool/admin/reload``).
     """
 
     @asynccontextmanager
@@ -111,17 +119,35 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
         async with make_client(config, upstream) as client, pool, anyio.create_task_group() as group:
             monitor = Monitor(pool, client, config)
             await group.start(monitor.run)
-            app.state.runtime = Runtime(config, pool, client, upstream, monitor, PoolMetrics(pool))
+            runtime = Runtime(config, pool, client, upstream, monitor, PoolMetrics(pool))
+            changes = FleetChanges(runtime, source, install_routes)
+            await group.start(changes.run)
+            app.state.runtime, app.state.changes = runtime, changes
             try:
                 yield
             finally:
                 # Queued requests fail with 503 now; in-flight ones may finish within the grace.
-                await pool.aclose(grace=config.shutdown_grace)
-                app.state.runtime = None
+                await pool.aclose(grace=runtime.config.shutdown_grace)
+                app.state.runtime = app.state.changes = None
                 group.cancel_scope.cancel()
 
-    routes = routes_for(config)
-    served = ", ".join(dict.fromkeys(route.path for route in routes))
+    def install_routes(config: PoolConfig) -> None:
+        """The routes for ``config`` (its ``[[routes]]`` after the built-in ones); a reload installs
+        them anew when its routes changed, each request matching against the list of the moment."""
+        if getattr(app.state, "route_config", None) == config.routes:
+            return
+        app.state.route_config = config.routes
+        routes = routes_for(config)
+        app.state.served = ", ".join(dict.fromkeys(route.path for route in routes))
+        app.router.routes = [
+            *(Route(route.path, RouteEndpoint(route), methods=list(route.methods)) for route in routes),
+            Route("/models", _models, methods=["GET"]),
+            Route("/pool/status", _status, methods=["GET"]),
+            Route("/pool/metrics", _metrics, methods=["GET"]),
+            Route("/pool/", _dashboard, methods=["GET"]),
+            Route("/pool/dashboard", _dashboard, methods=["GET"]),
+            *ADMIN_ROUTES,
+        ]
 
     async def not_found(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -136,8 +162,8 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
             )
         return dialect.error(
             exc.status_code,
-            f"no route {request.method} {request.url.path}; this endpoint serves {served}, /models "
-            "and /pool/status",
+            f"no route {request.method} {request.url.path}; this endpoint serves {app.state.served}, "
+            "/models and /pool/status",
             "invalid_request_error",
             "not_found",
         )
@@ -151,30 +177,28 @@ def create_pool_app(config: PoolConfig, *, transport: TransportFactory | None = 
         return openai_error(500, f"internal error: {type(exc).__name__}", "server_error", "internal_error")
 
     app = Starlette(
-        routes=[
-            *(Route(route.path, RouteEndpoint(route), methods=list(route.methods)) for route in routes),
-            Route("/models", _models, methods=["GET"]),
-            Route("/pool/status", _status, methods=["GET"]),
-            Route("/pool/metrics", _metrics, methods=["GET"]),
-            Route("/pool/", _dashboard, methods=["GET"]),
-            Route("/pool/dashboard", _dashboard, methods=["GET"]),
-        ],
         lifespan=lifespan,
         exception_handlers={HTTPException: not_found, PoolError: refused, Exception: unexpected},
     )
+    install_routes(config)
     app.router.redirect_slashes = False  # a redirect would name the client's Host header back to it
-    app.state.runtime = None
+    app.state.runtime = app.state.changes = None
     app.state.config = config
     return app
 
 
-def create_standalone_app(config: PoolConfig, *, transport: TransportFactory | None = None) -> PoolMiddleware:
+def create_standalone_app(
+    config: PoolConfig,
+    *,
+    transport: TransportFactory | None = None,
+    source: ConfigSource | None = None,
+) -> PoolMiddleware:
     """What ``local-inference-pool serve`` runs: the pool at ``/v1``, its lifespan run, nothing else.
 
     A thin path dispatch rather than a Starlette ``Mount``: a second Starlette app would wrap every
     request and every streamed chunk in a second set of middleware.
     """
-    return PoolMiddleware(_outside_the_pool, config, path="/v1", transport=transport)
+    return PoolMiddleware(_outside_the_pool, config, path="/v1", transport=transport, source=source)
 
 
 async def _outside_the_pool(scope: Scope, receive: Receive, send: Send) -> None:

@@ -32,6 +32,7 @@ WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 60
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 HEALTH_STATES = ("healthy", "loading", "unhealthy")
+ADMIN_STATES = ("active", "draining", "drained")
 
 
 @dataclass
@@ -252,6 +253,11 @@ class _PoolCollector(Collector):
         busy = GaugeMetricFamily(
             "lip_backend_slots_busy", "Slots in use per backend, outside work included.", labels=["backend"]
         )
+        admin = GaugeMetricFamily(
+            "lip_backend_admin_state",
+            "1 for the backend's operator state (active, draining, drained).",
+            labels=["backend", "state"],
+        )
         health = GaugeMetricFamily(
             "lip_backend_health", "1 for the backend's current health state.", labels=["backend", "state"]
         )
@@ -267,6 +273,8 @@ class _PoolCollector(Collector):
             busy.add_metric([name], backend["busy"])
             for health_state in HEALTH_STATES:
                 health.add_metric([name, health_state], 1.0 if backend["health"] == health_state else 0.0)
+            for admin_state in ADMIN_STATES:
+                admin.add_metric([name, admin_state], 1.0 if backend["admin_state"] == admin_state else 0.0)
             loads.add_metric([name], backend["model_loads"])
             openings.add_metric([name], backend.get("circuit_openings", 0))
         affinity = CounterMetricFamily(
@@ -276,7 +284,7 @@ class _PoolCollector(Collector):
         )
         for result in Affinity:
             affinity.add_metric([result.value], state["stats"][f"affinity_{result.value}"])
-        yield from (depth, oldest, slots, busy, health, loads, openings, affinity)
+        yield from (depth, oldest, slots, busy, health, admin, loads, openings, affinity)
         yield from _prompt_cache_metrics(state)
         leases = GaugeMetricFamily(
             "lip_key_leases", "Leases held now, by the name of the client's key.", labels=["key"]

@@ -29,7 +29,13 @@ from local_inference_pool.gateway.leasing import acquire_unless_gone
 from local_inference_pool.gateway.metrics import RequestRecord
 from local_inference_pool.gateway.midstream import fail_over
 from local_inference_pool.gateway.refusals import client_gone, send_refusal, send_upstream_refusal
-from local_inference_pool.gateway.relay import AnswerBroke, close_unread, raw_chunks, relay_answer
+from local_inference_pool.gateway.relay import (
+    AnswerBroke,
+    DrainEnded,
+    close_unread,
+    raw_chunks,
+    relay_answer,
+)
 from local_inference_pool.gateway.runtime import Call, Runtime, Target, upstream_request
 from local_inference_pool.pool import Pool
 from local_inference_pool.upstream.backends.openai import describe_http_error
@@ -115,11 +121,16 @@ async def _forward(
             continue
         attempts += 1
         record.backend = target.backend
+        drained = False
         try:  # every step after the acquire is inside: whatever fails, the slot goes back
             request = upstream_request(runtime, call, target, record.request_id, inbound.body)
             response: httpx.Response | None = None
             async with watch.until_gone():
-                response = await runtime.transport.handle_async_request(request)
+                with target.cuttable() as cut:
+                    response = await runtime.transport.handle_async_request(request)
+            if cut.cancelled_caught:  # its drain ended before it answered: as a dead server's
+                drained = True
+                raise httpx.ReadError(str(DrainEnded(target.backend)))
         except httpx.HTTPError as exc:
             target.release()
             reason = describe_http_error(exc)
@@ -139,8 +150,9 @@ async def _forward(
                     break  # the response it names is stored there only
                 pin = None
                 continue
-            # Written, and no answer: maybe the backend's fault, maybe the request's.
-            runtime.monitor.failed(target.backend, f"no answer: {reason}")
+            # Written, and no answer: maybe the backend's fault, maybe the request's (not a drain's).
+            if not drained:
+                runtime.monitor.failed(target.backend, f"no answer: {reason}")
             no_answer.append(target.backend)
             if call.pin is not None or len(no_answer) >= 2:
                 break

@@ -41,6 +41,7 @@ __all__ = [
     "HOP_BY_HOP",
     "SMALL_ANSWER",
     "AnswerBroke",
+    "DrainEnded",
     "UpstreamRelay",
     "client_headers",
     "close_unread",
@@ -198,6 +199,13 @@ async def continue_stream(
         raise
     await relay(watch, send)
     return relay
+
+
+class DrainEnded(Exception):
+    """The drain of a request's backend ran out (``drain_timeout``): its request was cut there."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__(f"the backend {backend} was drained (its drain_timeout passed)")
 
 
 class AnswerBroke(Exception):
@@ -391,7 +399,6 @@ class UpstreamRelay:
                 self._report()  # else the proxy reports, once the stream ends somewhere
 
     async def _relay(self, send: Send) -> None:
-        record = self.record
         chunks = self._chunks
         recorder, seam = self.recorder, self.seam
         try:
@@ -403,44 +410,63 @@ class UpstreamRelay:
                         "headers": self.headers,
                     }
                 )
-            while True:
-                try:
-                    chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    break
-                except Exception as exc:  # any transport's read error: the status is already sent
-                    await self._upstream_failed(send, exc)
-                    return
-                if seam is not None:
-                    try:
-                        chunk = seam.feed(chunk)
-                    except SeamDiverged as diverged:
-                        self.interrupted, self.diverged = str(diverged), True
-                        return  # the proxy continues the stream another way
-                    if not chunk:
-                        continue
-                    if self.first_sent_at is None:
-                        self.first_sent_at = time.monotonic()
-                if recorder is not None:
-                    recorder.feed(chunk)
-                if record.first_byte is None:
-                    record.first_byte = time.monotonic() - record.started
-                self._usage.feed(chunk)
-                if self._remembers and self._usage.response_id is not None:
-                    self._remembers = False  # once, before the client has the id
-                    await _remember(self.runtime, self._usage.response_id, self.lease.backend)
-                self._sending_since = time.monotonic()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                self._sending_since = None
+            with self.lease.cuttable() as cut:
+                finished = await self._relay_chunks(send, chunks, recorder, seam)
+            if cut.cancelled_caught:  # the backend's drain ended: as if it had died here
+                await self._upstream_failed(send, DrainEnded(self.lease.backend), counts=False)
+                return
+            if not finished:
+                return
             self._relayed_all = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # ASGI 2.4 reports a client that left as a failed send; leaving is not an error
             logger.debug("client left during the response from %s", self.lease.backend)
 
-    async def _upstream_failed(self, send: Send, exc: Exception) -> None:
+    async def _relay_chunks(
+        self,
+        send: Send,
+        chunks: AsyncIterator[bytes],
+        recorder: Recorder | None,
+        seam: StreamSeam | None,
+    ) -> bool:
+        """Relay the answer's chunks; whether they all came (not when the backend failed midway)."""
+        record = self.record
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return True
+            except Exception as exc:  # any transport's read error: the status is already sent
+                await self._upstream_failed(send, exc)
+                return False
+            if seam is not None:
+                try:
+                    chunk = seam.feed(chunk)
+                except SeamDiverged as diverged:
+                    self.interrupted, self.diverged = str(diverged), True
+                    return False  # the proxy continues the stream another way
+                if not chunk:
+                    continue
+                if self.first_sent_at is None:
+                    self.first_sent_at = time.monotonic()
+            if recorder is not None:
+                recorder.feed(chunk)
+            if record.first_byte is None:
+                record.first_byte = time.monotonic() - record.started
+            self._usage.feed(chunk)
+            if self._remembers and self._usage.response_id is not None:
+                self._remembers = False  # once, before the client has the id
+                await _remember(self.runtime, self._usage.response_id, self.lease.backend)
+            self._sending_since = time.monotonic()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self._sending_since = None
+
+    async def _upstream_failed(self, send: Send, exc: Exception, *, counts: bool = True) -> None:
+        """The backend failed midway (``counts``: against its circuit; a drain's end does not)."""
         reason = f"{exc or type(exc).__name__}"
         logger.warning("backend %s failed mid-response: %s", self.lease.backend, reason)
-        self.runtime.monitor.failed(self.lease.backend, f"died mid-response: {reason}")
+        if counts:
+            self.runtime.monitor.failed(self.lease.backend, f"died mid-response: {reason}")
         if self.recorder is not None and not self.recorder.overflow:
             self.interrupted, self.failed_at = reason, time.monotonic()
             return  # the stream stays open: the proxy may continue it on another backend

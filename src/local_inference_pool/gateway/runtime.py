@@ -48,6 +48,15 @@ class Runtime:
         self.responses = ResponseMemory(self.config, self.pool)
         self._urls: dict[str, httpx.URL] = {}
 
+    def reconfigure(self, config: PoolConfig) -> None:
+        """A new configuration for the requests that start from now (a reload or an admin change)."""
+        self.config = config
+        self.monitor.config = config
+        self.responses.ttl, self.responses.max_ids = config.response_ttl, config.response_max_ids
+        timeouts = dict(self.timeouts)
+        timeouts.update(connect=config.connect_timeout, read=config.read_timeout, pool=config.connect_timeout)
+        self.timeouts = timeouts
+
     def upstream_url(self, base: str, path: str) -> httpx.URL:
         """Parsed once per backend and path, not once per request."""
         key = base + path

@@ -7,8 +7,11 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Generator
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from local_inference_pool.core.scheduler import Affinity, Grant, LeaseRequest, Ticket
 
@@ -79,6 +82,11 @@ class Lease:
             evaluated_tokens=evaluated_tokens,
         )
 
+    def cuttable(self) -> AbstractContextManager[anyio.CancelScope]:
+        """A cancel scope to do this lease's work in, that the end of its backend's drain cancels
+        (``Pool.cut``); ``scope.cancelled_caught`` afterwards says it was cut."""
+        return self._pool._drains.cuttable(self._grant)
+
     def release(self) -> None:
         """Give the slot back. From a thread other than the pool's loop, it is handed to the loop."""
         self._finalizer.detach()
@@ -102,6 +110,10 @@ class Unleased:
         self.backend = backend
         self.url = url
         self.api_key = api_key
+
+    def cuttable(self) -> AbstractContextManager[anyio.CancelScope]:
+        """Nothing cuts a request that holds no slot."""
+        return anyio.CancelScope()
 
     def release(self) -> None:
         """Nothing to give back."""

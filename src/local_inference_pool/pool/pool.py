@@ -39,9 +39,11 @@ from local_inference_pool.core.scheduler import (
 )
 from local_inference_pool.errors import NoCapacityError, PoolClosedError
 from local_inference_pool.pool.directory import BackendDirectory
+from local_inference_pool.pool.drains import Drains
 from local_inference_pool.pool.fleet import LocalFleet, RedisFleet
 from local_inference_pool.pool.leases import Acquiring, Lease, Unleased
 from local_inference_pool.pool.loop_binding import LoopBinding
+from local_inference_pool.pool.settings import apply_settings, scheduler_for
 
 __all__ = ["Pool"]
 
@@ -63,29 +65,28 @@ class Pool:
         them as LOADING (requests wait for the first probe); a library user without probes, HEALTHY."""
         self.config = config
         self._clock = clock
-        self._scheduler = _scheduler_for(config, clock)
+        self._scheduler = scheduler_for(config, clock)
         self.backends = BackendDirectory()  # configuration, keys and status facts per backend
         self._waiters: dict[int, anyio.Event] = {}
         self._binding = LoopBinding()
         self._closed = False
         self._drained: anyio.Event | None = None
+        self._drains = Drains()
         # The other processes of the fleet (``config.state``), or nobody; connected on ``async with``.
         self.fleet: LocalFleet | RedisFleet = (
             LocalFleet()
             if config.state is None
             else RedisFleet(config, self._scheduler, clock, self._deliver)
         )
-        for index in range(len(config.api_keys)):
-            self._scheduler.set_tenant(f"api_keys[{index}]")
-        for key in config.keys:
-            self._scheduler.set_tenant(
-                key.name,
-                weight=key.weight,
-                max_concurrent=key.max_concurrent,
-                max_queued=key.max_queued,
-            )
         for backend in config.backends:
             self.add_backend(backend, health=initial_health)
+        self._deliver()
+
+    def reconfigure(self, config: PoolConfig) -> None:
+        """A new configuration's settings and keys, from the next decision on (its backends are
+        the caller's to add, change and remove: ``gateway.changes`` does it for the app)."""
+        apply_settings(self._scheduler, self.config, config)
+        self.config = config
         self._deliver()
 
     # --- backends --------------------------------------------------------------------------
@@ -113,7 +114,35 @@ class Pool:
         self._scheduler.remove_backend(name)
         self.backends.remove(name)
         self.fleet.forget(name)
+        self._drains.forget(name)
         self._deliver()
+
+    def drain(self, name: str) -> None:
+        """Send the backend no new lease (but one pinned to it) until ``undrain``: its running
+        leases finish, requests held for its cache go elsewhere at once, and once none of its leases
+        is left it is drained (``drained``, ``wait_drained``)."""
+        self.override_backend(name, draining=True)
+        self._drains.released(self._scheduler.backends[name])
+
+    def undrain(self, name: str) -> None:
+        """Return a draining (or drained) backend to service."""
+        self.override_backend(name, draining=False)
+        self._drains.forget(name)
+
+    def drained(self, name: str) -> bool:
+        """Whether the backend is draining and no lease of this process runs on it (or it is gone)."""
+        return self._scheduler.drained(name)
+
+    async def wait_drained(self, name: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a draining backend to be drained; whether it is."""
+        backend = self._scheduler.backends.get(name)
+        return True if backend is None else await self._drains.wait(backend, timeout)
+
+    def cut(self, name: str) -> int:
+        """End every lease on the backend that its user made cuttable (``Lease.cuttable``): the
+        gateway ends their requests as a dead server's and continues their streams elsewhere.
+        How many were cut."""
+        return self._drains.cut(name)
 
     def update_backend(
         self,
@@ -357,6 +386,8 @@ class Pool:
             self.fleet.releasing(grant)
         released = self._scheduler.release(grant)
         self._deliver()
+        if released and grant.backend.draining:
+            self._drains.released(grant.backend)
         if released and self._drained is not None and not self._scheduler.grants:
             self._drained.set()
 
@@ -426,21 +457,6 @@ class Pool:
     ) -> None:
         await self.aclose()
         await self.fleet.stop()
-
-
-def _scheduler_for(config: PoolConfig, clock: Callable[[], float]) -> Scheduler:
-    return Scheduler(
-        clock=clock,
-        queue_limit=config.queue_limit,
-        starvation_bound=config.starvation_bound,
-        affinity=config.affinity,
-        affinity_ttl=config.affinity_ttl,
-        affinity_max_sessions=config.affinity_max_sessions,
-        cache_wait_max=config.cache_wait_max,
-        prefill_seconds_per_token=config.prefill_ms_per_token / 1000,
-        prefix_min_tokens=config.prefix_min_tokens,
-        prefix_index_blocks=config.prefix_index_blocks,
-    )
 
 
 def _queued_again(ticket: Ticket, left: float | None) -> LeaseRequest:

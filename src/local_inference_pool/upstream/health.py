@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import anyio
 import httpx
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from local_inference_pool.config import BackendConfig, PoolConfig
 from local_inference_pool.core.circuit import Circuit, CircuitState
@@ -103,26 +103,53 @@ class Monitor:
         self.client = client
         self.config = config
         self.clock = clock
-        self._watched = {
-            b.name: _Watched(
-                config=b,
-                circuit=Circuit(threshold=config.circuit_failures, cooldown=config.circuit_cooldown),
-                kind=None if b.kind == "auto" else b.kind,
-            )
-            for b in config.backends
-        }
+        self._watched: dict[str, _Watched] = {}
+        self._polls: dict[str, anyio.CancelScope] = {}
+        self._group: TaskGroup | None = None
+        for backend in config.backends:
+            self._watch(backend)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as group:
+            self._group = group
             for name in self._watched:
-                group.start_soon(self._poll, name)
+                self._start(name)
             task_status.started()
+        self._group = None
+
+    def watch(self, backend: BackendConfig) -> None:
+        """Probe a backend that joined the pool (or probe anew one whose configuration changed)."""
+        self.forget(backend.name)
+        self._watch(backend)
+        if self._group is not None:
+            self._start(backend.name)
+
+    def forget(self, name: str) -> None:
+        """Stop probing a backend that left the pool; what traffic says of it is ignored from now."""
+        self._watched.pop(name, None)
+        poll = self._polls.pop(name, None)
+        if poll is not None:
+            poll.cancel()
+
+    def _watch(self, backend: BackendConfig) -> None:
+        self._watched[backend.name] = _Watched(
+            config=backend,
+            circuit=Circuit(threshold=self.config.circuit_failures, cooldown=self.config.circuit_cooldown),
+            kind=None if backend.kind == "auto" else backend.kind,
+        )
+
+    def _start(self, name: str) -> None:
+        assert self._group is not None
+        scope = self._polls[name] = anyio.CancelScope()
+        self._group.start_soon(self._poll, name, scope)
 
     # --- passive health, from the proxy ----------------------------------------------------
 
     def unreachable(self, name: str, reason: str) -> None:
         """A connection was refused or could not be made: out until a probe finds it again."""
-        watched = self._watched[name]
+        watched = self._watched.get(name)
+        if watched is None:
+            return  # it left the pool while the request ran
         watched.probed = Health.UNHEALTHY
         watched.error = reason
         watched.circuit.record_failure(self.clock())
@@ -130,7 +157,9 @@ class Monitor:
 
     def failed(self, name: str, reason: str) -> None:
         """A 5xx answer or a stream that died: counts toward the circuit breaker."""
-        watched = self._watched[name]
+        watched = self._watched.get(name)
+        if watched is None:
+            return
         watched.error = reason
         if watched.circuit.record_failure(self.clock()):
             logger.warning(
@@ -139,7 +168,10 @@ class Monitor:
         self._apply(name)
 
     def succeeded(self, name: str) -> None:
-        circuit = self._watched[name].circuit
+        watched = self._watched.get(name)
+        if watched is None:
+            return
+        circuit = watched.circuit
         if circuit.state is CircuitState.CLOSED and not circuit.failures:
             return  # the common case, on every request: nothing changes, so nothing to apply
         if circuit.record_success():
@@ -148,9 +180,13 @@ class Monitor:
 
     # --- active health ---------------------------------------------------------------------
 
-    async def _poll(self, name: str) -> None:
+    async def _poll(self, name: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            await self._poll_until_forgotten(name)
+
+    async def _poll_until_forgotten(self, name: str) -> None:
         watched = self._watched[name]
-        while True:
+        while self._watched.get(name) is watched:
             snapshot = await self._probe(watched)
             watched.probed = snapshot.health
             watched.error = snapshot.error if snapshot.health is not Health.HEALTHY else watched.error

@@ -4,28 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import multiprocessing
-import os
-import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
-from anyio.abc import TaskStatus
 from rich.console import Console
 from rich.table import Table
 
-from local_inference_pool.config import PoolConfig, load_config, shown_state
+from local_inference_pool.config import BACKEND_KINDS, PoolConfig, load_config, shown_state
 from local_inference_pool.core.scheduler import Health
 from local_inference_pool.errors import ConfigError
+from local_inference_pool.serve import configure_logging, serve
 
 if TYPE_CHECKING:
-    import uvicorn
+    pass
 
 REDACTED = "***"
 CONFIG_HELP = "TOML config file (default: $LIP_CONFIG; LIP_* variables apply on top)"
@@ -66,7 +62,45 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="serving processes on the one port; more than 1 needs pool.state (default: %(default)s)",
     )
+    serve.add_argument(
+        "--watch",
+        action="store_true",
+        help="reload the config file when it changes (as SIGHUP does), a swapped symlink included",
+    )
     _log_level(serve)
+
+    register = commands.add_parser(
+        "register",
+        help="keep this machine's server registered with a pool while it runs",
+        description=(
+            "Register one inference server with a pool through its admin API, renew the registration "
+            "every third of --ttl, and on SIGINT/SIGTERM remove it (the pool drains it first). A "
+            "server that stops renewing is drained and removed by the pool when its ttl runs out. "
+            "Exits 2 when the pool refuses it (a wrong admin key, an invalid entry)."
+        ),
+    )
+    register.add_argument(
+        "--pool", required=True, help="the pool's URL as clients use it, like http://gw:8000/v1"
+    )
+    register.add_argument(
+        "--admin-key-env", required=True, metavar="VAR", help="environment variable holding an admin key"
+    )
+    register.add_argument("--url", required=True, help="this server's URL as the pool reaches it")
+    register.add_argument(
+        "--ttl",
+        type=float,
+        default=30.0,
+        help="seconds a registration lasts unrenewed (default: %(default)s)",
+    )
+    register.add_argument("--name", help="the backend's name in the pool (default: host:port of --url)")
+    register.add_argument("--kind", choices=list(BACKEND_KINDS), help="the server's kind (default: detected)")
+    register.add_argument(
+        "--slots", type=int, help="parallel slots (default: detected where the server says)"
+    )
+    register.add_argument("--models", help="comma-separated models (default: detected)")
+    register.add_argument(
+        "--api-key-env", metavar="VAR", help="environment variable holding the server's own key"
+    )
 
     check = commands.add_parser(
         "check",
@@ -151,7 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return anyio.run(check, load_config(args.config), Console())
         if args.command == "serve":
-            return serve(args.config, args.host, args.port, args.log_level, workers=args.workers)
+            return serve(
+                args.config, args.host, args.port, args.log_level, workers=args.workers, watch=args.watch
+            )
+        if args.command == "register":
+            return register_command(args)
         if args.command == "simulate":
             return simulate(args)
         if args.command == "demo":
@@ -220,199 +258,21 @@ async def check(config: PoolConfig, console: Console) -> int:
     return 0
 
 
-def serve(path: str | None, host: str, port: int, log_level: str, *, workers: int = 1) -> int:
-    config = load_config(path)
-    if not config.backends:
-        raise ConfigError("no backends: add [[backends]] to the config file or set LIP_BACKENDS")
-    if workers < 1:
-        raise ConfigError(f"--workers: {workers} is not allowed; expected 1 or more")
-    if workers > 1 and config.state is None:
-        raise ConfigError(
-            f"--workers {workers}: each process would count every slot as its own and together they "
-            'would oversubscribe the backends; set pool.state = "redis://host:6379/0" in the config '
-            "(or LIP_STATE) so that the processes share their leases, or serve with one worker"
-        )
-    _configure_logging(log_level)
-    if workers == 1:
-        return _serve_process(config, host, port, log_level, sockets=None, name="the pool")
-    return _serve_workers(path, host, port, log_level, workers)
+def register_command(args: argparse.Namespace) -> int:
+    from local_inference_pool.registration import register, registration_from_args
 
-
-def _serve_process(
-    config: PoolConfig,
-    host: str,
-    port: int,
-    log_level: str,
-    *,
-    sockets: list[Any] | None,
-    name: str,
-    parent: int | None = None,
-) -> int:
-    """One serving process: uvicorn without its own signal handling, ours instead (one line, no
-    traceback); on ``sockets`` when a parent bound them for its workers."""
-    import uvicorn
-
-    from local_inference_pool.gateway.app import create_standalone_app
-    from local_inference_pool.gateway.server_limits import (
-        CancelledAtShutdownFilter,
-        ClientLeftFilter,
-        bounded_protocol,
+    registration = registration_from_args(
+        args.pool,
+        args.url,
+        args.admin_key_env,
+        ttl=args.ttl,
+        name=args.name,
+        kind=args.kind,
+        slots=args.slots,
+        models=args.models,
+        api_key_env=args.api_key_env,
     )
-    from local_inference_pool.gateway.serving import InProcessServer
-
-    for quieter in (ClientLeftFilter(), CancelledAtShutdownFilter()):
-        logging.getLogger("uvicorn.error").addFilter(quieter)
-    app = create_standalone_app(config)
-    server = InProcessServer(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level=log_level,
-            timeout_graceful_shutdown=max(1, round(config.shutdown_grace)),
-            # asyncio's own loop even where uvloop is installed: measured with wrk at 128 connections
-            # opened back to back, uvloop left 1% of requests waiting over a second, for 3% more req/s.
-            loop="asyncio",
-            http=bounded_protocol(config),  # head size, field count and time bounded (server_limits.py)
-        )
-    )
-
-    def running() -> int:
-        runtime = app.pool_app.state.runtime
-        return 0 if runtime is None else int(runtime.pool.snapshot()["active_leases"])
-
-    try:
-        anyio.run(
-            _serve_until_stopped,
-            server,
-            running,
-            config.shutdown_grace,
-            f"{name} on {host}:{port}",
-            sockets,
-            parent,
-        )
-    except (OSError, SystemExit) as exc:  # the port is taken, or the address is not ours
-        if isinstance(exc, SystemExit) and not exc.code:
-            return 0
-        print(f"local-inference-pool: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _serve_workers(path: str | None, host: str, port: int, log_level: str, workers: int) -> int:
-    """``workers`` processes on one socket bound here, as uvicorn's own workers do; the kernel
-    spreads connections over them and the shared state spreads the slots.
-
-    Each worker runs in a process group of its own, so a signal reaches it once, from here: a
-    terminal's Ctrl-C goes to this process's group only, and this process passes every SIGINT and
-    SIGTERM on. (In one group, the terminal's signal and the one passed on would reach a worker as
-    two, and the second means "stop at once".) A worker whose parent dies stops as if told to."""
-    import uvicorn
-
-    try:
-        sock = uvicorn.Config(app=_no_app, host=host, port=port).bind_socket()
-    except SystemExit:
-        return 1  # uvicorn said why (the port is taken, or the address is not ours)
-    spawn = multiprocessing.get_context("spawn")
-    children = [
-        spawn.Process(target=_worker, args=(path, host, port, log_level, sock, index + 1, workers))
-        for index in range(workers)
-    ]
-    for child in children:
-        child.start()
-    sock.close()
-
-    def pass_on(number: int, _frame: object) -> None:
-        for child in children:
-            if child.pid is not None and child.is_alive():
-                os.kill(child.pid, number)
-
-    previous = {number: signal.signal(number, pass_on) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for child in children:
-            child.join()
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    codes = [child.exitcode for child in children]
-    print(f"local-inference-pool: {workers} workers stopped (exit codes {codes})", flush=True)
-    if all(code == 0 for code in codes):
-        return 0
-    return 130 if all(code in (0, 130) for code in codes) else 1  # 130: some were stopped at once
-
-
-def _worker(
-    path: str | None, host: str, port: int, log_level: str, sock: Any, index: int, workers: int
-) -> None:
-    # Out of the terminal's process group: the parent passes each signal on, once.
-    os.setpgrp()
-    _configure_logging(log_level)
-    parent = multiprocessing.parent_process()
-    code = _serve_process(
-        load_config(path),
-        host,
-        port,
-        log_level,
-        sockets=[sock],
-        name=f"worker {index}/{workers}",
-        parent=None if parent is None else parent.sentinel,
-    )
-    sys.exit(code)
-
-
-async def _no_app(scope: Any, receive: Any, send: Any) -> None:
-    """uvicorn's Config needs an app to bind a socket; the workers bring their own."""
-
-
-async def _serve_until_stopped(
-    server: uvicorn.Server,
-    running: Callable[[], int],
-    grace: float,
-    where: str,
-    sockets: list[Any] | None = None,
-    parent: int | None = None,
-) -> None:
-    """Serve until SIGINT or SIGTERM (to the process or its whole group, as a terminal's Ctrl-C):
-    one line says what stops and how much is still running, which gets ``grace`` seconds; a second
-    signal stops the process at once, also with one line and no traceback. ``parent``: the parent's
-    sentinel (a worker's): readable once the parent is gone, which stops this process as SIGTERM
-    would."""
-    stopping: list[str] = []
-
-    async def on_orphaned(sentinel: int) -> None:
-        await anyio.wait_readable(sentinel)
-        if not stopping:
-            stopping.append("parent gone")
-            print(f"the parent process is gone: stopping {where}", flush=True)
-            server.should_exit = True
-
-    async def on_signals(*, task_status: TaskStatus[None]) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            task_status.started()
-            async for number in signals:
-                name = signal.Signals(number).name
-                count = running()
-                if stopping:
-                    print(f"{name} again: stopped at once, {_requests(count)} cut off", flush=True)
-                    os._exit(130)  # asked twice: no more waiting for anything
-                stopping.append(name)
-                print(
-                    f"{name}: stopping {where}; {_requests(count)} still running "
-                    f"get up to {grace:g} s (press Ctrl-C again to stop at once)",
-                    flush=True,
-                )
-                server.should_exit = True
-
-    async with anyio.create_task_group() as group:
-        await group.start(on_signals)
-        if parent is not None:
-            group.start_soon(on_orphaned, parent)
-        await server.serve(sockets=sockets)
-        group.cancel_scope.cancel()
-
-
-def _requests(count: int) -> str:
-    return f"{count} request{'' if count == 1 else 's'}"
+    return anyio.run(lambda: register(registration, say=lambda line: print(line, flush=True)))
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -445,7 +305,7 @@ def simulate(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from local_inference_pool.sim.demo import run_demo
 
-    _configure_logging("warning")
+    configure_logging("warning")
     console = Console()
     status = anyio.run(
         lambda: run_demo(
@@ -479,12 +339,6 @@ def demo(args: argparse.Namespace) -> int:
             f"caches; {waits} requests waited for theirs, {moved} moved"
         )
     return 0
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO: a line per health probe. The pool logs what matters of them.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
 
 
 if __name__ == "__main__":

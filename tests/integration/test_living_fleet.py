@@ -19,6 +19,7 @@ from anyio.abc import Process
 from local_inference_pool.gateway.serving import running
 from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
 
+from ..redis_store import Store
 from .test_serve import free_port
 
 pytestmark = pytest.mark.anyio
@@ -229,3 +230,44 @@ async def test_register_joins_a_server_and_removes_it_on_sigint(tmp_path: Path) 
             )
     assert wrong.returncode == 2
     assert b"refused" in wrong.stdout
+
+
+async def test_changes_through_one_process_hold_in_every_process_of_the_fleet(
+    tmp_path: Path, store: Store
+) -> None:
+    """With ``state``: a drain made through one replica holds in the other within a second (it sends
+    no new work there), a backend registered through that other replica is served by the first,
+    and a replica started later starts with both changes."""
+    a, b, c = sims(3)
+    async with running(a) as url_a, running(b) as url_b, running(c) as url_c:
+        config = tmp_path / "pool.toml"
+        config.write_text(
+            config_text({"a": (url_a, 4), "b": (url_b, 4)}).replace(
+                "[pool]\n", f'[pool]\nstate = "{store.url}"\n'
+            )
+        )
+        admin = {"authorization": f"Bearer {ADMIN}"}
+        async with serving_pool(config) as (first, _), serving_pool(config) as (second, _):
+            drained = await first.post("/pool/admin/backends/a/drain", headers=admin)
+            assert drained.json()["admin_state"] in ("draining", "drained")
+            with anyio.fail_after(1):
+                await until(lambda f: f["a"]["admin_state"] != "active", second)
+            before = a.stats.requests
+            for _ in range(8):
+                assert (await second.post("/chat/completions", json=STREAM)).status_code == 200
+            assert a.stats.requests == before
+
+            added = await second.post(
+                "/pool/admin/backends", headers=admin, json={"url": url_c, "name": "c", "ttl": 60}
+            )
+            assert added.status_code == 201, added.text
+            await until(lambda f: "c" in f and f["c"]["health"] == "healthy", first)
+            assert (await fleet(first))["c"]["source"] == "registered"
+
+            async with serving_pool(config) as (third, _):
+                shown = await fleet(third)
+                assert shown["a"]["admin_state"] != "active"
+                assert shown["c"]["source"] == "registered"
+
+            await second.post("/pool/admin/backends/a/undrain", headers=admin)
+            await until(lambda f: f["a"]["admin_state"] == "active", first)

@@ -129,6 +129,7 @@ def _endpoint(call: AdminCall, status: int = 200) -> Callable[[Request], Awaitab
 
 
 async def _list(request: Request, changes: FleetChanges, who: str) -> Any:
+    await changes.catch_up()  # what was changed through another process a moment ago is listed too
     return {"object": "list", "data": changes.backends()}
 
 
@@ -141,19 +142,19 @@ async def _add(request: Request, changes: FleetChanges, who: str) -> Any:
     ttl = entry.pop("ttl", None)
     name = entry.get("name")
     renewal = isinstance(name, str) and any(b["name"] == name for b in changes.backends())
-    return JSONResponse(changes.add(entry, ttl=ttl, who=who), status_code=200 if renewal else 201)
+    return JSONResponse(await changes.add(entry, ttl=ttl, who=who), status_code=200 if renewal else 201)
 
 
 async def _patch(request: Request, changes: FleetChanges, who: str) -> Any:
-    return changes.patch(request.path_params["name"], await _json(request), who=who)
+    return await changes.patch(request.path_params["name"], await _json(request), who=who)
 
 
 async def _drain(request: Request, changes: FleetChanges, who: str) -> Any:
-    return changes.drain(request.path_params["name"], who=who)
+    return await changes.drain(request.path_params["name"], who=who)
 
 
 async def _undrain(request: Request, changes: FleetChanges, who: str) -> Any:
-    return changes.undrain(request.path_params["name"], who=who)
+    return await changes.undrain(request.path_params["name"], who=who)
 
 
 async def _remove(request: Request, changes: FleetChanges, who: str) -> Any:
@@ -162,7 +163,7 @@ async def _remove(request: Request, changes: FleetChanges, who: str) -> Any:
 
 async def _reload(request: Request, changes: FleetChanges, who: str) -> Any:
     reset = request.query_params.get("reset", "false").lower() in ("1", "true", "yes")
-    return await changes.reload(reset=reset, who=who)
+    return await changes.reload(reset=reset, who=who, fleet_wide=True)
 
 
 ADMIN_ROUTES = (

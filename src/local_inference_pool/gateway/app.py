@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
@@ -116,11 +116,21 @@ def create_pool_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool = Pool(config, initial_health=Health.LOADING)
         upstream = (transport or AiohttpTransport)(upstream_limits(config))
-        async with make_client(config, upstream) as client, pool, anyio.create_task_group() as group:
+        async with AsyncExitStack() as stack:
+            client = await stack.enter_async_context(make_client(config, upstream))
+            await stack.enter_async_context(pool)
+            # The fleet's runtime changes, shared with the other processes (``[pool] state``).
+            store = None
+            if config.state is not None:
+                from local_inference_pool.pool.shared_overlay import SharedOverlay  # redis, when used
+
+                store = SharedOverlay(config.state)
+                stack.push_async_callback(store.aclose)
+            group = await stack.enter_async_context(anyio.create_task_group())
             monitor = Monitor(pool, client, config)
             await group.start(monitor.run)
             runtime = Runtime(config, pool, client, upstream, monitor, PoolMetrics(pool))
-            changes = FleetChanges(runtime, source, install_routes)
+            changes = FleetChanges(runtime, source, install_routes, store=store)
             await group.start(changes.run)
             app.state.runtime, app.state.changes = runtime, changes
             try:

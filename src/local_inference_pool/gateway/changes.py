@@ -2,27 +2,30 @@
 admin API's reload), the admin API's own changes, and servers that register themselves.
 
 The config file is the base. What the admin API changes (backends added, changed, removed or
-drained) and what servers register are overlays on it: a reload replaces the base and keeps the
-overlays, unless it is asked to reset them (``POST /pool/admin/reload?reset=true``). Every change
-is validated whole, as the file is, before anything of it applies: an invalid one is refused and
-the fleet serves on as it was.
+drained) and what servers register are overlays on it (``gateway.overlay``): a reload replaces the
+base and keeps the overlays, unless it is asked to reset them (``POST /pool/admin/reload?reset=true``).
+Every change is validated whole, as the file is, before anything of it applies: an invalid one is
+refused and the fleet serves on as it was.
+
+With shared state (``[pool] state``) the overlays live in Redis (``pool.shared_overlay``): a change
+is written there first (compare and set, so concurrent changes through two processes both hold),
+and every process applies it as soon as it hears of it, within a second at worst; a process that
+starts later starts with them. An admin reload asks every process to read its own file again.
 
 Applying a configuration never drops a queued request nor cuts a running one: a backend that is
-removed is drained first (no new lease; its running requests finish, within ``drain_timeout``, after
-which they are cut and their streams continued elsewhere), a changed one is changed in place, and
-the pool's settings hold from its next decision on. The few settings that cannot change while
-serving are named in one warning.
+removed is drained first (``gateway.retirements``), a changed one is changed in place, and the
+pool's settings hold from its next decision on. The few settings that cannot change while serving
+are named in one warning.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -35,8 +38,13 @@ from local_inference_pool.config import (
     backend_with,
 )
 from local_inference_pool.core.scheduler import Health
-from local_inference_pool.errors import ConfigError
+from local_inference_pool.errors import ConfigError, StateUnavailableError
+from local_inference_pool.gateway.overlay import PATCHABLE, Overlay, effective
+from local_inference_pool.gateway.retirements import Retirements
 from local_inference_pool.gateway.runtime import Runtime
+
+if TYPE_CHECKING:
+    from local_inference_pool.pool.shared_overlay import SharedOverlay
 
 __all__ = ["PATCHABLE", "RESTART_KEYS", "ChangeRefused", "FleetChanges"]
 
@@ -52,36 +60,19 @@ RESTART_KEYS = (
     "max_headers",
     "header_timeout",
 )
-PATCHABLE = ("slots", "weight", "models", "kind", "api_key", "max_loaded_models", "cache_tokens")
 MAX_RUNTIME_BACKENDS = 1024  # added or registered at runtime, at most
 MAX_TTL = 86_400.0
-CUT_GRACE = 5.0  # after a drain's end, how long the leases it cut get to be released
+POLL = 0.5  # with shared state: how often the version of the overlays is read besides notices
+COMMIT_TRIES = 16  # a change that loses this many races in a row is refused (409), never lost
 
 
 class ChangeRefused(Exception):
-    """A change that is not applied, with the HTTP status that says why (400, 404, 409)."""
+    """A change that is not applied, with the HTTP status that says why (400, 404, 409, 503)."""
 
     def __init__(self, status: int, message: str, code: str) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
-
-
-@dataclass
-class Overlay:
-    """The runtime changes on top of the config file."""
-
-    added: dict[str, BackendConfig] = field(default_factory=dict)  # through the admin API
-    expires: dict[str, float] = field(default_factory=dict)  # registrations: name -> monotonic end
-    patched: dict[str, dict[str, Any]] = field(default_factory=dict)  # config backends' changes
-    removed: set[str] = field(default_factory=set)  # config backends removed through the admin API
-    drained: set[str] = field(default_factory=set)
-
-
-@dataclass
-class _Retiring:
-    scope: anyio.CancelScope
-    done: anyio.Event = field(default_factory=anyio.Event)
 
 
 class FleetChanges:
@@ -91,21 +82,23 @@ class FleetChanges:
         source: ConfigSource | None,
         install_routes: Callable[[PoolConfig], None],
         *,
-        clock: Callable[[], float] = time.monotonic,
+        store: SharedOverlay | None = None,
         wall: Callable[[], float] = time.time,
     ) -> None:
+        """``store``: the fleet's shared overlays (with ``[pool] state``), or None for one process."""
         self._runtime = runtime
         self._source = source
         self._install_routes = install_routes
-        self._clock = clock
+        self._store = store
         self._wall = wall
         self._base = runtime.config
         self._overlay = Overlay()
-        self._retiring: dict[str, _Retiring] = {}
-        self._drain_ends: dict[str, anyio.CancelScope] = {}
+        self._version = 0  # of the shared overlay this process applied
+        self._retirements = Retirements(runtime)
         self._group: TaskGroup | None = None
         self._expiry_changed = anyio.Event()
         self._reloading = anyio.Lock()
+        self._committing = anyio.Lock()
         for backend in runtime.config.backends:
             self._annotate(backend.name)
 
@@ -115,18 +108,33 @@ class FleetChanges:
         return self._base
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run drains and retirements, and end registrations that are not renewed; until cancelled."""
+        """Run drains and retirements, follow the fleet's shared overlays (from their current
+        state: read before this is started) and end registrations that are not renewed; until
+        cancelled."""
         async with anyio.create_task_group() as group:
             self._group = group
-            task_status.started()
-            await self._expire_registrations()
+            self._retirements.run_in(group)
+            try:
+                if self._store is not None:
+                    await self._join(self._store)
+                    group.start_soon(self._follow, self._store)
+                task_status.started()
+                await self._expire_registrations()
+            finally:
+                self._group = None
+                self._retirements.run_in(None)
 
     # --- the config file -------------------------------------------------------------------
 
-    async def reload(self, *, reset: bool = False, who: str = "SIGHUP") -> dict[str, Any]:
-        """Read the config file again and apply it; ``reset`` drops the runtime overlays too.
-        Raises ``ChangeRefused`` (the old configuration keeps serving) when it is invalid."""
-        if self._source is None:
+    async def reload(
+        self, *, reset: bool = False, who: str = "SIGHUP", fleet_wide: bool = False
+    ) -> dict[str, Any]:
+        """Read the config file again and apply it; ``reset`` drops the runtime overlays too (for
+        the whole fleet, with shared state). ``fleet_wide`` (the admin API's reload) asks every
+        process of the fleet to read its file too. Raises ``ChangeRefused`` (the old configuration
+        keeps serving) when it is invalid."""
+        source = self._source
+        if source is None:
             raise ChangeRefused(
                 409,
                 "this pool was not started from a config file: there is nothing to reload "
@@ -135,40 +143,41 @@ class FleetChanges:
             )
         async with self._reloading:
             try:
-                new = await anyio.to_thread.run_sync(self._source.load)
-                overlay = Overlay() if reset else self._overlay
-                effective = self._effective(new, overlay)
+                new = await anyio.to_thread.run_sync(source.load)
+                effective(new, Overlay() if reset else self._overlay)
             except ConfigError as exc:
-                logger.error(
-                    "reload of %s refused: %s; the running configuration keeps serving", self._source, exc
-                )
-                raise ChangeRefused(400, f"{self._source}: {exc}", "invalid_config") from None
-            restart = [key for key in RESTART_KEYS if getattr(new, key) != getattr(self._base, key)]
-            old_base, self._base = self._base, new
-            if reset:
-                self._overlay = overlay
-                for scope in self._drain_ends.values():
-                    scope.cancel()
-                self._expiry_changed.set()
-            summary = self._apply(effective)
-            logger.info(
-                "%s: reloaded %s%s: %s",
-                who,
+                logger.error("reload of %s refused: %s; the running configuration keeps serving", source, exc)
+                raise ChangeRefused(400, f"{source}: {exc}", "invalid_config") from None
+            if reset or (fleet_wide and self._store is not None):
+                await self._commit(lambda o: Overlay(reloads=o.reloads + 1) if reset else o.with_reload())
+            return self._reload_with(new, reset, who)
+
+    def _reload_with(self, new: PoolConfig, reset: bool, who: str) -> dict[str, Any]:
+        try:
+            wanted = effective(new, self._overlay)
+        except ConfigError as exc:  # the overlay changed meanwhile, and does not fit the new file
+            raise ChangeRefused(400, f"{self._source}: {exc}", "invalid_config") from None
+        restart = [key for key in RESTART_KEYS if getattr(new, key) != getattr(self._base, key)]
+        old_base, self._base = self._base, new
+        summary = self._apply(wanted)
+        logger.info(
+            "%s: reloaded %s%s: %s",
+            who,
+            self._source,
+            " (runtime changes reset)" if reset else "",
+            _summary_line(summary, old_base != new),
+        )
+        if restart:
+            logger.warning(
+                "reload of %s: %s changed but take effect only after a restart",
                 self._source,
-                " (runtime changes reset)" if reset else "",
-                _summary_line(summary, old_base != new),
+                ", ".join(restart),
             )
-            if restart:
-                logger.warning(
-                    "reload of %s: %s changed but take effect only after a restart",
-                    self._source,
-                    ", ".join(restart),
-                )
-            return {**summary, "restart_needed": restart, "reset": reset}
+        return {**summary, "restart_needed": restart, "reset": reset}
 
     # --- the admin API ---------------------------------------------------------------------
 
-    def add(self, entry: Any, *, ttl: Any = None, who: str) -> dict[str, Any]:
+    async def add(self, entry: Any, *, ttl: Any = None, who: str) -> dict[str, Any]:
         """Add a backend (or, for a registration, renew it): ``entry`` has the keys of a
         ``[[backends]]`` entry; ``ttl`` seconds for a registration that must be renewed."""
         if ttl is not None and (
@@ -177,78 +186,66 @@ class FleetChanges:
             raise ChangeRefused(
                 400, f"ttl: expected seconds from 1 to {MAX_TTL:g}, or none", "invalid_backend"
             )
-        backend = self._checked(lambda: backend_from_dict(entry, "backend"))
-        name, overlay = backend.name, self._overlay
-        configured = {b.name: b for b in self._base.backends}
-        if name in configured or backend.url in {b.url for b in self._base.backends}:
-            raise ChangeRefused(
-                409,
-                f"the backend {name!r} ({backend.url}) is in the config file, or its URL is: "
-                "change it there, or with PATCH",
-                "backend_configured",
-            )
-        renewal = overlay.added.get(name)
-        if renewal is None and len(overlay.added) >= MAX_RUNTIME_BACKENDS:
-            raise ChangeRefused(
-                409, f"at most {MAX_RUNTIME_BACKENDS} backends may be added at runtime", "too_many_backends"
-            )
-        added = {**overlay.added, name: backend}
-        effective = self._checked(
-            lambda: self._effective(self._base, dataclasses.replace(overlay, added=added))
-        )
-        overlay.added[name] = backend
-        if ttl is None:
-            overlay.expires.pop(name, None)
-        else:
-            overlay.expires[name] = self._clock() + float(ttl)
-            self._expiry_changed.set()
-        self._apply(effective)
-        if renewal is None or renewal != backend:
+        backend: BackendConfig = self._checked(lambda: backend_from_dict(entry, "backend"))
+        name = backend.name
+        stored = {**(entry if isinstance(entry, Mapping) else {"url": entry}), "name": name}
+
+        def change(overlay: Overlay) -> Overlay | None:
+            if name in {b.name for b in self._base.backends} or backend.url in {
+                b.url for b in self._base.backends
+            }:
+                raise ChangeRefused(
+                    409,
+                    f"the backend {name!r} ({backend.url}) is in the config file, or its URL is: "
+                    "change it there, or with PATCH",
+                    "backend_configured",
+                )
+            if name not in overlay.added and len(overlay.added) >= MAX_RUNTIME_BACKENDS:
+                raise ChangeRefused(
+                    409,
+                    f"at most {MAX_RUNTIME_BACKENDS} backends may be added at runtime",
+                    "too_many_backends",
+                )
+            expires = None if ttl is None else self._wall() + float(ttl)
+            return self._validated(overlay.with_added(name, stored, expires))
+
+        renewal = self._overlay.added.get(name) == stored
+        await self._commit(change)
+        self._expiry_changed.set()
+        if not renewal:
             what = "registered" if ttl is not None else "added"
             logger.info("%s %s backend %s (%s)%s", who, what, name, backend.url, _ttl(ttl))
         return self.describe(name)
 
-    def patch(self, name: str, changes: Any, *, who: str) -> dict[str, Any]:
+    async def patch(self, name: str, changes: Any, *, who: str) -> dict[str, Any]:
         """Change a backend's slots, weight, models, kind or key (and its other patchable keys)."""
-        overlay = self._overlay
-        current = self._wanted(name)
-        backend = self._checked(lambda: backend_with(current, changes, "backend", PATCHABLE))
-        patched = dict(overlay.patched)
-        added = dict(overlay.added)
-        if name in added:
-            added[name] = backend
-        else:
-            patched[name] = {**patched.get(name, {}), **dict(changes)}
-        trial = dataclasses.replace(overlay, added=added, patched=patched)
-        effective = self._checked(lambda: self._effective(self._base, trial))
-        overlay.added, overlay.patched = added, patched
-        self._apply(effective)
+
+        def change(overlay: Overlay) -> Overlay:
+            current = self._wanted(name, overlay)
+            self._checked(lambda: backend_with(current, changes, "backend", PATCHABLE))
+            return self._validated(overlay.with_patch(name, dict(changes)))
+
+        await self._commit(change)
         logger.info("%s changed backend %s: %s", who, name, ", ".join(sorted(changes)))
         return self.describe(name)
 
-    def drain(self, name: str, *, who: str) -> dict[str, Any]:
-        self._wanted(name)
-        self._overlay.drained.add(name)
-        self._apply(self._effective(self._base, self._overlay))
+    async def drain(self, name: str, *, who: str) -> dict[str, Any]:
+        await self._commit(lambda overlay: self._known(name, overlay).with_drained(name, True))
         logger.info("%s drains backend %s", who, name)
         return self.describe(name)
 
-    def undrain(self, name: str, *, who: str) -> dict[str, Any]:
-        self._wanted(name)
-        self._overlay.drained.discard(name)
-        self._apply(self._effective(self._base, self._overlay))
+    async def undrain(self, name: str, *, who: str) -> dict[str, Any]:
+        await self._commit(lambda overlay: self._known(name, overlay).with_drained(name, False))
         logger.info("%s returned backend %s to service", who, name)
         return self.describe(name)
 
     async def remove(self, name: str, *, who: str) -> dict[str, Any]:
-        """Take a backend out: drained first; answers once it is gone (at most ``drain_timeout``
-        and a short grace for the requests cut then)."""
-        self._wanted(name)
-        self._unlist(name)
-        retiring = self._retiring.get(name)
+        """Take a backend out: drained first; answers once it is gone from this process (at most
+        ``drain_timeout`` and a short grace for the requests cut then). With shared state every
+        other process drains and removes it the same way."""
+        await self._commit(lambda overlay: self._known(name, overlay).without(name))
         logger.info("%s removes backend %s", who, name)
-        if retiring is not None:  # a caller that leaves stops only its wait: the removal goes on
-            await retiring.done.wait()
+        await self._retirements.removed(name)  # a caller that leaves stops its wait, not the removal
         return {"name": name, "removed": name not in self._runtime.pool.backends}
 
     def backends(self) -> list[dict[str, Any]]:
@@ -275,23 +272,55 @@ class FleetChanges:
         )
         return {key: shown.get(key) for key in keys}
 
-    # --- applying --------------------------------------------------------------------------
+    # --- committing a change ---------------------------------------------------------------
 
-    def _wanted(self, name: str) -> BackendConfig:
+    async def _commit(self, change: Callable[[Overlay], Overlay | None]) -> None:
+        """Make ``change`` of the overlay (None: nothing to change), validated, and apply it. With
+        shared state it is written to the store first, against the version this process holds;
+        when another process wrote meanwhile, its overlay is applied here and ``change`` made
+        again on it. Raises ``ChangeRefused``."""
+        store = self._store
+        async with self._committing:
+            if store is None:
+                wanted = change(self._overlay)
+                if wanted is not None:
+                    self._adopt(wanted)
+                return
+            for _ in range(COMMIT_TRIES):
+                wanted = change(self._overlay)
+                if wanted is None:
+                    return
+                try:
+                    written, version, doc = await store.write(self._version, wanted.to_json())
+                except StateUnavailableError as exc:
+                    raise ChangeRefused(503, str(exc), "state_unavailable") from None
+                except ValueError as exc:
+                    raise ChangeRefused(409, str(exc), "too_many_changes") from None
+                if written:
+                    if version > self._version:  # else a newer one, ours in it, is applied already
+                        self._version = version
+                        self._adopt(wanted)
+                    return
+                self._take_shared(version, doc)
+        raise ChangeRefused(
+            409, "the fleet was changed concurrently too often to apply this change; try again", "conflict"
+        )
+
+    def _validated(self, overlay: Overlay) -> Overlay:
+        self._checked(lambda: effective(self._base, overlay))
+        return overlay
+
+    def _wanted(self, name: str, overlay: Overlay) -> BackendConfig:
         """The backend's configuration as wanted now; 404 when there is no such backend."""
-        for backend in self._effective(self._base, self._overlay).backends:
+        for backend in effective(self._base, overlay).backends:
             if backend.name == name:
                 return backend
         raise ChangeRefused(404, f"no backend named {name[:128]!r}", "backend_not_found")
 
-    def _unlist(self, name: str) -> None:
-        overlay = self._overlay
-        if overlay.added.pop(name, None) is None:
-            overlay.removed.add(name)
-        overlay.expires.pop(name, None)
-        overlay.patched.pop(name, None)
-        overlay.drained.discard(name)
-        self._apply(self._effective(self._base, overlay))
+    def _known(self, name: str, overlay: Overlay) -> Overlay:
+        """``overlay``, once the backend is known to be in it; 404 when not."""
+        self._wanted(name, overlay)
+        return overlay
 
     def _checked(self, make: Callable[[], Any]) -> Any:
         try:
@@ -299,37 +328,105 @@ class FleetChanges:
         except (ConfigError, TypeError, ValueError) as exc:
             raise ChangeRefused(400, str(exc), "invalid_backend") from None
 
-    def _effective(self, base: PoolConfig, overlay: Overlay) -> PoolConfig:
-        """The configuration to serve: the base with the overlays, validated whole."""
-        backends: list[BackendConfig] = []
-        for backend in base.backends:
-            if backend.name in overlay.removed:
-                continue
-            changes = overlay.patched.get(backend.name)
-            if changes:
-                backend = backend_with(backend, changes, f"backends[{backend.name!r}]", PATCHABLE)
-            backends.append(backend)
-        configured = {b.name for b in base.backends}
-        for name, backend in overlay.added.items():
-            if name in configured:
-                continue  # a reload named it in the file: the file wins
-            backends.append(backend)
-        return dataclasses.replace(base, backends=tuple(backends))
+    # --- the fleet's shared overlays -------------------------------------------------------
 
-    def _apply(self, effective: PoolConfig) -> dict[str, list[str]]:
-        """Make the running fleet what ``effective`` says. Synchronous: no request sees half of it."""
+    async def catch_up(self) -> None:
+        """Apply the fleet's shared overlays as the store has them now: what following them does
+        by itself within ``POLL`` seconds, for a caller that must know it is done (the admin API's
+        reads, tests). Raises ``ChangeRefused`` (503) when the store cannot be reached."""
+        if self._store is None:
+            return
+        try:
+            self._take_shared(*await self._store.read())
+        except StateUnavailableError as exc:
+            raise ChangeRefused(503, str(exc), "state_unavailable") from None
+
+    async def _join(self, store: SharedOverlay) -> None:
+        """Start with the fleet's current overlays; without the store, with none (logged)."""
+        try:
+            with anyio.fail_after(5):
+                version, doc = await store.read()
+        except (StateUnavailableError, TimeoutError) as exc:
+            logger.warning("the fleet's runtime changes cannot be read now (%s); following them later", exc)
+            return
+        self._take_shared(version, doc)
+
+    async def _follow(self, store: SharedOverlay) -> None:
+        """Apply every version of the shared overlays another process writes; write ours back to
+        a store that lost it (restarted without persistence)."""
+        reachable = True
+        while True:
+            try:
+                async for version in store.versions(POLL):
+                    if version > self._version:
+                        self._take_shared(*await store.read())
+                    elif version < self._version:
+                        await self._restore(store)
+                    if not reachable:
+                        logger.warning("the fleet's runtime changes are followed again")
+                        reachable = True
+            except StateUnavailableError as exc:
+                if reachable:
+                    logger.warning("the fleet's runtime changes cannot be followed now: %s", exc)
+                    reachable = False
+            await anyio.sleep(POLL)  # a pause before connecting again, not a synchronisation
+
+    async def _restore(self, store: SharedOverlay) -> None:
+        async with self._committing:
+            written, version, doc = await store.write(0, self._overlay.to_json())
+            if written:
+                logger.warning("the store had lost the fleet's runtime changes: written back")
+                self._version = version
+            else:
+                self._take_shared(version, doc)
+
+    def _take_shared(self, version: int, doc: str | None) -> None:
+        """Apply the shared overlay at ``version`` (one this process did not write)."""
+        if version <= self._version:
+            return
+        self._version = version
+        try:
+            overlay = Overlay() if doc is None else Overlay.from_json(doc)
+            effective(self._base, overlay)
+        except (ConfigError, TypeError, ValueError) as exc:
+            logger.error(
+                "the fleet's runtime changes (version %d) do not apply here: %s; serving as before",
+                version,
+                exc,
+            )
+            return
+        reload_asked = overlay.reloads > self._overlay.reloads
+        self._overlay = overlay
+        summary = self._apply(effective(self._base, overlay))
+        self._expiry_changed.set()
+        logger.info(
+            "applied the fleet's runtime changes (version %d): %s", version, _summary_line(summary, False)
+        )
+        if reload_asked and self._group is not None and self._source is not None:
+            self._group.start_soon(self._reload_asked)
+
+    async def _reload_asked(self) -> None:
+        # A refused reload is logged by ``reload``; this process serves on as it was.
+        with contextlib.suppress(ChangeRefused):
+            await self.reload(who="a reload asked through another process")
+
+    # --- applying --------------------------------------------------------------------------
+
+    def _adopt(self, overlay: Overlay) -> None:
+        self._overlay = overlay
+        self._apply(effective(self._base, overlay))
+
+    def _apply(self, wanted: PoolConfig) -> dict[str, list[str]]:
+        """Make the running fleet what ``wanted`` says. Synchronous: no request sees half of it."""
         runtime, pool = self._runtime, self._runtime.pool
-        pool.reconfigure(effective)
-        runtime.reconfigure(effective)
-        self._install_routes(effective)
+        pool.reconfigure(wanted)
+        runtime.reconfigure(wanted)
+        self._install_routes(wanted)
         current = {backend.name: backend for backend in pool.backends.configs()}
         summary: dict[str, list[str]] = {"added": [], "changed": [], "removed": []}
-        for name, backend in {b.name: b for b in effective.backends}.items():
+        for name, backend in {b.name: b for b in wanted.backends}.items():
             old = current.pop(name, None)
-            retiring = self._retiring.pop(name, None)
-            if retiring is not None:  # wanted again while it drained: it stays
-                retiring.scope.cancel()
-                retiring.done.set()
+            self._retirements.keep(name)
             if old is None:
                 pool.add_backend(backend, health=Health.LOADING)
                 runtime.monitor.watch(backend)
@@ -337,11 +434,11 @@ class FleetChanges:
             elif backend != old:
                 self._change(old, backend)
                 summary["changed"].append(name)
-            self._set_draining(name, name in self._overlay.drained)
+            self._retirements.set_draining(name, name in self._overlay.drained)
             self._annotate(name)
         for name in current:
-            if name not in self._retiring:
-                self._retire(name)
+            if not self._retirements.retiring(name):
+                self._retirements.retire(name)
                 summary["removed"].append(name)
         return summary
 
@@ -372,97 +469,37 @@ class FleetChanges:
     def _annotate(self, name: str) -> None:
         overlay = self._overlay
         until = overlay.expires.get(name)
-        source = "config" if name not in overlay.added else "registered" if until is not None else "admin"
         self._runtime.pool.annotate(
             name,
-            source=source,
-            registered_until=None if until is None else _iso(self._wall() + until - self._clock()),
+            source=overlay.source(name),
+            registered_until=None if until is None else _iso(until),
             changed_at_runtime=sorted(overlay.patched.get(name, {})),
         )
-
-    # --- drains ----------------------------------------------------------------------------
-
-    def _set_draining(self, name: str, draining: bool) -> None:
-        pool = self._runtime.pool
-        if draining == pool.scheduler.backends[name].draining:
-            return
-        if not draining:
-            scope = self._drain_ends.pop(name, None)
-            if scope is not None:
-                scope.cancel()
-            pool.undrain(name)
-            return
-        pool.drain(name)
-        if self._group is not None:
-            scope = self._drain_ends[name] = anyio.CancelScope()
-            self._group.start_soon(self._end_drain, name, scope)
-
-    async def _end_drain(self, name: str, scope: anyio.CancelScope) -> None:
-        with scope:
-            await self._bounded_drain(name)
-        if self._drain_ends.get(name) is scope:
-            del self._drain_ends[name]
-
-    async def _bounded_drain(self, name: str) -> None:
-        """Wait for the backend to be drained, at most ``drain_timeout``; then cut what still runs."""
-        pool = self._runtime.pool
-        timeout = self._runtime.config.drain_timeout
-        if await pool.wait_drained(name, timeout):
-            logger.info("backend %s is drained", name)
-            return
-        cut = pool.cut(name)
-        logger.warning(
-            "backend %s: drain_timeout (%gs) passed; cut %d running request(s), continued elsewhere "
-            "where they can be",
-            name,
-            timeout,
-            cut,
-        )
-        await pool.wait_drained(name, CUT_GRACE)
-
-    def _retire(self, name: str) -> None:
-        """Drain the backend, then take it out of the pool (in the background)."""
-        pool = self._runtime.pool
-        if name in pool.scheduler.backends:
-            pool.drain(name)
-        scope = self._drain_ends.pop(name, None)
-        if scope is not None:
-            scope.cancel()
-        retiring = self._retiring[name] = _Retiring(anyio.CancelScope())
-        if self._group is None:
-            self._remove_now(name, retiring)
-        else:
-            self._group.start_soon(self._retirement, name, retiring)
-
-    async def _retirement(self, name: str, retiring: _Retiring) -> None:
-        try:
-            with retiring.scope:
-                await self._bounded_drain(name)
-                self._remove_now(name, retiring)
-        finally:
-            retiring.done.set()  # removed, wanted again, or the pool is stopping
-
-    def _remove_now(self, name: str, retiring: _Retiring) -> None:
-        if self._retiring.get(name) is not retiring:
-            return  # wanted again meanwhile
-        del self._retiring[name]
-        self._runtime.monitor.forget(name)
-        self._runtime.pool.remove_backend(name)
-        logger.info("backend %s removed from the pool", name)
-        retiring.done.set()
 
     # --- registrations ---------------------------------------------------------------------
 
     async def _expire_registrations(self) -> None:
-        overlay = self._overlay
+        """End the registrations that were not renewed in time (any process of the fleet may: the
+        first one's change holds, the others find nothing left to do)."""
         while True:
-            now = self._clock()
+            now = self._wall()
             for name in [n for n, until in self._overlay.expires.items() if until <= now]:
-                logger.warning("registration of backend %s was not renewed: draining and removing it", name)
-                self._unlist(name)
-            overlay = self._overlay
-            soonest = min(overlay.expires.values(), default=math.inf)
-            with anyio.move_on_after(max(0.0, soonest - self._clock())):
+
+                def change(overlay: Overlay, name: str = name) -> Overlay | None:
+                    expired = overlay.expires.get(name, math.inf) <= self._wall()
+                    return overlay.without(name) if expired else None
+
+                try:
+                    await self._commit(change)
+                except ChangeRefused as refused:  # the store is away: tried again on the next pass
+                    logger.warning("registration of backend %s could not be ended: %s", name, refused)
+                    continue
+                if name not in self._overlay.added:
+                    logger.warning(
+                        "registration of backend %s was not renewed: draining and removing it", name
+                    )
+            soonest = min(self._overlay.expires.values(), default=math.inf)
+            with anyio.move_on_after(max(0.5, soonest - self._wall())):
                 await self._expiry_changed.wait()
             self._expiry_changed = anyio.Event()
 

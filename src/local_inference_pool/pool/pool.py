@@ -415,6 +415,8 @@ class Pool:
         for backend in state["backends"]:
             backend.update(self.backends.describe(backend["name"]))
             backend.update(self.fleet.backend_view(backend["name"]))
+            if backend["admin_state"] == "drained" and backend.get("fleet_leases"):
+                backend["admin_state"] = "draining"  # drained here, but other processes still run on it
         state["closed"] = self._closed
         state["shared_state"] = self.fleet.status()
         return state

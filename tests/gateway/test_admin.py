@@ -331,3 +331,15 @@ async def test_reload_without_a_config_file_is_409() -> None:
         answer = await client.post("/pool/admin/reload", headers=ADMIN)
     assert answer.status_code == 409
     assert json.loads(answer.text)["error"]["code"] == "no_config_file"
+
+
+async def test_an_admin_key_reads_the_status_and_is_told_it_is_one() -> None:
+    fleet = Fleet(a=FakeBackend())
+    async with admin_client(fleet) as client:
+        as_admin = await client.get("/pool/status", headers=ADMIN)
+        as_user = await client.get("/pool/status")
+        asked = await client.get("/pool/dashboard?admin")
+    assert (as_admin.status_code, as_admin.json()["admin"]) == (200, True)
+    assert (as_user.status_code, as_user.json()["admin"]) == (200, False)
+    assert asked.status_code == 401
+    assert asked.headers["www-authenticate"].startswith("Basic")

@@ -104,3 +104,60 @@ async def test_dashboard_shows_twenty_backends_and_updates_when_a_request_runs()
             finally:
                 await browser.close()
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+async def test_opened_with_an_admin_key_the_dashboard_drains_and_undrains_a_backend() -> None:
+    """``?admin``: the browser asks for the admin key (sent as the Basic password), and each card
+    offers drain or undrain. Opened with a user key, there are no buttons."""
+    from playwright.async_api import async_playwright
+
+    executable = chromium()
+    sims = [SimulatedBackend(SimulatorConfig(models=("sim",), slots=2)) for _ in range(2)]
+    fleet = Starlette(routes=[Mount(f"/b{i}", sim) for i, sim in enumerate(sims)])
+    async with running(fleet) as fleet_url:
+        config = PoolConfig(
+            backends=tuple(BackendConfig(url=f"{fleet_url}/b{i}", name=f"gpu{i}") for i in range(2)),
+            health_interval=0.5,
+            api_keys=("user-key",),
+            admin_keys=("admin-secret",),
+        )
+        async with running(create_standalone_app(config)) as url, async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+            try:
+                as_user = await browser.new_context(
+                    http_credentials={"username": "me", "password": "user-key"}
+                )
+                page = await as_user.new_page()
+                await page.goto(f"{url}/v1/pool/")
+                await page.wait_for_function("document.querySelectorAll('.card').length === 2")
+                assert await page.locator(".card button").count() == 0
+                refused = await page.goto(f"{url}/v1/pool/dashboard?admin")
+                assert refused is not None
+                assert refused.status == 401
+
+                as_admin = await browser.new_context(
+                    http_credentials={"username": "me", "password": "admin-secret"}
+                )
+                page = await as_admin.new_page()
+                problems: list[str] = []
+                page.on("pageerror", lambda e: problems.append(str(e)))
+                await page.goto(f"{url}/v1/pool/dashboard?admin")
+                await page.wait_for_function("document.querySelectorAll('.card button').length === 2")
+                card = page.locator('.card[data-backend="gpu1"]')
+                await card.locator("button[data-action=drain]").click()
+                await page.wait_for_function(
+                    "document.querySelector('.card[data-backend=gpu1]').dataset.adminState !== 'active'"
+                )
+                assert await card.locator(".badge.drained, .badge.draining").count() == 1
+                async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as client:
+                    status = await client.get("/v1/pool/status", headers={"authorization": "Bearer user-key"})
+                    shown = {b["name"]: b["admin_state"] for b in status.json()["backends"]}
+                    assert shown == {"gpu0": "active", "gpu1": "drained"}
+                    assert status.json()["admin"] is False
+                await card.locator("button[data-action=undrain]").click()
+                await page.wait_for_function(
+                    "document.querySelector('.card[data-backend=gpu1]').dataset.adminState === 'active'"
+                )
+                assert problems == []
+            finally:
+                await browser.close()

@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 from local_inference_pool.config import ConfigSource, PoolConfig
 from local_inference_pool.core.scheduler import Health
 from local_inference_pool.errors import InvalidRequestError, PoolError
-from local_inference_pool.gateway.admin import ADMIN_ROUTES
+from local_inference_pool.gateway.admin import ADMIN_ROUTES, admin_holder
 from local_inference_pool.gateway.changes import FleetChanges
 from local_inference_pool.gateway.dialects import ANTHROPIC, OPENAI, Dialect
 from local_inference_pool.gateway.inbound import (
@@ -426,13 +426,26 @@ async def _models(request: Request) -> Response:
 
 
 def _observer(request: Request) -> Runtime | Response:
-    """The runtime, for status, metrics and the dashboard: open when ``public_status`` is set."""
+    """The runtime, for status, metrics and the dashboard: open when ``public_status`` is set, and
+    to a user key or an admin key."""
     runtime = _runtime(request)
     if isinstance(runtime, Response):
         return runtime
-    if not runtime.config.public_status and not _authorized(request, runtime.config, browser=True):
-        return _unauthorized(browser=True)
-    return runtime
+    config = runtime.config
+    if config.public_status or _authorized(request, config, browser=True) or _as_admin(request, config):
+        return runtime
+    return _unauthorized(browser=True)
+
+
+def _as_admin(request: Request, config: PoolConfig) -> bool:
+    """Whether the request carries an admin key (Bearer, or a browser's Basic password)."""
+    if not config.admin_keys:
+        return False
+    try:
+        header = authorization(request.scope["headers"])
+    except PoolError:
+        return False
+    return admin_holder(header, config) is not None
 
 
 async def _status(request: Request) -> Response:
@@ -446,7 +459,9 @@ async def _status(request: Request) -> Response:
     if snapshot["shared_state"] is not None:
         with anyio.move_on_after(2):  # a status page never hangs on the store
             snapshot["shared_state"]["processes"] = await runtime.pool.processes()
-    return JSONResponse({**snapshot, "traffic": runtime.metrics.traffic()})
+    # The dashboard offers drain and undrain to an admin (the admin API checks the key again).
+    admin = _as_admin(request, runtime.config)
+    return JSONResponse({**snapshot, "traffic": runtime.metrics.traffic(), "admin": admin})
 
 
 async def _metrics(request: Request) -> Response:
@@ -460,6 +475,12 @@ async def _dashboard(request: Request) -> Response:
     runtime = _observer(request)
     if isinstance(runtime, Response):
         return runtime
+    if "admin" in request.query_params and not _as_admin(request, runtime.config):
+        # ``?admin``: the browser asks for an admin key (as the password), and the page, whose
+        # requests then carry it, offers the admin's buttons.
+        response = _unauthorized(browser=True)
+        response.headers["www-authenticate"] = 'Basic realm="local-inference-pool admin"'
+        return response
     page = (
         resources.files("local_inference_pool.gateway")
         .joinpath("dashboard/index.html")

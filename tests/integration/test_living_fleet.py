@@ -161,8 +161,8 @@ async def test_sighup_reloads_and_an_invalid_file_keeps_the_old_configuration(tm
             await until(lambda f: f["a"]["slots"] == 3, client)
             answer = await client.post("/chat/completions", json=STREAM)
     assert answer.status_code == 200
-    log = config.with_suffix(".log").read_text()
-    refused = [line for line in log.splitlines() if "refused" in line]
+    logged = config.with_suffix(".log").read_text()
+    refused = [line for line in logged.splitlines() if "refused" in line]
     assert len(refused) == 1
     assert "pool.queue_limit" in refused[0]
     assert str(config) in refused[0]

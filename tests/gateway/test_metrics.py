@@ -192,3 +192,20 @@ def test_llama_cpps_timings_are_read_from_a_streams_last_chunk() -> None:
     )
     sniffer.finish()
     assert sniffer.timings == {"cache_n": 7, "prompt_n": 3}
+
+
+@pytest.mark.anyio
+async def test_the_readme_lists_every_metric() -> None:
+    """The README's metrics reference is checked against the registry, as the config keys are.
+    With shared state more are exported (listed in Scale out); here, every one of one process."""
+    from pathlib import Path
+
+    from local_inference_pool import Pool
+    from local_inference_pool.gateway.metrics import PoolMetrics
+
+    readme = (Path(__file__).parent.parent.parent / "README.md").read_text()
+    async with Pool(Fleet(a=FakeBackend()).config()) as pool:
+        names = {family.name for family in PoolMetrics(pool).registry.collect()}
+    missing = sorted(name for name in names if f"`{name}" not in readme)
+    assert names
+    assert missing == []

@@ -63,6 +63,7 @@ RESTART_KEYS = (
 MAX_RUNTIME_BACKENDS = 1024  # added or registered at runtime, at most
 MAX_TTL = 86_400.0
 POLL = 0.5  # with shared state: how often the version of the overlays is read besides notices
+EXPIRY_RETRY = 5.0  # seconds before trying again to end a registration the store did not take
 COMMIT_TRIES = 16  # a change that loses this many races in a row is refused (409), never lost
 
 
@@ -482,6 +483,7 @@ class FleetChanges:
         """End the registrations that were not renewed in time (any process of the fleet may: the
         first one's change holds, the others find nothing left to do)."""
         while True:
+            pause = 0.0
             now = self._wall()
             for name in [n for n, until in self._overlay.expires.items() if until <= now]:
 
@@ -491,15 +493,16 @@ class FleetChanges:
 
                 try:
                     await self._commit(change)
-                except ChangeRefused as refused:  # the store is away: tried again on the next pass
+                except ChangeRefused as refused:  # the store is away: tried again a little later
                     logger.warning("registration of backend %s could not be ended: %s", name, refused)
+                    pause = EXPIRY_RETRY
                     continue
                 if name not in self._overlay.added:
                     logger.warning(
                         "registration of backend %s was not renewed: draining and removing it", name
                     )
             soonest = min(self._overlay.expires.values(), default=math.inf)
-            with anyio.move_on_after(max(0.5, soonest - self._wall())):
+            with anyio.move_on_after(max(pause, soonest - self._wall())):
                 await self._expiry_changed.wait()
             self._expiry_changed = anyio.Event()
 

@@ -396,13 +396,19 @@ class FleetChanges:
                 exc,
             )
             return
-        reload_asked = overlay.reloads > self._overlay.reloads
-        self._overlay = overlay
+        previous, self._overlay = self._overlay, overlay
         summary = self._apply(effective(self._base, overlay))
         self._expiry_changed.set()
-        logger.info(
-            "applied the fleet's runtime changes (version %d): %s", version, _summary_line(summary, False)
+        for name in sorted(overlay.drained ^ previous.drained):
+            summary.setdefault("drained" if name in overlay.drained else "undrained", []).append(name)
+        # A renewed registration writes a version that changes nothing here: not worth a line.
+        logger.log(
+            logging.INFO if any(summary.values()) else logging.DEBUG,
+            "applied the fleet's runtime changes (version %d): %s",
+            version,
+            _summary_line(summary, False),
         )
+        reload_asked = overlay.reloads > previous.reloads
         if reload_asked and self._group is not None and self._source is not None:
             self._group.start_soon(self._reload_asked)
 

@@ -7,16 +7,16 @@ file is a public contract: README.md documents every key listed in POOL_KEYS and
 from __future__ import annotations
 
 import difflib
-import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
+from local_inference_pool import config_values as values
 from local_inference_pool.errors import ConfigError
 
 __all__ = [
@@ -146,7 +146,7 @@ class KeyConfig:
             secret = os.environ.get(self.key_env)
             if not secret:
                 raise ConfigError(f"{where}.key_env: the environment variable {self.key_env!r} is not set")
-            object.__setattr__(self, "key", _key(f"{where}.key_env", secret))
+            object.__setattr__(self, "key", values.key(f"{where}.key_env", secret))
         if self.priority > self.max_priority:
             raise ConfigError(
                 f"{where}.priority: {self.priority} is above its max_priority {self.max_priority}"
@@ -272,92 +272,13 @@ def load_config(
 
 # --- field specifications -------------------------------------------------------------------
 
-Parser = Callable[[str, Any], Any]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _int_at_least(minimum: int) -> Parser:
-    def parse(where: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{where}: {value!r} is not allowed; expected an integer >= {minimum}")
-        return value
-
-    return parse
-
-
-def _number(*, positive: bool, optional: bool = False) -> Parser:
-    allowed = "a number > 0" if positive else "a number >= 0"
-    if optional:
-        allowed += " (omit it for no limit)"
-
-    def parse(where: str, value: Any) -> float | None:
-        if value is None and optional:
-            return None
-        if not _is_number(value) or value < 0 or (positive and value == 0):
-            raise ConfigError(f"{where}: {value!r} is not allowed; expected {allowed}")
-        return float(value)
-
-    return parse
-
-
-def _bool(where: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: {value!r} is not allowed; expected true or false")
-    return value
-
-
-def _string(where: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where}: {value!r} is not allowed; expected a non-empty string")
-    return value
-
-
-def _optional_string(where: str, value: Any) -> str | None:
-    return None if value is None else _string(where, value)
-
-
-def _key(where: str, value: Any) -> str:
-    """A key goes into an HTTP header: printable ASCII without spaces."""
-    if not isinstance(value, str) or not value or not all(33 <= ord(c) <= 126 for c in value):
-        shown = (
-            "a key with spaces or non-ASCII characters" if isinstance(value, str) and value else repr(value)
-        )
-        raise ConfigError(f"{where}: {shown} is not allowed; expected printable ASCII without spaces")
-    return value
-
-
-def _optional_key(where: str, value: Any) -> str | None:
-    return None if value is None else _key(where, value)
-
-
-def _key_list(where: str, value: Any) -> tuple[str, ...]:
-    return tuple(_key(f"{where}[{i}]", v) for i, v in enumerate(_string_list(where, value)))
-
-
-def _string_list(where: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{where}: {value!r} is not allowed; expected a list of non-empty strings")
-    return tuple(value)
-
-
-def _optional_string_list(where: str, value: Any) -> tuple[str, ...] | None:
-    return None if value is None else _string_list(where, value)
+Parser = values.Parser
 
 
 def _kind(where: str, value: Any) -> BackendKind:
     if value not in BACKEND_KINDS:
         raise ConfigError(f"{where}: {value!r} is not allowed; expected one of {' | '.join(BACKEND_KINDS)}")
     return cast(BackendKind, value)
-
-
-def _state_url(where: str, value: Any) -> str:
-    """A Redis URL; never echoed, since it may hold the store's password."""
-    if not isinstance(value, str) or urlsplit(value.strip()).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"{where}: expected a URL like 'redis://host:6379/0' (rediss:// for TLS)")
-    return value.strip()
 
 
 def shown_state(url: str | None) -> str | None:
@@ -375,107 +296,73 @@ def _url(where: str, value: Any) -> str:
     return normalize_url(value, where=where)
 
 
-def _int_between(low: int, high: int) -> Parser:
-    def parse(where: str, value: Any) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise ConfigError(f"{where}: {value!r} is not allowed; expected an integer from {low} to {high}")
-        return value
-
-    return parse
-
-
 POOL_KEYS: dict[str, Parser] = {
-    "queue_limit": _int_at_least(0),
-    "queue_timeout": _number(positive=True, optional=True),
-    "starvation_bound": _number(positive=False),
-    "affinity": _bool,
-    "affinity_ttl": _number(positive=True),
-    "affinity_max_sessions": _int_at_least(1),
-    "cache_wait_max": _number(positive=False),
-    "prefill_ms_per_token": _number(positive=False),
-    "prefix_min_tokens": _int_at_least(1),
-    "prefix_index_blocks": _int_at_least(1),
-    "health_interval": _number(positive=True),
-    "health_timeout": _number(positive=True),
-    "connect_timeout": _number(positive=True),
-    "read_timeout": _number(positive=True, optional=True),
-    "api_keys": _key_list,
-    "max_priority": _int_between(-100, 100),
-    "public_status": _bool,
-    "max_body_size": _int_at_least(1),
-    "shutdown_grace": _number(positive=False),
-    "circuit_failures": _int_at_least(1),
-    "circuit_cooldown": _number(positive=True),
-    "send_timeout": _number(positive=True),
-    "header_timeout": _number(positive=True),
-    "body_timeout": _number(positive=True),
-    "max_header_size": _int_at_least(1024),
-    "max_headers": _int_at_least(8),
-    "state": lambda where, value: None if value is None else _state_url(where, value),
-    "lease_ttl": _number(positive=True),
-    "midstream_failovers": _int_at_least(0),
-    "midstream_replay_tokens": _int_at_least(0),
-    "response_ttl": _number(positive=True),
-    "response_max_ids": _int_at_least(1),
-    "admin_keys": _key_list,
-    "drain_timeout": _number(positive=False),
+    "queue_limit": values.int_at_least(0),
+    "queue_timeout": values.number(positive=True, optional=True),
+    "starvation_bound": values.number(positive=False),
+    "affinity": values.flag,
+    "affinity_ttl": values.number(positive=True),
+    "affinity_max_sessions": values.int_at_least(1),
+    "cache_wait_max": values.number(positive=False),
+    "prefill_ms_per_token": values.number(positive=False),
+    "prefix_min_tokens": values.int_at_least(1),
+    "prefix_index_blocks": values.int_at_least(1),
+    "health_interval": values.number(positive=True),
+    "health_timeout": values.number(positive=True),
+    "connect_timeout": values.number(positive=True),
+    "read_timeout": values.number(positive=True, optional=True),
+    "api_keys": values.key_list,
+    "max_priority": values.int_between(-100, 100),
+    "public_status": values.flag,
+    "max_body_size": values.int_at_least(1),
+    "shutdown_grace": values.number(positive=False),
+    "circuit_failures": values.int_at_least(1),
+    "circuit_cooldown": values.number(positive=True),
+    "send_timeout": values.number(positive=True),
+    "header_timeout": values.number(positive=True),
+    "body_timeout": values.number(positive=True),
+    "max_header_size": values.int_at_least(1024),
+    "max_headers": values.int_at_least(8),
+    "state": lambda where, value: None if value is None else values.state_url(where, value),
+    "lease_ttl": values.number(positive=True),
+    "midstream_failovers": values.int_at_least(0),
+    "midstream_replay_tokens": values.int_at_least(0),
+    "response_ttl": values.number(positive=True),
+    "response_max_ids": values.int_at_least(1),
+    "admin_keys": values.key_list,
+    "drain_timeout": values.number(positive=False),
 }
-
-
-def _route_path(where: str, value: Any) -> str:
-    path = _string(where, value)
-    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", path) or {".", ".."} & set(path.split("/")):
-        raise ConfigError(
-            f"{where}: {path!r} is not allowed; a path like '/v1/something' (letters, digits, . _ ~ -)"
-        )
-    return path
-
-
-def _choice(*allowed: str) -> Parser:
-    def parse(where: str, value: Any) -> str:
-        if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not allowed; one of {', '.join(allowed)}")
-        return str(value)
-
-    return parse
-
-
-def _key_name(where: str, value: Any) -> str:
-    name = _string(where, value)
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
-        raise ConfigError(f"{where}: {name!r} is not allowed; 1-64 letters, digits, '.', '_' or '-'")
-    return name
 
 
 KEY_KEYS: dict[str, Parser] = {
-    "name": _key_name,
-    "key": _optional_key,
-    "key_env": lambda where, value: None if value is None else _string(where, value),
-    "weight": _number(positive=True),
-    "max_concurrent": lambda where, value: None if value is None else _int_at_least(1)(where, value),
-    "max_queued": lambda where, value: None if value is None else _int_at_least(0)(where, value),
-    "priority": _int_between(-100, 100),
-    "max_priority": _int_between(-100, 100),
+    "name": values.key_name,
+    "key": values.optional_key,
+    "key_env": lambda where, value: None if value is None else values.string(where, value),
+    "weight": values.number(positive=True),
+    "max_concurrent": lambda where, value: None if value is None else values.int_at_least(1)(where, value),
+    "max_queued": lambda where, value: None if value is None else values.int_at_least(0)(where, value),
+    "priority": values.int_between(-100, 100),
+    "max_priority": values.int_between(-100, 100),
 }
 
 ROUTE_KEYS: dict[str, Parser] = {
-    "path": _route_path,
-    "upstream": _route_path,
-    "model": _choice(*ROUTE_MODELS),
-    "slot": _bool,
-    "dialect": _choice(*ROUTE_DIALECTS),
+    "path": values.route_path,
+    "upstream": values.route_path,
+    "model": values.choice(*ROUTE_MODELS),
+    "slot": values.flag,
+    "dialect": values.choice(*ROUTE_DIALECTS),
 }
 
 BACKEND_KEYS: dict[str, Parser] = {
     "url": _url,
-    "name": _string,
+    "name": values.string,
     "kind": _kind,
-    "slots": lambda where, value: None if value is None else _int_at_least(1)(where, value),
-    "models": _optional_string_list,
-    "max_loaded_models": _int_at_least(1),
-    "weight": _number(positive=True),
-    "api_key": _optional_key,
-    "cache_tokens": lambda where, value: None if value is None else _int_at_least(1)(where, value),
+    "slots": lambda where, value: None if value is None else values.int_at_least(1)(where, value),
+    "models": values.optional_string_list,
+    "max_loaded_models": values.int_at_least(1),
+    "weight": values.number(positive=True),
+    "api_key": values.optional_key,
+    "cache_tokens": lambda where, value: None if value is None else values.int_at_least(1)(where, value),
 }
 
 assert set(POOL_KEYS) == {f.name for f in fields(PoolConfig)} - {"backends", "routes", "keys"}

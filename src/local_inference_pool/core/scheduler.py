@@ -20,7 +20,7 @@ can in one pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 from local_inference_pool.core.backends import BackendTable
@@ -42,6 +42,7 @@ from local_inference_pool.core.prompt_index import CacheStats
 from local_inference_pool.core.queues import Queues
 from local_inference_pool.core.sessions import SessionMemory
 from local_inference_pool.core.status import index_sizes, snapshot
+from local_inference_pool.core.views import SchedulerViews
 from local_inference_pool.errors import (
     NoCapacityError,
     PoolError,
@@ -65,7 +66,7 @@ __all__ = [
 _UNSET: Final[Any] = object()
 
 
-class Scheduler:
+class Scheduler(SchedulerViews):
     def __init__(
         self,
         *,
@@ -455,50 +456,6 @@ class Scheduler:
         prefers that backend."""
         if backend in self.backends:
             self.sessions.remember(key, backend)
-
-    # --- views -----------------------------------------------------------------------------
-
-    @property
-    def waiting(self) -> int:
-        return self.queues.total
-
-    def waiting_tickets(self) -> Iterator[Ticket]:
-        return self.queues.waiting()
-
-    def head(self, model: str) -> Ticket | None:
-        """The model's next waiting ticket in queue order (priority, then arrival); pinned ones aside."""
-        return self.queues.head(model)
-
-    def waiting_models(self) -> list[str]:
-        """The models with waiting tickets (pinned included)."""
-        return list(self.queues.by_model)
-
-    def waiting_for(self, model: str) -> int:
-        return self.queues.by_model.get(model, 0)
-
-    def oldest_waiting(self, model: str) -> Ticket | None:
-        return self.queues.oldest(model)
-
-    def models(self) -> list[str]:
-        """Every model some backend lists (healthy or not), sorted."""
-        return sorted(self.table.serving)
-
-    def serves(self, model: str) -> bool:
-        """Whether any backend lists the model (healthy or not)."""
-        return bool(self.table.serving.get(model))
-
-    def check_servable(self, model: str, pin: str | None = None) -> None:
-        """Raise as ``submit`` would when the model cannot be served now."""
-        self.table.check_servable(model, pin)
-
-    def drained(self, name: str) -> bool:
-        """Whether the backend is drained: draining, and no lease of this process runs on it."""
-        backend = self.backends.get(name)
-        return backend is None or (backend.draining and not backend.active_total)
-
-    def held_on(self, backend: Backend) -> int:
-        """Requests waiting for the backend's prompt cache."""
-        return len(self.queues.held_on(backend))
 
     def index_sizes(self) -> dict[str, int]:
         """How many entries each of the scheduler's indexes holds (the soak benchmark's figures)."""

@@ -37,8 +37,8 @@ from local_inference_pool.config import (
     backend_from_dict,
     backend_with,
 )
-from local_inference_pool.core.scheduler import Health
 from local_inference_pool.errors import ConfigError, StateUnavailableError
+from local_inference_pool.gateway.applying import annotate, apply_fleet
 from local_inference_pool.gateway.overlay import PATCHABLE, Overlay, effective
 from local_inference_pool.gateway.retirements import Retirements
 from local_inference_pool.gateway.runtime import Runtime
@@ -101,7 +101,7 @@ class FleetChanges:
         self._reloading = anyio.Lock()
         self._committing = anyio.Lock()
         for backend in runtime.config.backends:
-            self._annotate(backend.name)
+            annotate(runtime, backend.name, self._overlay)
 
     @property
     def base(self) -> PoolConfig:
@@ -425,63 +425,9 @@ class FleetChanges:
 
     def _apply(self, wanted: PoolConfig) -> dict[str, list[str]]:
         """Make the running fleet what ``wanted`` says. Synchronous: no request sees half of it."""
-        runtime, pool = self._runtime, self._runtime.pool
-        pool.reconfigure(wanted)
-        runtime.reconfigure(wanted)
+        summary = apply_fleet(self._runtime, self._retirements, wanted, self._overlay)
         self._install_routes(wanted)
-        current = {backend.name: backend for backend in pool.backends.configs()}
-        summary: dict[str, list[str]] = {"added": [], "changed": [], "removed": []}
-        for name, backend in {b.name: b for b in wanted.backends}.items():
-            old = current.pop(name, None)
-            self._retirements.keep(name)
-            if old is None:
-                pool.add_backend(backend, health=Health.LOADING)
-                runtime.monitor.watch(backend)
-                summary["added"].append(name)
-            elif backend != old:
-                self._change(old, backend)
-                summary["changed"].append(name)
-            self._retirements.set_draining(name, name in self._overlay.drained)
-            self._annotate(name)
-        for name in current:
-            if not self._retirements.retiring(name):
-                self._retirements.retire(name)
-                summary["removed"].append(name)
         return summary
-
-    def _change(self, old: BackendConfig, new: BackendConfig) -> None:
-        runtime, pool, name = self._runtime, self._runtime.pool, new.name
-        pool.backends.add(new)  # its key and what detection may still set
-        changes: dict[str, Any] = {
-            "weight": new.weight,
-            "max_loaded_models": new.max_loaded_models,
-            "cache_tokens": new.cache_tokens,
-        }
-        if new.slots is not None:
-            changes["slots"] = new.slots
-        if new.models is not None:
-            changes["models"] = new.models
-        if new.url != old.url:
-            changes.update(url=new.url, health=Health.LOADING)  # another server: probed anew
-        pool.override_backend(name, **changes)
-        if (new.url, new.kind, new.api_key, new.slots, new.models) != (
-            old.url,
-            old.kind,
-            old.api_key,
-            old.slots,
-            old.models,
-        ):
-            runtime.monitor.watch(new)  # what detection finds depends on these: probe again now
-
-    def _annotate(self, name: str) -> None:
-        overlay = self._overlay
-        until = overlay.expires.get(name)
-        self._runtime.pool.annotate(
-            name,
-            source=overlay.source(name),
-            registered_until=None if until is None else _iso(until),
-            changed_at_runtime=sorted(overlay.patched.get(name, {})),
-        )
 
     # --- registrations ---------------------------------------------------------------------
 
@@ -522,7 +468,3 @@ def _summary_line(summary: Mapping[str, list[str]], settings_changed: bool) -> s
 
 def _ttl(ttl: Any) -> str:
     return "" if ttl is None else f" for {ttl:g}s (renewable)"
-
-
-def _iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

@@ -9,14 +9,15 @@ be cut, and runs until it is released.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import anyio
 
 from local_inference_pool.core.model import Backend, Grant
+from local_inference_pool.core.scheduler import Scheduler
 
-__all__ = ["Drains"]
+__all__ = ["Draining", "Drains"]
 
 
 class Drains:
@@ -64,3 +65,39 @@ class Drains:
         for scope in scopes:
             scope.cancel()
         return len(scopes)
+
+
+class Draining:
+    """The pool's operator drain, by backend name (``Pool`` has it): no new lease, running ones
+    finish, then drained; or cut at the drain's end."""
+
+    _scheduler: Scheduler
+    _drains: Drains
+    override_backend: Callable[..., None]  # the pool's: the scheduler's change, and its grants
+
+    def drain(self, name: str) -> None:
+        """Send the backend no new lease (but one pinned to it) until ``undrain``: its running
+        leases finish, requests held for its cache go elsewhere at once, and once none of its leases
+        is left it is drained (``drained``, ``wait_drained``)."""
+        self.override_backend(name, draining=True)
+        self._drains.released(self._scheduler.backends[name])
+
+    def undrain(self, name: str) -> None:
+        """Return a draining (or drained) backend to service."""
+        self.override_backend(name, draining=False)
+        self._drains.forget(name)
+
+    def drained(self, name: str) -> bool:
+        """Whether the backend is draining and no lease of this process runs on it (or it is gone)."""
+        return self._scheduler.drained(name)
+
+    async def wait_drained(self, name: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a draining backend to be drained; whether it is."""
+        backend = self._scheduler.backends.get(name)
+        return True if backend is None else await self._drains.wait(backend, timeout)
+
+    def cut(self, name: str) -> int:
+        """End every lease on the backend that its user made cuttable (``Lease.cuttable``): the
+        gateway ends their requests as a dead server's and continues their streams elsewhere.
+        How many were cut."""
+        return self._drains.cut(name)

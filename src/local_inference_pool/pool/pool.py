@@ -39,7 +39,7 @@ from local_inference_pool.core.scheduler import (
 )
 from local_inference_pool.errors import NoCapacityError, PoolClosedError
 from local_inference_pool.pool.directory import BackendDirectory
-from local_inference_pool.pool.drains import Drains
+from local_inference_pool.pool.drains import Draining, Drains
 from local_inference_pool.pool.fleet import LocalFleet, RedisFleet
 from local_inference_pool.pool.leases import Acquiring, Lease, Unleased
 from local_inference_pool.pool.loop_binding import LoopBinding
@@ -51,7 +51,7 @@ __all__ = ["Pool"]
 _DEFAULT: Final[Any] = object()
 
 
-class Pool:
+class Pool(Draining):
     """Slot accounting for a fleet of inference servers, for one event loop at a time."""
 
     def __init__(
@@ -116,33 +116,6 @@ class Pool:
         self.fleet.forget(name)
         self._drains.forget(name)
         self._deliver()
-
-    def drain(self, name: str) -> None:
-        """Send the backend no new lease (but one pinned to it) until ``undrain``: its running
-        leases finish, requests held for its cache go elsewhere at once, and once none of its leases
-        is left it is drained (``drained``, ``wait_drained``)."""
-        self.override_backend(name, draining=True)
-        self._drains.released(self._scheduler.backends[name])
-
-    def undrain(self, name: str) -> None:
-        """Return a draining (or drained) backend to service."""
-        self.override_backend(name, draining=False)
-        self._drains.forget(name)
-
-    def drained(self, name: str) -> bool:
-        """Whether the backend is draining and no lease of this process runs on it (or it is gone)."""
-        return self._scheduler.drained(name)
-
-    async def wait_drained(self, name: str, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a draining backend to be drained; whether it is."""
-        backend = self._scheduler.backends.get(name)
-        return True if backend is None else await self._drains.wait(backend, timeout)
-
-    def cut(self, name: str) -> int:
-        """End every lease on the backend that its user made cuttable (``Lease.cuttable``): the
-        gateway ends their requests as a dead server's and continues their streams elsewhere.
-        How many were cut."""
-        return self._drains.cut(name)
 
     def update_backend(
         self,

@@ -347,7 +347,7 @@ async def finish(fleet: list[Member], path: Path, state: str | None, model: Mode
             assert backend.active_total == 0, backend.name
 
 
-async def stored_leases(store: Store) -> int:
+def stored_leases(store: Store) -> int:
     return sum(store.leases(name) for name in NAMES)
 
 
@@ -369,5 +369,5 @@ async def test_three_pools_on_one_store_hold_the_slots_through_random_changes(
     async with fleet_of(tmp_path, 3, store.url) as (fleet, path):
         await run(ops, fleet, path, store.url)
         with anyio.fail_after(10):
-            while await stored_leases(store):
+            while stored_leases(store):
                 await anyio.sleep(0.02)

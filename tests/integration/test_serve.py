@@ -20,6 +20,23 @@ from ..terminal import terminal
 pytestmark = pytest.mark.anyio
 
 
+def serve_command(config: Path, port: int, *extra: str) -> list[str]:
+    """``local-inference-pool serve`` on ``config`` and ``port``, logging warnings only."""
+    return [
+        sys.executable,
+        "-m",
+        "local_inference_pool.cli",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -34,19 +51,7 @@ async def test_serve_answers_at_v1_and_stops_cleanly_on_sigint(tmp_path: Path) -
             f'[pool]\nhealth_interval = 0.2\n\n[[backends]]\nurl = "{backend_url}"\nname = "sim0"\n'
         )
         port = free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "local_inference_pool.cli",
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ]
-        async with await anyio.open_process(command) as process:
+        async with await anyio.open_process(serve_command(config, port)) as process:
             try:
                 async with httpx.AsyncClient(
                     base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10

@@ -251,27 +251,11 @@ class FleetChanges:
 
     def backends(self) -> list[dict[str, Any]]:
         """Every backend with its state: what ``GET /pool/admin/backends`` answers."""
-        return [self.describe(b["name"]) for b in self._runtime.pool.snapshot()["backends"]]
+        return [_described(shown) for shown in self._runtime.pool.snapshot()["backends"]]
 
     def describe(self, name: str) -> dict[str, Any]:
         shown = next((b for b in self._runtime.pool.snapshot()["backends"] if b["name"] == name), None)
-        if shown is None:
-            return {"name": name, "admin_state": "removed"}
-        keys = (
-            "name",
-            "url",
-            "kind",
-            "admin_state",
-            "health",
-            "source",
-            "registered_until",
-            "slots",
-            "busy",
-            "weight",
-            "models",
-            "max_loaded_models",
-        )
-        return {key: shown.get(key) for key in keys}
+        return {"name": name, "admin_state": "removed"} if shown is None else _described(shown)
 
     # --- committing a change ---------------------------------------------------------------
 
@@ -388,7 +372,7 @@ class FleetChanges:
         self._version = version
         try:
             overlay = Overlay() if doc is None else Overlay.from_json(doc)
-            effective(self._base, overlay)
+            wanted = effective(self._base, overlay)
         except (ConfigError, TypeError, ValueError) as exc:
             logger.error(
                 "the fleet's runtime changes (version %d) do not apply here: %s; serving as before",
@@ -397,7 +381,7 @@ class FleetChanges:
             )
             return
         previous, self._overlay = self._overlay, overlay
-        summary = self._apply(effective(self._base, overlay))
+        summary = self._apply(wanted)
         self._expiry_changed.set()
         for name in sorted(overlay.drained ^ previous.drained):
             summary.setdefault("drained" if name in overlay.drained else "undrained", []).append(name)
@@ -457,6 +441,27 @@ class FleetChanges:
             with anyio.move_on_after(max(pause, soonest - self._wall())):
                 await self._expiry_changed.wait()
             self._expiry_changed = anyio.Event()
+
+
+_DESCRIBED = (
+    "name",
+    "url",
+    "kind",
+    "admin_state",
+    "health",
+    "source",
+    "registered_until",
+    "slots",
+    "busy",
+    "weight",
+    "models",
+    "max_loaded_models",
+)
+
+
+def _described(shown: Mapping[str, Any]) -> dict[str, Any]:
+    """A backend as the admin API shows it: its status, never its key."""
+    return {key: shown.get(key) for key in _DESCRIBED}
 
 
 def _summary_line(summary: Mapping[str, list[str]], settings_changed: bool) -> str:

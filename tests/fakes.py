@@ -30,6 +30,8 @@ class FakeBackend:
     abandoned: int = 0  # requests the pool stopped waiting for before any answer (mode "hang")
     requests: list[httpx.Request] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
+    usage: dict[str, Any] | None = None  # in a plain answer, and in a stream's last chunk
+    headers: dict[str, str] = field(default_factory=dict)  # on every answer to a request
 
 
 class Fleet:
@@ -86,12 +88,14 @@ class Fleet:
             )
         if payload.get("stream"):
             return httpx.Response(
-                200, headers={"content-type": "text/event-stream"}, stream=FakeSSE(backend, request)
+                200,
+                headers={"content-type": "text/event-stream", **backend.headers},
+                stream=FakeSSE(backend, request),
             )
-        return httpx.Response(
-            200,
-            json={"object": "chat.completion", "model": payload.get("model"), "served_by": request.url.host},
-        )
+        answer = {"object": "chat.completion", "model": payload.get("model"), "served_by": request.url.host}
+        if backend.usage is not None:
+            answer["usage"] = backend.usage
+        return httpx.Response(200, json=answer, headers=backend.headers)
 
 
 class FakeSSE(httpx.AsyncByteStream):
@@ -109,6 +113,8 @@ class FakeSSE(httpx.AsyncByteStream):
                 raise httpx.ReadError("backend went away", request=self.request)
             await anyio.sleep(backend.chunk_delay)
             yield f'data: {{"i": {index}}}\n\n'.encode()
+        if backend.usage is not None:
+            yield f"data: {json.dumps({'choices': [], 'usage': backend.usage})}\n\n".encode()
         yield b"data: [DONE]\n\n"
         self.finished = True
 

@@ -211,8 +211,8 @@ def effective_config(path: str | None) -> dict[str, Any]:
     for backend in data["backends"]:
         if backend["api_key"] is not None:
             backend["api_key"] = REDACTED
-    for key in data["keys"]:
-        key["key"] = REDACTED  # read from key_env or given: a secret either way
+    data.pop("holders")  # the keys' hashes again, by holder
+    data["keys"] = [key.to_dict() for key in config.keys]  # hashes only: the secrets are not kept
     return data
 
 

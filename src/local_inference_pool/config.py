@@ -18,9 +18,11 @@ from urllib.parse import urlsplit
 
 from local_inference_pool import config_values as values
 from local_inference_pool.errors import ConfigError
+from local_inference_pool.key_config import KEY_KEYS, KeyConfig, hash_key, key_from_dict
 
 __all__ = [
     "BACKEND_KINDS",
+    "KEY_KEYS",
     "BackendConfig",
     "BackendKind",
     "ConfigSource",
@@ -123,37 +125,6 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class KeyConfig:
-    """One client key with a name (``[[keys]]``): the tenant its requests belong to. ``key`` is the
-    secret itself, or ``key_env`` names the environment variable that holds it (read when the
-    config is made). ``name`` is what metrics, logs, status and the dashboard show, never the key."""
-
-    name: str
-    key: str | None = field(default=None, repr=False)
-    key_env: str | None = None
-    weight: float = 1.0  # share of contended slots against other keys
-    max_concurrent: int | None = None  # leases at once, fleet-wide
-    max_queued: int | None = None  # waiting requests (default: the pool's queue_limit)
-    priority: int = 0  # of requests without x-priority
-    max_priority: int = 100  # x-priority above it is lowered to it
-
-    def __post_init__(self) -> None:
-        where = f"keys[{self.name!r}]"
-        _validate_fields(self, KEY_KEYS, where)
-        if (self.key is None) == (self.key_env is None):
-            raise ConfigError(f"{where}: give exactly one of 'key' (the secret) or 'key_env' (its variable)")
-        if self.key_env is not None:
-            secret = os.environ.get(self.key_env)
-            if not secret:
-                raise ConfigError(f"{where}.key_env: the environment variable {self.key_env!r} is not set")
-            object.__setattr__(self, "key", values.key(f"{where}.key_env", secret))
-        if self.priority > self.max_priority:
-            raise ConfigError(
-                f"{where}.priority: {self.priority} is above its max_priority {self.max_priority}"
-            )
-
-
-@dataclass(frozen=True, slots=True)
 class PoolConfig:
     backends: tuple[BackendConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
@@ -192,6 +163,8 @@ class PoolConfig:
     response_max_ids: int = 10_000
     admin_keys: tuple[str, ...] = field(default=(), repr=False)  # the admin API's; off when empty
     drain_timeout: float = 120.0  # a drain's bound: leases still running then are cut
+    # Who holds each client key, by its SHA-256: a [[keys]] name, or api_keys[i]. Made, not given.
+    holders: Mapping[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _validate_fields(self, POOL_KEYS, "pool")
@@ -211,15 +184,18 @@ class PoolConfig:
             seen_urls[backend.url] = index
             seen_names[backend.name] = index
         key_names: set[str] = set()
-        secrets = set(self.api_keys)
+        hashes = {hash_key(key) for key in self.api_keys}
         for entry in self.keys:
             if entry.name in key_names:
                 raise ConfigError(f"keys: the name {entry.name!r} is given twice; names must be unique")
-            if entry.key in secrets:
+            if entry.key_sha256 in hashes:
                 raise ConfigError(f"keys[{entry.name!r}]: its key is also another key's (or in api_keys)")
             key_names.add(entry.name)
-            secrets.add(entry.key or "")
-        if secrets & set(self.admin_keys):
+            hashes.add(entry.key_sha256)
+        holders = {hash_key(key): f"api_keys[{index}]" for index, key in enumerate(self.api_keys)}
+        holders.update((entry.key_sha256, entry.name) for entry in self.keys)
+        object.__setattr__(self, "holders", holders)
+        if hashes & {hash_key(key) for key in self.admin_keys}:
             raise ConfigError(
                 "pool.admin_keys: an admin key is also a user key (in api_keys or [[keys]]); an admin "
                 "key must be a secret of its own"
@@ -239,7 +215,10 @@ class PoolConfig:
             backend_from_dict(entry, f"backends[{index}]") for index, entry in enumerate(backends_section)
         )
         routes = tuple(RouteConfig(**entry) for entry in _tables(data, "routes", ROUTE_KEYS))
-        keys = tuple(KeyConfig(**entry) for entry in _tables(data, "keys", KEY_KEYS))
+        keys_section = data.get("keys", [])
+        if not isinstance(keys_section, list):
+            raise ConfigError(f"keys: {keys_section!r} is not allowed; expected an array of tables")
+        keys = tuple(key_from_dict(entry, f"keys[{index}]") for index, entry in enumerate(keys_section))
         return cls(
             backends=backends, routes=routes, keys=keys, **_parse_section(pool_section, POOL_KEYS, "pool")
         )
@@ -334,17 +313,6 @@ POOL_KEYS: dict[str, Parser] = {
 }
 
 
-KEY_KEYS: dict[str, Parser] = {
-    "name": values.key_name,
-    "key": values.optional_key,
-    "key_env": lambda where, value: None if value is None else values.string(where, value),
-    "weight": values.number(positive=True),
-    "max_concurrent": lambda where, value: None if value is None else values.int_at_least(1)(where, value),
-    "max_queued": lambda where, value: None if value is None else values.int_at_least(0)(where, value),
-    "priority": values.int_between(-100, 100),
-    "max_priority": values.int_between(-100, 100),
-}
-
 ROUTE_KEYS: dict[str, Parser] = {
     "path": values.route_path,
     "upstream": values.route_path,
@@ -365,7 +333,7 @@ BACKEND_KEYS: dict[str, Parser] = {
     "cache_tokens": lambda where, value: None if value is None else values.int_at_least(1)(where, value),
 }
 
-assert set(POOL_KEYS) == {f.name for f in fields(PoolConfig)} - {"backends", "routes", "keys"}
+assert set(POOL_KEYS) == {f.name for f in fields(PoolConfig) if f.init} - {"backends", "routes", "keys"}
 assert set(BACKEND_KEYS) == {f.name for f in fields(BackendConfig)}
 
 
@@ -496,6 +464,6 @@ def _apply_env(base: PoolConfig, env: Mapping[str, str]) -> PoolConfig:
         backends.append(BackendConfig(url=_url(where, legacy_url), api_key=env.get(f"{where}_KEY") or None))
     if not overrides and len(backends) == len(base.backends):
         return base
-    values = {f.name: getattr(base, f.name) for f in fields(PoolConfig)}
+    values = {f.name: getattr(base, f.name) for f in fields(PoolConfig) if f.init}
     values.update(overrides, backends=tuple(backends))
     return PoolConfig(**values)

@@ -8,6 +8,8 @@ The tree::
     ├── ModelNotFoundError                  404  no backend lists the model
     ├── QueueFullError                      429  a model's waiting queue is at its limit
     │   └── TenantQueueFullError            429  one key's waiting requests are at its max_queued
+    ├── KeyLimitError                       429  a key's rpm, tpm or token budget is reached
+    ├── KeyRefusedError                     401/403  a key disabled, expired, or not allowed the model
     ├── NoCapacityError                     503  no healthy backend can serve the model now
     ├── QueueTimeoutError (also TimeoutError) 503  waited past the deadline for a slot
     ├── PoolClosedError                     503  the pool is shutting down or closed
@@ -83,6 +85,36 @@ class TenantQueueFullError(QueueFullError):
     """One key's waiting requests are at its ``max_queued``: others are not refused."""
 
     code = "key_queue_full"
+
+
+class KeyLimitError(PoolError):
+    """A key's ``rpm``, ``tpm`` or token budget is reached: OpenAI's 429, whose ``type`` says which
+    (``requests``, ``tokens``; a budget is ``budget_exceeded``). ``retry_after`` is when a request
+    like it would be admitted; None when it never would (larger than the key's ``tpm``)."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.error_type = limit
+        self.retry_after = retry_after
+        if limit == "budget":
+            self.error_type, self.code = "insufficient_quota", "budget_exceeded"
+
+
+class KeyRefusedError(PoolError):
+    """A key that may not make this request: disabled or expired (401), or the model is not one it
+    may use (403)."""
+
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        if status == 403:
+            self.error_type = "permission_error"
 
 
 class NoCapacityError(PoolError):

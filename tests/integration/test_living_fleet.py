@@ -45,14 +45,22 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 @asynccontextmanager
-async def serving_pool(config: Path, *extra: str) -> AsyncIterator[tuple[httpx.AsyncClient, Process]]:
-    """``serve`` on ``config`` in a process of its own; its log goes to ``config``'s ``.log``."""
+async def serving_pool(
+    config: Path, *extra: str, key: str | None = None
+) -> AsyncIterator[tuple[httpx.AsyncClient, Process]]:
+    """``serve`` on ``config`` in a process of its own; its log goes to ``config``'s ``.log``. The
+    client sends ``key`` (a user key) unless a request says otherwise."""
     port = free_port()
     command = serve_command(config, port, *extra)
     log = config.with_suffix(".log").open("ab")
     async with (
         await anyio.open_process(command, stderr=log) as process,
-        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/v1", trust_env=False, timeout=30) as client,
+        httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}/v1",
+            trust_env=False,
+            timeout=30,
+            headers={"authorization": f"Bearer {key}"} if key else None,
+        ) as client,
     ):
         try:
             with anyio.fail_after(20):

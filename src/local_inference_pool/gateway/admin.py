@@ -1,4 +1,5 @@
-"""The admin API under the mount: the fleet's backends, changed while the pool serves.
+"""The admin API under the mount: the fleet's backends and client keys, changed while the pool
+serves, and what the keys used (``/pool/usage``).
 
 Off unless ``[pool] admin_keys`` is set. An admin key is sent as ``Authorization: Bearer <key>``
 (a browser may send it as a Basic password, for the dashboard's buttons); it is compared in
@@ -24,7 +25,9 @@ from local_inference_pool.config import PoolConfig
 from local_inference_pool.errors import PoolError
 from local_inference_pool.gateway.changes import ChangeRefused, FleetChanges
 from local_inference_pool.gateway.inbound import authorization, key_holder
+from local_inference_pool.gateway.key_changes import KeyChanges
 from local_inference_pool.gateway.replies import openai_error
+from local_inference_pool.gateway.usage_report import usage_endpoint
 
 __all__ = ["ADMIN_ROUTES", "admin_holder"]
 
@@ -166,6 +169,31 @@ async def _reload(request: Request, changes: FleetChanges, who: str) -> Any:
     return await changes.reload(reset=reset, who=who, fleet_wide=True)
 
 
+async def _keys(request: Request, changes: FleetChanges, who: str) -> Any:
+    await changes.catch_up()
+    return {"object": "list", "data": KeyChanges(changes).keys()}
+
+
+async def _add_key(request: Request, changes: FleetChanges, who: str) -> Any:
+    return JSONResponse(await KeyChanges(changes).add(await _json(request), who=who), status_code=201)
+
+
+async def _patch_key(request: Request, changes: FleetChanges, who: str) -> Any:
+    return await KeyChanges(changes).patch(request.path_params["name"], await _json(request), who=who)
+
+
+async def _rotate_key(request: Request, changes: FleetChanges, who: str) -> Any:
+    return await KeyChanges(changes).rotate(request.path_params["name"], who=who)
+
+
+async def _remove_key(request: Request, changes: FleetChanges, who: str) -> Any:
+    return await KeyChanges(changes).remove(request.path_params["name"], who=who)
+
+
+async def _usage(request: Request, changes: FleetChanges, who: str) -> Any:
+    return await usage_endpoint(request, request.app.state.runtime.accounting)
+
+
 ADMIN_ROUTES = (
     Route("/pool/admin/backends", _endpoint(_list), methods=["GET"]),
     Route("/pool/admin/backends", _endpoint(_add), methods=["POST"]),
@@ -174,4 +202,10 @@ ADMIN_ROUTES = (
     Route("/pool/admin/backends/{name}/drain", _endpoint(_drain), methods=["POST"]),
     Route("/pool/admin/backends/{name}/undrain", _endpoint(_undrain), methods=["POST"]),
     Route("/pool/admin/reload", _endpoint(_reload), methods=["POST"]),
+    Route("/pool/admin/keys", _endpoint(_keys), methods=["GET"]),
+    Route("/pool/admin/keys", _endpoint(_add_key), methods=["POST"]),
+    Route("/pool/admin/keys/{name}", _endpoint(_patch_key), methods=["PATCH"]),
+    Route("/pool/admin/keys/{name}", _endpoint(_remove_key), methods=["DELETE"]),
+    Route("/pool/admin/keys/{name}/rotate", _endpoint(_rotate_key), methods=["POST"]),
+    Route("/pool/usage", _endpoint(_usage), methods=["GET"]),
 )

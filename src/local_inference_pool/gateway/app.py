@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 from local_inference_pool.config import ConfigSource, PoolConfig
 from local_inference_pool.core.scheduler import Health
 from local_inference_pool.errors import InvalidRequestError, PoolError
+from local_inference_pool.gateway.accounting import KeyAccounting
 from local_inference_pool.gateway.admin import ADMIN_ROUTES, admin_holder
 from local_inference_pool.gateway.changes import FleetChanges
 from local_inference_pool.gateway.dialects import ANTHROPIC, OPENAI, Dialect
@@ -120,16 +121,21 @@ def create_pool_app(
             client = await stack.enter_async_context(make_client(config, upstream))
             await stack.enter_async_context(pool)
             # The fleet's runtime changes, shared with the other processes (``[pool] state``).
-            store = None
+            store = keys_store = None
             if config.state is not None:
-                from local_inference_pool.pool.shared_overlay import SharedOverlay  # redis, when used
+                # redis, when used
+                from local_inference_pool.pool.shared_keys import SharedKeys
+                from local_inference_pool.pool.shared_overlay import SharedOverlay
 
-                store = SharedOverlay(config.state)
+                store, keys_store = SharedOverlay(config.state), SharedKeys(config.state)
                 stack.push_async_callback(store.aclose)
+                stack.push_async_callback(keys_store.aclose)
             group = await stack.enter_async_context(anyio.create_task_group())
             monitor = Monitor(pool, client, config)
             await group.start(monitor.run)
-            runtime = Runtime(config, pool, client, upstream, monitor, PoolMetrics(pool))
+            accounting = KeyAccounting(config, store=keys_store)
+            await group.start(accounting.run)
+            runtime = Runtime(config, pool, client, upstream, monitor, PoolMetrics(pool), accounting)
             changes = FleetChanges(runtime, source, install_routes, store=store)
             await group.start(changes.run)
             app.state.runtime, app.state.changes = runtime, changes
@@ -322,11 +328,15 @@ class RouteEndpoint:
                 return
             record.key = holder or "-"
             inbound, call = await _read_request(scope, receive, headers, runtime, route)
+            record.model = inbound.model or "-"
             inbound.tenant = holder
             inbound.priority = key_priority(given_priority(headers), runtime.config, holder)
+            await runtime.accounting.admit(
+                holder, inbound, record, slot=route.slot, anthropic=dialect is ANTHROPIC
+            )
         except ClientGone:
             record.status, record.outcome = 499, "client_gone"
-            runtime.metrics.observe(record)
+            runtime.finish(record)
             return
         except PoolError as exc:
             await send_refusal(send, dialect.error_for(exc), record, runtime)
@@ -405,13 +415,16 @@ async def _models(request: Request) -> Response:
     runtime = _runtime(request)
     if isinstance(runtime, Response):
         return runtime
-    if not _authorized(request, runtime.config):
+    holder = key_holder(authorization(request.scope["headers"]), runtime.config)
+    if holder is None:
         return _unauthorized()
+    key = runtime.accounting.key(holder)  # a key with a list of models sees only those
     served: dict[str, list[str]] = {}
     for backend in runtime.pool.scheduler.backends.values():
         if backend.health is Health.HEALTHY and backend.models:
             for model in backend.models:
-                served.setdefault(model, []).append(backend.name)
+                if key is None or key.allows(model):
+                    served.setdefault(model, []).append(backend.name)
     data = [
         {
             "id": model,

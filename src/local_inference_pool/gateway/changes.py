@@ -150,7 +150,7 @@ class FleetChanges:
                 logger.error("reload of %s refused: %s; the running configuration keeps serving", source, exc)
                 raise ChangeRefused(400, f"{source}: {exc}", "invalid_config") from None
             if reset or (fleet_wide and self._store is not None):
-                await self._commit(lambda o: Overlay(reloads=o.reloads + 1) if reset else o.with_reload())
+                await self.commit(lambda o: Overlay(reloads=o.reloads + 1) if reset else o.with_reload())
             return self._reload_with(new, reset, who)
 
     def _reload_with(self, new: PoolConfig, reset: bool, who: str) -> dict[str, Any]:
@@ -211,7 +211,7 @@ class FleetChanges:
             return self._validated(overlay.with_added(name, stored, expires))
 
         renewal = self._overlay.added.get(name) == stored
-        await self._commit(change)
+        await self.commit(change)
         self._expiry_changed.set()
         if not renewal:
             what = "registered" if ttl is not None else "added"
@@ -226,17 +226,17 @@ class FleetChanges:
             self._checked(lambda: backend_with(current, changes, "backend", PATCHABLE))
             return self._validated(overlay.with_patch(name, dict(changes)))
 
-        await self._commit(change)
+        await self.commit(change)
         logger.info("%s changed backend %s: %s", who, name, ", ".join(sorted(changes)))
         return self.describe(name)
 
     async def drain(self, name: str, *, who: str) -> dict[str, Any]:
-        await self._commit(lambda overlay: self._known(name, overlay).with_drained(name, True))
+        await self.commit(lambda overlay: self._known(name, overlay).with_drained(name, True))
         logger.info("%s drains backend %s", who, name)
         return self.describe(name)
 
     async def undrain(self, name: str, *, who: str) -> dict[str, Any]:
-        await self._commit(lambda overlay: self._known(name, overlay).with_drained(name, False))
+        await self.commit(lambda overlay: self._known(name, overlay).with_drained(name, False))
         logger.info("%s returned backend %s to service", who, name)
         return self.describe(name)
 
@@ -244,7 +244,7 @@ class FleetChanges:
         """Take a backend out: drained first; answers once it is gone from this process (at most
         ``drain_timeout`` and a short grace for the requests cut then). With shared state every
         other process drains and removes it the same way."""
-        await self._commit(lambda overlay: self._known(name, overlay).without(name))
+        await self.commit(lambda overlay: self._known(name, overlay).without(name))
         logger.info("%s removes backend %s", who, name)
         await self._retirements.removed(name)  # a caller that leaves stops its wait, not the removal
         return {"name": name, "removed": name not in self._runtime.pool.backends}
@@ -259,7 +259,7 @@ class FleetChanges:
 
     # --- committing a change ---------------------------------------------------------------
 
-    async def _commit(self, change: Callable[[Overlay], Overlay | None]) -> None:
+    async def commit(self, change: Callable[[Overlay], Overlay | None]) -> None:
         """Make ``change`` of the overlay (None: nothing to change), validated, and apply it. With
         shared state it is written to the store first, against the version this process holds;
         when another process wrote meanwhile, its overlay is applied here and ``change`` made
@@ -292,8 +292,18 @@ class FleetChanges:
         )
 
     def _validated(self, overlay: Overlay) -> Overlay:
-        self._checked(lambda: effective(self._base, overlay))
+        self.configuration(overlay)
         return overlay
+
+    def configuration(self, overlay: Overlay, code: str = "invalid_backend") -> PoolConfig:
+        """The configuration ``overlay`` makes of the base, validated whole (else ``ChangeRefused``)."""
+        config: PoolConfig = self._checked(lambda: effective(self._base, overlay), code)
+        return config
+
+    @property
+    def overlay(self) -> Overlay:
+        """The runtime changes applied here now."""
+        return self._overlay
 
     def _wanted(self, name: str, overlay: Overlay) -> BackendConfig:
         """The backend's configuration as wanted now; 404 when there is no such backend."""
@@ -307,11 +317,11 @@ class FleetChanges:
         self._wanted(name, overlay)
         return overlay
 
-    def _checked(self, make: Callable[[], Any]) -> Any:
+    def _checked(self, make: Callable[[], Any], code: str = "invalid_backend") -> Any:
         try:
             return make()
         except (ConfigError, TypeError, ValueError) as exc:
-            raise ChangeRefused(400, str(exc), "invalid_backend") from None
+            raise ChangeRefused(400, str(exc), code) from None
 
     # --- the fleet's shared overlays -------------------------------------------------------
 
@@ -428,7 +438,7 @@ class FleetChanges:
                     return overlay.without(name) if expired else None
 
                 try:
-                    await self._commit(change)
+                    await self.commit(change)
                 except ChangeRefused as refused:  # the store is away: tried again a little later
                     logger.warning("registration of backend %s could not be ended: %s", name, refused)
                     pause = EXPIRY_RETRY

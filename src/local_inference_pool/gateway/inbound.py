@@ -7,7 +7,6 @@ the headers it needs are five lookups in one dict.
 from __future__ import annotations
 
 import base64
-import hmac
 import json
 import re
 import secrets
@@ -23,6 +22,7 @@ from starlette.types import Receive
 from local_inference_pool.config import PoolConfig
 from local_inference_pool.core.prompt_index import Prompt
 from local_inference_pool.errors import InvalidRequestError
+from local_inference_pool.key_config import hash_key
 
 __all__ = [
     "MAX_DEPTH",
@@ -94,7 +94,7 @@ def authorized(authorization: str, config: PoolConfig, *, browser: bool = False)
 def key_holder(authorization: str, config: PoolConfig, *, browser: bool = False) -> str | None:
     """Whose key the request carries: a ``[[keys]]`` name, ``api_keys[i]`` for the simple form, ''
     when the pool is open; None when the key is missing or wrong."""
-    if not config.api_keys and not config.keys:
+    if not config.holders:
         return ""
     scheme, _, token = authorization.partition(" ")
     if browser and scheme.lower() == "basic":
@@ -104,14 +104,9 @@ def key_holder(authorization: str, config: PoolConfig, *, browser: bool = False)
             return None
     elif scheme.lower() != "bearer":
         return None
-    if not token:
-        return None
-    token_bytes = token.strip().encode()
-    named = [(f"api_keys[{i}]", key) for i, key in enumerate(config.api_keys)]
-    named += [(entry.name, entry.key or "") for entry in config.keys]
-    # Compare against every key so the time taken does not say which one came close.
-    matches = [name for name, key in named if hmac.compare_digest(token_bytes, key.encode())]
-    return matches[0] if matches else None
+    token = token.strip()
+    # Looked up by its hash: the time a dict lookup takes says nothing of the secrets.
+    return config.holders.get(hash_key(token)) if token else None
 
 
 def key_priority(given: int | None, config: PoolConfig, holder: str) -> int:

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from local_inference_pool.core.limits import Limits, Ticket
 from local_inference_pool.core.scheduler import Affinity
 from local_inference_pool.gateway.usage import count
 from local_inference_pool.pool import Pool
@@ -56,6 +57,9 @@ class RequestRecord:
     retries: int = 0
     failed_over_from: list[str] = field(default_factory=list)  # backends that died mid-stream
     reported: bool = False
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # the key's rate-limit headers
+    ticket: Ticket | None = None  # the key's limits counted it: settled when it ends
+    limits: Limits | None = None
 
     def take_usage(self, usage: dict[str, Any] | None) -> None:
         """Token counts from a backend's ``usage`` (OpenAI's ``prompt_tokens``/``completion_tokens``,
@@ -116,8 +120,9 @@ class PoolMetrics:
         )
         self.key_tokens = Counter(
             "lip_key_tokens",
-            "Tokens the backends reported, by the name of the client's key (prompt or completion).",
-            ["key", "kind"],
+            "Tokens the backends reported, by the name of the client's key, the model asked and kind "
+            "(input, cached: of the input, from the server's prompt cache, output).",
+            ["key", "model", "kind"],
             registry=self.registry,
         )
         self.key_queue_wait = Histogram(
@@ -153,7 +158,8 @@ class PoolMetrics:
         self.totals = {"requests": 0, "completion_tokens": 0, "prompt_tokens": 0}
         self.by_route: dict[str, dict[str, int]] = {}  # route -> requests, errors (bounded: the table)
 
-    def observe(self, record: RequestRecord) -> None:
+    def observe(self, record: RequestRecord) -> str:
+        """Count the request that ended; the name its model is counted under."""
         record.reported = True
         duration = time.monotonic() - record.started
         # A model no backend serves is a client's typo or probe: one label for all of them, so that
@@ -179,12 +185,21 @@ class PoolMetrics:
         for kind, value in (("prompt", record.prompt_tokens), ("completion", record.completion_tokens)):
             if value:
                 child(self.tokens, model, record.backend, kind).inc(value)
-                child(self.key_tokens, record.key, kind).inc(value)
                 self.totals[f"{kind}_tokens"] += value
+        for kind, value in (
+            ("input", record.prompt_tokens),
+            ("cached", record.cached_tokens),
+            ("output", record.completion_tokens),
+        ):
+            if value:
+                child(self.key_tokens, record.key, model, kind).inc(value)
         if record.retries:
             child(self.retries, model).inc(record.retries)
-        if not access_log.isEnabledFor(logging.INFO):
-            return
+        if access_log.isEnabledFor(logging.INFO):
+            self._log(record, duration)
+        return model
+
+    def _log(self, record: RequestRecord, duration: float) -> None:
         access_log.info(
             "request_id=%s route=%s key=%s model=%s backend=%s status=%d outcome=%s queue_wait_ms=%s "
             "ttfb_ms=%s duration_ms=%.1f prompt_tokens=%s cached_tokens=%s completion_tokens=%s "

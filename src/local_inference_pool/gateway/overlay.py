@@ -1,5 +1,6 @@
 """The runtime changes on top of the config file, as one value: what the admin API added, changed,
-removed and drained, and which servers registered until when.
+removed and drained, which servers registered until when, and the client keys added, changed or
+removed at runtime (kept by their hash: a key's secret is never in the overlay, nor in Redis).
 
 An ``Overlay`` is immutable; a change makes a new one (``with_*``), so a change that turns out to
 be invalid, or that loses a race with another process, leaves nothing half done. With shared state
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from local_inference_pool.config import BackendConfig, PoolConfig, backend_from_dict, backend_with
+from local_inference_pool.key_config import KeyConfig, key_from_dict, key_with
 
 __all__ = ["PATCHABLE", "Overlay", "effective"]
 
@@ -34,6 +36,33 @@ class Overlay:
     drained: frozenset[str] = frozenset()
     # admin reloads asked for the whole fleet: each process reads its own file again when it grows
     reloads: int = 0
+    # client keys: name -> the [[keys]] entry added at runtime (its hash, never its secret)
+    keys: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    keys_patched: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # config keys' changes
+    keys_removed: frozenset[str] = frozenset()  # config keys removed through the admin API
+
+    def with_key(self, entry: Mapping[str, Any]) -> Overlay:
+        name = str(entry["name"])
+        return dataclasses.replace(
+            self, keys={**self.keys, name: dict(entry)}, keys_removed=self.keys_removed - {name}
+        )
+
+    def with_key_patch(self, name: str, changes: Mapping[str, Any]) -> Overlay:
+        if name in self.keys:
+            return dataclasses.replace(self, keys={**self.keys, name: {**self.keys[name], **changes}})
+        patched = {**self.keys_patched, name: {**self.keys_patched.get(name, {}), **changes}}
+        return dataclasses.replace(self, keys_patched=patched)
+
+    def without_key(self, name: str) -> Overlay:
+        return dataclasses.replace(
+            self,
+            keys={n: e for n, e in self.keys.items() if n != name},
+            keys_patched={n: c for n, c in self.keys_patched.items() if n != name},
+            keys_removed=self.keys_removed if name in self.keys else self.keys_removed | {name},
+        )
+
+    def key_source(self, name: str) -> str:
+        return "admin" if name in self.keys else "config"
 
     def with_added(self, name: str, entry: Mapping[str, Any], expires: float | None) -> Overlay:
         registrations = {n: t for n, t in self.expires.items() if n != name}
@@ -61,13 +90,13 @@ class Overlay:
 
     def without(self, name: str) -> Overlay:
         """The backend removed: an added one forgotten, a configured one marked removed."""
-        return Overlay(
+        return dataclasses.replace(
+            self,
             added={n: e for n, e in self.added.items() if n != name},
             expires={n: t for n, t in self.expires.items() if n != name},
             patched={n: c for n, c in self.patched.items() if n != name},
             removed=self.removed if name in self.added else self.removed | {name},
             drained=self.drained - {name},
-            reloads=self.reloads,
         )
 
     def source(self, name: str) -> str:
@@ -85,6 +114,9 @@ class Overlay:
                 "removed": sorted(self.removed),
                 "drained": sorted(self.drained),
                 "reloads": self.reloads,
+                "keys": self.keys,
+                "keys_patched": self.keys_patched,
+                "keys_removed": sorted(self.keys_removed),
             },
             separators=(",", ":"),
         )
@@ -98,6 +130,8 @@ class Overlay:
             raise ValueError("not a JSON object")
         added, expires, patched = doc.get("added", {}), doc.get("expires", {}), doc.get("patched", {})
         removed, drained, reloads = doc.get("removed", []), doc.get("drained", []), doc.get("reloads", 0)
+        keys, keys_patched = doc.get("keys", {}), doc.get("keys_patched", {})
+        keys_removed = doc.get("keys_removed", [])
         if not (
             _mapping_of(added, dict)
             and _mapping_of(patched, dict)
@@ -105,6 +139,9 @@ class Overlay:
             and _list_of_names(removed)
             and _list_of_names(drained)
             and isinstance(reloads, int)
+            and _mapping_of(keys, dict)
+            and _mapping_of(keys_patched, dict)
+            and _list_of_names(keys_removed)
         ):
             raise ValueError("a part of it has the wrong shape")
         return cls(
@@ -114,6 +151,9 @@ class Overlay:
             removed=frozenset(removed),
             drained=frozenset(drained),
             reloads=reloads,
+            keys=keys,
+            keys_patched=keys_patched,
+            keys_removed=frozenset(keys_removed),
         )
 
 
@@ -131,7 +171,15 @@ def effective(base: PoolConfig, overlay: Overlay) -> PoolConfig:
     for name, entry in overlay.added.items():
         if name not in configured:  # a reload named it in the file: the file wins
             backends.append(backend_from_dict(entry, f"backends[{name!r}]"))
-    return dataclasses.replace(base, backends=tuple(backends))
+    keys: list[KeyConfig] = []
+    for key in base.keys:
+        if key.name in overlay.keys_removed:
+            continue
+        changes = overlay.keys_patched.get(key.name)
+        keys.append(key_with(key, changes, f"keys[{key.name!r}]") if changes else key)
+    named = {k.name for k in base.keys}
+    keys += [key_from_dict(e, f"keys[{n!r}]") for n, e in overlay.keys.items() if n not in named]
+    return dataclasses.replace(base, backends=tuple(backends), keys=tuple(keys))
 
 
 def _mapping_of(value: Any, kind: Any) -> bool:

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 def client_gone(record: RequestRecord, runtime: Runtime) -> None:
     record.status, record.outcome = 499, "client_gone"
-    runtime.metrics.observe(record)
+    runtime.finish(record)
 
 
 async def send_upstream_refusal(
@@ -38,9 +38,11 @@ async def send_upstream_refusal(
 async def send_refusal(send: Send, response: Response, record: RequestRecord, runtime: Runtime) -> None:
     """Answer with the pool's own error, recorded under its OpenAI error code (unless already known)."""
     record.status = response.status_code
+    for name, value in record.headers:  # the key's rate-limit standing, on every answer
+        response.headers[name.decode()] = value.decode()
     if record.outcome == "ok":
         record.outcome = _error_code(response)
-    runtime.metrics.observe(record)
+    runtime.finish(record)
     try:
         await response({"type": "http"}, _nothing_to_receive, send)
     except OSError:  # ASGI 2.4: the client left before its answer; nobody to tell

@@ -32,7 +32,7 @@ from local_inference_pool.gateway.failover import Recorder, SeamDiverged, Stream
 from local_inference_pool.gateway.metrics import RequestRecord
 from local_inference_pool.gateway.refusals import client_gone, send_upstream_refusal
 from local_inference_pool.gateway.runtime import RESPONSE_ID, Call, Runtime, Target
-from local_inference_pool.gateway.usage import UsageSniffer, prompt_report
+from local_inference_pool.gateway.usage import UsageSniffer, count, prompt_report
 from local_inference_pool.pool.leases import Lease
 from local_inference_pool.upstream.backends.openai import describe_http_error
 
@@ -80,9 +80,11 @@ def outcome_of(status: int) -> str:
 
 def client_headers(upstream: httpx.Response, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The backend's headers a client may see, then the pool's own: no hop-by-hop ones (RFC 9110
-    §7.6.1: the fixed set and any named in ``Connection``), no length (the pool frames the answer)."""
+    §7.6.1: the fixed set and any named in ``Connection``), no length (the pool frames the answer),
+    none the pool sets itself."""
     headers = [(name.lower(), value) for name, value in upstream.headers.raw]
     dropped: frozenset[bytes] | set[bytes] = HOP_BY_HOP
+    dropped = dropped | {name for name, _ in extra}  # the pool's own say (a key's limits), not the backend's
     for name, value in headers:
         if name == b"connection":
             dropped = dropped | {token.strip().lower() for token in value.split(b",")}
@@ -94,6 +96,10 @@ def learn(lease: Target, usage: UsageSniffer, record: RequestRecord) -> None:
     report = prompt_report(usage.usage, usage.timings)
     if report is not None:
         record.cached_tokens = report.cached_tokens
+        if record.prompt_tokens is None:  # llama.cpp's stream says it in its timings only
+            record.prompt_tokens = report.prompt_tokens
+    if record.completion_tokens is None and usage.timings is not None:
+        record.completion_tokens = count(usage.timings.get("predicted_n"))
     if report is not None and isinstance(lease, Lease):
         lease.learn(
             prompt_tokens=report.prompt_tokens,
@@ -133,6 +139,7 @@ async def relay_answer(
         if lease.affinity is not None:
             extra.append((b"x-session-affinity", lease.affinity.value.encode()))
             record.affinity = lease.affinity.value
+        extra += record.headers  # the key's rate-limit standing (the backend's own are dropped)
         if response.status_code in GATEWAY_STATUSES:
             runtime.monitor.failed(backend, f"answered {response.status_code}")
         else:
@@ -227,7 +234,7 @@ async def end_stream(
         await send({"type": "http.response.body", "body": event or b"", "more_body": False})
     except OSError:
         logger.debug("client left before its stream's end")
-    runtime.metrics.observe(record)
+    runtime.finish(record)
 
 
 async def close_unread(response: httpx.Response, lease: Target) -> None:
@@ -306,7 +313,7 @@ async def _answer_whole(
     if usage.response_id is not None and response.status_code < 300:
         await _remember(runtime, usage.response_id, lease.backend)  # before the client can name it
     record.status, record.outcome = response.status_code, outcome_of(response.status_code)
-    runtime.metrics.observe(record)
+    runtime.finish(record)
     headers.append((b"content-length", str(len(whole)).encode()))
     try:
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
@@ -487,4 +494,4 @@ class UpstreamRelay:
             record.outcome = "client_too_slow"
         elif record.outcome == "ok":
             record.outcome = outcome_of(record.status) if self._relayed_all else "client_gone"
-        self.runtime.metrics.observe(record)
+        self.runtime.finish(record)

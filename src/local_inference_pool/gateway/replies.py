@@ -6,6 +6,8 @@ into Starlette responses, so the layers below never depend on an HTTP framework.
 
 from __future__ import annotations
 
+import math
+
 from starlette.responses import JSONResponse
 
 from local_inference_pool.errors import PoolError
@@ -18,7 +20,14 @@ class ErrorReply(JSONResponse):
     for it (what metrics and the access log record), whether or not the shape has room for it."""
 
     def __init__(self, body: object, *, status: int, code: str | None, retry_after: float | None) -> None:
-        headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after is not None else None
+        headers = None
+        if retry_after is not None:
+            # Rounded up: a client that waits what it is told must not come back too early.
+            # ``retry-after-ms`` is what the OpenAI and Anthropic SDKs read first.
+            headers = {
+                "retry-after": str(max(1, math.ceil(retry_after))),
+                "retry-after-ms": str(max(1, math.ceil(retry_after * 1000))),
+            }
         super().__init__(body, status_code=status, headers=headers)
         self.code = code
 

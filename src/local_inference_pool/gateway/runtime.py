@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 import httpx
 
 from local_inference_pool.config import PoolConfig
+from local_inference_pool.gateway.accounting import KeyAccounting
 from local_inference_pool.gateway.dialects import Dialect
-from local_inference_pool.gateway.metrics import PoolMetrics
+from local_inference_pool.gateway.metrics import PoolMetrics, RequestRecord
 from local_inference_pool.gateway.responses import ResponseMemory
 from local_inference_pool.gateway.routes import RouteSpec, RouteSupport
 from local_inference_pool.pool import Lease, Pool, Unleased
@@ -41,6 +42,7 @@ class Runtime:
     transport: httpx.AsyncBaseTransport  # the client's own: the proxy sends through it
     monitor: Monitor
     metrics: PoolMetrics
+    accounting: KeyAccounting  # client keys' limits and usage
     routes: RouteSupport = field(default_factory=RouteSupport)
 
     def __post_init__(self) -> None:
@@ -48,9 +50,16 @@ class Runtime:
         self.responses = ResponseMemory(self.config, self.pool)
         self._urls: dict[str, httpx.URL] = {}
 
+    def finish(self, record: RequestRecord) -> None:
+        """The request ended (answered, refused, or its client gone): counted once, in the metrics,
+        the access log, and its key's limits and usage."""
+        model = self.metrics.observe(record)
+        self.accounting.finish(record, model)
+
     def reconfigure(self, config: PoolConfig) -> None:
         """A new configuration for the requests that start from now (a reload or an admin change)."""
         self.config = config
+        self.accounting.reconfigure(config)
         self.monitor.config = config
         self.responses.ttl, self.responses.max_ids = config.response_ttl, config.response_max_ids
         timeouts = dict(self.timeouts)

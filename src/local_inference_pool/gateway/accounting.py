@@ -247,6 +247,13 @@ class KeyAccounting:
             return list(self.book.rows(start, end, size))
         return await self._store.usage(range(start, math.ceil(end), size), size)
 
+    @property
+    def counted(self) -> str:
+        """Where key limits are counted now: ``process``, ``fleet``, or ``process (store away)``."""
+        if self._store is None:
+            return "process"
+        return "process (store away)" if self._store_away else "fleet"
+
     def limits_of(self, name: str) -> Mapping[str, Any] | None:
         entry = self._keys.get(name)
         if entry is None:

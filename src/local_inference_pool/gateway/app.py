@@ -474,6 +474,7 @@ async def _status(request: Request) -> Response:
             snapshot["shared_state"]["processes"] = await runtime.pool.processes()
     # The dashboard offers drain and undrain to an admin (the admin API checks the key again).
     admin = _as_admin(request, runtime.config)
+    snapshot["key_limits"] = runtime.accounting.counted
     return JSONResponse({**snapshot, "traffic": runtime.metrics.traffic(), "admin": admin})
 
 

@@ -62,8 +62,8 @@ def test_a_malformed_limit_in_the_file_is_one_line_and_exit_2(
 
 
 def test_expiry_a_date_is_the_whole_day_and_a_time_is_utc() -> None:
-    day = KeyConfig(name="d", key="k", expires=dt.date(2027, 1, 31))
-    text = KeyConfig(name="t", key="k", expires="2027-01-31T12:00:00+02:00")
+    day = key_from_dict({"name": "d", "key": "k", "expires": dt.date(2027, 1, 31)}, "d")
+    text = key_from_dict({"name": "t", "key": "k", "expires": "2027-01-31T12:00:00+02:00"}, "t")
     naive = KeyConfig(name="n", key="k", expires=dt.datetime(2027, 1, 31, 12))
     end_of_day = dt.datetime(2027, 2, 1, tzinfo=dt.UTC).timestamp()
     assert not day.expired(end_of_day - 1)
@@ -73,7 +73,7 @@ def test_expiry_a_date_is_the_whole_day_and_a_time_is_utc() -> None:
 
 
 def test_models_take_names_and_glob_patterns() -> None:
-    key = KeyConfig(name="t", key="k", models=["qwen*", "llama-3.1-8b"])
+    key = key_from_dict({"name": "t", "key": "k", "models": ["qwen*", "llama-3.1-8b"]}, "t")
     assert key.allows("qwen2.5:7b")
     assert key.allows("llama-3.1-8b")
     assert not key.allows("llama-3.1-70b")
@@ -81,7 +81,7 @@ def test_models_take_names_and_glob_patterns() -> None:
 
 
 def test_a_change_keeps_the_hash_and_round_trips_through_json() -> None:
-    key = KeyConfig(name="t", key="sk-t", rpm=5, expires="2027-01-31")
+    key = key_from_dict({"name": "t", "key": "sk-t", "rpm": 5, "expires": "2027-01-31"}, "t")
     changed = key_with(key, {"rpm": 9, "disabled": True}, "key")
     assert (changed.rpm, changed.disabled, changed.key_sha256) == (9, True, key.key_sha256)
     assert key_from_dict(changed.to_dict(), "again") == changed

@@ -196,8 +196,8 @@ class KeyAccounting:
         if self._store is None or not ticket.reservation.startswith(self._prefix) or self._group is None:
             self._limiter.settle(ticket, used, limits, now)
             return
-        if used is None and limits.budget is None:
-            return  # nothing to correct: the reservation stands
+        if limits.budget is None and (used is None or limits.tpm is None):
+            return  # nothing to correct: no token reservation, or it stands as it is
         self._settling[ticket.key] = self._settling.get(ticket.key, 0) + 1
         if ticket.key not in self._settled:
             self._settled[ticket.key] = anyio.Event()

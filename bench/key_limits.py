@@ -133,7 +133,8 @@ def main() -> None:
     with (
         redis_server() as (redis_url, redis_port),
         process(
-            [sys.executable, str(HERE / "fake_backend.py"), "--port", str(backend_port)], f"{backend}/v1/models"
+            [sys.executable, str(HERE / "fake_backend.py"), "--port", str(backend_port)],
+            f"{backend}/v1/models",
         ),
     ):
         lines = cost(backend, redis_url, redis_port, str(script))

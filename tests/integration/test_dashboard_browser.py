@@ -161,3 +161,73 @@ async def test_opened_with_an_admin_key_the_dashboard_drains_and_undrains_a_back
                 assert problems == []
             finally:
                 await browser.close()
+
+
+async def test_the_dashboard_shows_usage_by_key_and_charts_tokens_per_minute() -> None:
+    """After two keys' requests: a usage row per key with its limits, and a chart with their
+    tokens per minute, drawn (pixels on its canvas, not only elements)."""
+    from playwright.async_api import async_playwright
+
+    from local_inference_pool.config import KeyConfig
+
+    executable = chromium()
+    sim = SimulatedBackend(SimulatorConfig(models=("sim",), slots=4, tokens_per_second=2000))
+    async with running(sim) as sim_url:
+        config = PoolConfig(
+            backends=(BackendConfig(url=sim_url, name="gpu0"),),
+            keys=(
+                KeyConfig(name="team-a", key="sk-a", rpm=100, tpm=50_000),
+                KeyConfig(name="team-b", key="sk-b", max_tokens=1_000_000, budget_period="day"),
+            ),
+            health_interval=0.5,
+            public_status=True,
+        )
+        async with running(create_standalone_app(config)) as url, async_playwright() as playwright:
+            async with httpx.AsyncClient(base_url=f"{url}/v1", trust_env=False, timeout=30) as client:
+                for key, count in (("sk-a", 3), ("sk-b", 1)):
+                    for _ in range(count):
+                        body = {
+                            "model": "sim",
+                            "max_tokens": 20,
+                            "messages": [{"role": "user", "content": "hi"}],
+                        }
+                        answer = await client.post(
+                            "/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}
+                        )
+                        assert answer.status_code == 200
+            browser = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page(viewport={"width": 1280, "height": 1000})
+                problems: list[str] = []
+                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda e: problems.append(str(e)))
+                await page.goto(f"{url}/v1/pool/")
+                await page.wait_for_function(
+                    "!document.getElementById('usage-section').hidden", timeout=10000
+                )
+                usage = await page.inner_text("#usage")
+                assert "team-a" in usage
+                assert "100 req/min; 50000 tok/min" in usage
+                assert "1000000 tok/day" in usage
+                await page.wait_for_function(
+                    "document.querySelector('#chart canvas') !== null", timeout=10000
+                )
+                drawn = await page.evaluate(
+                    """() => {
+                        const canvas = document.querySelector('#chart canvas');
+                        const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+                        let painted = 0;
+                        for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) painted++;
+                        return painted;
+                    }"""
+                )
+                assert drawn > 200  # the two keys' lines (and the axes' grid)
+                legend = await page.inner_text("#chart")
+                assert "team-a" in legend
+                assert "team-b" in legend
+                ARTIFACTS.mkdir(exist_ok=True)
+                await page.locator("#usage-section").scroll_into_view_if_needed()
+                await page.screenshot(path=str(ARTIFACTS / "dashboard-usage.png"), full_page=True)
+                assert problems == []
+            finally:
+                await browser.close()

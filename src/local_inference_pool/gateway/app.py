@@ -15,6 +15,7 @@ pool route answers 503 with a message saying how to wire it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -34,7 +35,7 @@ from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 
 from local_inference_pool.config import ConfigSource, PoolConfig
 from local_inference_pool.core.scheduler import Health
-from local_inference_pool.errors import InvalidRequestError, PoolError
+from local_inference_pool.errors import InvalidRequestError, PoolError, StateUnavailableError
 from local_inference_pool.gateway.accounting import KeyAccounting
 from local_inference_pool.gateway.admin import ADMIN_ROUTES, admin_holder
 from local_inference_pool.gateway.changes import FleetChanges
@@ -59,6 +60,7 @@ from local_inference_pool.gateway.refusals import send_refusal
 from local_inference_pool.gateway.replies import error_response, openai_error
 from local_inference_pool.gateway.routes import ModelFrom, RouteSpec, routes_for
 from local_inference_pool.gateway.runtime import PASSED_HEADERS, RESPONSE_ID, Call, Runtime
+from local_inference_pool.gateway.usage_report import usage_summary
 from local_inference_pool.pool import Pool
 from local_inference_pool.upstream.health import Monitor
 from local_inference_pool.upstream.transport import AiohttpTransport
@@ -475,6 +477,9 @@ async def _status(request: Request) -> Response:
     # The dashboard offers drain and undrain to an admin (the admin API checks the key again).
     admin = _as_admin(request, runtime.config)
     snapshot["key_limits"] = runtime.accounting.counted
+    snapshot["usage"] = None  # when the store cannot say it (with state) within the bound
+    with anyio.move_on_after(2), contextlib.suppress(StateUnavailableError):
+        snapshot["usage"] = await usage_summary(runtime.accounting)
     return JSONResponse({**snapshot, "traffic": runtime.metrics.traffic(), "admin": admin})
 
 
@@ -495,9 +500,16 @@ async def _dashboard(request: Request) -> Response:
         response = _unauthorized(browser=True)
         response.headers["www-authenticate"] = 'Basic realm="local-inference-pool admin"'
         return response
-    page = (
-        resources.files("local_inference_pool.gateway")
-        .joinpath("dashboard/index.html")
-        .read_text(encoding="utf-8")
+    return HTMLResponse(_dashboard_page(), headers={"cache-control": "no-cache"})
+
+
+def _dashboard_page() -> str:
+    """The page, with the charting library it draws with (uPlot, in ``dashboard/vendor``) inlined:
+    one answer, no CDN, so it works offline."""
+    folder = resources.files("local_inference_pool.gateway").joinpath("dashboard")
+    vendor = folder.joinpath("vendor")
+    library = (
+        f"<style>{vendor.joinpath('uPlot.min.css').read_text(encoding='utf-8')}</style>\n"
+        f"<script>{vendor.joinpath('uPlot.iife.min.js').read_text(encoding='utf-8')}</script>"
     )
-    return HTMLResponse(page, headers={"cache-control": "no-cache"})
+    return folder.joinpath("index.html").read_text(encoding="utf-8").replace("<!-- uPlot -->", library, 1)

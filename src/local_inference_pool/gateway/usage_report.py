@@ -26,8 +26,9 @@ from local_inference_pool.errors import InvalidRequestError, StateUnavailableErr
 from local_inference_pool.gateway.accounting import KeyAccounting
 from local_inference_pool.gateway.replies import error_response
 
-__all__ = ["GROUPS", "usage_endpoint", "usage_table"]
+__all__ = ["CHART_MINUTES", "GROUPS", "usage_endpoint", "usage_summary", "usage_table"]
 
+CHART_MINUTES = 30  # the dashboard's chart of tokens per minute
 GROUPS = ("key", "model", "time")
 COLUMNS = ("requests", "input_tokens", "cached_tokens", "output_tokens", "total_tokens")
 _WINDOW = re.compile(r"([1-9][0-9]{0,5})([mhd])")
@@ -142,3 +143,22 @@ def _cell(value: Any) -> Any:
 
 def _iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+async def usage_summary(accounting: KeyAccounting, *, now: float | None = None) -> dict[str, Any]:
+    """What the dashboard shows: each key's usage over the last day (with its limits), and its
+    tokens per minute over the last ``CHART_MINUTES`` minutes (one list per key, a value per
+    minute, oldest first; ``minutes`` are the minutes' starts)."""
+    now = time.time() if now is None else now
+    day = await usage_table(accounting, 86_400, ("key",), now=now)
+    recent = await usage_table(accounting, CHART_MINUTES * 60, ("key", "time"), now=now)
+    first = bucket_of(now - CHART_MINUTES * 60, 60)
+    minutes = list(range(first, bucket_of(now, 60) + 60, 60))
+    index = {_iso(minute): position for position, minute in enumerate(minutes)}
+    series: dict[str, list[int]] = {}
+    for row in recent["data"]:
+        position = index.get(row["time"])
+        if position is not None:
+            series.setdefault(row["key"], [0] * len(minutes))[position] += row["total_tokens"]
+    keys = [{**row, "limits": accounting.limits_of(row["key"])} for row in day["data"]]
+    return {"keys": keys, "minutes": minutes, "tokens_per_minute": series}

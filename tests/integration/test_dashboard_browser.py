@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -40,6 +43,24 @@ def chromium() -> str:
     return path
 
 
+@asynccontextmanager
+async def launched(playwright: Any, executable: str) -> AsyncIterator[Any]:
+    """Chromium, closed when the block ends."""
+    browser = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+    try:
+        yield browser
+    finally:
+        await browser.close()
+
+
+def watch_errors(page: Any) -> list[str]:
+    """The page's console errors and uncaught exceptions, as they happen."""
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    return problems
+
+
 async def test_dashboard_shows_twenty_backends_and_updates_when_a_request_runs() -> None:
     from playwright.async_api import async_playwright
 
@@ -60,49 +81,43 @@ async def test_dashboard_shows_twenty_backends_and_updates_when_a_request_runs()
             health_interval=0.5,
             public_status=True,
         )
-        async with running(create_standalone_app(config)) as url, async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-            try:
-                page = await browser.new_page(viewport={"width": 1440, "height": 1100})
-                problems: list[str] = []
-                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-                page.on("pageerror", lambda e: problems.append(str(e)))
-                await page.goto(f"{url}/v1/pool/")
-                await page.wait_for_function(
-                    "document.querySelectorAll('.badge.healthy').length === 20", timeout=15000
-                )
-                assert await page.locator(".card").count() == 20
-                assert await page.inner_text("#done") == "0"
+        async with (
+            running(create_standalone_app(config)) as url,
+            async_playwright() as playwright,
+            launched(playwright, executable) as browser,
+        ):
+            page = await browser.new_page(viewport={"width": 1440, "height": 1100})
+            problems = watch_errors(page)
+            await page.goto(f"{url}/v1/pool/")
+            await page.wait_for_function(
+                "document.querySelectorAll('.badge.healthy').length === 20", timeout=15000
+            )
+            assert await page.locator(".card").count() == 20
+            assert await page.inner_text("#done") == "0"
 
-                async def slow_request() -> None:
-                    body = {
-                        "model": "qwen2.5-7b",
-                        "max_tokens": 60,
-                        "messages": [{"role": "user", "content": "hi"}],
-                    }
-                    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as client:
-                        assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+            async def slow_request() -> None:
+                body = {
+                    "model": "qwen2.5-7b",
+                    "max_tokens": 60,
+                    "messages": [{"role": "user", "content": "hi"}],
+                }
+                async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as client:
+                    assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
 
-                async with anyio.create_task_group() as group:
-                    group.start_soon(slow_request)
-                    await page.wait_for_function(
-                        "document.getElementById('active').textContent === '1'", timeout=10000
-                    )
-                    busy_card = page.locator(".card", has_text="qwen2.5-7b \u00d7 1")
-                    assert await busy_card.count() == 1
+            async with anyio.create_task_group() as group:
+                group.start_soon(slow_request)
                 await page.wait_for_function(
-                    "document.getElementById('done').textContent === '1'", timeout=10000
+                    "document.getElementById('active').textContent === '1'", timeout=10000
                 )
-                # The simulator reported the prompt's tokens: the prompt cache table shows them.
-                await page.wait_for_function(
-                    "!document.getElementById('cache-section').hidden", timeout=10000
-                )
-                assert "qwen2.5-7b" in await page.inner_text("#cache")
-                ARTIFACTS.mkdir(exist_ok=True)
-                await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
-                assert problems == []
-            finally:
-                await browser.close()
+                busy_card = page.locator(".card", has_text="qwen2.5-7b \u00d7 1")
+                assert await busy_card.count() == 1
+            await page.wait_for_function("document.getElementById('done').textContent === '1'", timeout=10000)
+            # The simulator reported the prompt's tokens: the prompt cache table shows them.
+            await page.wait_for_function("!document.getElementById('cache-section').hidden", timeout=10000)
+            assert "qwen2.5-7b" in await page.inner_text("#cache")
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            assert problems == []
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
 
 
@@ -121,46 +136,44 @@ async def test_opened_with_an_admin_key_the_dashboard_drains_and_undrains_a_back
             api_keys=("user-key",),
             admin_keys=("admin-secret",),
         )
-        async with running(create_standalone_app(config)) as url, async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-            try:
-                as_user = await browser.new_context(
-                    http_credentials={"username": "me", "password": "user-key"}
-                )
-                page = await as_user.new_page()
-                await page.goto(f"{url}/v1/pool/")
-                await page.wait_for_function("document.querySelectorAll('.card').length === 2")
-                assert await page.locator(".card button").count() == 0
-                refused = await page.goto(f"{url}/v1/pool/dashboard?admin")
-                assert refused is not None
-                assert refused.status == 401
+        async with (
+            running(create_standalone_app(config)) as url,
+            async_playwright() as playwright,
+            launched(playwright, executable) as browser,
+        ):
+            as_user = await browser.new_context(http_credentials={"username": "me", "password": "user-key"})
+            page = await as_user.new_page()
+            await page.goto(f"{url}/v1/pool/")
+            await page.wait_for_function("document.querySelectorAll('.card').length === 2")
+            assert await page.locator(".card button").count() == 0
+            refused = await page.goto(f"{url}/v1/pool/dashboard?admin")
+            assert refused is not None
+            assert refused.status == 401
 
-                as_admin = await browser.new_context(
-                    http_credentials={"username": "me", "password": "admin-secret"}
-                )
-                page = await as_admin.new_page()
-                problems: list[str] = []
-                page.on("pageerror", lambda e: problems.append(str(e)))
-                await page.goto(f"{url}/v1/pool/dashboard?admin")
-                await page.wait_for_function("document.querySelectorAll('.card button').length === 2")
-                card = page.locator('.card[data-backend="gpu1"]')
-                await card.locator("button[data-action=drain]").click()
-                await page.wait_for_function(
-                    "document.querySelector('.card[data-backend=gpu1]').dataset.adminState !== 'active'"
-                )
-                assert await card.locator(".badge.drained, .badge.draining").count() == 1
-                async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as client:
-                    status = await client.get("/v1/pool/status", headers={"authorization": "Bearer user-key"})
-                    shown = {b["name"]: b["admin_state"] for b in status.json()["backends"]}
-                    assert shown == {"gpu0": "active", "gpu1": "drained"}
-                    assert status.json()["admin"] is False
-                await card.locator("button[data-action=undrain]").click()
-                await page.wait_for_function(
-                    "document.querySelector('.card[data-backend=gpu1]').dataset.adminState === 'active'"
-                )
-                assert problems == []
-            finally:
-                await browser.close()
+            as_admin = await browser.new_context(
+                http_credentials={"username": "me", "password": "admin-secret"}
+            )
+            page = await as_admin.new_page()
+            problems: list[str] = []
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            await page.goto(f"{url}/v1/pool/dashboard?admin")
+            await page.wait_for_function("document.querySelectorAll('.card button').length === 2")
+            card = page.locator('.card[data-backend="gpu1"]')
+            await card.locator("button[data-action=drain]").click()
+            await page.wait_for_function(
+                "document.querySelector('.card[data-backend=gpu1]').dataset.adminState !== 'active'"
+            )
+            assert await card.locator(".badge.drained, .badge.draining").count() == 1
+            async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as client:
+                status = await client.get("/v1/pool/status", headers={"authorization": "Bearer user-key"})
+                shown = {b["name"]: b["admin_state"] for b in status.json()["backends"]}
+                assert shown == {"gpu0": "active", "gpu1": "drained"}
+                assert status.json()["admin"] is False
+            await card.locator("button[data-action=undrain]").click()
+            await page.wait_for_function(
+                "document.querySelector('.card[data-backend=gpu1]').dataset.adminState === 'active'"
+            )
+            assert problems == []
 
 
 async def test_the_dashboard_shows_usage_by_key_and_charts_tokens_per_minute() -> None:
@@ -195,12 +208,9 @@ async def test_the_dashboard_shows_usage_by_key_and_charts_tokens_per_minute() -
                             "/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}
                         )
                         assert answer.status_code == 200
-            browser = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-            try:
+            async with launched(playwright, executable) as browser:
                 page = await browser.new_page(viewport={"width": 1280, "height": 1000})
-                problems: list[str] = []
-                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-                page.on("pageerror", lambda e: problems.append(str(e)))
+                problems = watch_errors(page)
                 await page.goto(f"{url}/v1/pool/")
                 await page.wait_for_function(
                     "!document.getElementById('usage-section').hidden", timeout=10000
@@ -229,5 +239,3 @@ async def test_the_dashboard_shows_usage_by_key_and_charts_tokens_per_minute() -
                 await page.locator("#usage-section").scroll_into_view_if_needed()
                 await page.screenshot(path=str(ARTIFACTS / "dashboard-usage.png"), full_page=True)
                 assert problems == []
-            finally:
-                await browser.close()

@@ -48,8 +48,8 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from local_inference_pool.core.fleet import Claimed, FleetView, Head, Standing
-from local_inference_pool.errors import StateUnavailableError
 from local_inference_pool.pool.lua import lua_script
+from local_inference_pool.pool.store_replies import text, unavailable
 
 __all__ = ["SharedLeases"]
 
@@ -232,13 +232,13 @@ class SharedLeases:
                 ],
             )
         except RedisError as exc:
-            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+            raise unavailable(exc) from exc
         outcome = Claimed(int(reply[0]))
         if outcome is Claimed.WON:
             self.held[lease_id].claimed = True
         else:
             del self.held[lease_id]
-        return outcome, _text(reply[1]) or None, int(reply[2]), FleetView.from_reply(reply[3:])
+        return outcome, text(reply[1]) or None, int(reply[2]), FleetView.from_reply(reply[3:])
 
     def releasing(self, lease_id: str) -> str | None:
         """Mark a held lease as given back here (its release is on its way); its backend, or None."""
@@ -278,7 +278,7 @@ class SharedLeases:
                 ],
             )
         except RedisError as exc:
-            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+            raise unavailable(exc) from exc
         for lease_id, _ in wanted:
             self.held.pop(lease_id, None)
         return [
@@ -298,22 +298,22 @@ class SharedLeases:
         try:
             await self._heads(keys=[self._queue_key(model) for model in heads], args=args)
         except RedisError as exc:
-            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+            raise unavailable(exc) from exc
 
     async def remember(self, key: str, value: str, ttl: float) -> None:
         """Keep ``value`` under ``key`` (in this fleet's namespace) for ``ttl`` seconds."""
         try:
             await self._client.set(f"{{{self._prefix}}}:{key}", value, px=_ms(ttl))
         except RedisError as exc:
-            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+            raise unavailable(exc) from exc
 
     async def recall(self, key: str) -> str | None:
         """What ``remember`` kept under ``key``, if it has not expired."""
         try:
             value = await self._client.get(f"{{{self._prefix}}}:{key}")
         except RedisError as exc:
-            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
-        return None if value is None else _text(value)
+            raise unavailable(exc) from exc
+        return None if value is None else text(value)
 
     async def heartbeat(self, leases: int, waiting: int) -> None:
         """Say this process is alive, with how many leases it holds and requests it has waiting;
@@ -326,7 +326,7 @@ class SharedLeases:
                 f"{{{self._prefix}}}:process:{self.process}", record, px=_ms(self.lease_ttl)
             )
         except RedisError as exc:
-            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+            raise unavailable(exc) from exc
 
     async def processes(self) -> list[dict[str, Any]]:
         """Every live process of the fleet, with its leases and waiting requests (from heartbeats)."""
@@ -336,7 +336,7 @@ class SharedLeases:
             ]
             records = await self._client.mget(keys) if keys else []
         except RedisError as exc:
-            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+            raise unavailable(exc) from exc
         alive = [json.loads(record) for record in records if record is not None]
         return sorted(alive, key=lambda record: str(record["process"]))
 
@@ -382,7 +382,7 @@ class SharedLeases:
                 ],
             )
         except RedisError as exc:
-            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+            raise unavailable(exc) from exc
         return {
             backend: FleetView.from_reply(reply) for backend, reply in zip(by_backend, replies, strict=True)
         }
@@ -399,7 +399,7 @@ class SharedLeases:
                 ],
             )
         except RedisError as exc:
-            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+            raise unavailable(exc) from exc
         return {
             backend: FleetView.from_reply(reply) for backend, reply in zip(standings, replies, strict=True)
         }
@@ -411,7 +411,7 @@ class SharedLeases:
         try:
             reply = await self._key_view(keys=[self._key_leases(key) for key in keys], args=[self._ours])
         except RedisError as exc:
-            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+            raise unavailable(exc) from exc
         return {key: int(count) for key, count in zip(keys, reply, strict=True)}
 
     async def notices(self) -> AsyncIterator[tuple[str, str] | None]:
@@ -421,15 +421,15 @@ class SharedLeases:
             async with self._notice_client.pubsub(ignore_subscribe_messages=True) as subscription:
                 await subscription.subscribe(self.channel, self.queue_channel)
                 async for message in subscription.listen():
-                    if _text(message["channel"]) == self.queue_channel:
-                        if _text(message["data"]) != self.process:
+                    if text(message["channel"]) == self.queue_channel:
+                        if text(message["data"]) != self.process:
                             yield None
                         continue
-                    backend, process, key = [*_text(message["data"]).split("\n"), "", ""][:3]
+                    backend, process, key = [*text(message["data"]).split("\n"), "", ""][:3]
                     if process != self.process:
                         yield backend, key
         except RedisError as exc:
-            raise StateUnavailableError(f"the shared state store cannot be reached: {_why(exc)}") from exc
+            raise unavailable(exc) from exc
 
     async def aclose(self) -> None:
         await self._notice_client.aclose()
@@ -443,12 +443,3 @@ class SharedLeases:
 
 def _ms(seconds: float) -> int:
     return max(0, int(seconds * 1000))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _why(exc: BaseException) -> str:
-    # redis-py's messages name the host and port, never the password; keep them short all the same.
-    return (str(exc) or type(exc).__name__)[:200]

@@ -23,8 +23,8 @@ from redis.exceptions import RedisError
 
 from local_inference_pool.core.limits import Admitted, Limits, Refused, Standing, Ticket, period_bounds
 from local_inference_pool.core.usage_book import HOURS_KEPT, MINUTES_KEPT, bucket_of
-from local_inference_pool.errors import StateUnavailableError
 from local_inference_pool.pool.lua import lua_script
+from local_inference_pool.pool.store_replies import text, unavailable
 
 __all__ = ["SharedKeys"]
 
@@ -71,8 +71,8 @@ class SharedKeys:
         try:
             reply = await self._admit(keys=self._keys(key, start), args=args)
         except RedisError as exc:
-            raise _unavailable(exc) from exc
-        verdict = _text(reply[0])
+            raise unavailable(exc) from exc
+        verdict = text(reply[0])
         requests, requests_reset, tokens, tokens_reset, spent = (int(value) for value in reply[2:7])
         standing = Standing(
             rpm=limits.rpm,
@@ -105,7 +105,7 @@ class SharedKeys:
         try:
             await self._settle(keys=keys[1:], args=args)
         except RedisError as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
 
     async def add_usage(self, counts: Mapping[tuple[int, str, str, str], int]) -> None:
         """Add ``counts`` ((minute, key, model, kind) -> count) to the fleet's minute and hour buckets."""
@@ -122,7 +122,7 @@ class SharedKeys:
                             pipe.expire(bucket, (kept + 1) * size)
                 await pipe.execute()
         except RedisError as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
 
     async def usage(self, starts: Iterable[int], size: int) -> list[tuple[int, str, str, str, int]]:
         """(bucket start, key, model, kind, count) of the buckets of ``size`` seconds at ``starts``."""
@@ -133,11 +133,11 @@ class SharedKeys:
                     pipe.hgetall(self._usage_key(size, start))
                 buckets: list[dict[Any, Any]] = await pipe.execute()
         except RedisError as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         rows = []
         for start, bucket in zip(starts, buckets, strict=True):
             for field, value in bucket.items():
-                key, _, rest = _text(field).partition(_FIELD_SEP)
+                key, _, rest = text(field).partition(_FIELD_SEP)
                 model, _, kind = rest.rpartition(_FIELD_SEP)
                 if kind:
                     rows.append((start, key, model, kind, int(value)))
@@ -147,7 +147,7 @@ class SharedKeys:
         try:
             await self._client.ping()
         except RedisError as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
 
     def _usage_key(self, size: int, start: int) -> str:
         return f"{{{self._prefix}}}:usage:{size}:{start}"
@@ -158,13 +158,3 @@ class SharedKeys:
 
 def _or_none(limit: int | None) -> int:
     return -1 if limit is None else limit
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _unavailable(exc: BaseException) -> StateUnavailableError:
-    return StateUnavailableError(
-        f"the shared state store cannot be reached: {(str(exc) or type(exc).__name__)[:200]}"
-    )

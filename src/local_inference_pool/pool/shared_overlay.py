@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from local_inference_pool.errors import StateUnavailableError
 from local_inference_pool.pool.lua import lua_script
+from local_inference_pool.pool.store_replies import text, unavailable
 
 __all__ = ["MAX_DOCUMENT", "SharedOverlay"]
 
@@ -49,8 +49,8 @@ class SharedOverlay:
         try:
             version, doc = await self._client.hmget(self._key, ["version", "doc"])
         except RedisError as exc:
-            raise _unavailable(exc) from exc
-        return int(version or 0), None if doc is None else _text(doc)
+            raise unavailable(exc) from exc
+        return int(version or 0), None if doc is None else text(doc)
 
     async def write(self, read_version: int, doc: str) -> tuple[bool, int, str | None]:
         """Replace the document if it is still at ``read_version``: (written, the version now, and
@@ -60,10 +60,10 @@ class SharedOverlay:
         try:
             reply = await self._write(keys=[self._key], args=[read_version, doc, self.channel])
         except RedisError as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         if int(reply[0]) == 1:
             return True, int(reply[1]), None
-        return False, int(reply[1]), _text(reply[2]) or None
+        return False, int(reply[1]), text(reply[2]) or None
 
     async def versions(self, poll: float) -> AsyncIterator[int]:
         """The document's version, at once, then whenever a process writes one and at least every
@@ -76,19 +76,8 @@ class SharedOverlay:
                     yield int(version or 0)
                     await subscription.get_message(timeout=poll)
         except RedisError as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
 
     async def aclose(self) -> None:
         await self._notice_client.aclose()
         await self._client.aclose()
-
-
-def _unavailable(exc: BaseException) -> StateUnavailableError:
-    # redis-py's messages name the host and port, never the password; keep them short all the same.
-    return StateUnavailableError(
-        f"the shared state store cannot be reached: {(str(exc) or type(exc).__name__)[:200]}"
-    )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

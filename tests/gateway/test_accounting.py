@@ -7,7 +7,6 @@ import csv
 import datetime as dt
 import io
 import json
-from functools import partial
 from typing import Any
 
 import anyio
@@ -16,6 +15,7 @@ import pytest
 from local_inference_pool.config import KeyConfig
 
 from ..fakes import FakeBackend, Fleet
+from ..redis_store import Store
 from .test_app import CHAT, assert_openai_error, client_for
 
 pytestmark = pytest.mark.anyio
@@ -229,17 +229,19 @@ async def test_keys_added_changed_rotated_and_removed_at_runtime() -> None:
     assert rotated["key"] not in shown
 
 
-async def test_a_keys_settling_is_waited_for_by_its_next_request() -> None:
-    """The next request of a key whose last one is still settling does not slip past its budget."""
+async def test_a_keys_settling_is_waited_for_by_its_next_request(store: Store) -> None:
+    """With ``state`` a request is settled in Redis after its answer; the key's next requests wait
+    for that, so they cannot slip past the budget it crossed."""
     fleet = Fleet(a=FakeBackend(usage={"prompt_tokens": 60, "completion_tokens": 60}))
-    async with client_for(fleet, **keys(max_tokens=100)) as client, anyio.create_task_group() as group:
+    async with client_for(fleet, state=store.url, **keys(max_tokens=100)) as client:
         results: list[int] = []
 
         async def one() -> None:
             results.append((await client.post("/chat/completions", json=CHAT, headers=TEAM)).status_code)
 
         await one()
-        for _ in range(3):
-            group.start_soon(partial(one))
+        async with anyio.create_task_group() as group:
+            for _ in range(3):
+                group.start_soon(one)
     assert results[0] == 200
     assert sorted(results[1:]) == [429, 429, 429]

@@ -89,7 +89,11 @@ class KeyAccounting:
             for key in config.keys
             if key.limited
         }
-        self._limiter.sweep(self._wall(), keep=set(self._limits))
+        self._limiter.sweep(self._wall(), keep=self._budgeted())
+
+    def _budgeted(self) -> set[str]:
+        """The keys with a budget: their period's count stays while their windows are empty."""
+        return {name for name, limits in self._limits.items() if limits.budget is not None}
 
     def key(self, name: str) -> KeyConfig | None:
         return self._keys.get(name)
@@ -103,7 +107,7 @@ class KeyAccounting:
                 while True:
                     await anyio.sleep(FLUSH_INTERVAL)
                     await self.flush()
-                    self._limiter.sweep(self._wall(), keep=set(self._limits))
+                    self._limiter.sweep(self._wall(), keep=self._budgeted())
             finally:
                 self._group = None
                 with anyio.move_on_after(2, shield=True):
@@ -170,6 +174,11 @@ class KeyAccounting:
         """The request ended: its reservation settled, its usage booked (``model``: the name the
         metrics give it)."""
         now = self._wall()
+        if record.backend != "-":  # it reached a server: what it used is usage (a refusal is not)
+            self._book(now, record, model)
+        self._settle(record, now)
+
+    def _book(self, now: float, record: RequestRecord, model: str) -> None:
         counts = {
             "requests": 1,
             "input": record.prompt_tokens or 0,
@@ -185,6 +194,8 @@ class KeyAccounting:
                     if value:
                         slot = (minute, record.key, model, kind)
                         pending[slot] = pending.get(slot, 0) + value
+
+    def _settle(self, record: RequestRecord, now: float) -> None:
         ticket, limits = record.ticket, record.limits
         if ticket is None or limits is None:
             return

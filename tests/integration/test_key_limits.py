@@ -82,6 +82,19 @@ async def test_rpm_admits_exactly_its_limit_across_three_processes(tmp_path: Pat
     assert sorted(statuses) == [200] * 10 + [429] * 20
 
 
+async def test_the_counts_outlive_a_gateway_restart(tmp_path: Path, store: Store) -> None:
+    async with running(sim()) as url:
+        path = tmp_path / "pool.toml"
+        path.write_text(config(store, url, "rpm = 2"))
+        async with serving_pool(path, key=TEAM_KEY) as (first, _):
+            for _ in range(2):
+                assert (await first.post("/chat/completions", json=STREAM, headers=TEAM)).status_code == 200
+        async with serving_pool(path, key=TEAM_KEY) as (again, _):
+            refused = await again.post("/chat/completions", json=STREAM, headers=TEAM)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+
+
 async def test_tpm_is_settled_from_the_usage_a_stream_reports_at_its_end(
     tmp_path: Path, store: Store
 ) -> None:

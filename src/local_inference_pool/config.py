@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from local_inference_pool import config_values as values
 from local_inference_pool.errors import ConfigError
 from local_inference_pool.key_config import KEY_KEYS, KeyConfig, hash_key, key_from_dict
+from local_inference_pool.telemetry_config import TelemetryConfig, telemetry_from_dict
 
 __all__ = [
     "BACKEND_KINDS",
@@ -129,6 +130,7 @@ class PoolConfig:
     backends: tuple[BackendConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     keys: tuple[KeyConfig, ...] = ()
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # [telemetry]
     queue_limit: int = 1000
     queue_timeout: float | None = None
     starvation_bound: float = 30.0
@@ -204,7 +206,7 @@ class PoolConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PoolConfig:
         """Build from the TOML shape: ``{"pool": {...}, "backends": [{...}, ...]}``."""
-        _reject_unknown(data, {"pool", "backends", "routes", "keys"}, "config")
+        _reject_unknown(data, {"pool", "backends", "routes", "keys", "telemetry"}, "config")
         pool_section = data.get("pool", {})
         if not isinstance(pool_section, Mapping):
             raise ConfigError(f"pool: {pool_section!r} is not allowed; expected a table")
@@ -219,8 +221,13 @@ class PoolConfig:
         if not isinstance(keys_section, list):
             raise ConfigError(f"keys: {keys_section!r} is not allowed; expected an array of tables")
         keys = tuple(key_from_dict(entry, f"keys[{index}]") for index, entry in enumerate(keys_section))
+        telemetry = telemetry_from_dict(data.get("telemetry", {}))
         return cls(
-            backends=backends, routes=routes, keys=keys, **_parse_section(pool_section, POOL_KEYS, "pool")
+            backends=backends,
+            routes=routes,
+            keys=keys,
+            telemetry=telemetry,
+            **_parse_section(pool_section, POOL_KEYS, "pool"),
         )
 
     @classmethod
@@ -333,7 +340,12 @@ BACKEND_KEYS: dict[str, Parser] = {
     "cache_tokens": lambda where, value: None if value is None else values.int_at_least(1)(where, value),
 }
 
-assert set(POOL_KEYS) == {f.name for f in fields(PoolConfig) if f.init} - {"backends", "routes", "keys"}
+assert set(POOL_KEYS) == {f.name for f in fields(PoolConfig) if f.init} - {
+    "backends",
+    "routes",
+    "keys",
+    "telemetry",
+}
 assert set(BACKEND_KEYS) == {f.name for f in fields(BackendConfig)}
 
 

@@ -176,12 +176,13 @@ async def test_opened_with_an_admin_key_the_dashboard_drains_and_undrains_a_back
             assert problems == []
 
 
-async def test_the_dashboard_shows_usage_by_key_and_charts_tokens_per_minute() -> None:
+async def test_the_dashboard_shows_usage_by_key_charts_tokens_and_opens_a_recent_request() -> None:
     """After two keys' requests: a usage row per key with its limits, and a chart with their
     tokens per minute, drawn (pixels on its canvas, not only elements)."""
     from playwright.async_api import async_playwright
 
     from local_inference_pool.config import KeyConfig
+    from local_inference_pool.telemetry_config import TelemetryConfig
 
     executable = chromium()
     sim = SimulatedBackend(SimulatorConfig(models=("sim",), slots=4, tokens_per_second=2000))
@@ -194,6 +195,7 @@ async def test_the_dashboard_shows_usage_by_key_and_charts_tokens_per_minute() -
             ),
             health_interval=0.5,
             public_status=True,
+            telemetry=TelemetryConfig(capture=True),
         )
         async with running(create_standalone_app(config)) as url, async_playwright() as playwright:
             async with httpx.AsyncClient(base_url=f"{url}/v1", trust_env=False, timeout=30) as client:
@@ -235,6 +237,15 @@ async def test_the_dashboard_shows_usage_by_key_and_charts_tokens_per_minute() -
                 legend = await page.inner_text("#chart")
                 assert "team-a" in legend
                 assert "team-b" in legend
+                # The recent requests, newest first; one opened shows its timings and its bodies.
+                assert await page.locator("#recent tr").count() == 4
+                await page.locator("#recent tr").first.click()
+                await page.wait_for_selector("#detail-response", timeout=10000)
+                assert '"ttfb_ms"' in await page.inner_text("#detail-timings")
+                sent = await page.inner_text("#detail-request")
+                assert "[redacted]" in sent
+                assert "sk-b" not in sent
+                assert "chat.completion" in await page.inner_text("#detail-response")
                 ARTIFACTS.mkdir(exist_ok=True)
                 await page.locator("#usage-section").scroll_into_view_if_needed()
                 await page.screenshot(path=str(ARTIFACTS / "dashboard-usage.png"), full_page=True)

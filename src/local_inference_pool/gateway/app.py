@@ -58,6 +58,7 @@ from local_inference_pool.gateway.metrics import PoolMetrics, RequestRecord
 from local_inference_pool.gateway.proxy import forward
 from local_inference_pool.gateway.refusals import send_refusal
 from local_inference_pool.gateway.replies import error_response, openai_error
+from local_inference_pool.gateway.request_log import RequestLog
 from local_inference_pool.gateway.routes import ModelFrom, RouteSpec, routes_for
 from local_inference_pool.gateway.runtime import PASSED_HEADERS, RESPONSE_ID, Call, Runtime
 from local_inference_pool.gateway.usage_report import usage_summary
@@ -137,7 +138,11 @@ def create_pool_app(
             await group.start(monitor.run)
             accounting = KeyAccounting(config, store=keys_store)
             await group.start(accounting.run)
-            runtime = Runtime(config, pool, client, upstream, monitor, PoolMetrics(pool), accounting)
+            requests = RequestLog(config.telemetry)
+            stack.callback(requests.close)
+            runtime = Runtime(
+                config, pool, client, upstream, monitor, PoolMetrics(pool), accounting, requests
+            )
             changes = FleetChanges(runtime, source, install_routes, store=store)
             await group.start(changes.run)
             app.state.runtime, app.state.changes = runtime, changes
@@ -164,6 +169,8 @@ def create_pool_app(
             Route("/pool/metrics", _metrics, methods=["GET"]),
             Route("/pool/", _dashboard, methods=["GET"]),
             Route("/pool/dashboard", _dashboard, methods=["GET"]),
+            Route("/pool/requests", _recent_requests, methods=["GET"]),
+            Route("/pool/requests/{request_id}", _one_request, methods=["GET"]),
             *ADMIN_ROUTES,
         ]
 
@@ -331,6 +338,9 @@ class RouteEndpoint:
             record.key = holder or "-"
             inbound, call = await _read_request(scope, receive, headers, runtime, route)
             record.model = inbound.model or "-"
+            record.capture = runtime.requests.capture_for()
+            if record.capture is not None:
+                record.capture.take_request(scope["headers"], inbound.body)
             inbound.tenant = holder
             inbound.priority = key_priority(given_priority(headers), runtime.config, holder)
             await runtime.accounting.admit(
@@ -481,6 +491,30 @@ async def _status(request: Request) -> Response:
     with anyio.move_on_after(2), contextlib.suppress(StateUnavailableError):
         snapshot["usage"] = await usage_summary(runtime.accounting)
     return JSONResponse({**snapshot, "traffic": runtime.metrics.traffic(), "admin": admin})
+
+
+async def _recent_requests(request: Request) -> Response:
+    runtime = _observer(request)
+    if isinstance(runtime, Response):
+        return runtime
+    capture = runtime.config.telemetry.capture
+    return JSONResponse({"object": "list", "capture": capture, "data": runtime.requests.entries()})
+
+
+async def _one_request(request: Request) -> Response:
+    """One recent request's entry; its captured bodies to an admin key (to any key that may see
+    the status when there are no admin keys): they hold other keys' prompts."""
+    runtime = _observer(request)
+    if isinstance(runtime, Response):
+        return runtime
+    config = runtime.config
+    bodies = _as_admin(request, config) if config.admin_keys else True
+    entry = runtime.requests.detail(request.path_params["request_id"], bodies=bodies)
+    if entry is None:
+        return openai_error(
+            404, "no such request among the recent ones", "invalid_request_error", "request_not_found"
+        )
+    return JSONResponse(entry)
 
 
 async def _metrics(request: Request) -> Response:

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -24,6 +24,9 @@ from local_inference_pool.core.limits import Limits, Ticket
 from local_inference_pool.core.scheduler import Affinity
 from local_inference_pool.gateway.usage import count
 from local_inference_pool.pool import Pool
+
+if TYPE_CHECKING:
+    from local_inference_pool.gateway.request_log import Capture
 
 __all__ = ["PoolMetrics", "RequestRecord"]
 
@@ -60,6 +63,7 @@ class RequestRecord:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # the key's rate-limit headers
     ticket: Ticket | None = None  # the key's limits counted it: settled when it ends
     limits: Limits | None = None
+    capture: Capture | None = None  # its bodies, when [telemetry] capture is on
 
     def take_usage(self, usage: dict[str, Any] | None) -> None:
         """Token counts from a backend's ``usage`` (OpenAI's ``prompt_tokens``/``completion_tokens``,

@@ -42,6 +42,8 @@ async def send_refusal(send: Send, response: Response, record: RequestRecord, ru
         response.headers[name.decode()] = value.decode()
     if record.outcome == "ok":
         record.outcome = _error_code(response)
+    if record.capture is not None:
+        record.capture.add_response(bytes(response.body))
     runtime.finish(record)
     try:
         await response({"type": "http"}, _nothing_to_receive, send)

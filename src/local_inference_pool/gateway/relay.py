@@ -305,6 +305,8 @@ async def _answer_whole(
         return None
     whole = body[0] if len(body) == 1 else b"".join(body)
     record.first_byte = time.monotonic() - record.started
+    if record.capture is not None:
+        record.capture.add_response(whole)
     usage = UsageSniffer(event_stream=False, want_id=call.route.remembers_response)
     usage.feed(whole)
     usage.finish()
@@ -461,6 +463,8 @@ class UpstreamRelay:
             if record.first_byte is None:
                 record.first_byte = time.monotonic() - record.started
             self._usage.feed(chunk)
+            if record.capture is not None:
+                record.capture.add_response(chunk)
             if self._remembers and self._usage.response_id is not None:
                 self._remembers = False  # once, before the client has the id
                 await _remember(self.runtime, self._usage.response_id, self.lease.backend)

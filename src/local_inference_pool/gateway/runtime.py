@@ -4,6 +4,7 @@ upstream (its ``Call``): the vocabulary of the proxy and the relay."""
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 import httpx
@@ -12,6 +13,7 @@ from local_inference_pool.config import PoolConfig
 from local_inference_pool.gateway.accounting import KeyAccounting
 from local_inference_pool.gateway.dialects import Dialect
 from local_inference_pool.gateway.metrics import PoolMetrics, RequestRecord
+from local_inference_pool.gateway.request_log import RequestLog
 from local_inference_pool.gateway.responses import ResponseMemory
 from local_inference_pool.gateway.routes import RouteSpec, RouteSupport
 from local_inference_pool.pool import Lease, Pool, Unleased
@@ -43,6 +45,7 @@ class Runtime:
     monitor: Monitor
     metrics: PoolMetrics
     accounting: KeyAccounting  # client keys' limits and usage
+    requests: RequestLog  # the JSON request log, the recent requests, captured bodies
     routes: RouteSupport = field(default_factory=RouteSupport)
 
     def __post_init__(self) -> None:
@@ -55,11 +58,13 @@ class Runtime:
         the access log, and its key's limits and usage."""
         model = self.metrics.observe(record)
         self.accounting.finish(record, model)
+        self.requests.write(record, time.monotonic() - record.started)
 
     def reconfigure(self, config: PoolConfig) -> None:
         """A new configuration for the requests that start from now (a reload or an admin change)."""
         self.config = config
         self.accounting.reconfigure(config)
+        self.requests.reconfigure(config.telemetry)
         self.monitor.config = config
         self.responses.ttl, self.responses.max_ids = config.response_ttl, config.response_max_ids
         timeouts = dict(self.timeouts)

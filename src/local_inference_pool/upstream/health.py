@@ -110,12 +110,17 @@ class Monitor:
             self._watch(backend)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Probe every watched backend, and those watched later; until cancelled. The task group
+        outlives its polls: every backend may leave (removed at runtime) and others join after."""
         async with anyio.create_task_group() as group:
             self._group = group
             for name in self._watched:
                 self._start(name)
             task_status.started()
-        self._group = None
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._group = None
 
     def watch(self, backend: BackendConfig) -> None:
         """Probe a backend that joined the pool (or probe anew one whose configuration changed)."""

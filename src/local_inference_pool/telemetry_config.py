@@ -1,8 +1,9 @@
 """What the pool tells about its requests (``[telemetry]``): the JSON request log, the ring of
-recent requests the dashboard lists, and the opt-in capture of bodies.
+recent requests the dashboard lists, the opt-in capture of bodies, and OpenTelemetry traces
+(``gateway.tracing``).
 
-Every part is off or small by default: no log file, no capture; the ring of recent requests is
-bounded (``recent_requests``).
+Every part is off or small by default: no log file, no capture, no traces; the ring of recent
+requests is bounded (``recent_requests``).
 """
 
 from __future__ import annotations
@@ -26,11 +27,23 @@ class TelemetryConfig:
     capture: bool = False  # keep the bodies of the last requests, secrets redacted (debugging)
     capture_max_bytes: int = 16 * 1024  # of each body kept
     capture_max_requests: int = 50  # requests whose bodies are kept
+    traces: bool = False  # OpenTelemetry traces over OTLP/HTTP (also on with OTEL_TRACES_EXPORTER=otlp)
+    otlp_endpoint: str | None = None  # default: the OTEL_EXPORTER_OTLP_* variables, else localhost:4318
+    service_name: str = "local-inference-pool"  # OTEL_SERVICE_NAME wins when set
+    sample_ratio: float | None = None  # of traces started here (parent-based); default: OTEL_TRACES_SAMPLER
 
     def __post_init__(self) -> None:
         for spec in fields(self):
             name = spec.name
             object.__setattr__(self, name, TELEMETRY_KEYS[name](f"telemetry.{name}", getattr(self, name)))
+
+
+def _ratio(where: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if not values.is_number(value) or not 0 <= value <= 1:
+        raise ConfigError(f"{where}: {value!r} is not allowed; expected a number from 0 to 1")
+    return float(value)
 
 
 def _request_log(where: str, value: Any) -> str:
@@ -47,6 +60,10 @@ TELEMETRY_KEYS: dict[str, values.Parser] = {
     "capture": values.flag,
     "capture_max_bytes": values.int_at_least(0),
     "capture_max_requests": values.int_at_least(0),
+    "traces": values.flag,
+    "otlp_endpoint": values.optional_string,
+    "service_name": values.string,
+    "sample_ratio": _ratio,
 }
 assert set(TELEMETRY_KEYS) == {spec.name for spec in fields(TelemetryConfig)}
 

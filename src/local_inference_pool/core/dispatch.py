@@ -172,6 +172,7 @@ class Dispatch:
         tenant is at its cap, or it is to wait for a busy backend's cache)."""
         tenant = ticket.tenant
         if tenant.max_concurrent is not None and tenant.capped:
+            ticket.waited_for = "tenant_share"
             return False
         model, placement = ticket.model, self.placement
         # As if queued: the ticket would be its model's one waiter (``swap_worthwhile`` with one).
@@ -179,10 +180,14 @@ class Dispatch:
             model, placement.starving(ticket) or self.table.healthy_slots_with(model) <= 1
         )
         if not candidates:
+            # A free slot whose backend the drain guard keeps for its own model, or none at all.
+            guarded = any(not b.can_take(model) for b in self.table.free_serving(model))
+            ticket.waited_for = "drain_guard" if guarded else "slots"
             return False
         backend, _ = placement.choose_backend(ticket, candidates)
         target = placement.offer(ticket, backend)
         if isinstance(target, Hold):
+            ticket.waited_for = "cache_hold"
             return False  # queued, it is offered the same slot again and held then
         self.grant(ticket, target, placement.affinity_outcome(ticket, target), queued=True)
         return True
@@ -209,6 +214,7 @@ class Dispatch:
         prompt), or it is held for a busy backend's cache."""
         target = self.placement.offer(ticket, backend)
         if isinstance(target, Hold):
+            ticket.waited_for = "cache_hold"
             ticket.hold_started = self.clock()
             self.queues.hold(ticket, target.holder, ticket.hold_started + target.budget)
             self.events.held.append(ticket)

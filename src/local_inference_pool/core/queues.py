@@ -164,6 +164,7 @@ class Queues:
             if tenant.max_concurrent is None or not tenant.capped:
                 return ticket
             queue.pop()
+            ticket.waited_for = "tenant_share"
             _heap(self._parked, tenant.name).push(ticket.order, ticket)
         return None
 

@@ -61,6 +61,7 @@ from local_inference_pool.gateway.replies import error_response, openai_error
 from local_inference_pool.gateway.request_log import RequestLog
 from local_inference_pool.gateway.routes import ModelFrom, RouteSpec, routes_for
 from local_inference_pool.gateway.runtime import PASSED_HEADERS, RESPONSE_ID, Call, Runtime
+from local_inference_pool.gateway.tracing import Tracing, tracing_for
 from local_inference_pool.gateway.usage_report import usage_summary
 from local_inference_pool.pool import Pool
 from local_inference_pool.upstream.health import Monitor
@@ -133,6 +134,9 @@ def create_pool_app(
                 store, keys_store = SharedOverlay(config.state), SharedKeys(config.state)
                 stack.push_async_callback(store.aclose)
                 stack.push_async_callback(keys_store.aclose)
+            tracing = tracing_for(config.telemetry)
+            if tracing is not None:  # what is left is exported as the pool stops, after its tasks
+                stack.push_async_callback(_shut_down, tracing)
             group = await stack.enter_async_context(anyio.create_task_group())
             monitor = Monitor(pool, client, config)
             await group.start(monitor.run)
@@ -140,9 +144,8 @@ def create_pool_app(
             await group.start(accounting.run)
             requests = RequestLog(config.telemetry)
             stack.callback(requests.close)
-            runtime = Runtime(
-                config, pool, client, upstream, monitor, PoolMetrics(pool), accounting, requests
-            )
+            metrics = PoolMetrics(pool)
+            runtime = Runtime(config, pool, client, upstream, monitor, metrics, accounting, requests, tracing)
             changes = FleetChanges(runtime, source, install_routes, store=store)
             await group.start(changes.run)
             app.state.runtime, app.state.changes = runtime, changes
@@ -210,6 +213,13 @@ def create_pool_app(
     app.state.runtime = app.state.changes = None
     app.state.config = config
     return app
+
+
+async def _shut_down(tracing: Tracing) -> None:
+    """Export the spans still buffered and stop the exporter (bounded by its own timeouts), in a
+    thread: the SDK blocks."""
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(tracing.shutdown)
 
 
 def create_standalone_app(
@@ -338,6 +348,8 @@ class RouteEndpoint:
             record.key = holder or "-"
             inbound, call = await _read_request(scope, receive, headers, runtime, route)
             record.model = inbound.model or "-"
+            if runtime.tracing is not None:
+                runtime.tracing.start(record, scope["headers"], dialect.name)
             record.capture = runtime.requests.capture_for()
             if record.capture is not None:
                 record.capture.take_request(scope["headers"], inbound.body)

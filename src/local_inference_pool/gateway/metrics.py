@@ -64,6 +64,12 @@ class RequestRecord:
     ticket: Ticket | None = None  # the key's limits counted it: settled when it ends
     limits: Limits | None = None
     capture: Capture | None = None  # its bodies, when [telemetry] capture is on
+    finish_reasons: list[str] = field(default_factory=list)  # why the answer ended, as the server said
+    # With traces on (gateway.tracing): its span, its open upstream attempt's, its start (epoch ns).
+    span: Any = None
+    attempt_span: Any = None
+    attempts: int = 0
+    started_ns: int = 0
 
     def take_usage(self, usage: dict[str, Any] | None) -> None:
         """Token counts from a backend's ``usage`` (OpenAI's ``prompt_tokens``/``completion_tokens``,

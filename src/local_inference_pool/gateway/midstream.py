@@ -296,7 +296,7 @@ async def _ask(
     """A JSON request to the target that takes no slot, and its JSON answer (None on any failure, a
     status other than 200, or an answer over ``PREPARE_ANSWER`` bytes)."""
     asked = dataclasses.replace(call, path=path, content_type=b"application/json")
-    request = upstream_request(runtime, asked, target, record.request_id, json.dumps(body).encode())
+    request = upstream_request(runtime, asked, target, record, json.dumps(body).encode(), attempt=False)
     response: httpx.Response | None = None
     try:
         async with watch.until_gone():
@@ -324,7 +324,7 @@ async def _send(
     """The continuation's streamed answer, or None (the slot kept) if it gave none; and whether the
     backend was reached at all."""
     asked = dataclasses.replace(call, path=way.path)
-    request = upstream_request(runtime, asked, target, record.request_id, way.body)
+    request = upstream_request(runtime, asked, target, record, way.body)
     response: httpx.Response | None = None
     try:
         async with watch.until_gone():

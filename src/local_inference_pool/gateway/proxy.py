@@ -123,7 +123,7 @@ async def _forward(
         record.backend = target.backend
         drained = False
         try:  # every step after the acquire is inside: whatever fails, the slot goes back
-            request = upstream_request(runtime, call, target, record.request_id, inbound.body)
+            request = upstream_request(runtime, call, target, record, inbound.body)
             response: httpx.Response | None = None
             async with watch.until_gone():
                 with target.cuttable() as cut:

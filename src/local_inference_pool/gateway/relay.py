@@ -311,6 +311,7 @@ async def _answer_whole(
     usage.feed(whole)
     usage.finish()
     record.take_usage(usage.usage)
+    record.finish_reasons = usage.finish_reasons
     learn(lease, usage, record)
     if usage.response_id is not None and response.status_code < 300:
         await _remember(runtime, usage.response_id, lease.backend)  # before the client can name it
@@ -493,6 +494,7 @@ class UpstreamRelay:
         record.status = self.upstream.status_code
         self._usage.finish()
         record.take_usage(self._usage.usage)
+        record.finish_reasons = self._usage.finish_reasons
         learn(self.lease, self._usage, record)
         if self._too_slow:
             record.outcome = "client_too_slow"

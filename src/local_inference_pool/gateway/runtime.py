@@ -16,6 +16,7 @@ from local_inference_pool.gateway.metrics import PoolMetrics, RequestRecord
 from local_inference_pool.gateway.request_log import RequestLog
 from local_inference_pool.gateway.responses import ResponseMemory
 from local_inference_pool.gateway.routes import RouteSpec, RouteSupport
+from local_inference_pool.gateway.tracing import Tracing
 from local_inference_pool.pool import Lease, Pool, Unleased
 from local_inference_pool.upstream.health import Monitor
 
@@ -46,6 +47,7 @@ class Runtime:
     metrics: PoolMetrics
     accounting: KeyAccounting  # client keys' limits and usage
     requests: RequestLog  # the JSON request log, the recent requests, captured bodies
+    tracing: Tracing | None = None  # OpenTelemetry traces, when on
     routes: RouteSupport = field(default_factory=RouteSupport)
 
     def __post_init__(self) -> None:
@@ -59,6 +61,8 @@ class Runtime:
         model = self.metrics.observe(record)
         self.accounting.finish(record, model)
         self.requests.write(record, time.monotonic() - record.started)
+        if self.tracing is not None:
+            self.tracing.finish(record)
 
     def reconfigure(self, config: PoolConfig) -> None:
         """A new configuration for the requests that start from now (a reload or an admin change)."""
@@ -117,13 +121,31 @@ def upstream_headers(target: Target, request_id: str, call: Call) -> list[tuple[
 
 
 def upstream_request(
-    runtime: Runtime, call: Call, target: Target, request_id: str, body: bytes
+    runtime: Runtime,
+    call: Call,
+    target: Target,
+    record: RequestRecord,
+    body: bytes,
+    *,
+    attempt: bool = True,
 ) -> httpx.Request:
-    """The request to send the target: the call's method and path, the backend's headers, ``body``."""
+    """The request to send the target: the call's method and path, the backend's headers (with
+    the trace's ``traceparent`` when traces are on), ``body``. ``attempt``: it is one more attempt
+    at the client's request (not a question asked on its way, as a continuation's tokenize)."""
+    url = runtime.upstream_url(target.url, call.path)
+    headers = upstream_headers(target, record.request_id, call)
+    tracing = runtime.tracing
+    if tracing is not None:
+        if attempt:
+            waited = getattr(target, "queue_wait", 0.0)
+            reason = getattr(target, "waited_for", None)
+            headers += tracing.attempt(record, target.backend, target.url, waited=waited, reason=reason)
+        else:
+            headers += tracing.propagation(record)
     return httpx.Request(
         call.method,
-        runtime.upstream_url(target.url, call.path),
-        headers=upstream_headers(target, request_id, call),
+        url,
+        headers=headers,
         content=body,
         extensions={"timeout": runtime.timeouts},
     )

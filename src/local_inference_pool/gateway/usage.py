@@ -82,6 +82,7 @@ class UsageSniffer:
         self.timings: dict[str, Any] | None = None
         self.want_id = want_id
         self.response_id: str | None = None
+        self.finish_reasons: list[str] = []  # why the answer ended (OpenAI's and Anthropic's)
         self._buffer = bytearray()
         self._scanned = 0  # bytes of the buffer already searched for an event's end
         self._after_cr = False
@@ -102,10 +103,12 @@ class UsageSniffer:
         buffer = self._buffer
         buffer += chunk
         while (end := buffer.find(b"\n\n", max(0, self._scanned - 1))) >= 0:
+            event = buffer[:end]
             if not self._skipping and (
-                b'"usage"' in buffer[:end]
-                or b'"timings"' in buffer[:end]
+                b'"usage"' in event
+                or b'"timings"' in event
                 or (self.want_id and self.response_id is None)
+                or _ends_a_choice(event)
             ):
                 self._read(bytes(buffer[:end]).partition(b"data:")[2])
             self._skipping = False
@@ -137,8 +140,32 @@ class UsageSniffer:
         timings = body.get("timings")
         if isinstance(timings, dict):
             self.timings = timings
+        self._take_reasons(body)
         if self.want_id and self.response_id is None:
             holder = nested if isinstance(nested, dict) and self.event_stream else body
             given = holder.get("id")
             if isinstance(given, str):
                 self.response_id = given
+
+    def _take_reasons(self, body: dict[str, Any]) -> None:
+        """OpenAI's ``choices[].finish_reason``, Anthropic's ``stop_reason`` (its message's, or a
+        stream's ``message_delta``'s), at most a few."""
+        reasons: list[Any] = []
+        choices = body.get("choices")
+        if isinstance(choices, list):
+            reasons += [c.get("finish_reason") for c in choices[:8] if isinstance(c, dict)]
+        delta = body.get("delta")
+        for holder in (body, delta):
+            if isinstance(holder, dict):
+                reasons.append(holder.get("stop_reason"))
+        for reason in reasons:
+            if isinstance(reason, str) and reason not in self.finish_reasons and len(self.finish_reasons) < 8:
+                self.finish_reasons.append(reason[:64])
+
+
+def _ends_a_choice(event: bytes | bytearray) -> bool:
+    """Whether an event may say why the answer ended (a finish or stop reason that is not null):
+    only those are parsed for it, not every chunk."""
+    if b'_reason"' not in event:
+        return False
+    return b'_reason":null' not in event and b'_reason": null' not in event

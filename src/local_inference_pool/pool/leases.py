@@ -55,6 +55,15 @@ class Lease:
         return self._grant.affinity
 
     @property
+    def waited_for(self) -> str | None:
+        """Why the request last waited for its slot: ``slots``, ``drain_guard``, ``cache_hold`` or
+        ``tenant_share``; None when it did not wait."""
+        ticket = self._grant.ticket
+        if ticket.waited_for is None and self.queue_wait > 0.001:
+            return "slots"  # queued behind others of its model
+        return ticket.waited_for
+
+    @property
     def loaded_model(self) -> bool:
         """True when this lease made the backend load the model (a cold start or a swap)."""
         return self._grant.loaded_model

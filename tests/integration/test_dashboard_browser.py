@@ -53,6 +53,21 @@ async def launched(playwright: Any, executable: str) -> AsyncIterator[Any]:
         await browser.close()
 
 
+async def painted(page: Any, selector: str) -> int:
+    """How many pixels of a canvas are painted: a chart drawn, not only its elements."""
+    count: int = await page.evaluate(
+        """(selector) => {
+            const canvas = document.querySelector(selector);
+            const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+            let painted = 0;
+            for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) painted++;
+            return painted;
+        }""",
+        selector,
+    )
+    return count
+
+
 def watch_errors(page: Any) -> list[str]:
     """The page's console errors and uncaught exceptions, as they happen."""
     problems: list[str] = []
@@ -224,19 +239,18 @@ async def test_the_dashboard_shows_usage_by_key_charts_tokens_and_opens_a_recent
                 await page.wait_for_function(
                     "document.querySelector('#chart canvas') !== null", timeout=10000
                 )
-                drawn = await page.evaluate(
-                    """() => {
-                        const canvas = document.querySelector('#chart canvas');
-                        const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
-                        let painted = 0;
-                        for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) painted++;
-                        return painted;
-                    }"""
-                )
+                drawn = await painted(page, "#chart canvas")
                 assert drawn > 200  # the two keys' lines (and the axes' grid)
                 legend = await page.inner_text("#chart")
                 assert "team-a" in legend
                 assert "team-b" in legend
+                # The activity charts, drawn from the last seconds' ring; the header's rates are live.
+                await page.wait_for_function(
+                    "document.querySelector('#chart-tokens canvas') !== null", timeout=10000
+                )
+                assert await painted(page, "#chart-tokens canvas") > 50
+                assert await painted(page, "#chart-requests canvas") > 50
+                assert float(await page.inner_text("#rps")) > 0
                 # The recent requests, newest first; one opened shows its timings and its bodies.
                 assert await page.locator("#recent tr").count() == 4
                 await page.locator("#recent tr").first.click()

@@ -111,7 +111,9 @@ async def test_tpm_is_settled_from_the_usage_a_stream_reports_at_its_end(
                             used += httpx.Response(200, content=line.removeprefix("data: ")).json()["usage"][
                                 "total_tokens"
                             ]
-            answer = await two.post(
+            # Through the process of the last stream: there its next request waits for its settling
+            # (across processes the settling, sent after the answer, may come a moment later).
+            answer = await one.post(
                 "/chat/completions", json={**STREAM, "stream": False, "max_tokens": 1}, headers=TEAM
             )
     # The streams' reservations (their bodies' size / 4 + max_tokens each) became what they used;

@@ -146,6 +146,7 @@ def create_pool_app(
             stack.callback(requests.close)
             metrics = PoolMetrics(pool)
             runtime = Runtime(config, pool, client, upstream, monitor, metrics, accounting, requests, tracing)
+            group.start_soon(_sample_queues, runtime)
             changes = FleetChanges(runtime, source, install_routes, store=store)
             await group.start(changes.run)
             app.state.runtime, app.state.changes = runtime, changes
@@ -173,6 +174,7 @@ def create_pool_app(
             Route("/pool/", _dashboard, methods=["GET"]),
             Route("/pool/dashboard", _dashboard, methods=["GET"]),
             Route("/pool/requests", _recent_requests, methods=["GET"]),
+            Route("/pool/traffic", _traffic, methods=["GET"]),
             Route("/pool/requests/{request_id}", _one_request, methods=["GET"]),
             *ADMIN_ROUTES,
         ]
@@ -213,6 +215,14 @@ def create_pool_app(
     app.state.runtime = app.state.changes = None
     app.state.config = config
     return app
+
+
+async def _sample_queues(runtime: Runtime) -> None:
+    """The requests waiting, by model, into the charts' ring once a second; until cancelled."""
+    while True:
+        queue = runtime.pool.snapshot()["queue"]["by_model"]
+        runtime.traffic.sample_queue({model: q["waiting"] for model, q in queue.items()})
+        await anyio.sleep(1)
 
 
 async def _shut_down(tracing: Tracing) -> None:
@@ -348,6 +358,7 @@ class RouteEndpoint:
             record.key = holder or "-"
             inbound, call = await _read_request(scope, receive, headers, runtime, route)
             record.model = inbound.model or "-"
+            runtime.traffic.arrived(record.model)
             if runtime.tracing is not None:
                 runtime.tracing.start(record, scope["headers"], dialect.name)
             record.capture = runtime.requests.capture_for()
@@ -502,7 +513,16 @@ async def _status(request: Request) -> Response:
     snapshot["usage"] = None  # when the store cannot say it (with state) within the bound
     with anyio.move_on_after(2), contextlib.suppress(StateUnavailableError):
         snapshot["usage"] = await usage_summary(runtime.accounting)
-    return JSONResponse({**snapshot, "traffic": runtime.metrics.traffic(), "admin": admin})
+    traffic = {**runtime.metrics.traffic(), **runtime.traffic.rates()}
+    return JSONResponse({**snapshot, "traffic": traffic, "admin": admin})
+
+
+async def _traffic(request: Request) -> Response:
+    """The charts' series: ``?group=all`` (default), ``backend:<name>`` or ``model:<name>``."""
+    runtime = _observer(request)
+    if isinstance(runtime, Response):
+        return runtime
+    return JSONResponse(runtime.traffic.series(request.query_params.get("group", "all")[:300]))
 
 
 async def _recent_requests(request: Request) -> Response:

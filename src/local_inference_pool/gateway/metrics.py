@@ -65,6 +65,7 @@ class RequestRecord:
     limits: Limits | None = None
     capture: Capture | None = None  # its bodies, when [telemetry] capture is on
     finish_reasons: list[str] = field(default_factory=list)  # why the answer ended, as the server said
+    streamed_tokens: int = 0  # a stream's events relayed so far (about a token each), for the charts
     # With traces on (gateway.tracing): its span, its open upstream attempt's, its start (epoch ns).
     span: Any = None
     attempt_span: Any = None

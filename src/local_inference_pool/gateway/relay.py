@@ -464,6 +464,10 @@ class UpstreamRelay:
             if record.first_byte is None:
                 record.first_byte = time.monotonic() - record.started
             self._usage.feed(chunk)
+            if self.is_event_stream:  # about a token an event: the charts' live rate
+                events = chunk.count(b"data:")
+                record.streamed_tokens += events
+                self.runtime.traffic.streamed(self.lease.backend, record.model, events)
             if record.capture is not None:
                 record.capture.add_response(chunk)
             if self._remembers and self._usage.response_id is not None:

@@ -17,6 +17,7 @@ from local_inference_pool.gateway.request_log import RequestLog
 from local_inference_pool.gateway.responses import ResponseMemory
 from local_inference_pool.gateway.routes import RouteSpec, RouteSupport
 from local_inference_pool.gateway.tracing import Tracing
+from local_inference_pool.gateway.traffic import Traffic
 from local_inference_pool.pool import Lease, Pool, Unleased
 from local_inference_pool.upstream.health import Monitor
 
@@ -48,6 +49,7 @@ class Runtime:
     accounting: KeyAccounting  # client keys' limits and usage
     requests: RequestLog  # the JSON request log, the recent requests, captured bodies
     tracing: Tracing | None = None  # OpenTelemetry traces, when on
+    traffic: Traffic = field(default_factory=Traffic)  # the last 15 minutes, second by second
     routes: RouteSupport = field(default_factory=RouteSupport)
 
     def __post_init__(self) -> None:
@@ -60,6 +62,10 @@ class Runtime:
         the access log, and its key's limits and usage."""
         model = self.metrics.observe(record)
         self.accounting.finish(record, model)
+        uncounted = (
+            0 if record.completion_tokens is None else record.completion_tokens - record.streamed_tokens
+        )
+        self.traffic.ended(record.backend, model, record.first_byte, uncounted)
         self.requests.write(record, time.monotonic() - record.started)
         if self.tracing is not None:
             self.tracing.finish(record)

@@ -195,24 +195,47 @@ class KeyAccounting:
                         slot = (minute, record.key, model, kind)
                         pending[slot] = pending.get(slot, 0) + value
 
+    def expecting(self, record: RequestRecord) -> None:
+        """A stream's last bytes are about to go: its key's next request, which may come at once,
+        waits for this one's settling (``finish`` runs a moment after the client has the end)."""
+        if record.ticket is not None and self._store is not None and not record.settle_expected:
+            record.settle_expected = True
+            self._begin_settling(record.ticket.key)
+
     def _settle(self, record: RequestRecord, now: float) -> None:
         ticket, limits = record.ticket, record.limits
         if ticket is None or limits is None:
             return
         record.ticket = None  # settled once, whatever calls this again
+        expected, record.settle_expected = record.settle_expected, False
         reported = record.prompt_tokens is not None or record.completion_tokens is not None
         used = (record.prompt_tokens or 0) + (record.completion_tokens or 0) if reported else None
         if record.backend == "-" and not reported:
             used = 0  # it never reached a server: nothing was used
-        if self._store is None or not ticket.reservation.startswith(self._prefix) or self._group is None:
+        shared = self._store is not None and ticket.reservation.startswith(self._prefix)
+        if not shared or self._group is None:
             self._limiter.settle(ticket, used, limits, now)
+        elif limits.budget is not None or (used is not None and limits.tpm is not None):
+            if not expected:
+                self._begin_settling(ticket.key)
+            self._group.start_soon(self._settle_shared, ticket, used, limits, now)
             return
-        if limits.budget is None and (used is None or limits.tpm is None):
-            return  # nothing to correct: no token reservation, or it stands as it is
-        self._settling[ticket.key] = self._settling.get(ticket.key, 0) + 1
-        if ticket.key not in self._settled:
-            self._settled[ticket.key] = anyio.Event()
-        self._group.start_soon(self._settle_shared, ticket, used, limits, now)
+        # Otherwise nothing to correct: no token reservation, or it stands as it is.
+        if expected:
+            self._end_settling(ticket.key)
+
+    def _begin_settling(self, key: str) -> None:
+        self._settling[key] = self._settling.get(key, 0) + 1
+        if key not in self._settled:
+            self._settled[key] = anyio.Event()
+
+    def _end_settling(self, key: str) -> None:
+        left = self._settling[key] - 1
+        if left:
+            self._settling[key] = left
+        else:
+            del self._settling[key]
+            self._settled.pop(key).set()
 
     async def _settle_shared(self, ticket: Ticket, used: int | None, limits: Limits, now: float) -> None:
         assert self._store is not None
@@ -221,12 +244,7 @@ class KeyAccounting:
         except StateUnavailableError as exc:
             self._store_is_away(exc)
         finally:
-            left = self._settling[ticket.key] - 1
-            if left:
-                self._settling[ticket.key] = left
-            else:
-                del self._settling[ticket.key]
-                self._settled.pop(ticket.key).set()
+            self._end_settling(ticket.key)
 
     async def flush(self) -> None:
         """Write the usage booked since the last flush to the store (kept for the next one if the

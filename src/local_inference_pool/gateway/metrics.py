@@ -63,6 +63,7 @@ class RequestRecord:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # the key's rate-limit headers
     ticket: Ticket | None = None  # the key's limits counted it: settled when it ends
     limits: Limits | None = None
+    settle_expected: bool = False  # its key's next request waits for its settling (accounting)
     capture: Capture | None = None  # its bodies, when [telemetry] capture is on
     finish_reasons: list[str] = field(default_factory=list)  # why the answer ended, as the server said
     streamed_tokens: int = 0  # a stream's events relayed so far (about a token each), for the charts

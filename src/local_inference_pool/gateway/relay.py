@@ -428,6 +428,7 @@ class UpstreamRelay:
             if not finished:
                 return
             self._relayed_all = True
+            self.runtime.accounting.expecting(self.record)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # ASGI 2.4 reports a client that left as a failed send; leaving is not an error
             logger.debug("client left during the response from %s", self.lease.backend)

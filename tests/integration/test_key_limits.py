@@ -5,6 +5,8 @@ the usage of the whole fleet."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -59,26 +61,33 @@ def sim() -> SimulatedBackend:
     return SimulatedBackend(SimulatorConfig(models=("sim",), slots=16, tokens_per_second=2000))
 
 
-async def test_rpm_admits_exactly_its_limit_across_three_processes(tmp_path: Path, store: Store) -> None:
-    async with running(sim()) as url:
+@asynccontextmanager
+async def processes(
+    tmp_path: Path, store: Store, limits: str, count: int
+) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """``count`` serve processes on one store and one simulated backend, with the key's ``limits``;
+    a client of each, sending the key."""
+    async with running(sim()) as url, AsyncExitStack() as stack:
         path = tmp_path / "pool.toml"
-        path.write_text(config(store, url, "rpm = 10"))
-        async with (
-            serving_pool(path, key=TEAM_KEY) as (one, _),
-            serving_pool(path, key=TEAM_KEY) as (two, _),
-            serving_pool(path, key=TEAM_KEY) as (three, _),
-        ):
-            statuses: list[int] = []
+        path.write_text(config(store, url, limits))
+        clients = []
+        for _ in range(count):
+            client, _process = await stack.enter_async_context(serving_pool(path, key=TEAM_KEY))
+            clients.append(client)
+        yield clients
 
-            async def ask(client: httpx.AsyncClient) -> None:
-                answer = await client.post(
-                    "/chat/completions", json={**STREAM, "stream": False}, headers=TEAM
-                )
-                statuses.append(answer.status_code)
 
-            async with anyio.create_task_group() as group:
-                for index in range(30):
-                    group.start_soon(ask, (one, two, three)[index % 3])
+async def test_rpm_admits_exactly_its_limit_across_three_processes(tmp_path: Path, store: Store) -> None:
+    async with processes(tmp_path, store, "rpm = 10", 3) as (one, two, three):
+        statuses: list[int] = []
+
+        async def ask(client: httpx.AsyncClient) -> None:
+            answer = await client.post("/chat/completions", json={**STREAM, "stream": False}, headers=TEAM)
+            statuses.append(answer.status_code)
+
+        async with anyio.create_task_group() as group:
+            for index in range(30):
+                group.start_soon(ask, (one, two, three)[index % 3])
     assert sorted(statuses) == [200] * 10 + [429] * 20
 
 
@@ -98,24 +107,21 @@ async def test_the_counts_outlive_a_gateway_restart(tmp_path: Path, store: Store
 async def test_tpm_is_settled_from_the_usage_a_stream_reports_at_its_end(
     tmp_path: Path, store: Store
 ) -> None:
-    async with running(sim()) as url:
-        path = tmp_path / "pool.toml"
-        path.write_text(config(store, url, "tpm = 100000"))
-        async with serving_pool(path, key=TEAM_KEY) as (one, _), serving_pool(path, key=TEAM_KEY) as (two, _):
-            used = 0
-            for client in (one, two, one):
-                async with client.stream("POST", "/chat/completions", json=STREAM, headers=TEAM) as stream:
-                    assert stream.status_code == 200
-                    async for line in stream.aiter_lines():
-                        if '"usage"' in line and '"total_tokens"' in line:
-                            used += httpx.Response(200, content=line.removeprefix("data: ")).json()["usage"][
-                                "total_tokens"
-                            ]
-            # Through the process of the last stream: there its next request waits for its settling
-            # (across processes the settling, sent after the answer, may come a moment later).
-            answer = await one.post(
-                "/chat/completions", json={**STREAM, "stream": False, "max_tokens": 1}, headers=TEAM
-            )
+    async with processes(tmp_path, store, "tpm = 100000", 2) as (one, two):
+        used = 0
+        for client in (one, two, one):
+            async with client.stream("POST", "/chat/completions", json=STREAM, headers=TEAM) as stream:
+                assert stream.status_code == 200
+                async for line in stream.aiter_lines():
+                    if '"usage"' in line and '"total_tokens"' in line:
+                        used += httpx.Response(200, content=line.removeprefix("data: ")).json()["usage"][
+                            "total_tokens"
+                        ]
+        # Through the process of the last stream: there its next request waits for its settling
+        # (across processes the settling, sent after the answer, may come a moment later).
+        answer = await one.post(
+            "/chat/completions", json={**STREAM, "stream": False, "max_tokens": 1}, headers=TEAM
+        )
     # The streams' reservations (their bodies' size / 4 + max_tokens each) became what they used;
     # the window holds that and the last request's own reservation.
     reserved_now = 100000 - int(answer.headers["x-ratelimit-remaining-tokens"])
@@ -128,14 +134,11 @@ async def test_tpm_is_settled_from_the_usage_a_stream_reports_at_its_end(
 async def test_a_budget_crossed_mid_stream_finishes_and_the_next_request_anywhere_is_refused(
     tmp_path: Path, store: Store
 ) -> None:
-    async with running(sim()) as url:
-        path = tmp_path / "pool.toml"
-        path.write_text(config(store, url, 'max_tokens = 5\nbudget_period = "day"'))
-        async with serving_pool(path, key=TEAM_KEY) as (one, _), serving_pool(path, key=TEAM_KEY) as (two, _):
-            async with one.stream("POST", "/chat/completions", json=STREAM, headers=TEAM) as stream:
-                text = "".join([part async for part in stream.aiter_text()])
-            same = await one.post("/chat/completions", json=STREAM, headers=TEAM)
-            other = await two.post("/chat/completions", json=STREAM, headers=TEAM)
+    async with processes(tmp_path, store, 'max_tokens = 5\nbudget_period = "day"', 2) as (one, two):
+        async with one.stream("POST", "/chat/completions", json=STREAM, headers=TEAM) as stream:
+            text = "".join([part async for part in stream.aiter_text()])
+        same = await one.post("/chat/completions", json=STREAM, headers=TEAM)
+        other = await two.post("/chat/completions", json=STREAM, headers=TEAM)
     assert text.rstrip().endswith("data: [DONE]")
     for refused in (same, other):
         assert refused.status_code == 429
@@ -145,31 +148,28 @@ async def test_a_budget_crossed_mid_stream_finishes_and_the_next_request_anywher
 async def test_a_key_added_and_rotated_through_one_process_holds_in_the_other_within_a_second(
     tmp_path: Path, store: Store
 ) -> None:
-    async with running(sim()) as url:
-        path = tmp_path / "pool.toml"
-        path.write_text(config(store, url, ""))
-        async with serving_pool(path, key=TEAM_KEY) as (one, _), serving_pool(path, key=TEAM_KEY) as (two, _):
-            made = (await one.post("/pool/admin/keys", json={"name": "ci", "rpm": 100}, headers=ADMIN)).json()
-            bearer = {"authorization": f"Bearer {made['key']}"}
-            with anyio.fail_after(1):
-                while (await two.get("/models", headers=bearer)).status_code != 200:
-                    await anyio.sleep(0.01)
-            rotated = (await two.post("/pool/admin/keys/ci/rotate", headers=ADMIN)).json()
-            with anyio.fail_after(1):
-                while (await one.get("/models", headers=bearer)).status_code != 401:
-                    await anyio.sleep(0.01)
-            answer = await one.post(
-                "/chat/completions", json=STREAM, headers={"authorization": f"Bearer {rotated['key']}"}
-            )
-            assert answer.status_code == 200
-            assert made["key"] not in stored_text(store)
-            assert rotated["key"] not in stored_text(store)
+    async with processes(tmp_path, store, "", 2) as (one, two):
+        made = (await one.post("/pool/admin/keys", json={"name": "ci", "rpm": 100}, headers=ADMIN)).json()
+        bearer = {"authorization": f"Bearer {made['key']}"}
+        with anyio.fail_after(1):
+            while (await two.get("/models", headers=bearer)).status_code != 200:
+                await anyio.sleep(0.01)
+        rotated = (await two.post("/pool/admin/keys/ci/rotate", headers=ADMIN)).json()
+        with anyio.fail_after(1):
+            while (await one.get("/models", headers=bearer)).status_code != 401:
+                await anyio.sleep(0.01)
+        answer = await one.post(
+            "/chat/completions", json=STREAM, headers={"authorization": f"Bearer {rotated['key']}"}
+        )
+        assert answer.status_code == 200
+        assert made["key"] not in stored_text(store)
+        assert rotated["key"] not in stored_text(store)
 
-            # The fleet's usage, read through either process, counts what went through both.
-            await two.post("/chat/completions", json=STREAM, headers=TEAM)
-            with anyio.fail_after(5):
-                while True:
-                    rows = (await one.get("/pool/usage?group=key", headers=ADMIN)).json()["data"]
-                    if {row["key"]: row["requests"] for row in rows} == {"ci": 1, "team": 1}:
-                        break
-                    await anyio.sleep(0.1)
+        # The fleet's usage, read through either process, counts what went through both.
+        await two.post("/chat/completions", json=STREAM, headers=TEAM)
+        with anyio.fail_after(5):
+            while True:
+                rows = (await one.get("/pool/usage?group=key", headers=ADMIN)).json()["data"]
+                if {row["key"]: row["requests"] for row in rows} == {"ci": 1, "team": 1}:
+                    break
+                await anyio.sleep(0.1)

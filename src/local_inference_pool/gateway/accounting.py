@@ -27,7 +27,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from local_inference_pool.config import PoolConfig
-from local_inference_pool.core.limits import KeyLimiter, Limits, Refused, Standing, Ticket
+from local_inference_pool.core.limits import Admitted, KeyLimiter, Limits, Refused, Standing, Ticket
 from local_inference_pool.core.usage_book import UsageBook, bucket_of
 from local_inference_pool.errors import KeyLimitError, KeyRefusedError, StateUnavailableError
 from local_inference_pool.gateway.inbound import Inbound
@@ -153,7 +153,7 @@ class KeyAccounting:
             raise _limit_error(verdict, limits)
         record.ticket, record.limits = verdict.ticket, limits
 
-    async def _admit(self, holder: str, limits: Limits, estimate: int, now: float) -> Any:
+    async def _admit(self, holder: str, limits: Limits, estimate: int, now: float) -> Admitted | Refused:
         self._made += 1
         store = self._store
         if store is not None and not self._store_away:

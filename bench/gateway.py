@@ -6,6 +6,12 @@ each party in its own process: the fake backend (``fake_backend.py``), the gatew
 generator (wrk for plain requests, ``sse_client.py`` for streams). Every figure is measured in the
 same run beside direct access to the same fake backend. A peer that is missing is reported as
 missing, never dropped. Writes ``bench/results/gateway.{txt,json,png}``.
+
+The ``traces`` setup measures what OpenTelemetry traces cost the pool: req/s at c=32 with traces
+off, on with a sampler of 0, and on with every request exported to an OTLP/HTTP receiver that
+answers at once (this script with ``--otlp-receiver PORT``, in its own process), against the fake
+backend that answers at once and the one that answers in 20 ms; the variants alternate over
+``TRACE_ROUNDS`` rounds, so a slow moment of the machine falls on all of them alike.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -34,12 +41,20 @@ LITELLM_VENV = HERE / ".litellm-venv"
 KEY = "sk-bench"
 PACED_MS = 20.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+TRACE_ROUNDS = 5
+TRACE_VARIANTS = {
+    "traces off": None,
+    "on, sampler 0": 0.0,
+    "on, every request exported": 1.0,
+}
 GOALS = {
     "added p50 at c=1": "<= 0.5 ms",
     "throughput at c=32": ">= 0.8x direct",
     "vs LiteLLM at c=32": ">= 10x",
     "streaming relay": ">= 20,000 chunks/s per core",
     "500 slow streams": "< 1 core, no chunk > 50 ms late",
+    "traces, sampler 0 (issue 26)": ">= 0.97x of off at c=32",
+    "traces, all exported (issue 26)": ">= 0.90x of off at c=32",
 }
 
 
@@ -126,8 +141,9 @@ def fake_backend(port: int, slots: int = 1024, rate: float = 0.0, answer_ms: flo
 
 
 @contextmanager
-def gateway(name: str, backends: list[str], slots: int, tmp: Path) -> Iterator[Setup | str]:
-    """Start one setup in front of ``backends``; yields the Setup, or why it cannot run."""
+def gateway(name: str, backends: list[str], slots: int, tmp: Path, extra: str = "") -> Iterator[Setup | str]:
+    """Start one setup in front of ``backends``; yields the Setup, or why it cannot run. ``extra``:
+    more of the pool's configuration (a ``[telemetry]`` table)."""
     port = free_port()
     if name == "direct":
         yield Setup(name, f"{backends[0]}/v1/chat/completions", None)
@@ -144,7 +160,7 @@ def gateway(name: str, backends: list[str], slots: int, tmp: Path) -> Iterator[S
                 'models = ["bench"]',
                 "",
             ]
-        config.write_text("\n".join(lines))
+        config.write_text("\n".join(lines) + extra)
         command = [
             sys.executable,
             "-m",
@@ -281,6 +297,49 @@ def measured(setup: Setup, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def otlp_receiver(port: int) -> None:
+    """An OTLP/HTTP receiver that reads each export and answers 200 at once."""
+    import uvicorn
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        headers = [(b"content-type", b"application/x-protobuf")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error")
+
+
+def traces(backends: dict[str, str], seconds: float, tmp: Path) -> dict[str, Any]:
+    """req/s at c=32 of the pool per tracing variant and backend, alternating over the rounds."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}/v1/traces"
+    figures: dict[str, dict[str, list[float]]] = {
+        backend: {variant: [] for variant in TRACE_VARIANTS} for backend in backends
+    }
+    with process([sys.executable, __file__, "--otlp-receiver", str(port)]):
+        for _ in range(TRACE_ROUNDS):
+            for backend, url in backends.items():
+                for variant, ratio in TRACE_VARIANTS.items():
+                    telemetry = ""
+                    if ratio is not None:
+                        telemetry = f'[telemetry]\ntraces = true\nsample_ratio = {ratio}\notlp_endpoint = "{endpoint}"\n'
+                    with gateway("pool", [url], 1024, tmp, telemetry) as setup:
+                        assert not isinstance(setup, str)
+                        rps = wrk(setup.url, 32, seconds, tmp)["rps"]
+                    figures[backend][variant].append(rps)
+                    print(f"   traces, {backend}, {variant}: {rps:,.0f} req/s", flush=True)
+    return {
+        backend: {variant: statistics.median(values) for variant, values in variants.items()}
+        | {"rounds": variants}
+        for backend, variants in figures.items()
+    }
+
+
 def install() -> None:
     subprocess.run(["apt-get", "install", "-y", "-qq", "haproxy", "wrk"], check=True)
     subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
@@ -293,8 +352,12 @@ def main() -> None:
         "--install", action="store_true", help="install HAProxy, wrk and the LiteLLM proxy first"
     )
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each wrk run")
-    parser.add_argument("--setups", default="direct,pool,haproxy,litellm")
+    parser.add_argument("--setups", default="direct,pool,haproxy,litellm,traces")
+    parser.add_argument("--otlp-receiver", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.otlp_receiver:
+        otlp_receiver(args.otlp_receiver)
+        return
     if args.install:
         install()
     if shutil.which("wrk") is None:
@@ -316,7 +379,11 @@ def main() -> None:
         paced_url = f"http://127.0.0.1:{paced_port}"
         for url in (fast_url, slow_url, paced_url):
             wait_ready(f"{url}/health")
-        for name in names:
+        if "traces" in names:
+            print("== traces", flush=True)
+            backends = {"answers at once": fast_url, f"answers in {PACED_MS:g} ms": paced_url}
+            results["traces"] = traces(backends, args.seconds, tmp)
+        for name in (name for name in names if name != "traces"):
             print(f"== {name}", flush=True)
             entry: dict[str, Any] = {}
             with gateway(name, [fast_url], 1024, tmp) as setup:
@@ -379,6 +446,7 @@ def contextmanager_all(managers: list[Any]) -> Iterator[None]:
 
 def report(results: dict[str, dict[str, Any]]) -> None:
     direct = results["direct"]
+    traced = results.get("traces", {})
     lines = [
         "gateway benchmark: fake backend, wrk -t1 (plain) and a separate asyncio client (SSE), all on 127.0.0.1",
         "",
@@ -386,6 +454,8 @@ def report(results: dict[str, dict[str, Any]]) -> None:
     header = f"{'setup':9} {'p50 c=1':>9} {'added':>8} {'p99 c=1':>9} {'rps c=1':>9} {'rps c=32':>15} {'rps c=128':>15} {'SSE chunks/s':>13} {'cores':>6} {'TTFC p50':>9}"
     lines += [header, "-" * len(header)]
     for name, r in results.items():
+        if name == "traces":
+            continue
         if "missing" in r:
             lines.append(f"{name:9} {r['missing']}")
             continue
@@ -418,7 +488,16 @@ def report(results: dict[str, dict[str, Any]]) -> None:
                 f"{name:9} completed {q['streams']}/200 (failed {q['failed']}), backend peaks {q['backend_peaks']}, "
                 f"time to first chunk p50 {q['ttfc_p50_ms']:.0f} ms, p99 {q['ttfc_p99_ms']:.0f} ms"
             )
-    lines += ["", "goals (issue 7):"]
+    if traced:
+        lines += ["", f"traces (the pool at c=32, {TRACE_ROUNDS} alternating rounds, medians)"]
+        for backend, figures in traced.items():
+            base = figures["traces off"]
+            shown = ", ".join(
+                f"{variant} {figures[variant]:,.0f} ({figures[variant] / base:.2f}x)"
+                for variant in TRACE_VARIANTS
+            )
+            lines.append(f"  backend {backend:18} {shown}")
+    lines += ["", "goals (issue 7; traces: issue 26):"]
     pool = results.get("pool", {})
     if "c1" in pool:
         litellm = results.get("litellm", {})
@@ -431,8 +510,16 @@ def report(results: dict[str, dict[str, Any]]) -> None:
             "streaming relay": f"{stream_per_core:,.0f} chunks/s per core",
             "500 slow streams": f"{pool['slow'].get('gateway_cores', 0):.2f} cores, {pool['slow']['late_chunks']} chunks > 50 ms late",
         }
+        for backend, figures in traced.items():
+            for variant, goal in (
+                ("on, sampler 0", "sampler 0"),
+                ("on, every request exported", "all exported"),
+            ):
+                ratio = figures[variant] / figures["traces off"]
+                measured_goals.setdefault(f"traces, {goal} (issue 26)", "")
+                measured_goals[f"traces, {goal} (issue 26)"] += f"{ratio:.2f}x (backend {backend}) "
         for goal, target in GOALS.items():
-            lines.append(f"  {goal:22} goal {target:32} measured {measured_goals[goal]}")
+            lines.append(f"  {goal:32} goal {target:32} measured {measured_goals.get(goal, 'not run')}")
     text = "\n".join(lines)
     print("\n" + text)
     (RESULTS / "gateway.txt").write_text(text + "\n")

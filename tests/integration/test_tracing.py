@@ -1,95 +1,28 @@
-"""OpenTelemetry traces of real requests, received by an OTLP/HTTP receiver of the test's own that
-decodes them with opentelemetry-proto: a streamed chat, a queued request, a failed-over stream, and
-a request to the pool mounted in FastAPI with the client's ``traceparent``."""
+"""OpenTelemetry traces of real requests, exported by the span export process to an OTLP/HTTP
+receiver of the tests' own (``tests/otlp.py``): a streamed chat, a queued request, a failed-over
+stream, and a request to the pool mounted in FastAPI with the client's ``traceparent``."""
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from local_inference_pool import BackendConfig, PoolConfig, create_pool_app, pool_lifespan
 from local_inference_pool.gateway.serving import running
 from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
 from local_inference_pool.telemetry_config import TelemetryConfig
 
+from ..otlp import receiver
 from .stack import started
 
 pytestmark = pytest.mark.anyio
 
 CHAT = {"model": "sim", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
-
-
-@dataclass
-class Span:
-    name: str
-    trace_id: str
-    span_id: str
-    parent_id: str
-    kind: int
-    attributes: dict[str, Any]
-    error: bool
-
-
-@dataclass
-class Receiver:
-    url: str
-    spans: list[Span] = field(default_factory=list)
-
-    def named(self, prefix: str) -> list[Span]:
-        return [span for span in self.spans if span.name.startswith(prefix)]
-
-    def children(self, parent: Span) -> list[Span]:
-        return [span for span in self.spans if span.parent_id == parent.span_id]
-
-
-def _value(value: Any) -> Any:
-    kind = value.WhichOneof("value")
-    if kind == "array_value":
-        return [_value(item) for item in value.array_value.values]
-    return getattr(value, kind)
-
-
-@asynccontextmanager
-async def receiver() -> AsyncIterator[Receiver]:
-    """An OTLP/HTTP trace receiver on 127.0.0.1 (protobuf, as the SDK's exporter sends)."""
-    found = Receiver("")
-
-    async def traces(request: Request) -> Response:
-        message = ExportTraceServiceRequest()
-        message.ParseFromString(await request.body())
-        for resource in message.resource_spans:
-            for scope in resource.scope_spans:
-                for span in scope.spans:
-                    found.spans.append(
-                        Span(
-                            span.name,
-                            span.trace_id.hex(),
-                            span.span_id.hex(),
-                            span.parent_span_id.hex(),
-                            span.kind,
-                            {a.key: _value(a.value) for a in span.attributes},
-                            span.status.code == 2,
-                        )
-                    )
-        return Response(b"", media_type="application/x-protobuf")
-
-    async with running(Starlette(routes=[Route("/v1/traces", traces, methods=["POST"])])) as url:
-        found.url = f"{url}/v1/traces"
-        yield found
 
 
 def traced(endpoint: str) -> TelemetryConfig:
@@ -110,6 +43,8 @@ async def test_a_streamed_and_a_queued_chat_have_their_spans() -> None:
         async with anyio.create_task_group() as group:
             for _ in range(2):  # one slot: the second waits for the first
                 group.start_soon(chat)
+        status = (await http.get("/pool/status")).json()
+        assert status["traces"] == {"exporting": True, "dropped": 0}
         # The pool stopped: its last spans were exported on the way.
     roots = spans.named("chat sim")
     assert len(roots) == 2

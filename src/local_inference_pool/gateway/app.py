@@ -61,7 +61,7 @@ from local_inference_pool.gateway.replies import error_response, openai_error
 from local_inference_pool.gateway.request_log import RequestLog
 from local_inference_pool.gateway.routes import ModelFrom, RouteSpec, routes_for
 from local_inference_pool.gateway.runtime import PASSED_HEADERS, RESPONSE_ID, Call, Runtime
-from local_inference_pool.gateway.tracing import Tracing, tracing_for
+from local_inference_pool.gateway.tracing import tracing_for
 from local_inference_pool.gateway.usage_report import usage_summary
 from local_inference_pool.pool import Pool
 from local_inference_pool.upstream.health import Monitor
@@ -136,7 +136,7 @@ def create_pool_app(
                 stack.push_async_callback(keys_store.aclose)
             tracing = tracing_for(config.telemetry)
             if tracing is not None:  # what is left is exported as the pool stops, after its tasks
-                stack.push_async_callback(_shut_down, tracing)
+                await stack.enter_async_context(tracing.running())
             group = await stack.enter_async_context(anyio.create_task_group())
             monitor = Monitor(pool, client, config)
             await group.start(monitor.run)
@@ -223,13 +223,6 @@ async def _sample_queues(runtime: Runtime) -> None:
         queue = runtime.pool.snapshot()["queue"]["by_model"]
         runtime.traffic.sample_queue({model: q["waiting"] for model, q in queue.items()})
         await anyio.sleep(1)
-
-
-async def _shut_down(tracing: Tracing) -> None:
-    """Export the spans still buffered and stop the exporter (bounded by its own timeouts), in a
-    thread: the SDK blocks."""
-    with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(tracing.shutdown)
 
 
 def create_standalone_app(
@@ -510,6 +503,7 @@ async def _status(request: Request) -> Response:
     # The dashboard offers drain and undrain to an admin (the admin API checks the key again).
     admin = _as_admin(request, runtime.config)
     snapshot["key_limits"] = runtime.accounting.counted
+    snapshot["traces"] = runtime.tracing.state() if runtime.tracing is not None else None
     snapshot["usage"] = None  # when the store cannot say it (with state) within the bound
     with anyio.move_on_after(2), contextlib.suppress(StateUnavailableError):
         snapshot["usage"] = await usage_summary(runtime.accounting)

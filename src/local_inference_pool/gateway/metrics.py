@@ -67,11 +67,7 @@ class RequestRecord:
     capture: Capture | None = None  # its bodies, when [telemetry] capture is on
     finish_reasons: list[str] = field(default_factory=list)  # why the answer ended, as the server said
     streamed_tokens: int = 0  # a stream's events relayed so far (about a token each), for the charts
-    # With traces on (gateway.tracing): its span, its open upstream attempt's, its start (epoch ns).
-    span: Any = None
-    attempt_span: Any = None
-    attempts: int = 0
-    started_ns: int = 0
+    trace: Any = None  # with traces on, its ids and times (gateway.tracing.RequestTrace)
 
     def take_usage(self, usage: dict[str, Any] | None) -> None:
         """Token counts from a backend's ``usage`` (OpenAI's ``prompt_tokens``/``completion_tokens``,

@@ -83,6 +83,21 @@ async def test_a_killed_export_process_is_replaced_and_the_later_spans_arrive() 
     assert "after" in {span.name for span in found.spans}
 
 
+async def test_the_export_process_outlives_a_ctrl_c_and_stops_when_its_stdin_closes() -> None:
+    async with receiver() as found:
+        export = SpanExportProcess(found.url, "pool-test")
+        async with export.running():
+            export.put([_row("before", 1)])
+            await _until_spans(found, 1)  # the process is up, its signals set
+            pid = export.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGINT)  # as a terminal sends it to the whole process group
+            os.kill(pid, signal.SIGTERM)
+            export.put([_row("after the signals", 2)])
+        assert [span.name for span in found.spans] == ["before", "after the signals"]
+        assert export.dropped == 0
+
+
 async def test_a_full_buffer_drops_and_counts() -> None:
     export = SpanExportProcess("http://127.0.0.1:9/v1/traces", "pool-test", max_pending=2)
     for n in range(5):

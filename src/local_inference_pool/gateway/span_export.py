@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -133,6 +134,7 @@ class SpanExportProcess:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=None,  # the exporter's own complaints go where the gateway's log goes
+                start_new_session=True,  # out of the terminal's process group: Ctrl-C is the gateway's
             )
             assert process.stdin is not None
             await process.stdin.send(self._settings.encode() + b"\n")
@@ -227,6 +229,12 @@ def main() -> None:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+    # It stops when its stdin closes: the gateway closes it as it stops, and the system does when
+    # the gateway dies. A service manager's SIGTERM to every process of the service (or a Ctrl-C,
+    # had it been in the terminal's process group) would otherwise end it before it exports what
+    # the gateway writes last.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     settings = json.loads(sys.stdin.readline() or "{}")
     resource = Resource.create({"service.name": settings.get("service_name", "local-inference-pool")})
     scope = InstrumentationScope("local_inference_pool")

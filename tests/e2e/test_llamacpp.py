@@ -625,6 +625,57 @@ async def test_openai_responses_through_the_pool_with_the_official_client(llama_
     assert state["active_leases"] == 0
 
 
+def _said(role: str, kind: str, words: str) -> dict[str, Any]:
+    return {"type": "message", "role": role, "content": [{"type": kind, "text": words}]}
+
+
+def _codex_turn(stream: bool) -> dict[str, Any]:
+    """A Responses request shaped as Codex CLI sends one (0.144 and later): its tools as an
+    ``additional_tools`` input item, and an earlier turn's reasoning encrypted for OpenAI."""
+    wait = {"type": "function", "name": "wait", "parameters": {"type": "object", "properties": {}}}
+    tools = [{"type": "namespace", "name": "functions", "tools": [{"type": "custom", "name": "exec"}, wait]}]
+    return {
+        "model": "gemma",
+        "instructions": "You are a coding agent.",
+        "max_output_tokens": 8,
+        "store": False,
+        "stream": stream,
+        "include": ["reasoning.encrypted_content"],
+        "prompt_cache_key": "codex-session",
+        "input": [
+            {"type": "additional_tools", "role": "developer", "tools": tools},
+            _said("user", "input_text", "Say hello."),
+            {"type": "reasoning", "summary": [], "encrypted_content": "gAAAAB"},
+            _said("assistant", "output_text", "Hello."),
+            _said("user", "input_text", "Again."),
+        ],
+    }
+
+
+async def test_codex_responses_request_is_made_acceptable_to_llama_server(llama_servers: list[str]) -> None:
+    async with pool(llama_servers) as (base, _), httpx.AsyncClient(trust_env=False, timeout=120) as http:
+        direct = await http.post(f"{llama_servers[0]}/v1/responses", json=_codex_turn(stream=False))
+        only_reasoning = _codex_turn(stream=False)
+        del only_reasoning["input"][0]
+        direct_reasoning = await http.post(f"{llama_servers[0]}/v1/responses", json=only_reasoning)
+        through = await http.post(f"{base}/v1/responses", json=_codex_turn(stream=False))
+        async with http.stream("POST", f"{base}/v1/responses", json=_codex_turn(stream=True)) as answer:
+            streamed_status = answer.status_code
+            events = [line async for line in answer.aiter_lines() if line.startswith("event:")]
+        state = await status(base)
+    # What llama-server answers to the request as Codex sends it: each of the two items refused.
+    assert direct.status_code == 400
+    assert "Cannot determine type of 'item'" in direct.text
+    assert direct_reasoning.status_code == 400
+    assert "item['content']" in direct_reasoning.text
+    # Through the pool, made acceptable (the filters of upstream/request_filters.py).
+    assert through.status_code == 200, through.text
+    assert through.json()["status"] == "completed"
+    assert streamed_status == 200
+    assert events[-1] == "event: response.completed"
+    assert state["active_leases"] == 0
+
+
 async def test_tokenize_reaches_llama_servers_root_route(llama_servers: list[str]) -> None:
     async with pool(llama_servers) as (base, _), httpx.AsyncClient(trust_env=False) as http:
         tokens = await http.post(f"{base}/v1/tokenize", json={"content": "hello world"})

@@ -20,6 +20,7 @@ from local_inference_pool.gateway.tracing import Tracing
 from local_inference_pool.gateway.traffic import Traffic
 from local_inference_pool.pool import Lease, Pool, Unleased
 from local_inference_pool.upstream.health import Monitor
+from local_inference_pool.upstream.request_filters import FILTERED_ROUTES, acceptable_body
 
 __all__ = [
     "PASSED_HEADERS",
@@ -139,6 +140,8 @@ def upstream_request(
     the trace's ``traceparent`` when traces are on), ``body``. ``attempt``: it is one more attempt
     at the client's request (not a question asked on its way, as a continuation's tokenize)."""
     url = runtime.upstream_url(target.url, call.path)
+    if call.route.path in FILTERED_ROUTES:  # made acceptable to the backend's kind of server
+        body = acceptable_body(runtime.pool.backends.kind(target.backend), call.route.path, body)
     headers = upstream_headers(target, record.request_id, call)
     tracing = runtime.tracing
     if tracing is not None:

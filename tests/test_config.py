@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from local_inference_pool import BackendConfig, ConfigError, PoolConfig, load_config
-from local_inference_pool.config import BACKEND_KEYS, KEY_KEYS, POOL_KEYS, ROUTE_KEYS, normalize_url
+from local_inference_pool.config import (
+    BACKEND_KEYS,
+    KEY_KEYS,
+    MODEL_KEYS,
+    POOL_KEYS,
+    ROUTE_KEYS,
+    normalize_url,
+)
 from local_inference_pool.telemetry_config import TELEMETRY_KEYS
 
 EXAMPLE = """
@@ -176,7 +183,7 @@ def test_no_file_and_no_environment_is_the_defaults() -> None:
 def test_readme_documents_every_key() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     reference = readme[readme.index("## Configuration") :]
-    for key in [*POOL_KEYS, *BACKEND_KEYS, *KEY_KEYS, *ROUTE_KEYS, *TELEMETRY_KEYS]:
+    for key in [*POOL_KEYS, *BACKEND_KEYS, *KEY_KEYS, *ROUTE_KEYS, *TELEMETRY_KEYS, *MODEL_KEYS]:
         assert re.search(rf"`{key}`", reference), f"README's configuration reference lacks `{key}`"
         if key in POOL_KEYS:
             assert f"LIP_{key.upper()}" in reference, f"README lacks the variable LIP_{key.upper()}"

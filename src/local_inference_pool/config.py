@@ -19,15 +19,18 @@ from urllib.parse import urlsplit
 from local_inference_pool import config_values as values
 from local_inference_pool.errors import ConfigError
 from local_inference_pool.key_config import KEY_KEYS, KeyConfig, hash_key, key_from_dict
+from local_inference_pool.model_config import MODEL_KEYS, ModelConfig, check_models, models_from_list
 from local_inference_pool.telemetry_config import TelemetryConfig, telemetry_from_dict
 
 __all__ = [
     "BACKEND_KINDS",
     "KEY_KEYS",
+    "MODEL_KEYS",
     "BackendConfig",
     "BackendKind",
     "ConfigSource",
     "KeyConfig",
+    "ModelConfig",
     "PoolConfig",
     "RouteConfig",
     "backend_from_dict",
@@ -130,6 +133,7 @@ class PoolConfig:
     backends: tuple[BackendConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     keys: tuple[KeyConfig, ...] = ()
+    models: tuple[ModelConfig, ...] = ()  # [[models]]: names and aliases
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # [telemetry]
     queue_limit: int = 1000
     queue_timeout: float | None = None
@@ -170,6 +174,8 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         _validate_fields(self, POOL_KEYS, "pool")
+        object.__setattr__(self, "models", tuple(self.models))
+        check_models(self.models)
         seen_urls: dict[str, int] = {}
         seen_names: dict[str, int] = {}
         for index, backend in enumerate(self.backends):
@@ -206,7 +212,7 @@ class PoolConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PoolConfig:
         """Build from the TOML shape: ``{"pool": {...}, "backends": [{...}, ...]}``."""
-        _reject_unknown(data, {"pool", "backends", "routes", "keys", "telemetry"}, "config")
+        _reject_unknown(data, {"pool", "backends", "routes", "keys", "models", "telemetry"}, "config")
         pool_section = data.get("pool", {})
         if not isinstance(pool_section, Mapping):
             raise ConfigError(f"pool: {pool_section!r} is not allowed; expected a table")
@@ -226,6 +232,7 @@ class PoolConfig:
             backends=backends,
             routes=routes,
             keys=keys,
+            models=models_from_list(data.get("models", [])),
             telemetry=telemetry,
             **_parse_section(pool_section, POOL_KEYS, "pool"),
         )
@@ -344,6 +351,7 @@ assert set(POOL_KEYS) == {f.name for f in fields(PoolConfig) if f.init} - {
     "backends",
     "routes",
     "keys",
+    "models",
     "telemetry",
 }
 assert set(BACKEND_KEYS) == {f.name for f in fields(BackendConfig)}

@@ -362,6 +362,9 @@ class RouteEndpoint:
             await runtime.accounting.admit(
                 holder, inbound, record, slot=route.slot, anthropic=dialect is ANTHROPIC
             )
+            if inbound.asked:  # an alias: the answer names the model asked for, and says what ran
+                record.asked, record.alias = inbound.asked, inbound.alias
+                record.headers = [*record.headers, (b"x-served-model", inbound.model.encode())]
         except ClientGone:
             record.status, record.outcome = 499, "client_gone"
             runtime.finish(record)
@@ -400,6 +403,10 @@ async def _read_request(
     )
     if not inbound.model:
         inbound.model = _only_model(runtime)
+    names = runtime.model_names  # a name some backend serves is served as it is, never an alias
+    resolved = names.resolve(inbound.model) if names and not runtime.pool.serves(inbound.model) else None
+    if resolved is not None:
+        inbound.served_as(resolved.model, resolved.alias)
     if route.slot:
         inbound.prompt = route.dialect.prompt(inbound.payload, inbound.model)
     pin = None
@@ -453,6 +460,9 @@ async def _models(request: Request) -> Response:
             for model in backend.models:
                 if key is None or key.allows(model):
                     served.setdefault(model, []).append(backend.name)
+    for alias, model in runtime.model_names.exact_aliases().items():  # names clients may use too
+        if model in served and alias not in served:
+            served[alias] = served[model]
     data = [
         {
             "id": model,

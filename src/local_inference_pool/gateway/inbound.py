@@ -61,6 +61,13 @@ class Inbound:
     payload: Mapping[str, Any] = field(default_factory=dict)
     tenant: str = ""  # whose key: a [[keys]] name, api_keys[i], or '' on an open pool
     prompt: Prompt | None = None  # what the backends' prompt caches may hold of it
+    asked: str = ""  # the model the client asked for, when an alias ([[models]]) served it
+    alias: str = ""  # that alias, as configured (a pattern as written)
+
+    def served_as(self, model: str, alias: str) -> None:
+        """An alias resolved: the body goes upstream naming ``model``, the name its backends know."""
+        self.asked, self.alias, self.model = self.model, alias, model
+        self.body = json.dumps({**self.payload, "model": model}, ensure_ascii=False).encode()
 
 
 def request_id(headers: Mapping[bytes, bytes]) -> str:

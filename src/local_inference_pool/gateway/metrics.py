@@ -68,6 +68,8 @@ class RequestRecord:
     finish_reasons: list[str] = field(default_factory=list)  # why the answer ended, as the server said
     streamed_tokens: int = 0  # a stream's events relayed so far (about a token each), for the charts
     trace: Any = None  # with traces on, its ids and times (gateway.tracing.RequestTrace)
+    asked: str = ""  # the model the client named, when an alias served it (``model`` ran)
+    alias: str = ""  # that alias as configured
 
     def take_usage(self, usage: dict[str, Any] | None) -> None:
         """Token counts from a backend's ``usage`` (OpenAI's ``prompt_tokens``/``completion_tokens``,
@@ -153,6 +155,12 @@ class PoolMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.aliases = Counter(
+            "lip_alias_requests",
+            "Requests for a model by one of its aliases ([[models]]), by the alias as configured.",
+            ["alias", "model"],
+            registry=self.registry,
+        )
         self.retries = Counter(
             "lip_upstream_retries",
             "Requests sent to another backend after one could not be reached.",
@@ -203,6 +211,8 @@ class PoolMetrics:
                 child(self.key_tokens, record.key, model, kind).inc(value)
         if record.retries:
             child(self.retries, model).inc(record.retries)
+        if record.alias:
+            child(self.aliases, record.alias, record.model).inc()
         if access_log.isEnabledFor(logging.INFO):
             self._log(record, duration)
         return model
@@ -211,7 +221,7 @@ class PoolMetrics:
         access_log.info(
             "request_id=%s route=%s key=%s model=%s backend=%s status=%d outcome=%s queue_wait_ms=%s "
             "ttfb_ms=%s duration_ms=%.1f prompt_tokens=%s cached_tokens=%s completion_tokens=%s "
-            "affinity=%s%s",
+            "affinity=%s%s%s",
             record.request_id,
             record.route,
             record.key,
@@ -227,6 +237,7 @@ class PoolMetrics:
             record.completion_tokens if record.completion_tokens is not None else "-",
             record.affinity,
             f" failed_over_from={','.join(record.failed_over_from)}" if record.failed_over_from else "",
+            f" asked={json.dumps(record.asked)}" if record.asked else "",
         )
 
     def failover(self, model: str, outcome: str, seam: float | None = None) -> None:

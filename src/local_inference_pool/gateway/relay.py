@@ -30,6 +30,7 @@ from starlette.types import Send
 from local_inference_pool.gateway.client_watch import ClientWatch
 from local_inference_pool.gateway.failover import Recorder, SeamDiverged, StreamSeam
 from local_inference_pool.gateway.metrics import RequestRecord
+from local_inference_pool.gateway.model_echo import ModelEcho
 from local_inference_pool.gateway.refusals import client_gone, send_upstream_refusal
 from local_inference_pool.gateway.runtime import RESPONSE_ID, Call, Runtime, Target
 from local_inference_pool.gateway.usage import UsageSniffer, count, prompt_report
@@ -150,6 +151,7 @@ async def relay_answer(
         relay: UpstreamRelay | None = None
         headers = client_headers(response, extra)
         chunks = _after(prefetched, raw_chunks(response)) if prefetched else raw_chunks(response)
+        chunks = echoing(chunks, record)
         streamed = response.headers.get("content-type", "").startswith("text/event-stream")
         length = response.headers.get("content-length", "")
         if streamed or (length.isdigit() and int(length) > SMALL_ANSWER):
@@ -194,7 +196,7 @@ async def continue_stream(
             response,
             lease,
             [],
-            raw_chunks(response),
+            echoing(raw_chunks(response), record),
             runtime=runtime,
             record=record,
             call=call,
@@ -336,6 +338,19 @@ async def _remember(runtime: Runtime, response_id: str, backend: str) -> None:
 def raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
     """The bytes as the backend sent them (identity encoding was asked for; anything else passes on)."""
     return cast(httpx.AsyncByteStream, response.stream).__aiter__()
+
+
+def echoing(chunks: AsyncIterator[bytes], record: RequestRecord) -> AsyncIterator[bytes]:
+    """The answer's chunks naming the model the client asked for, when an alias served it."""
+    return _echoed(chunks, ModelEcho(record.model, record.asked)) if record.asked else chunks
+
+
+async def _echoed(chunks: AsyncIterator[bytes], echo: ModelEcho) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        if data := echo.feed(chunk):
+            yield data
+    if tail := echo.flush():
+        yield tail
 
 
 async def _after(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

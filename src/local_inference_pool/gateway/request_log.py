@@ -202,6 +202,7 @@ def _entry(record: RequestRecord, duration: float) -> dict[str, Any]:
         "route": record.route,
         "key": record.key,
         "model": record.model,
+        "model_asked": record.asked or record.model,  # the name the client used (an alias's)
         "backend": record.backend,
         "status": record.status,
         "outcome": record.outcome,

@@ -18,6 +18,7 @@ from local_inference_pool.gateway.responses import ResponseMemory
 from local_inference_pool.gateway.routes import RouteSpec, RouteSupport
 from local_inference_pool.gateway.tracing import Tracing
 from local_inference_pool.gateway.traffic import Traffic
+from local_inference_pool.model_config import ModelNames
 from local_inference_pool.pool import Lease, Pool, Unleased
 from local_inference_pool.upstream.health import Monitor
 from local_inference_pool.upstream.request_filters import FILTERED_ROUTES, acceptable_body
@@ -56,6 +57,7 @@ class Runtime:
     def __post_init__(self) -> None:
         self.timeouts = self.client.timeout.as_dict()  # the client's, for requests sent past it
         self.responses = ResponseMemory(self.config, self.pool)
+        self.model_names = ModelNames(self.config.models)
         self._urls: dict[str, httpx.URL] = {}
 
     def finish(self, record: RequestRecord) -> None:
@@ -74,6 +76,7 @@ class Runtime:
     def reconfigure(self, config: PoolConfig) -> None:
         """A new configuration for the requests that start from now (a reload or an admin change)."""
         self.config = config
+        self.model_names = ModelNames(config.models)
         self.accounting.reconfigure(config)
         self.requests.reconfigure(config.telemetry)
         self.monitor.config = config

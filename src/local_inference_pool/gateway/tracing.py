@@ -252,7 +252,7 @@ class Tracing:
             "gen_ai.operation.name": traced.operation,
             "gen_ai.provider.name": traced.dialect,
             "gen_ai.system": traced.dialect,
-            "gen_ai.request.model": model,
+            "gen_ai.request.model": (record.asked or record.model)[:MAX_MODEL],
             "gen_ai.response.model": model,
             "lip.route": record.route,
             "lip.key": record.key,

@@ -1,0 +1,136 @@
+"""Models as clients name them (``[[models]]``): a model's name, and the other names it answers to.
+
+A coding agent asks for the names of its vendor's cloud (Claude Code a ``claude-*`` name, Codex a
+``gpt-*`` one) unless each user changes its settings, and a script may have been written for
+another server's name of the model. ``aliases`` lists such names, exactly or as glob patterns
+(``fnmatch``'s ``*``, ``?``, ``[...]``, case-sensitive), and the pool serves them with the model
+``name``: the name its backends report.
+
+``ModelNames`` resolves a requested name: a model's own name first, then an exact alias, then the
+patterns, the most specific first (the most characters that are not wildcards; among equals, the
+one given first). A name none of them matches is the model asked for, as without ``[[models]]``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from local_inference_pool import config_values as values
+from local_inference_pool.errors import ConfigError
+
+__all__ = ["MODEL_KEYS", "ModelConfig", "ModelNames", "Resolved", "check_models", "models_from_list"]
+
+MODEL_KEYS = ("name", "aliases")
+MAX_ALIASES = 256  # of all models together: each pattern is tried against an unknown name
+_WILDCARDS = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", values.string("models.name", self.name))
+        object.__setattr__(self, "aliases", values.string_list("models.aliases", list(self.aliases)))
+
+
+def is_pattern(alias: str) -> bool:
+    return _WILDCARDS.search(alias) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A requested name and what serves it: ``model`` the name sent upstream, ``alias`` the alias
+    that matched it (a pattern as configured), '' when the name was the model's own."""
+
+    model: str
+    alias: str
+
+
+class ModelNames:
+    """The names of ``[[models]]``, looked up."""
+
+    def __init__(self, models: Sequence[ModelConfig]) -> None:
+        self._exact: dict[str, str] = {}
+        patterns: list[tuple[int, int, str, str]] = []
+        for model in models:
+            for alias in model.aliases:
+                if is_pattern(alias):
+                    specificity = len(_WILDCARDS.sub("", alias))
+                    patterns.append((-specificity, len(patterns), alias, model.name))
+                else:
+                    self._exact[alias] = model.name
+        self._patterns = [(alias, name) for _, _, alias, name in sorted(patterns)]
+        self.names = frozenset(model.name for model in models)
+
+    def __bool__(self) -> bool:
+        return bool(self._exact or self._patterns)
+
+    def resolve(self, asked: str) -> Resolved | None:
+        """What serves ``asked``, or None when it is no alias (served as it is named)."""
+        if asked in self.names:
+            return None
+        model = self._exact.get(asked)
+        if model is not None:
+            return Resolved(model, asked)
+        for pattern, model in self._patterns:
+            if fnmatch.fnmatchcase(asked, pattern):
+                return Resolved(model, pattern)
+        return None
+
+    def exact_aliases(self) -> dict[str, str]:
+        """Each exact alias and its model (patterns are not names a client can be shown)."""
+        return dict(self._exact)
+
+
+def models_from_list(section: Any) -> tuple[ModelConfig, ...]:
+    """The ``[[models]]`` tables, checked: each name once, and no name given to two models."""
+    if not isinstance(section, list) or not all(isinstance(entry, Mapping) for entry in section):
+        raise ConfigError(f"models: {section!r} is not allowed; expected an array of tables")
+    models: list[ModelConfig] = []
+    for index, entry in enumerate(section):
+        where = f"models[{index}]"
+        for key in entry:
+            if key not in MODEL_KEYS:
+                raise ConfigError(
+                    f"{where}: unknown key {str(key)[:64]!r}; known keys: {', '.join(MODEL_KEYS)}"
+                )
+        if "name" not in entry:
+            raise ConfigError(f"{where}.name: missing; every model needs the name its backends report")
+        name = values.string(f"{where}.name", entry["name"])
+        aliases = values.string_list(f"{where}.aliases", entry.get("aliases", []))
+        models.append(ModelConfig(name, aliases))
+    check_models(models)
+    return tuple(models)
+
+
+def check_models(models: Sequence[ModelConfig]) -> None:
+    """Each model's name once, and no alias that is another name or alias. A pattern may match a
+    model's name: a model's own name is looked up first, so it still reaches that model."""
+    owner: dict[str, str] = {}  # every name and alias -> where it is given
+    for index, model in enumerate(models):
+        where = f"models[{index}]"
+        if not model.name.isprintable():  # it goes out in the x-served-model header
+            raise ConfigError(f"{where}.name: {model.name!r} is not allowed; expected a printable name")
+        if model.name in owner:
+            raise ConfigError(f"{where}.name: {model.name!r} is given twice ({owner[model.name]} has it)")
+        owner[model.name] = f"{where}.name"
+    count = 0
+    for index, model in enumerate(models):
+        for alias in model.aliases:
+            where = f"models[{index}].aliases"
+            count += 1
+            if not alias.strip() or not alias.isprintable():
+                raise ConfigError(f"{where}: {alias!r} is not allowed; expected a printable name")
+            if alias in owner:
+                raise ConfigError(
+                    f"{where}: {alias!r} is not allowed; it shadows {owner[alias]} (a name is one model's)"
+                )
+            owner[alias] = where
+    if count > MAX_ALIASES:
+        raise ConfigError(f"models: {count} aliases are more than {MAX_ALIASES}")

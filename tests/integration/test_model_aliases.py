@@ -1,0 +1,89 @@
+"""Aliases of ``[[models]]`` through the pool to a simulated llama-server that knows only ``sim``:
+a cloud name is served by the local model and answered under the name asked, streamed or not, on
+the OpenAI and Anthropic APIs; ``/v1/models`` lists the exact aliases; a key's ``models`` applies
+to the model served, so an alias never reaches a model outside it."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from local_inference_pool.config import KeyConfig
+from local_inference_pool.model_config import ModelConfig
+from local_inference_pool.sim.simulator import SimulatedBackend, SimulatorConfig
+
+from .stack import started
+
+pytestmark = pytest.mark.anyio
+
+MODELS = (
+    ModelConfig("sim", ("gpt-4o", "claude-*", "gpt-5*")),
+    ModelConfig("qwen-big", ("si*",)),  # matches 'sim', which a backend serves: served as it is
+)
+KEYS = (
+    KeyConfig(name="team", key="sk-team", models=("sim",)),
+    KeyConfig(name="other", key="sk-other", models=("qwen*",)),
+)
+
+
+def sims() -> list[SimulatedBackend]:
+    return [SimulatedBackend(SimulatorConfig(models=("sim",), slots=2, tokens_per_second=2000))]
+
+
+def _events(text: str) -> list[dict[str, object]]:
+    return [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:") and "{" in line]
+
+
+async def test_an_alias_is_served_by_its_model_and_answered_under_the_name_asked() -> None:
+    async with (
+        started(sims(), models=MODELS, keys=KEYS, public_status=True) as up,
+        httpx.AsyncClient(base_url=f"{up.url}/v1", trust_env=False, timeout=20) as http,
+    ):
+        team = {"authorization": "Bearer sk-team"}
+        chat = {"model": "gpt-5.1-codex", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+        plain = await http.post("/chat/completions", json=chat, headers=team)
+        streamed = await http.post("/chat/completions", json={**chat, "stream": True}, headers=team)
+        anthropic = {
+            "model": "claude-opus-4-1",
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        message = await http.post(
+            "/messages", json={**anthropic, "stream": True}, headers={"x-api-key": "sk-team"}
+        )
+        listed = await http.get("/models", headers=team)
+        metrics = (await http.get("/pool/metrics", headers=team)).text
+        outside = await http.post(
+            "/chat/completions", json=chat, headers={"authorization": "Bearer sk-other"}
+        )
+        own_name = await http.post("/chat/completions", json={**chat, "model": "sim"}, headers=team)
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["model"] == "gpt-5.1-codex"
+    assert plain.headers["x-served-model"] == "sim"
+    assert streamed.status_code == 200
+    chunks = _events(streamed.text)
+    assert chunks
+    assert {chunk["model"] for chunk in chunks} == {"gpt-5.1-codex"}
+    assert streamed.headers["x-served-model"] == "sim"
+    start = next(event for event in _events(message.text) if event["type"] == "message_start")
+    assert start["message"]["model"] == "claude-opus-4-1"  # type: ignore[index]
+    assert [entry["id"] for entry in listed.json()["data"]] == ["gpt-4o", "sim"]  # patterns are not names
+    assert 'lip_alias_requests_total{alias="gpt-5*",model="sim"} 2.0' in metrics
+    assert 'lip_alias_requests_total{alias="claude-*",model="sim"} 1.0' in metrics
+    # The key of 'other' may use qwen* only: an alias of sim does not take it there.
+    assert outside.status_code == 403
+    assert outside.json()["error"]["code"] == "model_not_allowed"
+    assert own_name.json()["model"] == "sim"
+    assert "x-served-model" not in own_name.headers
+
+
+async def test_without_models_an_unknown_name_is_still_unknown() -> None:
+    async with (
+        started(sims(), public_status=True) as up,
+        httpx.AsyncClient(base_url=f"{up.url}/v1", trust_env=False, timeout=20) as http,
+    ):
+        chat = {"model": "gpt-4o", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+        answer = await http.post("/chat/completions", json=chat)
+    assert answer.status_code == 404

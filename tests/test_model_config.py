@@ -1,0 +1,75 @@
+"""``[[models]]``: names and aliases, checked as the file is read, and resolved most specific first."""
+
+from __future__ import annotations
+
+import pytest
+
+from local_inference_pool.config import PoolConfig
+from local_inference_pool.errors import ConfigError
+from local_inference_pool.model_config import ModelConfig, ModelNames, Resolved
+
+
+def names(*models: ModelConfig) -> ModelNames:
+    return ModelNames(PoolConfig(models=models).models)
+
+
+def test_exact_aliases_then_patterns_most_specific_first() -> None:
+    resolver = names(
+        ModelConfig("qwen2.5-7b", ("gpt-4o", "gpt-*")),
+        ModelConfig("qwen2.5-coder", ("claude-*", "gpt-5*")),
+        ModelConfig("gemma-3", ("claude-haiku-*", "*")),
+    )
+    assert resolver.resolve("gpt-4o") == Resolved("qwen2.5-7b", "gpt-4o")
+    assert resolver.resolve("gpt-5.1-codex") == Resolved(
+        "qwen2.5-coder", "gpt-5*"
+    )  # 'gpt-5' is longer than 'gpt-'
+    assert resolver.resolve("gpt-4.1") == Resolved("qwen2.5-7b", "gpt-*")
+    assert resolver.resolve("claude-haiku-4-5") == Resolved("gemma-3", "claude-haiku-*")
+    assert resolver.resolve("claude-opus-4-1") == Resolved("qwen2.5-coder", "claude-*")
+    assert resolver.resolve("anything") == Resolved("gemma-3", "*")
+    assert resolver.resolve("qwen2.5-7b") is None  # a model's own name, though '*' matches it
+    assert resolver.exact_aliases() == {"gpt-4o": "qwen2.5-7b"}
+
+
+def test_without_models_nothing_resolves() -> None:
+    resolver = names()
+    assert not resolver
+    assert resolver.resolve("gpt-4o") is None
+
+
+def test_patterns_of_equal_specificity_go_in_the_order_given() -> None:
+    resolver = names(ModelConfig("a", ("x*z",)), ModelConfig("b", ("x?z", "xy*")))
+    assert resolver.resolve("xyz") == Resolved("a", "x*z")
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        (
+            [{"name": "a", "aliases": ["b"]}, {"name": "b"}],
+            r"models\[0\].aliases: 'b' is not allowed; it shadows models\[1\].name",
+        ),
+        (
+            [{"name": "a", "aliases": ["x"]}, {"name": "b", "aliases": ["x"]}],
+            r"models\[1\].aliases: 'x' .* shadows models\[0\].aliases",
+        ),
+        ([{"name": "a"}, {"name": "a"}], r"models\[1\].name: 'a' is given twice"),
+        ([{"name": "a", "serve_as": {}}], r"models\[0\]: unknown key 'serve_as'; known keys: name, aliases"),
+        ([{"aliases": ["x"]}], r"models\[0\].name: missing"),
+        (
+            [{"name": "a", "aliases": "gpt-*"}],
+            r"models\[0\].aliases: 'gpt-\*' is not allowed; expected a list",
+        ),
+        (
+            [{"name": "a", "aliases": ["ok", ""]}],
+            r"models\[0\].aliases: .* expected a list of non-empty strings",
+        ),
+        ([{"name": "a", "aliases": ["bad\r\nname"]}], r"models\[0\].aliases: .* expected a printable name"),
+        ([{"name": "a\nb"}], r"models\[0\].name: .* expected a printable name"),
+        ({"name": "a"}, r"models: .* expected an array of tables"),
+    ],
+)
+def test_a_bad_models_section_is_refused_in_one_line_naming_the_key(section: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as refused:
+        PoolConfig.from_dict({"models": section})
+    assert len(str(refused.value).splitlines()) == 1

@@ -67,9 +67,44 @@ def test_patterns_of_equal_specificity_go_in_the_order_given() -> None:
         ([{"name": "a", "aliases": ["bad\r\nname"]}], r"models\[0\].aliases: .* expected a printable name"),
         ([{"name": "a\nb"}], r"models\[0\].name: .* expected a printable name"),
         ({"name": "a"}, r"models: .* expected an array of tables"),
+        (
+            [{"name": "a", "params": {"set": {"stream": False}}}],
+            r"models\[0\].params: 'stream' may not be set or stripped",
+        ),
+        (
+            [{"name": "a", "params": {"strip": ["model"]}}],
+            r"models\[0\].params: 'model' may not be set or stripped",
+        ),
+        (
+            [{"name": "a", "params": {"add": {}}}],
+            r"models\[0\].params: unknown key 'add'; known keys: set, strip",
+        ),
+        (
+            [{"name": "a", "params": {"set": [1]}}],
+            r"models\[0\].params.set: .* expected a table of request fields",
+        ),
+        ([{"name": "a", "params": {"strip": "logprobs"}}], r"models\[0\].params.strip: .* expected a list"),
     ],
 )
 def test_a_bad_models_section_is_refused_in_one_line_naming_the_key(section: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as refused:
         PoolConfig.from_dict({"models": section})
     assert len(str(refused.value).splitlines()) == 1
+
+
+def test_params_set_fields_then_strip_fields() -> None:
+    model = PoolConfig.from_dict(
+        {
+            "models": [
+                {
+                    "name": "m",
+                    "params": {"set": {"temperature": 0.2, "top_k": 40}, "strip": ["logprobs", "top_k"]},
+                }
+            ]
+        }
+    ).models[0]
+    given = {"model": "m", "temperature": 1.0, "logprobs": True, "messages": []}
+    assert model.adjust(given) == {"model": "m", "temperature": 0.2, "messages": []}
+    assert given["temperature"] == 1.0  # the client's payload is left as it was
+    assert names(model).params_of("m") is model
+    assert names(ModelConfig("n")).params_of("n") is None

@@ -24,7 +24,10 @@ from local_inference_pool.errors import ConfigError
 
 __all__ = ["MODEL_KEYS", "ModelConfig", "ModelNames", "Resolved", "check_models", "models_from_list"]
 
-MODEL_KEYS = ("name", "aliases")
+MODEL_KEYS = ("name", "aliases", "params")
+PARAM_KEYS = ("set", "strip")
+MAX_PARAMS = 64  # fields set or stripped, per model
+KEPT_FIELDS = ("model", "stream")  # what params may not touch: where it goes, and how it answers
 MAX_ALIASES = 256  # of all models together: each pattern is tried against an unknown name
 _WILDCARDS = re.compile(r"[*?\[]")
 
@@ -33,10 +36,36 @@ _WILDCARDS = re.compile(r"[*?\[]")
 class ModelConfig:
     name: str
     aliases: tuple[str, ...] = ()
+    # params: request fields set to a value, and fields taken out, before a request leaves
+    params_set: tuple[tuple[str, Any], ...] = ()
+    params_strip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", values.string("models.name", self.name))
         object.__setattr__(self, "aliases", values.string_list("models.aliases", list(self.aliases)))
+        object.__setattr__(self, "params_set", tuple((str(k), v) for k, v in self.params_set))
+        object.__setattr__(
+            self, "params_strip", values.string_list("models.params.strip", list(self.params_strip))
+        )
+        touched = [name for name, _ in self.params_set] + list(self.params_strip)
+        for name in touched:
+            if name in KEPT_FIELDS:
+                raise ConfigError(
+                    f"models.params: {name!r} may not be set or stripped (it decides where and how a request is answered)"
+                )
+        if len(touched) > MAX_PARAMS:
+            raise ConfigError(f"models.params: {len(touched)} fields are more than {MAX_PARAMS}")
+
+    def adjust(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """``payload`` with this model's params applied: its fields set, then its fields stripped."""
+        adjusted = {**payload, **dict(self.params_set)}
+        for name in self.params_strip:
+            adjusted.pop(name, None)
+        return adjusted
+
+    @property
+    def has_params(self) -> bool:
+        return bool(self.params_set or self.params_strip)
 
 
 def is_pattern(alias: str) -> bool:
@@ -67,9 +96,14 @@ class ModelNames:
                     self._exact[alias] = model.name
         self._patterns = [(alias, name) for _, _, alias, name in sorted(patterns)]
         self.names = frozenset(model.name for model in models)
+        self._with_params = {model.name: model for model in models if model.has_params}
 
     def __bool__(self) -> bool:
-        return bool(self._exact or self._patterns)
+        return bool(self._exact or self._patterns or self._with_params)
+
+    def params_of(self, model: str) -> ModelConfig | None:
+        """The model's entry when it has params to apply to its requests."""
+        return self._with_params.get(model)
 
     def resolve(self, asked: str) -> Resolved | None:
         """What serves ``asked``, or None when it is no alias (served as it is named)."""
@@ -104,9 +138,26 @@ def models_from_list(section: Any) -> tuple[ModelConfig, ...]:
             raise ConfigError(f"{where}.name: missing; every model needs the name its backends report")
         name = values.string(f"{where}.name", entry["name"])
         aliases = values.string_list(f"{where}.aliases", entry.get("aliases", []))
-        models.append(ModelConfig(name, aliases))
+        params_set, params_strip = _params(entry.get("params", {}), f"{where}.params")
+        try:
+            models.append(ModelConfig(name, aliases, params_set, params_strip))
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("models.", f"{where}.", 1)) from None
     check_models(models)
     return tuple(models)
+
+
+def _params(section: Any, where: str) -> tuple[tuple[tuple[str, Any], ...], tuple[str, ...]]:
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: {section!r} is not allowed; expected a table with set and strip")
+    for key in section:
+        if key not in PARAM_KEYS:
+            raise ConfigError(f"{where}: unknown key {str(key)[:64]!r}; known keys: {', '.join(PARAM_KEYS)}")
+    given = section.get("set", {})
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"{where}.set: {given!r} is not allowed; expected a table of request fields")
+    strip = values.string_list(f"{where}.strip", section.get("strip", []))
+    return tuple(given.items()), strip
 
 
 def check_models(models: Sequence[ModelConfig]) -> None:

@@ -19,7 +19,7 @@ from .stack import started
 pytestmark = pytest.mark.anyio
 
 MODELS = (
-    ModelConfig("sim", ("gpt-4o", "claude-*", "gpt-5*")),
+    ModelConfig("sim", ("gpt-4o", "claude-*", "gpt-5*"), params_set=(("max_tokens", 3),)),
     ModelConfig("qwen-big", ("si*",)),  # matches 'sim', which a backend serves: served as it is
 )
 KEYS = (
@@ -77,6 +77,9 @@ async def test_an_alias_is_served_by_its_model_and_answered_under_the_name_asked
     assert outside.json()["error"]["code"] == "model_not_allowed"
     assert own_name.json()["model"] == "sim"
     assert "x-served-model" not in own_name.headers
+    # The model's params: max_tokens set to 3 for every request of sim, whatever the client asked.
+    assert plain.json()["usage"]["completion_tokens"] == 3
+    assert own_name.json()["usage"]["completion_tokens"] == 3
 
 
 async def test_without_models_an_unknown_name_is_still_unknown() -> None:

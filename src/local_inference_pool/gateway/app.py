@@ -403,10 +403,8 @@ async def _read_request(
     )
     if not inbound.model:
         inbound.model = _only_model(runtime)
-    names = runtime.model_names  # a name some backend serves is served as it is, never an alias
-    resolved = names.resolve(inbound.model) if names and not runtime.pool.serves(inbound.model) else None
-    if resolved is not None:
-        inbound.served_as(resolved.model, resolved.alias)
+    if runtime.model_names:  # [[models]]: an alias (never for a name some backend serves), params
+        _as_configured(runtime, inbound)
     if route.slot:
         inbound.prompt = route.dialect.prompt(inbound.payload, inbound.model)
     pin = None
@@ -414,6 +412,15 @@ async def _read_request(
     if previous is not None:
         pin = await _stored_at(runtime, previous)
     return inbound, Call(route, route.upstream, method, b"application/json", passed, pin=pin)
+
+
+def _as_configured(runtime: Runtime, inbound: Inbound) -> None:
+    names = runtime.model_names
+    resolved = None if runtime.pool.serves(inbound.model) else names.resolve(inbound.model)
+    model = inbound.model if resolved is None else resolved.model
+    params = names.params_of(model)
+    if resolved is not None or params is not None:
+        inbound.served_as(model, "" if resolved is None else resolved.alias, params)
 
 
 async def _stored_at(runtime: Runtime, response_id: object) -> str:

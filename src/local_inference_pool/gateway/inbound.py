@@ -23,6 +23,7 @@ from local_inference_pool.config import PoolConfig
 from local_inference_pool.core.prompt_index import Prompt
 from local_inference_pool.errors import InvalidRequestError
 from local_inference_pool.key_config import hash_key
+from local_inference_pool.model_config import ModelConfig
 
 __all__ = [
     "MAX_DEPTH",
@@ -64,10 +65,14 @@ class Inbound:
     asked: str = ""  # the model the client asked for, when an alias ([[models]]) served it
     alias: str = ""  # that alias, as configured (a pattern as written)
 
-    def served_as(self, model: str, alias: str) -> None:
-        """An alias resolved: the body goes upstream naming ``model``, the name its backends know."""
-        self.asked, self.alias, self.model = self.model, alias, model
-        self.body = json.dumps({**self.payload, "model": model}, ensure_ascii=False).encode()
+    def served_as(self, model: str, alias: str, params: ModelConfig | None) -> None:
+        """``[[models]]`` say how it goes upstream: naming ``model`` (the name its backends know)
+        when ``alias`` served it, and with the model's ``params`` applied."""
+        if alias:
+            self.asked, self.alias, self.model = self.model, alias, model
+        payload = {**self.payload, "model": model}
+        self.payload = params.adjust(payload) if params is not None else payload
+        self.body = json.dumps(self.payload, ensure_ascii=False).encode()
 
 
 def request_id(headers: Mapping[bytes, bytes]) -> str:

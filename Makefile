@@ -12,9 +12,12 @@ $(BIN)/.installed: pyproject.toml
 
 # The e2e stage's llama-server: a portable AVX2 build (never pip's cache, which may hold a wheel built
 # natively on another CPU), about 12 minutes once, then kept in ~/.cache/local-inference-pool.
-$(BIN)/.e2e-installed: pyproject.toml scripts/install_llama_server.py $(BIN)/.installed
+# With the coding agents (Claude Code, Codex; pinned in tests/e2e/agents) the e2e stage runs through
+# the pool: npm's lockfile, installed under tests/e2e/agents/node_modules.
+$(BIN)/.e2e-installed: pyproject.toml scripts/install_llama_server.py tests/e2e/agents/package-lock.json $(BIN)/.installed
 	$(BIN)/python scripts/install_llama_server.py
 	$(BIN)/python -m pip install --quiet -e '.[dev,e2e]'
+	npm ci --prefix tests/e2e/agents --no-audit --no-fund --silent
 	touch $@
 
 .PHONY: install test lint bench bench-gateway demo

@@ -54,7 +54,7 @@ def test_patterns_of_equal_specificity_go_in_the_order_given() -> None:
             r"models\[1\].aliases: 'x' .* shadows models\[0\].aliases",
         ),
         ([{"name": "a"}, {"name": "a"}], r"models\[1\].name: 'a' is given twice"),
-        ([{"name": "a", "serve_as": {}}], r"models\[0\]: unknown key 'serve_as'; known keys: name, aliases"),
+        ([{"name": "a", "fallbacks": []}], r"models\[0\]: unknown key 'fallbacks'; known keys: name, aliases"),
         ([{"aliases": ["x"]}], r"models\[0\].name: missing"),
         (
             [{"name": "a", "aliases": "gpt-*"}],
@@ -108,3 +108,42 @@ def test_params_set_fields_then_strip_fields() -> None:
     assert given["temperature"] == 1.0  # the client's payload is left as it was
     assert names(model).params_of("m") is model
     assert names(ModelConfig("n")).params_of("n") is None
+
+
+@pytest.mark.parametrize(
+    ("serve_as", "message"),
+    [
+        ({"gpu9": "qwen:7b"}, r"models\[0\].serve_as: 'gpu9' is neither a backend's name nor a kind"),
+        ({"gpu0": ""}, r"models\[0\].serve_as: .* expected a table of backend name or kind = model id"),
+        (["gpu0"], r"models\[0\].serve_as: .* expected a table"),
+    ],
+)
+def test_a_bad_serve_as_is_refused_naming_the_key(serve_as: object, message: str) -> None:
+    data = {
+        "backends": [{"url": "http://127.0.0.1:1", "name": "gpu0"}],
+        "models": [{"name": "q", "serve_as": serve_as}],
+    }
+    with pytest.raises(ConfigError, match=message):
+        PoolConfig.from_dict(data)
+
+
+def test_one_id_on_one_server_is_one_model() -> None:
+    with pytest.raises(ConfigError, match=r"models\[1\].serve_as: ollama = 'q:7b' is already a's"):
+        PoolConfig(
+            models=(
+                ModelConfig("a", serve_as=(("ollama", "q:7b"),)),
+                ModelConfig("b", serve_as=(("ollama", "q:7b"),)),
+            )
+        )
+
+
+def test_serve_as_maps_ids_both_ways_by_backend_name_before_kind() -> None:
+    resolver = names(ModelConfig("qwen", serve_as=(("gpu0", "qwen.gguf"), ("ollama", "qwen:7b"))))
+    assert resolver.renames
+    assert resolver.canonical("gpu0", "llamacpp", "qwen.gguf") == "qwen"
+    assert resolver.canonical("box", "ollama", "qwen:7b") == "qwen"
+    assert resolver.canonical("box", "llamacpp", "qwen:7b") == "qwen:7b"  # not this kind's
+    assert resolver.upstream_id("qwen", "gpu0", "ollama") == "qwen.gguf"
+    assert resolver.upstream_id("qwen", "box", "ollama") == "qwen:7b"
+    assert resolver.upstream_id("qwen", "box", "vllm") == "qwen"
+    assert resolver.upstream_id("other", "gpu0", "ollama") == "other"

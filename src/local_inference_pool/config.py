@@ -228,11 +228,13 @@ class PoolConfig:
             raise ConfigError(f"keys: {keys_section!r} is not allowed; expected an array of tables")
         keys = tuple(key_from_dict(entry, f"keys[{index}]") for index, entry in enumerate(keys_section))
         telemetry = telemetry_from_dict(data.get("telemetry", {}))
+        models = models_from_list(data.get("models", []))
+        _check_serve_as(models, backends)
         return cls(
             backends=backends,
             routes=routes,
             keys=keys,
-            models=models_from_list(data.get("models", [])),
+            models=models,
             telemetry=telemetry,
             **_parse_section(pool_section, POOL_KEYS, "pool"),
         )
@@ -355,6 +357,19 @@ assert set(POOL_KEYS) == {f.name for f in fields(PoolConfig) if f.init} - {
     "telemetry",
 }
 assert set(BACKEND_KEYS) == {f.name for f in fields(BackendConfig)}
+
+
+def _check_serve_as(models: tuple[ModelConfig, ...], backends: tuple[BackendConfig, ...]) -> None:
+    """Each ``serve_as`` names a backend of the file or a kind (a backend that joins later, by its
+    kind). Checked as the file is read, not on runtime changes: removing a backend keeps working."""
+    known = {backend.name for backend in backends} | set(BACKEND_KINDS)
+    for index, model in enumerate(models):
+        for where, _ in model.serve_as:
+            if where not in known:
+                raise ConfigError(
+                    f"models[{index}].serve_as: {where!r} is neither a backend's name nor a kind "
+                    f"({', '.join(BACKEND_KINDS)})"
+                )
 
 
 def _validate_fields(

@@ -24,7 +24,7 @@ from local_inference_pool.errors import ConfigError
 
 __all__ = ["MODEL_KEYS", "ModelConfig", "ModelNames", "Resolved", "check_models", "models_from_list"]
 
-MODEL_KEYS = ("name", "aliases", "params")
+MODEL_KEYS = ("name", "aliases", "serve_as", "params")
 PARAM_KEYS = ("set", "strip")
 MAX_PARAMS = 64  # fields set or stripped, per model
 KEPT_FIELDS = ("model", "stream")  # what params may not touch: where it goes, and how it answers
@@ -36,6 +36,8 @@ _WILDCARDS = re.compile(r"[*?\[]")
 class ModelConfig:
     name: str
     aliases: tuple[str, ...] = ()
+    # serve_as: a backend's name or kind, and the model's id on those servers
+    serve_as: tuple[tuple[str, str], ...] = ()
     # params: request fields set to a value, and fields taken out, before a request leaves
     params_set: tuple[tuple[str, Any], ...] = ()
     params_strip: tuple[str, ...] = ()
@@ -43,6 +45,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", values.string("models.name", self.name))
         object.__setattr__(self, "aliases", values.string_list("models.aliases", list(self.aliases)))
+        object.__setattr__(
+            self, "serve_as", tuple((str(k), values.string("models.serve_as", v)) for k, v in self.serve_as)
+        )
         object.__setattr__(self, "params_set", tuple((str(k), v) for k, v in self.params_set))
         object.__setattr__(
             self, "params_strip", values.string_list("models.params.strip", list(self.params_strip))
@@ -97,9 +102,29 @@ class ModelNames:
         self._patterns = [(alias, name) for _, _, alias, name in sorted(patterns)]
         self.names = frozenset(model.name for model in models)
         self._with_params = {model.name: model for model in models if model.has_params}
+        # (backend name or kind, the server's id) -> the model; and the reverse, per model
+        self._from_id = {(where, id_): model.name for model in models for where, id_ in model.serve_as}
+        self._ids = {model.name: dict(model.serve_as) for model in models if model.serve_as}
 
     def __bool__(self) -> bool:
         return bool(self._exact or self._patterns or self._with_params)
+
+    def canonical(self, backend: str, kind: str, reported: str) -> str:
+        """The model a server's own id stands for (``serve_as``, by the backend's name first, then
+        its kind), else the id as it is."""
+        return self._from_id.get((backend, reported)) or self._from_id.get((kind, reported)) or reported
+
+    @property
+    def renames(self) -> bool:
+        """Whether some model has another id on some server (``serve_as``)."""
+        return bool(self._ids)
+
+    def upstream_id(self, model: str, backend: str, kind: str) -> str:
+        """The id a backend knows ``model`` by (``serve_as``), else the model's name."""
+        ids = self._ids.get(model)
+        if ids is None:
+            return model
+        return ids.get(backend) or ids.get(kind) or model
 
     def params_of(self, model: str) -> ModelConfig | None:
         """The model's entry when it has params to apply to its requests."""
@@ -139,8 +164,13 @@ def models_from_list(section: Any) -> tuple[ModelConfig, ...]:
         name = values.string(f"{where}.name", entry["name"])
         aliases = values.string_list(f"{where}.aliases", entry.get("aliases", []))
         params_set, params_strip = _params(entry.get("params", {}), f"{where}.params")
+        serve_as = entry.get("serve_as", {})
+        if not isinstance(serve_as, Mapping) or not all(isinstance(v, str) and v for v in serve_as.values()):
+            raise ConfigError(
+                f"{where}.serve_as: {serve_as!r} is not allowed; expected a table of backend name or kind = model id"
+            )
         try:
-            models.append(ModelConfig(name, aliases, params_set, params_strip))
+            models.append(ModelConfig(name, aliases, tuple(serve_as.items()), params_set, params_strip))
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("models.", f"{where}.", 1)) from None
     check_models(models)
@@ -183,5 +213,14 @@ def check_models(models: Sequence[ModelConfig]) -> None:
                     f"{where}: {alias!r} is not allowed; it shadows {owner[alias]} (a name is one model's)"
                 )
             owner[alias] = where
+    served: dict[tuple[str, str], str] = {}
+    for index, model in enumerate(models):
+        for where, id_ in model.serve_as:
+            if (where, id_) in served:
+                raise ConfigError(
+                    f"models[{index}].serve_as: {where} = {id_!r} is already {served[(where, id_)]}'s; "
+                    "one id on one server is one model"
+                )
+            served[(where, id_)] = model.name
     if count > MAX_ALIASES:
         raise ConfigError(f"models: {count} aliases are more than {MAX_ALIASES}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import anyio
 import httpx
 import pytest
 
@@ -90,3 +91,43 @@ async def test_without_models_an_unknown_name_is_still_unknown() -> None:
         chat = {"model": "gpt-4o", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
         answer = await http.post("/chat/completions", json=chat)
     assert answer.status_code == 404
+
+
+async def test_one_model_known_by_another_id_on_each_server_shares_one_queue_and_both_serve() -> None:
+    backends = [
+        SimulatedBackend(
+            SimulatorConfig(models=("qwen2.5-7b-instruct-q4_k_m.gguf",), slots=1, tokens_per_second=400)
+        ),
+        SimulatedBackend(SimulatorConfig(models=("qwen2.5:7b",), slots=1, tokens_per_second=400)),
+    ]
+    qwen = ModelConfig(
+        "qwen2.5-7b",
+        ("gpt-*",),
+        serve_as=(("b0", "qwen2.5-7b-instruct-q4_k_m.gguf"), ("llamacpp", "qwen2.5:7b")),  # by name, by kind
+    )
+    async with (
+        started(backends, models=(qwen,), public_status=True) as up,
+        httpx.AsyncClient(base_url=f"{up.url}/v1", trust_env=False, timeout=20) as http,
+    ):
+        listed = [entry["id"] for entry in (await http.get("/models")).json()["data"]]
+
+        async def ask(model: str, answers: list[tuple[str, httpx.Response]]) -> None:
+            chat = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+            answers.append((model, await http.post("/chat/completions", json={**chat, "stream": True})))
+
+        answers: list[tuple[str, httpx.Response]] = []
+        async with anyio.create_task_group() as group:
+            for index in range(6):
+                group.start_soon(ask, "qwen2.5-7b" if index % 2 else "gpt-4.1", answers)
+        status = (await http.get("/pool/status")).json()
+    assert listed == ["qwen2.5-7b"]  # the servers' own ids are not names clients see
+    assert {backend["name"]: backend["models"] for backend in status["backends"]} == {
+        "b0": ["qwen2.5-7b"],
+        "b1": ["qwen2.5-7b"],
+    }
+    assert len(answers) == 6
+    for model, answer in answers:  # each named as asked, not by the server's own id
+        assert answer.status_code == 200
+        assert {chunk["model"] for chunk in _events(answer.text)} == {model}
+    assert {answer.headers["x-backend"] for _, answer in answers} == {"b0", "b1"}  # one queue, both served
+    assert all(backend.stats.completed >= 1 for backend in backends)

@@ -70,6 +70,7 @@ class RequestRecord:
     trace: Any = None  # with traces on, its ids and times (gateway.tracing.RequestTrace)
     asked: str = ""  # the model the client named, when an alias served it (``model`` ran)
     alias: str = ""  # that alias as configured
+    upstream_model: str = ""  # the id its backend knows the model by, when another ([[models]] serve_as)
 
     def take_usage(self, usage: dict[str, Any] | None) -> None:
         """Token counts from a backend's ``usage`` (OpenAI's ``prompt_tokens``/``completion_tokens``,

@@ -341,8 +341,10 @@ def raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
 
 
 def echoing(chunks: AsyncIterator[bytes], record: RequestRecord) -> AsyncIterator[bytes]:
-    """The answer's chunks naming the model the client asked for, when an alias served it."""
-    return _echoed(chunks, ModelEcho(record.model, record.asked)) if record.asked else chunks
+    """The answer's chunks naming the model the client asked for, when the backend knows it by
+    another name (an alias served it, or ``serve_as`` gave the server's own id)."""
+    served, asked = record.upstream_model or record.model, record.asked or record.model
+    return chunks if served == asked else _echoed(chunks, ModelEcho(served, asked))
 
 
 async def _echoed(chunks: AsyncIterator[bytes], echo: ModelEcho) -> AsyncIterator[bytes]:

@@ -3,6 +3,7 @@ upstream (its ``Call``): the vocabulary of the proxy and the relay."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -143,6 +144,14 @@ def upstream_request(
     the trace's ``traceparent`` when traces are on), ``body``. ``attempt``: it is one more attempt
     at the client's request (not a question asked on its way, as a continuation's tokenize)."""
     url = runtime.upstream_url(target.url, call.path)
+    names = runtime.model_names
+    if names.renames:  # [[models]] serve_as: the model by the id this server knows it by
+        upstream_id = names.upstream_id(
+            record.model, target.backend, runtime.pool.backends.kind(target.backend)
+        )
+        if upstream_id != record.model:
+            body = _renamed(body, upstream_id)
+        record.upstream_model = upstream_id
     if call.route.path in FILTERED_ROUTES:  # made acceptable to the backend's kind of server
         body = acceptable_body(runtime.pool.backends.kind(target.backend), call.route.path, body)
     headers = upstream_headers(target, record.request_id, call)
@@ -161,3 +170,15 @@ def upstream_request(
         content=body,
         extensions={"timeout": runtime.timeouts},
     )
+
+
+def _renamed(body: bytes, model: str) -> bytes:
+    """A JSON body naming ``model``; another body as it is."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return body
+    if not isinstance(payload, dict) or "model" not in payload:
+        return body
+    payload["model"] = model
+    return json.dumps(payload, ensure_ascii=False).encode()

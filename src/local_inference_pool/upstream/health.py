@@ -31,6 +31,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from local_inference_pool.config import BackendConfig, PoolConfig
 from local_inference_pool.core.circuit import Circuit, CircuitState
 from local_inference_pool.core.scheduler import Health
+from local_inference_pool.model_config import ModelNames
 from local_inference_pool.upstream.backends import DetectedKind, Snapshot, detect, probe
 from local_inference_pool.upstream.backends.openai import describe_http_error
 
@@ -135,6 +136,15 @@ class Monitor:
         poll = self._polls.pop(name, None)
         if poll is not None:
             poll.cancel()
+
+    def _canonical(self, name: str, kind: str, ids: Sequence[str] | None) -> list[str] | None:
+        """A server's model ids as the pool names them (``[[models]] serve_as``)."""
+        if ids is None:
+            return None
+        if not any(model.serve_as for model in self.config.models):
+            return list(ids)
+        names = ModelNames(self.config.models)
+        return [names.canonical(name, kind, id_) for id_ in ids]
 
     def _watch(self, backend: BackendConfig) -> None:
         self._watched[backend.name] = _Watched(
@@ -242,8 +252,8 @@ class Monitor:
                 health=effective,
                 trial=trial,
                 slots=snapshot.slots,
-                models=snapshot.models,
-                resident=snapshot.resident,
+                models=self._canonical(name, watched.kind or "auto", snapshot.models),
+                resident=self._canonical(name, watched.kind or "auto", snapshot.resident),
                 server_busy=snapshot.busy,
                 context=snapshot.context,
             )

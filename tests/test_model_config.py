@@ -54,7 +54,9 @@ def test_patterns_of_equal_specificity_go_in_the_order_given() -> None:
             r"models\[1\].aliases: 'x' .* shadows models\[0\].aliases",
         ),
         ([{"name": "a"}, {"name": "a"}], r"models\[1\].name: 'a' is given twice"),
-        ([{"name": "a", "fallbacks": []}], r"models\[0\]: unknown key 'fallbacks'; known keys: name, aliases"),
+        ([{"name": "a", "preload": True}], r"models\[0\]: unknown key 'preload'; known keys: name, aliases"),
+        ([{"name": "a", "fallback_after": -1}], r"models\[0\].fallback_after: .* a number > 0"),
+        ([{"name": "a", "fallbacks": "b"}], r"models\[0\].fallbacks: 'b' is not allowed; expected a list"),
         ([{"aliases": ["x"]}], r"models\[0\].name: missing"),
         (
             [{"name": "a", "aliases": "gpt-*"}],
@@ -147,3 +149,25 @@ def test_serve_as_maps_ids_both_ways_by_backend_name_before_kind() -> None:
     assert resolver.upstream_id("qwen", "box", "ollama") == "qwen:7b"
     assert resolver.upstream_id("qwen", "box", "vllm") == "qwen"
     assert resolver.upstream_id("other", "gpu0", "ollama") == "other"
+
+
+def test_a_fallback_loop_is_refused_naming_it() -> None:
+    section = [
+        {"name": "a", "fallbacks": ["b"]},
+        {"name": "b", "fallbacks": ["c", "a"]},
+        {"name": "c"},
+    ]
+    with pytest.raises(ConfigError, match=r"^models\[0\].fallbacks: a loop: a -> b -> a$"):
+        PoolConfig.from_dict({"models": section})
+    with pytest.raises(ConfigError, match=r"models\[0\].fallbacks: a loop: a -> a"):
+        PoolConfig.from_dict({"models": [{"name": "a", "fallbacks": ["a"]}]})
+
+
+def test_fallbacks_are_tried_depth_first_each_once() -> None:
+    resolver = names(
+        ModelConfig("a", fallbacks=("b", "c"), fallback_after=30),
+        ModelConfig("b", fallbacks=("d", "c")),
+    )
+    assert resolver.candidates("a") == [("a", 30.0), ("b", None), ("d", None), ("c", None)]
+    assert resolver.falls_back("a")
+    assert not resolver.falls_back("c")

@@ -24,7 +24,7 @@ from local_inference_pool.errors import ConfigError
 
 __all__ = ["MODEL_KEYS", "ModelConfig", "ModelNames", "Resolved", "check_models", "models_from_list"]
 
-MODEL_KEYS = ("name", "aliases", "serve_as", "params")
+MODEL_KEYS = ("name", "aliases", "serve_as", "fallbacks", "fallback_after", "params")
 PARAM_KEYS = ("set", "strip")
 MAX_PARAMS = 64  # fields set or stripped, per model
 KEPT_FIELDS = ("model", "stream")  # what params may not touch: where it goes, and how it answers
@@ -38,6 +38,8 @@ class ModelConfig:
     aliases: tuple[str, ...] = ()
     # serve_as: a backend's name or kind, and the model's id on those servers
     serve_as: tuple[tuple[str, str], ...] = ()
+    fallbacks: tuple[str, ...] = ()  # other models, in order, for when this one cannot serve well
+    fallback_after: float | None = None  # seconds of expected queue wait beyond which a fallback serves
     # params: request fields set to a value, and fields taken out, before a request leaves
     params_set: tuple[tuple[str, Any], ...] = ()
     params_strip: tuple[str, ...] = ()
@@ -48,6 +50,13 @@ class ModelConfig:
         object.__setattr__(
             self, "serve_as", tuple((str(k), values.string("models.serve_as", v)) for k, v in self.serve_as)
         )
+        object.__setattr__(self, "fallbacks", values.string_list("models.fallbacks", list(self.fallbacks)))
+        if self.fallback_after is not None:
+            object.__setattr__(
+                self,
+                "fallback_after",
+                values.number(positive=True)("models.fallback_after", self.fallback_after),
+            )
         object.__setattr__(self, "params_set", tuple((str(k), v) for k, v in self.params_set))
         object.__setattr__(
             self, "params_strip", values.string_list("models.params.strip", list(self.params_strip))
@@ -102,12 +111,13 @@ class ModelNames:
         self._patterns = [(alias, name) for _, _, alias, name in sorted(patterns)]
         self.names = frozenset(model.name for model in models)
         self._with_params = {model.name: model for model in models if model.has_params}
+        self._falling = {model.name: model for model in models if model.fallbacks}
         # (backend name or kind, the server's id) -> the model; and the reverse, per model
         self._from_id = {(where, id_): model.name for model in models for where, id_ in model.serve_as}
         self._ids = {model.name: dict(model.serve_as) for model in models if model.serve_as}
 
     def __bool__(self) -> bool:
-        return bool(self._exact or self._patterns or self._with_params)
+        return bool(self._exact or self._patterns or self._with_params or self._falling)
 
     def canonical(self, backend: str, kind: str, reported: str) -> str:
         """The model a server's own id stands for (``serve_as``, by the backend's name first, then
@@ -125,6 +135,27 @@ class ModelNames:
         if ids is None:
             return model
         return ids.get(backend) or ids.get(kind) or model
+
+    def candidates(self, model: str) -> list[tuple[str, float | None]]:
+        """The models that may serve a request for ``model``, in order: itself, then its
+        fallbacks and theirs (depth first, each once), with each one's ``fallback_after``."""
+        found: list[tuple[str, float | None]] = []
+        seen: set[str] = set()
+
+        def visit(name: str) -> None:
+            if name in seen:
+                return
+            seen.add(name)
+            entry = self._falling.get(name)
+            found.append((name, entry.fallback_after if entry is not None else None))
+            for fallback in entry.fallbacks if entry is not None else ():
+                visit(fallback)
+
+        visit(model)
+        return found
+
+    def falls_back(self, model: str) -> bool:
+        return model in self._falling
 
     def params_of(self, model: str) -> ModelConfig | None:
         """The model's entry when it has params to apply to its requests."""
@@ -169,8 +200,15 @@ def models_from_list(section: Any) -> tuple[ModelConfig, ...]:
             raise ConfigError(
                 f"{where}.serve_as: {serve_as!r} is not allowed; expected a table of backend name or kind = model id"
             )
+        fallbacks = values.string_list(f"{where}.fallbacks", entry.get("fallbacks", []))
+        after = entry.get("fallback_after")
+        after = None if after is None else values.number(positive=True)(f"{where}.fallback_after", after)
         try:
-            models.append(ModelConfig(name, aliases, tuple(serve_as.items()), params_set, params_strip))
+            models.append(
+                ModelConfig(
+                    name, aliases, tuple(serve_as.items()), fallbacks, after, params_set, params_strip
+                )
+            )
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("models.", f"{where}.", 1)) from None
     check_models(models)
@@ -222,5 +260,30 @@ def check_models(models: Sequence[ModelConfig]) -> None:
                     "one id on one server is one model"
                 )
             served[(where, id_)] = model.name
+    _check_loops(models)
     if count > MAX_ALIASES:
         raise ConfigError(f"models: {count} aliases are more than {MAX_ALIASES}")
+
+
+def _check_loops(models: Sequence[ModelConfig]) -> None:
+    """No model falls back, through others, to itself: refused in one line that names the loop."""
+    fallbacks = {model.name: model.fallbacks for model in models}
+    for number, model in enumerate(models):
+        loop = _loop_from(model.name, fallbacks)
+        if loop:
+            raise ConfigError(f"models[{number}].fallbacks: a loop: {' -> '.join(loop)}")
+
+
+def _loop_from(start: str, fallbacks: Mapping[str, tuple[str, ...]]) -> list[str]:
+    """A path of fallbacks from ``start`` back to it, or [] when there is none."""
+    stack: list[tuple[str, list[str]]] = [(start, [start])]
+    seen: set[str] = set()
+    while stack:
+        name, path = stack.pop()
+        for fallback in fallbacks.get(name, ()):
+            if fallback == start:
+                return [*path, fallback]
+            if fallback not in seen:
+                seen.add(fallback)
+                stack.append((fallback, [*path, fallback]))
+    return []

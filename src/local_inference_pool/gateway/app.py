@@ -55,6 +55,7 @@ from local_inference_pool.gateway.inbound import (
     request_id,
 )
 from local_inference_pool.gateway.metrics import PoolMetrics, RequestRecord
+from local_inference_pool.gateway.model_routing import as_configured, served_headers
 from local_inference_pool.gateway.proxy import forward
 from local_inference_pool.gateway.refusals import send_refusal
 from local_inference_pool.gateway.replies import error_response, openai_error
@@ -349,7 +350,7 @@ class RouteEndpoint:
                 await send_refusal(send, _unauthorized(dialect=dialect), record, runtime)
                 return
             record.key = holder or "-"
-            inbound, call = await _read_request(scope, receive, headers, runtime, route)
+            inbound, call = await _read_request(scope, receive, headers, runtime, route, holder)
             record.model = inbound.model or "-"
             runtime.traffic.arrived(record.model)
             if runtime.tracing is not None:
@@ -362,9 +363,10 @@ class RouteEndpoint:
             await runtime.accounting.admit(
                 holder, inbound, record, slot=route.slot, anthropic=dialect is ANTHROPIC
             )
-            if inbound.asked:  # an alias: the answer names the model asked for, and says what ran
+            if inbound.asked:  # an alias or a fallback: the answer names the model asked for
                 record.asked, record.alias = inbound.asked, inbound.alias
-                record.headers = [*record.headers, (b"x-served-model", inbound.model.encode())]
+                record.fallback_from, record.fallback_reason = inbound.fallback_from, inbound.fallback_reason
+                record.headers = [*record.headers, *served_headers(inbound)]
         except ClientGone:
             record.status, record.outcome = 499, "client_gone"
             runtime.finish(record)
@@ -377,7 +379,12 @@ class RouteEndpoint:
 
 
 async def _read_request(
-    scope: Scope, receive: Receive, headers: dict[bytes, bytes], runtime: Runtime, route: RouteSpec
+    scope: Scope,
+    receive: Receive,
+    headers: dict[bytes, bytes],
+    runtime: Runtime,
+    route: RouteSpec,
+    holder: str,
 ) -> tuple[Inbound, Call]:
     """The checked request and how it goes upstream, by the route's kind; raises ``PoolError``."""
     config = runtime.config
@@ -403,8 +410,9 @@ async def _read_request(
     )
     if not inbound.model:
         inbound.model = _only_model(runtime)
-    if runtime.model_names:  # [[models]]: an alias (never for a name some backend serves), params
-        _as_configured(runtime, inbound)
+    if runtime.model_names:  # [[models]]: an alias, a fallback, params
+        key = runtime.accounting.key(holder)
+        as_configured(runtime, inbound, lambda model: key is None or key.allows(model))
     if route.slot:
         inbound.prompt = route.dialect.prompt(inbound.payload, inbound.model)
     pin = None
@@ -412,15 +420,6 @@ async def _read_request(
     if previous is not None:
         pin = await _stored_at(runtime, previous)
     return inbound, Call(route, route.upstream, method, b"application/json", passed, pin=pin)
-
-
-def _as_configured(runtime: Runtime, inbound: Inbound) -> None:
-    names = runtime.model_names
-    resolved = None if runtime.pool.serves(inbound.model) else names.resolve(inbound.model)
-    model = inbound.model if resolved is None else resolved.model
-    params = names.params_of(model)
-    if resolved is not None or params is not None:
-        inbound.served_as(model, "" if resolved is None else resolved.alias, params)
 
 
 async def _stored_at(runtime: Runtime, response_id: object) -> str:

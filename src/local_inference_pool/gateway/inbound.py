@@ -64,11 +64,13 @@ class Inbound:
     prompt: Prompt | None = None  # what the backends' prompt caches may hold of it
     asked: str = ""  # the model the client asked for, when an alias ([[models]]) served it
     alias: str = ""  # that alias, as configured (a pattern as written)
+    fallback_from: str = ""  # the model that could not serve it well, when a fallback does
+    fallback_reason: str = ""  # why: unhealthy, context or wait
 
     def served_as(self, model: str, alias: str, params: ModelConfig | None) -> None:
-        """``[[models]]`` say how it goes upstream: naming ``model`` (the name its backends know)
-        when ``alias`` served it, and with the model's ``params`` applied."""
-        if alias:
+        """``[[models]]`` say how it goes upstream: naming ``model`` (the name its backends know;
+        another than asked when an alias or a fallback serves it), with the model's ``params``."""
+        if model != self.model:
             self.asked, self.alias, self.model = self.model, alias, model
         payload = {**self.payload, "model": model}
         self.payload = params.adjust(payload) if params is not None else payload

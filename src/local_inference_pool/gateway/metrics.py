@@ -70,6 +70,8 @@ class RequestRecord:
     trace: Any = None  # with traces on, its ids and times (gateway.tracing.RequestTrace)
     asked: str = ""  # the model the client named, when an alias served it (``model`` ran)
     alias: str = ""  # that alias as configured
+    fallback_from: str = ""  # the model that could not serve it well, when a fallback did
+    fallback_reason: str = ""
     upstream_model: str = ""  # the id its backend knows the model by, when another ([[models]] serve_as)
 
     def take_usage(self, usage: dict[str, Any] | None) -> None:
@@ -162,6 +164,12 @@ class PoolMetrics:
             ["alias", "model"],
             registry=self.registry,
         )
+        self.fallbacks = Counter(
+            "lip_fallbacks",
+            "Requests served by a fallback ([[models]] fallbacks): the model, the fallback and why.",
+            ["model", "fallback", "reason"],
+            registry=self.registry,
+        )
         self.retries = Counter(
             "lip_upstream_retries",
             "Requests sent to another backend after one could not be reached.",
@@ -214,6 +222,8 @@ class PoolMetrics:
             child(self.retries, model).inc(record.retries)
         if record.alias:
             child(self.aliases, record.alias, record.model).inc()
+        if record.fallback_from:
+            child(self.fallbacks, record.fallback_from, record.model, record.fallback_reason).inc()
         if access_log.isEnabledFor(logging.INFO):
             self._log(record, duration)
         return model
@@ -222,7 +232,7 @@ class PoolMetrics:
         access_log.info(
             "request_id=%s route=%s key=%s model=%s backend=%s status=%d outcome=%s queue_wait_ms=%s "
             "ttfb_ms=%s duration_ms=%.1f prompt_tokens=%s cached_tokens=%s completion_tokens=%s "
-            "affinity=%s%s%s",
+            "affinity=%s%s%s%s",
             record.request_id,
             record.route,
             record.key,
@@ -239,6 +249,9 @@ class PoolMetrics:
             record.affinity,
             f" failed_over_from={','.join(record.failed_over_from)}" if record.failed_over_from else "",
             f" asked={json.dumps(record.asked)}" if record.asked else "",
+            f" fallback_from={json.dumps(record.fallback_from)} fallback_reason={record.fallback_reason}"
+            if record.fallback_from
+            else "",
         )
 
     def failover(self, model: str, outcome: str, seam: float | None = None) -> None:

@@ -203,6 +203,7 @@ def _entry(record: RequestRecord, duration: float) -> dict[str, Any]:
         "key": record.key,
         "model": record.model,
         "model_asked": record.asked or record.model,  # the name the client used (an alias's)
+        "fallback_from": record.fallback_from or None,  # the model a fallback stood in for
         "backend": record.backend,
         "status": record.status,
         "outcome": record.outcome,

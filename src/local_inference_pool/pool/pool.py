@@ -27,6 +27,7 @@ from typing import Any, Final, Self
 import anyio
 
 from local_inference_pool.config import BackendConfig, PoolConfig
+from local_inference_pool.core.fitness import unfit
 from local_inference_pool.core.fleet import Claimed
 from local_inference_pool.core.prompt_index import Prompt
 from local_inference_pool.core.scheduler import (
@@ -377,6 +378,12 @@ class Pool(Draining):
         return not self._scheduler.grants and not self._waiters
 
     # --- warm-up, state, shutdown ----------------------------------------------------------
+
+    def unfit(self, model: str, prompt_tokens: int, wait_limit: float | None) -> str | None:
+        """Why ``model`` cannot serve a request well now (``unhealthy``, ``context``, ``wait``), or
+        None: what a fallback to another model is decided on (``core.fitness``). This process's
+        view: with ``state``, the requests other processes have waiting are not counted."""
+        return unfit(self._scheduler, model, prompt_tokens, wait_limit)
 
     def serves(self, model: str) -> bool:
         """Whether any backend lists ``model`` now (healthy or not)."""

@@ -1,0 +1,70 @@
+"""Whether a model can serve a request well now, or why not: what a fallback to another model
+(``[[models]] fallbacks``) is decided on. A view of the scheduler's state; it changes nothing.
+
+Three reasons, in the order they are checked:
+
+- ``unhealthy``: no backend that serves the model is healthy (or all of them are draining);
+- ``context``: the prompt is longer than the context of every healthy backend that says its
+  context (llama.cpp does, per slot); a model whose servers say nothing is not judged on it;
+- ``wait``: the expected wait for a slot is longer than the model's ``fallback_after``. The
+  requests waiting for the model, beyond the free slots, are taken in turn by its slots, each
+  lease lasting its backend's mean (learned from the leases that ended); a model whose leases have
+  not been timed yet is not judged on it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from local_inference_pool.core.model import Backend, Health
+
+if TYPE_CHECKING:
+    from local_inference_pool.core.scheduler import Scheduler
+
+__all__ = ["expected_wait", "unfit"]
+
+
+def unfit(scheduler: Scheduler, model: str, prompt_tokens: int, wait_limit: float | None) -> str | None:
+    """Why ``model`` cannot serve a request of ``prompt_tokens`` well now, or None if it can."""
+    healthy = _serving(scheduler, model)
+    if not healthy:
+        return "unhealthy"
+    contexts = [backend.context for backend in healthy if backend.context]
+    if contexts and len(contexts) == len(healthy) and prompt_tokens > max(contexts):
+        return "context"
+    if wait_limit is not None:
+        wait = expected_wait(scheduler, model)
+        if wait is not None and wait > wait_limit:
+            return "wait"
+    return None
+
+
+def expected_wait(scheduler: Scheduler, model: str) -> float | None:
+    """Seconds a request for ``model`` arriving now is expected to wait for a slot (0 when one is
+    free), or None when its backends' leases have not been timed yet."""
+    serving = _serving(scheduler, model)
+    slots = sum(backend.slots for backend in serving)
+    if slots == 0:
+        return None
+    busy = sum(min(backend.slots, backend.active_total + backend.external_busy) for backend in serving)
+    ahead = scheduler.queues.by_model.get(model, 0) - (slots - busy)
+    if ahead < 0:
+        return 0.0
+    timed = [backend.lease_seconds.value for backend in serving if backend.lease_seconds.value is not None]
+    if not timed:
+        return None
+    mean_lease = sum(timed) / len(timed)
+    return (ahead // slots + 1) * mean_lease
+
+
+def _serving(scheduler: Scheduler, model: str) -> list[Backend]:
+    """The backends that may take a request for ``model`` now: healthy, not draining."""
+    return [
+        backend
+        for backend in scheduler.backends.values()
+        if backend.models is not None
+        and model in backend.models
+        and backend.health is Health.HEALTHY
+        and not backend.draining
+        and not backend.removed
+    ]

@@ -148,6 +148,9 @@ class SpanExportProcess:
     async def _lost(self, process: anyio.abc.Process) -> None:
         with anyio.move_on_after(1):
             await process.wait()
+        if process.returncode is None:  # its stdin broke, yet it runs: it goes, not left behind
+            process.kill()
+            await process.wait()
         logger.warning(
             "traces: the span export process ended (exit status %s); starting another in %.0f s",
             process.returncode,

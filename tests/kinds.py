@@ -54,6 +54,7 @@ class Server:
                     "total_slots": self.slots,
                     "model_alias": self.models[0],
                     "default_generation_settings": {"n_ctx": 4096},
+                    "modalities": {"vision": False, "video": False, "audio": False},
                 },
             )
         if path == "/slots":
@@ -90,11 +91,14 @@ class Server:
             return httpx.Response(200, json={"lmstudio": True})
         if path == "/api/v0/models":
             data = [
-                {
+                {  # as BACKENDS.md section 2 records it; the model's name says its type here
                     "id": m,
                     "object": "model",
-                    "type": "llm",
+                    "type": "embeddings" if "embed" in m else "vlm" if "-vl" in m else "llm",
                     "state": "loaded" if m in self.loaded else "not-loaded",
+                    "max_context_length": 32768,
+                    **({"loaded_context_length": 8192} if m in self.loaded else {}),
+                    "capabilities": [] if "embed" in m else ["tool_use"],
                 }
                 for m in self.models
             ]

@@ -173,6 +173,10 @@ class ModelNames:
                 return Resolved(model, pattern)
         return None
 
+    def canonical_of(self, name: str) -> str:
+        """The model an exact alias names, else the name."""
+        return self._exact.get(name, name)
+
     def exact_aliases(self) -> dict[str, str]:
         """Each exact alias and its model (patterns are not names a client can be shown)."""
         return dict(self._exact)

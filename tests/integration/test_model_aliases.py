@@ -71,6 +71,7 @@ async def test_an_alias_is_served_by_its_model_and_answered_under_the_name_asked
     start = next(event for event in _events(message.text) if event["type"] == "message_start")
     assert start["message"]["model"] == "claude-opus-4-1"  # type: ignore[index]
     assert [entry["id"] for entry in listed.json()["data"]] == ["gpt-4o", "sim"]  # patterns are not names
+    assert {entry["context_length"] for entry in listed.json()["data"]} == {4096}  # the server's n_ctx
     assert 'lip_alias_requests_total{alias="gpt-5*",model="sim"} 2.0' in metrics
     assert 'lip_alias_requests_total{alias="claude-*",model="sim"} 1.0' in metrics
     # The key of 'other' may use qwen* only: an alias of sim does not take it there.

@@ -65,6 +65,7 @@ async def test_llama_cpp_single_model_slots_busy_and_loading() -> None:
         3,
     )
     assert loading.health is Health.LOADING
+    assert ready.model_info == {"qwen": {"context_length": 4096, "vision": False}}
 
 
 async def test_llama_cpp_router_reports_which_models_are_loaded() -> None:
@@ -81,6 +82,17 @@ async def test_lm_studio_lists_downloaded_and_loaded_models_and_parallel_slots()
     assert (snapshot.models, snapshot.resident, snapshot.slots) == (["a", "b"], ["b"], 6)
 
 
+async def test_lm_studio_says_each_models_context_tools_and_type() -> None:
+    server = Server("lmstudio", models=["qwen", "qwen2-vl", "nomic-embed"], loaded=["qwen"])
+    async with Servers(h=server).client() as client:
+        snapshot = await probe(client, BackendConfig(url="http://h:1"), "lmstudio")
+    assert snapshot.model_info == {
+        "qwen": {"context_length": 8192, "tools": True, "vision": False, "embeddings": False},  # as loaded
+        "qwen2-vl": {"context_length": 32768, "tools": True, "vision": True, "embeddings": False},
+        "nomic-embed": {"context_length": 32768, "tools": False, "vision": False, "embeddings": True},
+    }
+
+
 async def test_ollama_tags_and_loaded_models_with_latest_aliases() -> None:
     server = Server("ollama", models=["llama3.2:latest", "qwen:7b"], loaded=["qwen:7b"])
     async with Servers(h=server).client() as client:
@@ -95,6 +107,7 @@ async def test_vllm_reads_its_own_load_from_metrics() -> None:
     async with Servers(h=server).client() as client:
         snapshot = await probe(client, BackendConfig(url="http://h:1"), "vllm")
     assert (snapshot.models, snapshot.resident, snapshot.busy) == (["Qwen/Qwen3-8B"], ["Qwen/Qwen3-8B"], 7)
+    assert snapshot.model_info == {"Qwen/Qwen3-8B": {"context_length": 32768}}
 
 
 async def test_generic_openai_server_says_only_models() -> None:

@@ -55,7 +55,7 @@ from local_inference_pool.gateway.inbound import (
     request_id,
 )
 from local_inference_pool.gateway.metrics import PoolMetrics, RequestRecord
-from local_inference_pool.gateway.model_routing import as_configured, served_headers
+from local_inference_pool.gateway.model_routing import as_configured, model_facts, served_headers
 from local_inference_pool.gateway.proxy import forward
 from local_inference_pool.gateway.refusals import send_refusal
 from local_inference_pool.gateway.replies import error_response, openai_error
@@ -476,6 +476,7 @@ async def _models(request: Request) -> Response:
             "created": 0,
             "owned_by": "local-inference-pool",
             "backends": sorted(names),
+            **model_facts(runtime.pool, runtime.model_names.canonical_of(model), names),
         }
         for model, names in sorted(served.items())
     ]

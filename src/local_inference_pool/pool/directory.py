@@ -62,6 +62,13 @@ class BackendDirectory:
         if name in self._configs:
             self._info.setdefault(name, {}).update(info)
 
+    def model_info(self, name: str, model: str) -> dict[str, Any]:
+        """What the backend's server said of ``model`` (``context_length``, ``tools``, ``vision``,
+        ``embeddings``; only what it said)."""
+        info = self._info.get(name, {}).get("model_info")
+        facts = info.get(model) if isinstance(info, dict) else None
+        return dict(facts) if isinstance(facts, dict) else {}
+
     def note_warm(self, name: str, model: str, when: float) -> None:
         """A model was warmed on the backend (wall-clock time): shown as ``warm_models``."""
         if name in self._configs:

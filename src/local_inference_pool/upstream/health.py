@@ -257,6 +257,12 @@ class Monitor:
                 server_busy=snapshot.busy,
                 context=snapshot.context,
             )
+            if snapshot.model_info is not None:
+                ids = list(snapshot.model_info)
+                named = self._canonical(name, watched.kind or "auto", ids) or ids
+                self.pool.annotate(
+                    name, model_info=dict(zip(named, snapshot.model_info.values(), strict=True))
+                )
         else:
             self.pool.update_backend(name, health=effective, trial=trial)
         if effective is not watched.effective or trial is not watched.trial:

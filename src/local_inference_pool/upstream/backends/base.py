@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from local_inference_pool.core.scheduler import Health
 
@@ -17,6 +18,9 @@ class Snapshot:
     slots: int | None = None  # slot total, when the server says
     busy: int | None = None  # slots busy on the server, ours included, when the server says
     context: int | None = None  # tokens of context per slot, when the server says
+    # What the server says of each model: context_length, and whether it takes tools, images
+    # (vision), or serves embeddings; only what it says. None: this probe cannot tell.
+    model_info: dict[str, dict[str, Any]] | None = None
     error: str | None = None
 
 
@@ -28,3 +32,8 @@ def with_latest_alias(names: list[str]) -> list[str]:
         if name.endswith(":latest"):
             out.append(name[: -len(":latest")])
     return list(dict.fromkeys(out))
+
+
+def positive_int(value: Any) -> int | None:
+    """A count a server reported, if it is one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

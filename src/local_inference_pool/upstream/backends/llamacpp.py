@@ -8,7 +8,7 @@ import httpx
 
 from local_inference_pool.config import BackendConfig
 from local_inference_pool.core.scheduler import Health
-from local_inference_pool.upstream.backends.base import Snapshot
+from local_inference_pool.upstream.backends.base import Snapshot, positive_int
 from local_inference_pool.upstream.backends.openai import auth_headers
 
 # How it continues a partial answer by text (mid-stream failover), when it cannot by token ids
@@ -37,16 +37,19 @@ async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
         return Snapshot(Health.HEALTHY, models=models, resident=resident)
     slots = props.get("total_slots") if isinstance(props, dict) else None
     settings = props.get("default_generation_settings") if isinstance(props, dict) else None
-    context = settings.get("n_ctx") if isinstance(settings, dict) else None  # per slot
+    context = positive_int(settings.get("n_ctx") if isinstance(settings, dict) else None)  # per slot
+    facts: dict[str, Any] = {} if context is None else {"context_length": context}
+    modalities = props.get("modalities") if isinstance(props, dict) else None
+    if isinstance(modalities, dict) and isinstance(modalities.get("vision"), bool):
+        facts["vision"] = modalities["vision"]
     return Snapshot(
         Health.HEALTHY,
         models=models,
         resident=models[:1],  # single-model mode: its one model is always loaded
         slots=slots if isinstance(slots, int) and slots > 0 else None,
         busy=await _busy_slots(client, backend, headers),
-        context=context
-        if isinstance(context, int) and not isinstance(context, bool) and context > 0
-        else None,
+        context=context,
+        model_info=dict.fromkeys(models, facts) if facts else {},
     )
 
 

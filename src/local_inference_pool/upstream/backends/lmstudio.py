@@ -8,7 +8,7 @@ import httpx
 
 from local_inference_pool.config import BackendConfig
 from local_inference_pool.core.scheduler import Health
-from local_inference_pool.upstream.backends.base import Snapshot
+from local_inference_pool.upstream.backends.base import Snapshot, positive_int
 from local_inference_pool.upstream.backends.openai import auth_headers
 
 # How it continues a partial answer: it documents no way, so it is not asked to.
@@ -27,8 +27,29 @@ async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
     models = [e["id"] for e in entries]
     resident = [e["id"] for e in entries if e.get("state") == "loaded"]
     return Snapshot(
-        Health.HEALTHY, models=models, resident=resident, slots=await _parallel(client, backend, headers)
+        Health.HEALTHY,
+        models=models,
+        resident=resident,
+        slots=await _parallel(client, backend, headers),
+        model_info={entry["id"]: _facts(entry) for entry in entries},
     )
+
+
+def _facts(entry: dict[str, Any]) -> dict[str, Any]:
+    """What LM Studio says of a model: its context (as loaded, else its maximum), tool use
+    (``capabilities``), and its type (``vlm`` takes images; ``embeddings``)."""
+    facts: dict[str, Any] = {}
+    length = positive_int(entry.get("loaded_context_length")) or positive_int(entry.get("max_context_length"))
+    if length is not None:
+        facts["context_length"] = length
+    capabilities = entry.get("capabilities")
+    if isinstance(capabilities, list):
+        facts["tools"] = "tool_use" in capabilities
+    kind = entry.get("type")
+    if isinstance(kind, str):
+        facts["vision"] = kind == "vlm"
+        facts["embeddings"] = kind == "embeddings"
+    return facts
 
 
 async def _parallel(client: httpx.AsyncClient, backend: BackendConfig, headers: dict[str, str]) -> int | None:

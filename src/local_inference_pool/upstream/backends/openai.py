@@ -25,6 +25,14 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
 
 async def list_models(client: httpx.AsyncClient, url: str, api_key: str | None = None) -> list[str]:
     """Model ids from ``GET {url}/v1/models``. Raises httpx errors, or ValueError on a malformed body."""
+    return [entry["id"] for entry in await model_entries(client, url, api_key)]
+
+
+async def model_entries(
+    client: httpx.AsyncClient, url: str, api_key: str | None = None
+) -> list[dict[str, Any]]:
+    """The entries of ``GET {url}/v1/models`` that have an id. Raises httpx errors, or ValueError
+    on a malformed body."""
     response = await client.get(f"{url}/v1/models", headers=auth_headers(api_key))
     response.raise_for_status()
     body: Any = response.json()
@@ -33,7 +41,7 @@ async def list_models(client: httpx.AsyncClient, url: str, api_key: str | None =
         return []  # Ollama answers "data": null when it has no models
     if not isinstance(items, list):
         raise ValueError(f"GET {url}/v1/models: the body has no 'data' list")
-    return [item["id"] for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]
+    return [item for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]
 
 
 async def warm(client: httpx.AsyncClient, url: str, api_key: str | None, model: str, prompt: str) -> None:

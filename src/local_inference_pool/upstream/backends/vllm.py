@@ -8,8 +8,8 @@ import httpx
 
 from local_inference_pool.config import BackendConfig
 from local_inference_pool.core.scheduler import Health
-from local_inference_pool.upstream.backends.base import Snapshot
-from local_inference_pool.upstream.backends.openai import auth_headers, list_models
+from local_inference_pool.upstream.backends.base import Snapshot, positive_int
+from local_inference_pool.upstream.backends.openai import auth_headers, model_entries
 
 # How it continues a partial answer: continue_final_message, with no new generation prompt.
 CONTINUES: dict[str, dict[str, object]] = {
@@ -25,9 +25,19 @@ async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
     if health.status_code == 503:
         return Snapshot(Health.UNHEALTHY, error="engine dead (503 from /health)")
     health.raise_for_status()
-    models = await list_models(client, backend.url, backend.api_key)
+    entries = await model_entries(client, backend.url, backend.api_key)
+    models = [entry["id"] for entry in entries]
+    info = {
+        entry["id"]: {"context_length": length}
+        for entry in entries
+        if (length := positive_int(entry.get("max_model_len"))) is not None
+    }
     return Snapshot(
-        Health.HEALTHY, models=models, resident=models, busy=await _busy(client, backend, headers)
+        Health.HEALTHY,
+        models=models,
+        resident=models,
+        busy=await _busy(client, backend, headers),
+        model_info=info,
     )
 
 

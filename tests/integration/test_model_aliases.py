@@ -126,6 +126,8 @@ async def test_one_model_known_by_another_id_on_each_server_shares_one_queue_and
         "b0": ["qwen2.5-7b"],
         "b1": ["qwen2.5-7b"],
     }
+    loaded = {"state": "loaded", "health": "healthy"}
+    assert status["models"] == {"qwen2.5-7b": {"servers": {"b0": loaded, "b1": loaded}, "replicas": 2}}
     assert len(answers) == 6
     for model, answer in answers:  # each named as asked, not by the server's own id
         assert answer.status_code == 200

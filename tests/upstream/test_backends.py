@@ -73,6 +73,11 @@ async def test_llama_cpp_router_reports_which_models_are_loaded() -> None:
     async with Servers(h=server).client() as client:
         snapshot = await probe(client, BackendConfig(url="http://h:1"), "llamacpp")
     assert (snapshot.models, snapshot.resident, snapshot.slots) == (["a", "b", "c"], ["b"], None)
+    assert snapshot.model_info == {
+        "a": {"state": "unloaded"},
+        "b": {"state": "loaded"},
+        "c": {"state": "unloaded"},
+    }
 
 
 async def test_lm_studio_lists_downloaded_and_loaded_models_and_parallel_slots() -> None:

@@ -55,7 +55,8 @@ from local_inference_pool.gateway.inbound import (
     request_id,
 )
 from local_inference_pool.gateway.metrics import PoolMetrics, RequestRecord
-from local_inference_pool.gateway.model_routing import as_configured, model_facts, served_headers
+from local_inference_pool.gateway.model_routing import as_configured, served_headers
+from local_inference_pool.gateway.model_view import model_facts, models_status
 from local_inference_pool.gateway.proxy import forward
 from local_inference_pool.gateway.refusals import send_refusal
 from local_inference_pool.gateway.replies import error_response, openai_error
@@ -521,6 +522,7 @@ async def _status(request: Request) -> Response:
     admin = _as_admin(request, runtime.config)
     snapshot["key_limits"] = runtime.accounting.counted
     snapshot["traces"] = runtime.tracing.state() if runtime.tracing is not None else None
+    snapshot["models"] = models_status(runtime.pool)
     snapshot["usage"] = None  # when the store cannot say it (with state) within the bound
     with anyio.move_on_after(2), contextlib.suppress(StateUnavailableError):
         snapshot["usage"] = await usage_summary(runtime.accounting)

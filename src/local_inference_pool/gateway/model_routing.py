@@ -12,14 +12,12 @@ are. Finally the body is rewritten once: the model's name, and its params.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
 
 from local_inference_pool.gateway.inbound import Inbound
 from local_inference_pool.gateway.runtime import Runtime
-from local_inference_pool.pool import Pool
 
-__all__ = ["as_configured", "model_facts", "served_headers"]
+__all__ = ["as_configured", "served_headers"]
 
 BYTES_PER_TOKEN = 4
 
@@ -53,22 +51,3 @@ def served_headers(inbound: Inbound) -> list[tuple[bytes, bytes]]:
     if inbound.fallback_from:
         headers.append((b"x-fallback-from", f"{inbound.fallback_from}; {inbound.fallback_reason}".encode()))
     return headers
-
-
-def model_facts(pool: Pool, model: str, backends: Iterable[str]) -> dict[str, Any]:
-    """What ``/v1/models`` says of a model, from what its servers say: ``context_length`` (the
-    longest), and ``capabilities`` (``tools``, ``vision``, ``embeddings``: any server that says so).
-    Only what some server said: a fact no server reports is left out."""
-    contexts: list[int] = []
-    capabilities: set[str] = set()
-    for backend in backends:
-        facts = pool.backends.model_info(backend, model)
-        if isinstance(facts.get("context_length"), int):
-            contexts.append(facts["context_length"])
-        capabilities.update(name for name in ("tools", "vision", "embeddings") if facts.get(name) is True)
-    out: dict[str, Any] = {}
-    if contexts:
-        out["context_length"] = max(contexts)
-    if capabilities:
-        out["capabilities"] = sorted(capabilities)
-    return out

@@ -34,7 +34,13 @@ async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
     if isinstance(props, dict) and props.get("role") == "router":
         # Router mode: one child per loaded model; /slots needs ?model=, so busy is not read here.
         resident = [e["id"] for e in entries if (e.get("status") or {}).get("value") == "loaded"]
-        return Snapshot(Health.HEALTHY, models=models, resident=resident)
+        states = {e["id"]: _router_state(e.get("status")) for e in entries}
+        return Snapshot(
+            Health.HEALTHY,
+            models=models,
+            resident=resident,
+            model_info={model: {"state": state} for model, state in states.items() if state is not None},
+        )
     slots = props.get("total_slots") if isinstance(props, dict) else None
     settings = props.get("default_generation_settings") if isinstance(props, dict) else None
     context = positive_int(settings.get("n_ctx") if isinstance(settings, dict) else None)  # per slot
@@ -51,6 +57,15 @@ async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
         context=context,
         model_info=dict.fromkeys(models, facts) if facts else {},
     )
+
+
+ROUTER_STATES = ("unloaded", "loading", "loaded", "sleeping", "downloading")
+
+
+def _router_state(status: Any) -> str | None:
+    """A router's word on a model (BACKENDS.md 1.9): ``loaded``, ``loading``, ``unloaded``, ..."""
+    value = status.get("value") if isinstance(status, dict) else None
+    return value if value in ROUTER_STATES else None
 
 
 async def _busy_slots(

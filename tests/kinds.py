@@ -124,11 +124,24 @@ class Server:
             return httpx.Response(200, text="Ollama is running")
         if path == "/api/version":
             return httpx.Response(200, json={"version": "0.12.3"})
-        if path == "/api/tags":
-            return httpx.Response(200, json={"models": [{"name": m, "model": m} for m in self.models]})
-        if path == "/api/ps":
+        if path == "/api/tags":  # a newer server's: with capabilities (BACKENDS.md 3.2)
+            entries = [
+                {
+                    "name": m,
+                    "model": m,
+                    "capabilities": ["embedding"] if "embed" in m else ["completion", "tools"],
+                }
+                for m in self.models
+            ]
+            return httpx.Response(200, json={"models": entries})
+        if path == "/api/ps":  # context_length since v0.9.7 (BACKENDS.md 3.3)
             return httpx.Response(
-                200, json={"models": [{"name": m, "model": m, "size_vram": 1} for m in self.loaded]}
+                200,
+                json={
+                    "models": [
+                        {"name": m, "model": m, "size_vram": 1, "context_length": 4096} for m in self.loaded
+                    ]
+                },
             )
         if path == "/v1/models":
             return httpx.Response(200, json=self._models(owned_by="library"))

@@ -105,6 +105,11 @@ async def test_ollama_tags_and_loaded_models_with_latest_aliases() -> None:
     assert snapshot.models == ["llama3.2:latest", "llama3.2", "qwen:7b"]
     assert snapshot.resident == ["qwen:7b"]
     assert snapshot.slots is None  # Ollama's parallelism is not exposed: configure it
+    assert snapshot.model_info == {
+        "llama3.2:latest": {"tools": True, "vision": False, "embeddings": False},
+        "llama3.2": {"tools": True, "vision": False, "embeddings": False},
+        "qwen:7b": {"tools": True, "vision": False, "embeddings": False, "context_length": 4096},
+    }
 
 
 async def test_vllm_reads_its_own_load_from_metrics() -> None:

@@ -45,3 +45,13 @@ def test_the_expected_wait_counts_the_queue_by_slots_and_the_mean_lease(clock: C
     assert unfit(s, "m", 10, 5.0) == "wait"
     assert unfit(s, "m", 10, 10.0) is None
     assert second.grant is not None
+
+
+def test_a_models_own_context_on_a_server_counts_before_the_servers_per_slot(clock: Clock) -> None:
+    s = Scheduler(clock=clock)
+    s.add_backend("a", "http://a", slots=1, models=["m"])
+    s.update_backend("a", context=4096)
+    assert unfit(s, "m", 6000, None, {"a": 8192}) is None
+    assert unfit(s, "m", 6000, None, {}) == "context"
+    s.add_backend("b", "http://b", slots=1, models=["m"])
+    assert unfit(s, "m", 9000, None, {"a": 8192, "b": 4096}) == "context"

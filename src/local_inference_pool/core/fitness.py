@@ -4,8 +4,9 @@
 Three reasons, in the order they are checked:
 
 - ``unhealthy``: no backend that serves the model is healthy (or all of them are draining);
-- ``context``: the prompt is longer than the context of every healthy backend that says its
-  context (llama.cpp does, per slot); a model whose servers say nothing is not judged on it;
+- ``context``: the prompt is longer than the context of every healthy backend, as its server
+  says it (llama.cpp per slot; LM Studio, vLLM and Ollama per model); a model one of whose servers
+  says nothing is not judged on it;
 - ``wait``: the expected wait for a slot is longer than the model's ``fallback_after``. The
   requests waiting for the model, beyond the free slots, are taken in turn by its slots, each
   lease lasting its backend's mean (learned from the leases that ended); a model whose leases have
@@ -14,6 +15,7 @@ Three reasons, in the order they are checked:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from local_inference_pool.core.model import Backend, Health
@@ -24,13 +26,23 @@ if TYPE_CHECKING:
 __all__ = ["expected_wait", "unfit"]
 
 
-def unfit(scheduler: Scheduler, model: str, prompt_tokens: int, wait_limit: float | None) -> str | None:
-    """Why ``model`` cannot serve a request of ``prompt_tokens`` well now, or None if it can."""
+def unfit(
+    scheduler: Scheduler,
+    model: str,
+    prompt_tokens: int,
+    wait_limit: float | None,
+    contexts: Mapping[str, int] | None = None,
+) -> str | None:
+    """Why ``model`` cannot serve a request of ``prompt_tokens`` well now, or None if it can.
+    ``contexts``: the model's context on some backends, as their servers say it per model (else a
+    backend's own context per slot counts)."""
     healthy = _serving(scheduler, model)
     if not healthy:
         return "unhealthy"
-    contexts = [backend.context for backend in healthy if backend.context]
-    if contexts and len(contexts) == len(healthy) and prompt_tokens > max(contexts):
+    given = contexts or {}
+    contexts_now = [given.get(backend.name) or backend.context for backend in healthy]
+    known = [context for context in contexts_now if context]
+    if known and len(known) == len(healthy) and prompt_tokens > max(known):
         return "context"
     if wait_limit is not None:
         wait = expected_wait(scheduler, model)

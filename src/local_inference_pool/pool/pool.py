@@ -383,7 +383,12 @@ class Pool(Draining):
         """Why ``model`` cannot serve a request well now (``unhealthy``, ``context``, ``wait``), or
         None: what a fallback to another model is decided on (``core.fitness``). This process's
         view: with ``state``, the requests other processes have waiting are not counted."""
-        return unfit(self._scheduler, model, prompt_tokens, wait_limit)
+        contexts = {
+            name: length
+            for name in self._scheduler.backends
+            if isinstance(length := self.backends.model_info(name, model).get("context_length"), int)
+        }
+        return unfit(self._scheduler, model, prompt_tokens, wait_limit, contexts)
 
     def serves(self, model: str) -> bool:
         """Whether any backend lists ``model`` now (healthy or not)."""

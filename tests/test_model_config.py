@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from local_inference_pool.config import PoolConfig
@@ -76,6 +78,10 @@ def test_patterns_of_equal_specificity_go_in_the_order_given() -> None:
         (
             [{"name": "a", "params": {"strip": ["model"]}}],
             r"models\[0\].params: 'model' may not be set or stripped",
+        ),
+        (
+            [{"name": "a", "params": {"set": {"since": dt.date(2026, 1, 1)}}}],
+            r"models\[0\].params.set: every value must be JSON",
         ),
         (
             [{"name": "a", "params": {"add": {}}}],

@@ -14,6 +14,7 @@ one given first). A name none of them matches is the model asked for, as without
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -67,6 +68,10 @@ class ModelConfig:
                 raise ConfigError(
                     f"models.params: {name!r} may not be set or stripped (it decides where and how a request is answered)"
                 )
+        try:  # a TOML date or time has no JSON form: refused here, not at each request
+            json.dumps(dict(self.params_set))
+        except (TypeError, ValueError):
+            raise ConfigError("models.params.set: every value must be JSON (no dates or times)") from None
         if len(touched) > MAX_PARAMS:
             raise ConfigError(f"models.params: {len(touched)} fields are more than {MAX_PARAMS}")
 

@@ -447,32 +447,53 @@ async def router_loads(url: str, loads: dict[str, int], *, task_status: TaskStat
                     loads[event["model"]] = loads.get(event["model"], 0) + 1
 
 
-SPAWNED = re.compile(r"spawning server instance with name=(\S+) on port (\d+)")
-JOINED = re.compile(r"join: request for name=(\S+)")
-CHILD_TASK = re.compile(r"^\[(\d+)\] .*slot +(launch_slot_|release):")
+SPAWNED = re.compile(r"^(\S+) .*spawning server instance with name=(\S+) on port (\d+)", re.MULTILINE)
+JOINED = re.compile(r"^(\S+) .*join: request for name=(\S+)", re.MULTILINE)
+CHILD_TASK = re.compile(r"^\[(\d+)\] (\S+) .*slot +(launch_slot_|release):")
+RELEASE_LAG = 0.25  # seconds a child may log a slot's release after its answer's last bytes went out
+
+
+def _seconds(stamp: str) -> float:
+    """llama.cpp's log time, minutes.seconds.milliseconds.microseconds since its process started."""
+    minutes, seconds, millis, micros = (int(part) for part in stamp.split("."))
+    return minutes * 60 + seconds + millis / 1e3 + micros / 1e6
 
 
 def joins_behind_another_model(log: str) -> list[str]:
     """Each time a request joined the router's queue while another model had work there, from the
-    router's log (its own lines and its children's, in the order they happened). A model's work
-    counts from its request joining the queue (its child may still be loading) until its slot is
-    released; a request for a model already loaded goes to its child without joining."""
+    router's log: its own lines and its children's, put in the order they happened on the router's
+    clock (a child's clock starts as the router spawns it; the lines of the processes reach the log
+    through pipes, not always in that order). A model's work counts from its request joining the
+    queue (its child may still be loading) until its slot is released, taken as up to
+    ``RELEASE_LAG`` before the child logs it: the child logs the release after the answer's last
+    bytes went out, and by then the pool may have sent the next request. A request for a model
+    already loaded goes to its child without joining."""
     model_of: dict[str, str] = {}
+    spawned_at: dict[str, float] = {}
+    events: list[tuple[float, int, str, str]] = []  # time, order, what, model
+    for order, line in enumerate(log.splitlines()):
+        if found := SPAWNED.search(line):
+            model_of[found.group(3)] = found.group(2)
+            spawned_at[found.group(3)] = _seconds(found.group(1))
+        elif found := CHILD_TASK.search(line):
+            port = found.group(1)
+            at = spawned_at.get(port, 0.0) + _seconds(found.group(2))
+            what = found.group(3)
+            events.append(
+                (at - RELEASE_LAG if what == "release" else at, order, what, model_of.get(port, port))
+            )
+        elif found := JOINED.search(line):
+            events.append((_seconds(found.group(1)), order, "join", found.group(2)))
     waiting: dict[str, int] = {}  # joined, not yet started on a slot
     running: dict[str, int] = {}
     behind: list[str] = []
-    for line in log.splitlines():
-        if found := SPAWNED.search(line):
-            model_of[found.group(2)] = found.group(1)
-        elif found := CHILD_TASK.search(line):
-            model = model_of.get(found.group(1), found.group(1))
-            if found.group(2) == "release":
-                running[model] = running.get(model, 0) - 1
-            else:
-                running[model] = running.get(model, 0) + 1
-                waiting[model] = max(0, waiting.get(model, 0) - 1)
-        elif found := JOINED.search(line):
-            model = found.group(1)
+    for _, _, what, model in sorted(events):
+        if what == "release":
+            running[model] = running.get(model, 0) - 1
+        elif what == "launch_slot_":
+            running[model] = running.get(model, 0) + 1
+            waiting[model] = max(0, waiting.get(model, 0) - 1)
+        else:
             busy = {
                 m: n
                 for m in {*waiting, *running}
@@ -533,22 +554,31 @@ def test_a_dead_server_is_diagnosed_by_signal_and_log(tmp_path: Path) -> None:
 
 
 A_RUNS = """\
-0.00.1 I srv          join: request for name=gemma-a queued at position 1
-0.00.2 I srv          load: spawning server instance with name=gemma-a on port 5001
-[5001] 0.00.3 I slot launch_slot_: id  0 | task 0 | processing task, is_child = 0
+0.00.100.000 I srv          join: request for name=gemma-a queued at position 1
+0.00.200.000 I srv          load: spawning server instance with name=gemma-a on port 5001
+[5001] 0.00.500.000 I slot launch_slot_: id  0 | task 0 | processing task, is_child = 0
 """
-A_DONE = "[5001] 0.00.9 I slot      release: id  0 | task 0 | stop processing: n_tokens = 74, truncated = 0\n"
-B_JOINS = "0.01.0 I srv          join: request for name=gemma-b queued at position 1\n"
+# On the router's clock: the release at 0.2 + 2.5 = 2.7 s, the join at 3.0 s or 2.8 s.
+A_DONE = "[5001] 0.02.500.000 I slot      release: id  0 | task 0 | stop processing: n_tokens = 74\n"
+B_JOINS = "0.03.000.000 I srv          join: request for name=gemma-b queued at position 1\n"
+B_JOINS_AT_ONCE = "0.02.800.000 I srv          join: request for name=gemma-b queued at position 1\n"
+B_JOINS_EARLY = "0.01.000.000 I srv          join: request for name=gemma-b queued at position 1\n"
 
 
 @pytest.mark.parametrize(
     ("log", "behind"),
     [
-        (A_RUNS + B_JOINS, ["gemma-b joined while {'gemma-a': 1} had work"]),
-        (A_RUNS.splitlines(keepends=True)[0] + B_JOINS, ["gemma-b joined while {'gemma-a': 1} had work"]),
+        (A_RUNS + B_JOINS_EARLY, ["gemma-b joined while {'gemma-a': 1} had work"]),
+        (
+            A_RUNS.splitlines(keepends=True)[0] + B_JOINS_EARLY,
+            ["gemma-b joined while {'gemma-a': 1} had work"],
+        ),
         (A_RUNS + A_DONE + B_JOINS, []),
+        (A_RUNS + B_JOINS + A_DONE, []),  # logged out of order through the pipes: the clocks tell
+        (A_RUNS + B_JOINS_AT_ONCE + A_DONE, []),  # the release logged just after the answer went out
+        (A_RUNS + B_JOINS_EARLY + A_DONE, ["gemma-b joined while {'gemma-a': 1} had work"]),
     ],
-    ids=["behind-a-running", "behind-a-loading", "after-a-finished"],
+    ids=["behind-a-running", "behind-a-loading", "after-a-finished", "out-of-order", "release-lag", "early"],
 )
 def test_the_router_log_reader_sees_a_request_queued_behind_another_model(
     log: str, behind: list[str]

@@ -47,11 +47,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", values.string("models.name", self.name))
-        object.__setattr__(self, "aliases", values.string_list("models.aliases", list(self.aliases)))
+        object.__setattr__(self, "aliases", values.string_list("models.aliases", self.aliases))
         object.__setattr__(
             self, "serve_as", tuple((str(k), values.string("models.serve_as", v)) for k, v in self.serve_as)
         )
-        object.__setattr__(self, "fallbacks", values.string_list("models.fallbacks", list(self.fallbacks)))
+        object.__setattr__(self, "fallbacks", values.string_list("models.fallbacks", self.fallbacks))
         if self.fallback_after is not None:
             object.__setattr__(
                 self,
@@ -59,9 +59,7 @@ class ModelConfig:
                 values.number(positive=True)("models.fallback_after", self.fallback_after),
             )
         object.__setattr__(self, "params_set", tuple((str(k), v) for k, v in self.params_set))
-        object.__setattr__(
-            self, "params_strip", values.string_list("models.params.strip", list(self.params_strip))
-        )
+        object.__setattr__(self, "params_strip", values.string_list("models.params.strip", self.params_strip))
         touched = [name for name, _ in self.params_set] + list(self.params_strip)
         for name in touched:
             if name in KEPT_FIELDS:
@@ -201,21 +199,22 @@ def models_from_list(section: Any) -> tuple[ModelConfig, ...]:
                 )
         if "name" not in entry:
             raise ConfigError(f"{where}.name: missing; every model needs the name its backends report")
-        name = values.string(f"{where}.name", entry["name"])
-        aliases = values.string_list(f"{where}.aliases", entry.get("aliases", []))
         params_set, params_strip = _params(entry.get("params", {}), f"{where}.params")
         serve_as = entry.get("serve_as", {})
         if not isinstance(serve_as, Mapping) or not all(isinstance(v, str) and v for v in serve_as.values()):
             raise ConfigError(
                 f"{where}.serve_as: {serve_as!r} is not allowed; expected a table of backend name or kind = model id"
             )
-        fallbacks = values.string_list(f"{where}.fallbacks", entry.get("fallbacks", []))
-        after = entry.get("fallback_after")
-        after = None if after is None else values.number(positive=True)(f"{where}.fallback_after", after)
-        try:
+        try:  # the values are checked by ModelConfig, its messages then named by the entry's index
             models.append(
                 ModelConfig(
-                    name, aliases, tuple(serve_as.items()), fallbacks, after, params_set, params_strip
+                    entry["name"],
+                    entry.get("aliases", ()),
+                    tuple(serve_as.items()),
+                    entry.get("fallbacks", ()),
+                    entry.get("fallback_after"),
+                    params_set,
+                    params_strip,
                 )
             )
         except ConfigError as exc:
@@ -224,7 +223,8 @@ def models_from_list(section: Any) -> tuple[ModelConfig, ...]:
     return tuple(models)
 
 
-def _params(section: Any, where: str) -> tuple[tuple[tuple[str, Any], ...], tuple[str, ...]]:
+def _params(section: Any, where: str) -> tuple[tuple[tuple[str, Any], ...], Any]:
+    """The ``params`` table's ``set`` (as pairs) and ``strip`` (as given: ModelConfig checks it)."""
     if not isinstance(section, Mapping):
         raise ConfigError(f"{where}: {section!r} is not allowed; expected a table with set and strip")
     for key in section:
@@ -233,8 +233,7 @@ def _params(section: Any, where: str) -> tuple[tuple[tuple[str, Any], ...], tupl
     given = section.get("set", {})
     if not isinstance(given, Mapping):
         raise ConfigError(f"{where}.set: {given!r} is not allowed; expected a table of request fields")
-    strip = values.string_list(f"{where}.strip", section.get("strip", []))
-    return tuple(given.items()), strip
+    return tuple(given.items()), section.get("strip", ())
 
 
 def check_models(models: Sequence[ModelConfig]) -> None:

@@ -73,10 +73,6 @@ def _serving(scheduler: Scheduler, model: str) -> list[Backend]:
     """The backends that may take a request for ``model`` now: healthy, not draining."""
     return [
         backend
-        for backend in scheduler.backends.values()
-        if backend.models is not None
-        and model in backend.models
-        and backend.health is Health.HEALTHY
-        and not backend.draining
-        and not backend.removed
+        for backend in scheduler.table.serving.get(model, ())
+        if backend.health is Health.HEALTHY and not backend.draining and not backend.removed
     ]

@@ -188,7 +188,8 @@ class Ticket:
     held_for: Backend | None = None  # waiting for this backend's cache
     hold_started: float | None = None  # set once: a ticket is held for a cache at most once
     hold_until: float | None = None
-    # Why it last had to wait (``WAIT_REASONS``): None when it was granted without waiting.
+    # Why it last had to wait (slots, drain_guard, cache_hold, tenant_share): None when it was
+    # granted without waiting.
     waited_for: str | None = None
     moved_from: str | None = None  # the busy backend holding its cache, that it did not wait for
     state: TicketState = TicketState.WAITING

@@ -222,8 +222,7 @@ def create_pool_app(
 async def _sample_queues(runtime: Runtime) -> None:
     """The requests waiting, by model, into the charts' ring once a second; until cancelled."""
     while True:
-        queue = runtime.pool.snapshot()["queue"]["by_model"]
-        runtime.traffic.sample_queue({model: q["waiting"] for model, q in queue.items()})
+        runtime.traffic.sample_queue(runtime.pool.scheduler.queues.by_model)
         await anyio.sleep(1)
 
 
@@ -353,7 +352,9 @@ class RouteEndpoint:
             record.key = holder or "-"
             inbound, call = await _read_request(scope, receive, headers, runtime, route, holder)
             record.model = inbound.model or "-"
-            runtime.traffic.arrived(record.model)
+            # A name no backend serves (a typo, a probe) is charted as one, as the metrics count it,
+            # so that clients cannot fill the charts' bounded set of models.
+            runtime.traffic.arrived(record.model if runtime.pool.serves(record.model) else "(unknown)")
             if runtime.tracing is not None:
                 runtime.tracing.start(record, scope["headers"], dialect.name)
             record.capture = runtime.requests.capture_for()

@@ -145,15 +145,16 @@ def upstream_request(
     at the client's request (not a question asked on its way, as a continuation's tokenize)."""
     url = runtime.upstream_url(target.url, call.path)
     names = runtime.model_names
-    if names.renames:  # [[models]] serve_as: the model by the id this server knows it by
-        upstream_id = names.upstream_id(
-            record.model, target.backend, runtime.pool.backends.kind(target.backend)
-        )
-        if upstream_id != record.model:
-            body = _renamed(body, upstream_id)
-        record.upstream_model = upstream_id
-    if call.route.path in FILTERED_ROUTES:  # made acceptable to the backend's kind of server
-        body = acceptable_body(runtime.pool.backends.kind(target.backend), call.route.path, body)
+    filtered = call.route.path in FILTERED_ROUTES
+    if names.renames or filtered:
+        kind = runtime.pool.backends.kind(target.backend)
+        if names.renames:  # [[models]] serve_as: the model by the id this server knows it by
+            upstream_id = names.upstream_id(record.model, target.backend, kind)
+            if upstream_id != record.model:
+                body = _renamed(body, upstream_id)
+            record.upstream_model = upstream_id
+        if filtered:  # made acceptable to the backend's kind of server
+            body = acceptable_body(kind, call.route.path, body)
     headers = upstream_headers(target, record.request_id, call)
     tracing = runtime.tracing
     if tracing is not None:

@@ -110,7 +110,7 @@ class UsageSniffer:
                 or (self.want_id and self.response_id is None)
                 or _ends_a_choice(event)
             ):
-                self._read(bytes(buffer[:end]).partition(b"data:")[2])
+                self._read(bytes(event).partition(b"data:")[2])
             self._skipping = False
             del buffer[: end + 2]
             self._scanned = 0

@@ -384,9 +384,9 @@ class Pool(Draining):
         None: what a fallback to another model is decided on (``core.fitness``). This process's
         view: with ``state``, the requests other processes have waiting are not counted."""
         contexts = {
-            name: length
-            for name in self._scheduler.backends
-            if isinstance(length := self.backends.model_info(name, model).get("context_length"), int)
+            backend.name: length
+            for backend in self._scheduler.table.serving.get(model, ())
+            if isinstance(length := self.backends.model_info(backend.name, model).get("context_length"), int)
         }
         return unfit(self._scheduler, model, prompt_tokens, wait_limit, contexts)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,10 @@ class Server:
     hang: bool = False
     garbled: bool = False  # answers JSON of an unexpected shape
     paths: list[str] = field(default_factory=list)
+    changes: list[tuple[str, str]] = field(default_factory=list)  # ("load" | "unload", model) asked
+    load_polls: int = 0  # looks at a router's model list during which a load shows "loading"
+    fail_loads: bool = False  # a router whose child exits as it loads
+    _loading: dict[str, int] = field(default_factory=dict)
 
     def answer(self, request: httpx.Request) -> httpx.Response:
         if self.down:
@@ -29,6 +34,8 @@ class Server:
         self.paths.append(path)
         if self.garbled:
             return httpx.Response(200, json=["not", "an", "object"])
+        if request.method == "POST":
+            return self._change(path, json.loads(request.content or b"{}"))
         handler = getattr(self, f"_{self.kind}")
         response: httpx.Response | None = handler(path)
         if response is not None:
@@ -36,6 +43,61 @@ class Server:
         if self.kind == "lmstudio":  # LM Studio answers 200 to anything it does not know
             return httpx.Response(200, json={"error": f"Unexpected endpoint or method. (GET {path})"})
         return httpx.Response(404, text="404 page not found")
+
+    def _change(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        """Loads and unloads as BACKENDS.md records each kind answering them."""
+        model = str(body.get("model") or body.get("instance_id"))
+        if self.kind == "router" and path in ("/models/load", "/models/unload"):
+            if model not in self.models:
+                error = {"code": 404, "message": "model is not found", "type": "not_found_error"}
+                return httpx.Response(404, json={"error": error})
+            loading = path == "/models/load"
+            if loading == (model in self.loaded):
+                message = "model is already loaded" if loading else "model is not loaded"
+                return httpx.Response(400, json={"error": {"code": 400, "message": message}})
+            self.changes.append(("load" if loading else "unload", model))
+            if loading and self.fail_loads:
+                self._loading[model] = -1
+            elif loading:
+                self._loading[model] = self.load_polls
+            else:
+                self.loaded.remove(model)
+            return httpx.Response(200, json={"success": True})
+        if self.kind == "lmstudio" and path in ("/api/v1/models/load", "/api/v1/models/unload"):
+            if path.endswith("/load"):
+                self.changes.append(("load", model))
+                self.loaded.insert(0, model)
+                return httpx.Response(200, json={"type": "llm", "instance_id": model, "status": "loaded"})
+            self.changes.append(("unload", model))
+            self.loaded.remove(model)
+            return httpx.Response(200, json={"instance_id": model})
+        if self.kind == "ollama" and path == "/api/generate" and "prompt" not in body:
+            unloading = body.get("keep_alive") == 0
+            self.changes.append(("unload" if unloading else "load", model))
+            if unloading:
+                self.loaded = [m for m in self.loaded if m != model]
+            elif model not in self.loaded:
+                self.loaded.insert(0, model)
+            reason = "unload" if unloading else "load"
+            return httpx.Response(
+                200, json={"model": model, "response": "", "done": True, "done_reason": reason}
+            )
+        return httpx.Response(404, text="404 page not found")
+
+    def _router_status(self, model: str) -> dict[str, Any]:
+        """A router's word on a model; a look at the list moves a load on."""
+        polls = self._loading.get(model)
+        if polls is None:
+            return {"value": "loaded" if model in self.loaded else "unloaded"}
+        if polls < 0:
+            del self._loading[model]
+            return {"value": "unloaded", "failed": True, "exit_code": 1}
+        if polls == 0:
+            del self._loading[model]
+            self.loaded.insert(0, model)
+            return {"value": "loaded"}
+        self._loading[model] = polls - 1
+        return {"value": "loading"}
 
     def _models(self, **extra: Any) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": m, "object": "model", **extra} for m in self.models]}
@@ -73,14 +135,9 @@ class Server:
             return httpx.Response(200, json={"status": "ok"})
         if path == "/props":
             return httpx.Response(200, json={"role": "router", "max_instances": 4, "model_path": "none"})
-        if path == "/v1/models":
+        if path in ("/v1/models", "/models"):
             data = [
-                {
-                    "id": m,
-                    "object": "model",
-                    "owned_by": "llamacpp",
-                    "status": {"value": "loaded" if m in self.loaded else "unloaded"},
-                }
+                {"id": m, "object": "model", "owned_by": "llamacpp", "status": self._router_status(m)}
                 for m in self.models
             ]
             return httpx.Response(200, json={"object": "list", "data": data})

@@ -56,7 +56,10 @@ def test_patterns_of_equal_specificity_go_in_the_order_given() -> None:
             r"models\[1\].aliases: 'x' .* shadows models\[0\].aliases",
         ),
         ([{"name": "a"}, {"name": "a"}], r"models\[1\].name: 'a' is given twice"),
-        ([{"name": "a", "preload": True}], r"models\[0\]: unknown key 'preload'; known keys: name, aliases"),
+        ([{"name": "a", "reload": True}], r"models\[0\]: unknown key 'reload'; known keys: name, aliases"),
+        ([{"name": "a", "preload": "s1"}], r"models\[0\].preload: 's1' is not allowed; expected a list"),
+        ([{"name": "a", "idle_unload": 0}], r"models\[0\].idle_unload: .* a number > 0"),
+        ([{"name": "a", "load_after": "soon"}], r"models\[0\].load_after: .* a number > 0"),
         ([{"name": "a", "fallback_after": -1}], r"models\[0\].fallback_after: .* a number > 0"),
         ([{"name": "a", "fallbacks": "b"}], r"models\[0\].fallbacks: 'b' is not allowed; expected a list"),
         ([{"aliases": ["x"]}], r"models\[0\].name: missing"),
@@ -177,3 +180,20 @@ def test_fallbacks_are_tried_depth_first_each_once() -> None:
     assert resolver.candidates("a") == [("a", 30.0), ("b", None), ("d", None), ("c", None)]
     assert resolver.falls_back("a")
     assert not resolver.falls_back("c")
+
+
+def test_where_a_model_lives_is_read_and_a_preload_must_name_a_backend() -> None:
+    data: dict[str, object] = {
+        "backends": [{"url": "http://127.0.0.1:1", "name": "gpu0"}],
+        "models": [
+            {"name": "q", "preload": ["gpu0"], "idle_unload": 600, "load_after": 5},
+            {"name": "r", "preload": True},
+            {"name": "s"},
+        ],
+    }
+    q, r, s = PoolConfig.from_dict(data).models
+    assert (q.preload, q.idle_unload, q.load_after, q.places) == (("gpu0",), 600, 5, True)
+    assert (r.preload, r.places, s.places) == (True, True, False)
+    data["models"] = [{"name": "q", "preload": ["gpu9"]}]
+    with pytest.raises(ConfigError, match=r"models\[0\].preload: 'gpu9' is not a backend's name"):
+        PoolConfig.from_dict(data)

@@ -229,7 +229,7 @@ class PoolConfig:
         keys = tuple(key_from_dict(entry, f"keys[{index}]") for index, entry in enumerate(keys_section))
         telemetry = telemetry_from_dict(data.get("telemetry", {}))
         models = models_from_list(data.get("models", []))
-        _check_serve_as(models, backends)
+        _check_backend_names(models, backends)
         return cls(
             backends=backends,
             routes=routes,
@@ -359,9 +359,10 @@ assert set(POOL_KEYS) == {f.name for f in fields(PoolConfig) if f.init} - {
 assert set(BACKEND_KEYS) == {f.name for f in fields(BackendConfig)}
 
 
-def _check_serve_as(models: tuple[ModelConfig, ...], backends: tuple[BackendConfig, ...]) -> None:
+def _check_backend_names(models: tuple[ModelConfig, ...], backends: tuple[BackendConfig, ...]) -> None:
     """Each ``serve_as`` names a backend of the file or a kind (a backend that joins later, by its
-    kind). Checked as the file is read, not on runtime changes: removing a backend keeps working."""
+    kind), and each ``preload`` a backend of the file. Checked as the file is read, not on runtime
+    changes: removing a backend keeps working."""
     known = {backend.name for backend in backends} | set(BACKEND_KINDS)
     for index, model in enumerate(models):
         for where, _ in model.serve_as:
@@ -370,6 +371,10 @@ def _check_serve_as(models: tuple[ModelConfig, ...], backends: tuple[BackendConf
                     f"models[{index}].serve_as: {where!r} is neither a backend's name nor a kind "
                     f"({', '.join(BACKEND_KINDS)})"
                 )
+        if not isinstance(model.preload, bool):
+            for where in model.preload:
+                if where not in known - set(BACKEND_KINDS):
+                    raise ConfigError(f"models[{index}].preload: {where!r} is not a backend's name")
 
 
 def _validate_fields(

@@ -25,7 +25,17 @@ from local_inference_pool.errors import ConfigError
 
 __all__ = ["MODEL_KEYS", "ModelConfig", "ModelNames", "Resolved", "check_models", "models_from_list"]
 
-MODEL_KEYS = ("name", "aliases", "serve_as", "fallbacks", "fallback_after", "params")
+MODEL_KEYS = (
+    "name",
+    "aliases",
+    "serve_as",
+    "fallbacks",
+    "fallback_after",
+    "params",
+    "preload",
+    "idle_unload",
+    "load_after",
+)
 PARAM_KEYS = ("set", "strip")
 MAX_PARAMS = 64  # fields set or stripped, per model
 KEPT_FIELDS = ("model", "stream")  # what params may not touch: where it goes, and how it answers
@@ -44,6 +54,12 @@ class ModelConfig:
     # params: request fields set to a value, and fields taken out, before a request leaves
     params_set: tuple[tuple[str, Any], ...] = ()
     params_strip: tuple[str, ...] = ()
+    # Where it lives, on servers that load and unload (``core/residency.py``): loaded at start on
+    # these backends (True: on whichever suits), unloaded after this many idle seconds, and loaded
+    # on one more server when its queue would wait longer than ``load_after`` seconds.
+    preload: tuple[str, ...] | bool = ()
+    idle_unload: float | None = None
+    load_after: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", values.string("models.name", self.name))
@@ -58,6 +74,12 @@ class ModelConfig:
                 "fallback_after",
                 values.number(positive=True)("models.fallback_after", self.fallback_after),
             )
+        for key in ("idle_unload", "load_after"):
+            given = getattr(self, key)
+            if given is not None:
+                object.__setattr__(self, key, values.number(positive=True)(f"models.{key}", given))
+        if not isinstance(self.preload, bool):
+            object.__setattr__(self, "preload", values.string_list("models.preload", self.preload))
         object.__setattr__(self, "params_set", tuple((str(k), v) for k, v in self.params_set))
         object.__setattr__(self, "params_strip", values.string_list("models.params.strip", self.params_strip))
         touched = [name for name, _ in self.params_set] + list(self.params_strip)
@@ -83,6 +105,11 @@ class ModelConfig:
     @property
     def has_params(self) -> bool:
         return bool(self.params_set or self.params_strip)
+
+    @property
+    def places(self) -> bool:
+        """Whether the pool decides where it lives (it has ``preload``, ``idle_unload`` or ``load_after``)."""
+        return bool(self.preload) or self.idle_unload is not None or self.load_after is not None
 
 
 def is_pattern(alias: str) -> bool:
@@ -215,6 +242,9 @@ def models_from_list(section: Any) -> tuple[ModelConfig, ...]:
                     entry.get("fallback_after"),
                     params_set,
                     params_strip,
+                    entry.get("preload", ()),
+                    entry.get("idle_unload"),
+                    entry.get("load_after"),
                 )
             )
         except ConfigError as exc:

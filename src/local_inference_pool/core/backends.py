@@ -25,6 +25,8 @@ class BackendTable:
         self.free: set[Backend] = set()
         self._undiscovered = 0
         self._order = itertools.count()
+        self.managed: set[str] = set()  # backends whose server loads and unloads on request
+        self.placed_models: frozenset[str] = frozenset()  # the models the pool loads on those
 
     def add(
         self,
@@ -60,8 +62,18 @@ class BackendTable:
         self.touch(backend)
         return backend
 
+    def place(self, models: frozenset[str], managed: set[str] | None = None) -> None:
+        """The models the pool loads itself (``[[models]]`` with a residence), on the backends
+        whose servers load and unload on request: there each goes only where it is loaded."""
+        self.placed_models = models
+        if managed is not None:
+            self.managed = managed
+        for backend in self.backends.values():
+            backend.placed = models if backend.name in self.managed else frozenset()
+
     def remove(self, name: str) -> Backend:
         """Take a backend out of every index. Its grants stay valid; releasing them is harmless."""
+        self.managed.discard(name)
         backend = self.backends.pop(name)
         self.set_models(backend, frozenset())
         self.set_resident(backend, ())

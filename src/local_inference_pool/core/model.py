@@ -5,7 +5,8 @@
 - a backend's *resident* models are what it has loaded (most recent first); sending a model that is
   not resident costs a *load* (a VRAM swap when another model has to go);
 - the *drain guard*: a backend busy with model A takes no model B unless it may hold both
-  (``max_loaded_models``);
+  (``max_loaded_models``); a model being loaded or unloaded there (``changing``) counts as busy,
+  and takes no request until it is loaded;
 - a *drain barrier* reserves one backend for a starving model: it admits no other model until the
   starving model gets a slot there;
 - a *tenant* is who sent a request (an API key): its share of contended slots and its caps.
@@ -94,6 +95,12 @@ class Backend:
     active: dict[str, int] = field(default_factory=dict)  # model -> leases, only counts > 0
     active_total: int = 0
     resident: list[str] = field(default_factory=list)  # most recent first
+    # Models being loaded or unloaded here now (model -> "loading" or "unloading"): each holds a
+    # place among ``max_loaded_models``, and no request goes to one until it is loaded.
+    changing: dict[str, str] = field(default_factory=dict)
+    # The models the pool itself loads here (``core/residency.py``): on a server that loads and
+    # unloads on request, one of them goes only where it is loaded, never into a load by request.
+    placed: frozenset[str] = frozenset()
     residency_known: bool = False  # reported by the backend, or learned from a grant
     trial: bool = False  # half-open after failures: admits one lease until the trial decides
     barrier: str | None = None
@@ -132,8 +139,17 @@ class Backend:
             return False
         if self.barrier is not None and self.barrier != model:
             return False
+        if self.changing:  # a load or an unload here: its model waits, and it holds a place
+            if model in self.changing:
+                return False
+            places = self.active.keys() | self.foreign_models | self.changing.keys()
+            if model in self.placed and model not in self.resident and model not in self.active:
+                return False
+            return model in self.active or len(places) < self.max_loaded_models
         if model in self.active:
             return True
+        if model in self.placed and model not in self.resident:
+            return False
         if not self.foreign_models:  # one process, or nothing of others' here: the hot path
             return len(self.active) < self.max_loaded_models
         return (

@@ -20,7 +20,7 @@ can in one pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from local_inference_pool.core.backends import BackendTable
@@ -209,8 +209,12 @@ class Scheduler(SchedulerViews):
         draining: bool = _UNSET,
         cache_tokens: int | None = _UNSET,
         url: str = _UNSET,
+        changing: Mapping[str, str] = _UNSET,
     ) -> None:
         """Apply what a probe (or the operator) says; dispatch what the change makes possible.
+
+        ``changing``: the models being loaded or unloaded on it now (model -> ``loading`` or
+        ``unloading``), as the placement driver says.
 
         ``draining``: the operator's drain. A draining backend takes no new lease but a pinned one;
         requests held for its cache go elsewhere at once, and a barrier it held for a starving
@@ -237,6 +241,8 @@ class Scheduler(SchedulerViews):
             backend.external_busy = max(0, external_busy)
         if foreign_models is not _UNSET:
             backend.foreign_models = frozenset(foreign_models)
+        if changing is not _UNSET:
+            backend.changing = dict(changing)
         if trial is not _UNSET:
             backend.trial = trial
         if context is not _UNSET:
@@ -256,6 +262,15 @@ class Scheduler(SchedulerViews):
             self.dispatch.release_holds(backend)
         self.table.touch(backend)
         self.dispatch.after_change([backend])
+
+    def place_models(self, models: frozenset[str], managed: set[str]) -> bool:
+        """The models the pool loads itself (``residency``), on the backends whose servers load
+        on request (``managed``): there each goes only where it is loaded. False: no change."""
+        if self.table.placed_models == models and self.table.managed == managed:
+            return False
+        self.table.place(models, managed)
+        self.dispatch.after_change(list(self.backends.values()))
+        return True
 
     # --- tenants ---------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ def snapshot(scheduler: Scheduler) -> dict[str, Any]:
                 "external_busy": b.external_busy,
                 "active_by_model": dict(sorted(b.active.items())),
                 "resident_models": list(b.resident),
+                "changing_models": dict(b.changing),
                 "models": None if b.models is None else sorted(b.models),
                 "max_loaded_models": b.max_loaded_models,
                 "weight": b.weight,

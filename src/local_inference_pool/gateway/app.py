@@ -55,6 +55,7 @@ from local_inference_pool.gateway.inbound import (
     request_id,
 )
 from local_inference_pool.gateway.metrics import PoolMetrics, RequestRecord
+from local_inference_pool.gateway.model_placer import ModelPlacer
 from local_inference_pool.gateway.model_routing import as_configured, served_headers
 from local_inference_pool.gateway.model_view import model_facts, models_status
 from local_inference_pool.gateway.proxy import forward
@@ -148,7 +149,8 @@ def create_pool_app(
             stack.callback(requests.close)
             metrics = PoolMetrics(pool)
             runtime = Runtime(config, pool, client, upstream, monitor, metrics, accounting, requests, tracing)
-            group.start_soon(_sample_queues, runtime)
+            group.start_soon(runtime.traffic.sample_queues, pool.scheduler.queues.by_model)
+            await group.start(ModelPlacer(runtime).run)
             changes = FleetChanges(runtime, source, install_routes, store=store)
             await group.start(changes.run)
             app.state.runtime, app.state.changes = runtime, changes
@@ -217,13 +219,6 @@ def create_pool_app(
     app.state.runtime = app.state.changes = None
     app.state.config = config
     return app
-
-
-async def _sample_queues(runtime: Runtime) -> None:
-    """The requests waiting, by model, into the charts' ring once a second; until cancelled."""
-    while True:
-        runtime.traffic.sample_queue(runtime.pool.scheduler.queues.by_model)
-        await anyio.sleep(1)
 
 
 def create_standalone_app(

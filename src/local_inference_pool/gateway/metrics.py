@@ -170,6 +170,13 @@ class PoolMetrics:
             ["model", "fallback", "reason"],
             registry=self.registry,
         )
+        self.model_changes = Counter(
+            "lip_model_changes",
+            "Loads and unloads the pool made ([[models]] preload, idle_unload, load_after): the "
+            "backend, the model, load or unload, why (preload, demand, idle, room) and the outcome.",
+            ["backend", "model", "action", "reason", "outcome"],
+            registry=self.registry,
+        )
         self.retries = Counter(
             "lip_upstream_retries",
             "Requests sent to another backend after one could not be reached.",
@@ -253,6 +260,9 @@ class PoolMetrics:
             if record.fallback_from
             else "",
         )
+
+    def model_change(self, backend: str, model: str, action: str, reason: str, outcome: str) -> None:
+        self._child(self.model_changes, backend, model, action, reason, outcome).inc()
 
     def failover(self, model: str, outcome: str, seam: float | None = None) -> None:
         """One stream whose backend failed midway: continued (with its seam's gap), or why not."""

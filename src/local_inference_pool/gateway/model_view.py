@@ -1,7 +1,8 @@
 """What the pool says of its models, from what their servers say: the facts ``/v1/models`` lists
 with each model, and the ``models`` of ``/pool/status``, each with its servers and its state there.
 
-A server's state for a model is its own word where it gives one (llama.cpp's router: ``loaded``,
+A server's state for a model is ``loading`` or ``unloading`` while the pool (any process of it)
+loads or unloads it there; else the server's own word where it gives one (llama.cpp's router: ``loaded``,
 ``loading``, ``unloaded``, ``sleeping``, ``downloading``); else ``loaded`` when the model is among
 those it has loaded (a single-model llama-server's and vLLM's one model, LM Studio's ``loaded``,
 Ollama's ``/api/ps``), ``unloaded`` when the server says which it has loaded and this is not one,
@@ -47,7 +48,9 @@ def models_status(pool: Pool) -> dict[str, Any]:
             continue
         for model in sorted(backend.models):
             reported = pool.backends.model_info(backend.name, model).get("state")
-            if isinstance(reported, str):
+            if model in backend.changing:  # the pool's own load or unload there, or another process's
+                state = backend.changing[model]
+            elif isinstance(reported, str):
                 state = reported
             elif model in backend.resident:
                 state = "loaded"

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import anyio
+
 __all__ = ["RATE_WINDOW", "SECONDS", "Traffic"]
 
 SECONDS: Final = 900
@@ -82,6 +84,12 @@ class Traffic:
         for model, count in waiting.items():
             for counts in self._counts(second, (f"model:{model}",)):
                 counts.waiting = count
+
+    async def sample_queues(self, waiting: Mapping[str, int]) -> None:
+        """``waiting`` (the scheduler's count by model) sampled once a second; until cancelled."""
+        while True:
+            self.sample_queue(waiting)
+            await anyio.sleep(1)
 
     def rates(self) -> dict[str, float]:
         """Requests and output tokens per second over the last ``RATE_WINDOW`` whole seconds and

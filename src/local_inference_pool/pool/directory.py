@@ -62,6 +62,10 @@ class BackendDirectory:
         if name in self._configs:
             self._info.setdefault(name, {}).update(info)
 
+    def loads_models(self, name: str) -> bool:
+        """Whether its server loads and unloads models on request, as a probe found."""
+        return self._info.get(name, {}).get("loads_models") is True
+
     def model_info(self, name: str, model: str) -> dict[str, Any]:
         """What the backend's server said of ``model`` (``context_length``, ``tools``, ``vision``,
         ``embeddings``; only what it said)."""

@@ -73,6 +73,7 @@ class Pool(Draining):
         self._closed = False
         self._drained: anyio.Event | None = None
         self._drains = Drains()
+        self._resident_set: dict[str, float] = {}  # backend -> when the pool last loaded or unloaded there
         # The other processes of the fleet (``config.state``), or nobody; connected on ``async with``.
         self.fleet: LocalFleet | RedisFleet = (
             LocalFleet()
@@ -116,6 +117,7 @@ class Pool(Draining):
         self.backends.remove(name)
         self.fleet.forget(name)
         self._drains.forget(name)
+        self._resident_set.pop(name, None)
         self._deliver()
 
     def update_backend(
@@ -130,12 +132,21 @@ class Pool(Draining):
         server_busy: int | None = None,
         trial: bool | None = None,
         context: int | None = None,
+        probed_at: float | None = None,
     ) -> None:
         """Apply what a probe found; queued requests that can now run are granted at once.
 
         A configured slot count or model list wins over a detected one. ``server_busy`` is what the
         server says is running, ours included: the rest is outside work that takes our capacity.
+        ``probed_at``: when the probe began (the pool's clock); its ``resident`` is dropped when the
+        pool loaded or unloaded a model there since (``set_resident``): it may predate the change.
         """
+        if (
+            resident is not None
+            and probed_at is not None
+            and probed_at < self._resident_set.get(name, -math.inf)
+        ):
+            resident = None
         if server_busy is not None:
             ours = self._scheduler.backends[name].active_total
             external_busy = self.fleet.outside_busy(name, max(0, server_busy - ours))
@@ -154,6 +165,22 @@ class Pool(Draining):
         grant what they make possible. The keywords are the scheduler's ``update_backend``'s."""
         self._scheduler.update_backend(name, **changes)
         self._deliver()
+
+    def set_resident(self, name: str, *, add: str | None = None, drop: str | None = None) -> None:
+        """The pool loaded ``add`` or unloaded ``drop`` on the backend (its placement driver): what
+        it has loaded now, until a probe that began after this says otherwise."""
+        backend = self._scheduler.backends.get(name)
+        if backend is None or backend.removed:
+            return
+        resident = [model for model in backend.resident if model not in (add, drop)]
+        self._resident_set[name] = self._clock()
+        self.override_backend(name, resident=[add, *resident] if add is not None else resident)
+
+    def place_models(self, models: frozenset[str], managed: set[str]) -> None:
+        """The models the pool loads itself, on the backends that load on request (``managed``):
+        there each goes only where it is loaded. A no-op when nothing changed."""
+        if self._scheduler.place_models(models, managed):
+            self._deliver()
 
     def annotate(self, name: str, **info: Any) -> None:
         """Facts for the snapshot that the scheduler does not use (detected kind, circuit, errors)."""

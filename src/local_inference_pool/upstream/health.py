@@ -55,6 +55,7 @@ class BackendSink(Protocol):
         server_busy: int | None = None,
         trial: bool | None = None,
         context: int | None = None,
+        probed_at: float | None = None,
     ) -> None: ...
 
     def annotate(self, name: str, **info: Any) -> None: ...
@@ -202,11 +203,12 @@ class Monitor:
     async def _poll_until_forgotten(self, name: str) -> None:
         watched = self._watched[name]
         while self._watched.get(name) is watched:
+            began = self.clock()
             snapshot = await self._probe(watched)
             watched.probed = snapshot.health
             watched.error = snapshot.error if snapshot.health is not Health.HEALTHY else watched.error
             try:
-                self._apply(name, snapshot)
+                self._apply(name, snapshot, began)
             except KeyError:
                 return  # the backend was removed from the pool
             except Exception:
@@ -228,7 +230,7 @@ class Monitor:
             self.pool.annotate(backend.name, detected_kind=kind)
         return snapshot
 
-    def _apply(self, name: str, snapshot: Snapshot | None = None) -> None:
+    def _apply(self, name: str, snapshot: Snapshot | None = None, began: float | None = None) -> None:
         watched = self._watched[name]
         circuit = watched.circuit.current(self.clock())
         effective = watched.probed
@@ -256,7 +258,10 @@ class Monitor:
                 resident=self._canonical(name, watched.kind or "auto", snapshot.resident),
                 server_busy=snapshot.busy,
                 context=snapshot.context,
+                probed_at=began,
             )
+            if snapshot.loads_models:
+                self.pool.annotate(name, loads_models=True)
             if snapshot.model_info is not None:
                 ids = list(snapshot.model_info)
                 named = self._canonical(name, watched.kind or "auto", ids) or ids

@@ -22,6 +22,7 @@ class Snapshot:
     # (vision), or serves embeddings; only what it says. None: this probe cannot tell.
     model_info: dict[str, dict[str, Any]] | None = None
     error: str | None = None
+    loads_models: bool = False  # it loads and unloads models on request (``model_control``)
 
 
 def with_latest_alias(names: list[str]) -> list[str]:

@@ -40,6 +40,7 @@ async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
             models=models,
             resident=resident,
             model_info={model: {"state": state} for model, state in states.items() if state is not None},
+            loads_models=True,
         )
     slots = props.get("total_slots") if isinstance(props, dict) else None
     settings = props.get("default_generation_settings") if isinstance(props, dict) else None

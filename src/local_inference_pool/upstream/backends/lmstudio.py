@@ -32,6 +32,7 @@ async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
         resident=resident,
         slots=await _parallel(client, backend, headers),
         model_info={entry["id"]: _facts(entry) for entry in entries},
+        loads_models=True,
     )
 
 

@@ -34,6 +34,7 @@ async def probe(client: httpx.AsyncClient, backend: BackendConfig) -> Snapshot:
         models=with_latest_alias(_names(tags.json())),
         resident=with_latest_alias(_names(loaded.json())),
         model_info=_facts(tags.json(), loaded.json()),
+        loads_models=True,
     )
 
 

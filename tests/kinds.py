@@ -26,6 +26,8 @@ class Server:
     load_polls: int = 0  # looks at a router's model list during which a load shows "loading"
     fail_loads: bool = False  # a router whose child exits as it loads
     _loading: dict[str, int] = field(default_factory=dict)
+    served: list[str] = field(default_factory=list)  # models of chats answered
+    sent_cold: list[str] = field(default_factory=list)  # chats that came for a model not loaded
 
     def answer(self, request: httpx.Request) -> httpx.Response:
         if self.down:
@@ -47,6 +49,12 @@ class Server:
     def _change(self, path: str, body: dict[str, Any]) -> httpx.Response:
         """Loads and unloads as BACKENDS.md records each kind answering them."""
         model = str(body.get("model") or body.get("instance_id"))
+        if path.endswith("/chat/completions"):
+            (self.served if model in self.loaded else self.sent_cold).append(model)
+            choice = {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+            return httpx.Response(
+                200, json={"object": "chat.completion", "model": model, "choices": [choice]}
+            )
         if self.kind == "router" and path in ("/models/load", "/models/unload"):
             if model not in self.models:
                 error = {"code": 404, "message": "model is not found", "type": "not_found_error"}
@@ -235,10 +243,15 @@ class Servers:
         return self.servers[host]
 
     def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=self.transport())
+
+    def transport(self, limits: httpx.Limits | None = None) -> httpx.MockTransport:
+        """One transport for every server (an app's ``transport`` factory takes the limits)."""
+
         async def handle(request: httpx.Request) -> httpx.Response:
             server = self.servers[request.url.host]
             if server.hang:
                 await anyio.sleep_forever()
             return server.answer(request)
 
-        return httpx.AsyncClient(transport=httpx.MockTransport(handle))
+        return httpx.MockTransport(handle)

@@ -1,0 +1,105 @@
+"""The placement driver in a running app: preload, a load for waiting requests, idle unload, and
+what status and metrics show, against servers that load on request (fakes answering as BACKENDS.md
+records their kinds)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from local_inference_pool import BackendConfig, PoolConfig
+from local_inference_pool.gateway.app import create_pool_app
+from local_inference_pool.model_config import ModelConfig
+
+from ..kinds import Server, Servers
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def placed(servers: Servers, *models: ModelConfig, **backend: Any) -> AsyncIterator[httpx.AsyncClient]:
+    config = PoolConfig(
+        backends=tuple(
+            BackendConfig(url=f"http://{name}:1", name=name, slots=1, **backend) for name in servers.servers
+        ),
+        models=models,
+        health_interval=0.05,
+        queue_timeout=10,
+    )
+    app = create_pool_app(config, transport=servers.transport)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://pool") as client:
+            yield client
+
+
+async def until(check: Callable[[], Any], seconds: float = 5.0) -> None:
+    with anyio.fail_after(seconds):
+        while not check():
+            await anyio.sleep(0.01)
+
+
+async def states(client: httpx.AsyncClient, model: str) -> dict[str, str]:
+    entry = (await client.get("/pool/status")).json()["models"].get(model, {"servers": {}})
+    return {name: server["state"] for name, server in entry["servers"].items()}
+
+
+async def test_preload_demand_and_idle_unload_on_routers() -> None:
+    r1 = Server("router", models=["m", "n"], load_polls=3)
+    r2 = Server("router", models=["m", "n"], load_polls=3)
+    servers = Servers(r1=r1, r2=r2)
+    models = (ModelConfig("m", preload=("r1",), idle_unload=0.6), ModelConfig("n", idle_unload=0.6))
+    async with placed(servers, *models) as client:
+        await until(lambda: r1.loaded == ["m"])
+        await until(lambda: r2.paths.count("/v1/models") > 2)
+        assert r2.changes == []  # m is preloaded where named, not everywhere
+        answer = await client.post("/chat/completions", json={"model": "n", "messages": []})
+        assert answer.status_code == 200
+        assert ("load", "n") in r1.changes + r2.changes  # loaded for the request, by the pool
+        assert (await states(client, "n"))[answer.headers["x-backend"]] == "loaded"
+        await until(lambda: not r1.loaded and not r2.loaded, seconds=10)  # both idle past the TTL
+        metrics = (await client.get("/pool/metrics")).text
+    assert r1.sent_cold == r2.sent_cold == []  # no request reached a server before its model loaded
+    assert (
+        'lip_model_changes_total{action="load",backend="r1",model="m",outcome="ok",reason="preload"} 1.0'
+        in metrics
+    )
+    assert 'action="unload"' in metrics
+    assert 'reason="idle"' in metrics
+
+
+async def test_a_load_shows_loading_and_holds_requests_for_the_model_it_evicts() -> None:
+    r1 = Server("router", models=["m", "n"], loaded=["m"], load_polls=40)
+    servers = Servers(r1=r1)
+    async with placed(servers, ModelConfig("n", idle_unload=30)) as client:
+        await until(lambda: r1.paths.count("/v1/models") > 1)
+        async with anyio.create_task_group() as group:
+            group.start_soon(partial(client.post, "/chat/completions", json={"model": "n", "messages": []}))
+            await until(lambda: ("load", "n") in r1.changes)
+            await until(lambda: r1._loading.get("n", 0) > 0)
+            seen = await states(client, "n")
+            assert seen == {"r1": "loading"}
+            assert (await states(client, "m")) == {"r1": "unloading"}  # one place: m makes room
+            with anyio.move_on_after(0.2):  # m's request waits while n loads in its place
+                await client.post("/chat/completions", json={"model": "m", "messages": []})
+                pytest.fail("a request for the evicted model was answered during the load")
+        assert r1.served[0] == "n"
+    assert r1.sent_cold == []
+    assert r1.changes[:2] == [("unload", "m"), ("load", "n")]
+
+
+async def test_a_failed_load_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    r1 = Server("router", models=["m"], fail_loads=True)
+    async with placed(Servers(r1=r1), ModelConfig("m", preload=("r1",))) as client:
+        await until(lambda: ("load", "m") in r1.changes)
+        await until(lambda: "could not load model m" in caplog.text)
+        metrics = (await client.get("/pool/metrics")).text
+    assert 'outcome="failed",reason="preload"' in metrics
+    assert "exit code 1" in caplog.text

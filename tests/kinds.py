@@ -26,6 +26,7 @@ class Server:
     load_polls: int = 0  # looks at a router's model list during which a load shows "loading"
     fail_loads: bool = False  # a router whose child exits as it loads
     _loading: dict[str, int] = field(default_factory=dict)
+    bodies: list[dict[str, Any]] = field(default_factory=list)  # what each POST carried
     served: list[str] = field(default_factory=list)  # models of chats answered
     sent_cold: list[str] = field(default_factory=list)  # chats that came for a model not loaded
 
@@ -37,7 +38,8 @@ class Server:
         if self.garbled:
             return httpx.Response(200, json=["not", "an", "object"])
         if request.method == "POST":
-            return self._change(path, json.loads(request.content or b"{}"))
+            self.bodies.append(json.loads(request.content or b"{}"))
+            return self._change(path, self.bodies[-1])
         handler = getattr(self, f"_{self.kind}")
         response: httpx.Response | None = handler(path)
         if response is not None:

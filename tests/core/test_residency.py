@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from local_inference_pool.core.residency import Load, Residence, Residency, Unload
+from local_inference_pool.core.residency import Drain, Load, Residence, Residency, Unload
 from local_inference_pool.core.scheduler import Grant, Health, Scheduler
 from local_inference_pool.errors import NoCapacityError
 
@@ -35,10 +35,13 @@ def carry_out(s: Scheduler, r: Residency, action: Load | Unload, *, ok: bool = T
     r.ended(action, ok=ok)
 
 
-def step(s: Scheduler, r: Residency, names: list[str]) -> list[Load | Unload]:
+def step(s: Scheduler, r: Residency, names: list[str]) -> list[Load | Unload | Drain]:
     actions = r.decide(s, names)
     for action in actions:
-        carry_out(s, r, action)
+        if isinstance(action, Drain):
+            s.reserve(action.backend, action.model)
+        else:
+            carry_out(s, r, action)
     return actions
 
 
@@ -267,11 +270,15 @@ def test_placement_keeps_its_invariants(ops: list[tuple[str, int]], max_loaded: 
         elif op == "tick":
             for action in r.decide(s, names):
                 assert all(action.backend != p.backend for p in pending)
+                if isinstance(action, Drain):
+                    s.reserve(action.backend, action.model)
+                    continue
                 backend = s.backends[action.backend]
                 if isinstance(action, Unload) or (isinstance(action, Load) and action.evict):
                     victim = action.model if isinstance(action, Unload) else str(action.evict)
                     assert victim not in backend.active
-                    assert not s.queues.by_model.get(victim)
+                    others = [b for b in s.table.resident_on.get(victim, ()) if b is not backend]
+                    assert not s.queues.by_model.get(victim) or others
                 r.began(action)
                 marks = {action.model: "loading" if isinstance(action, Load) else "unloading"}
                 if isinstance(action, Load) and action.evict:

@@ -276,6 +276,7 @@ class Dispatch:
                 and not b.draining
                 and b.barrier is None
                 and b.slots > b.external_busy
+                and model not in b.placed  # the pool's placement drains for those (residency)
             ]
             if not candidates:
                 continue

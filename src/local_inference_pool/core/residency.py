@@ -40,7 +40,7 @@ from local_inference_pool.core.prompt_index import Ewma
 if TYPE_CHECKING:
     from local_inference_pool.core.scheduler import Scheduler
 
-__all__ = ["Load", "Residence", "Residency", "Unload"]
+__all__ = ["Drain", "Load", "Residence", "Residency", "Unload"]
 
 ANYWHERE = ""  # the backend of a ``preload = true`` that has not been placed yet
 
@@ -69,19 +69,29 @@ class Unload(NamedTuple):
     reason: str  # "idle"
 
 
-Action = Load | Unload
+class Drain(NamedTuple):
+    """Reserve ``backend`` for ``model`` (the scheduler's drain barrier): it takes no request of
+    another model, so what runs there ends and a later look can load ``model`` in its place."""
+
+    backend: str
+    model: str
+    reason: str = "demand"
+
+
+Action = Load | Unload | Drain
 
 
 class Residency:
     def __init__(self, clock: Callable[[], float], residences: Mapping[str, Residence]) -> None:
         self.clock = clock
         self.residences: dict[str, Residence] = {}
-        self._busy: dict[str, tuple[Action, float]] = {}  # backend -> what it is doing, since when
+        self._busy: dict[str, tuple[Load | Unload, float]] = {}  # backend -> what it is doing, since when
         self._used: dict[tuple[str, str], float] = {}  # (backend, model) -> last seen in use or loaded
         self._load_seconds: dict[tuple[str, str], Ewma] = {}
         self._preloads: set[tuple[str, str]] = set()  # (backend or ANYWHERE, model) still to load
         self._preloaded: dict[str, str] = {}  # model of ``preload = true`` -> the backend it went to
         self._healthy: set[str] = set()  # backends healthy at the last look
+        self._resident_on: Mapping[str, Collection[Backend]] = {}  # the scheduler's index, at a look
         self.configure(residences, start=True)
 
     def configure(self, residences: Mapping[str, Residence], *, start: bool = False) -> None:
@@ -102,10 +112,14 @@ class Residency:
     # --- what the caller did ---------------------------------------------------------------
 
     def began(self, action: Action) -> None:
-        self._busy[action.backend] = (action, self.clock())
+        """A load or an unload began (a ``Drain`` is done at once: nothing to follow)."""
+        if not isinstance(action, Drain):
+            self._busy[action.backend] = (action, self.clock())
 
     def ended(self, action: Action, *, ok: bool) -> float:
         """The action is over; a load that succeeded teaches its load time. Returns its seconds."""
+        if isinstance(action, Drain):
+            return 0.0
         _, started = self._busy.pop(action.backend, (action, self.clock()))
         seconds = max(0.0, self.clock() - started)
         if ok and isinstance(action, Load):
@@ -201,6 +215,11 @@ class Residency:
                 actions.append(Load(backend.name, model, "demand", evict))
                 taken.add(backend.name)
                 loading.add(model)
+            elif not any(b.barrier == model for b in backends):
+                drain = self._to_drain(model, candidates, wait)
+                if drain is not None:
+                    actions.append(Drain(drain.name, model))
+                    taken.add(drain.name)
 
         for backend in backends:
             if not free(backend):
@@ -246,30 +265,56 @@ class Residency:
                 self._preloads.add((ANYWHERE, model))
 
     def _idle(self, backend: Backend, model: str, waiting: Mapping[str, int]) -> bool:
-        """No lease of the model there in any process, nothing changing it, and none of its
-        requests waiting anywhere (they may need it there)."""
+        """No lease of the model there in any process, nothing changing it, and no request of it
+        waiting that needs it there: none waits, or another healthy server has it loaded."""
         return (
             model not in backend.active
             and model not in backend.foreign_models
             and model not in backend.changing
-            and not waiting.get(model)
+            and (not waiting.get(model) or self._elsewhere(backend, model))
         )
+
+    def _elsewhere(self, backend: Backend, model: str) -> bool:
+        """Whether another healthy server that is not draining has ``model`` loaded."""
+        return any(
+            other is not backend and other.health is Health.HEALTHY and not other.draining
+            for other in self._resident_on.get(model, ())
+        )
+
+    def _to_drain(self, model: str, candidates: Iterable[Backend], wait: float) -> Backend | None:
+        """A server to reserve for ``model`` when none has room or an idle model to give up:
+        one whose models are all loaded elsewhere too (draining it strands nobody), the one with
+        the fewest leases to finish; none when its load would cost more than the wait it saves."""
+        options = [
+            b
+            for b in candidates
+            if b.barrier is None
+            and model not in b.resident
+            and all(self._elsewhere(b, m) for m in b.active)
+            and (self.load_seconds(b.name, model) or 0.0) < wait
+        ]
+        return min(options, key=lambda b: (b.active_total, b.index), default=None)
 
     def _make_room(
         self, backend: Backend, model: str, waiting: Mapping[str, int], now: float
     ) -> tuple[Backend, str | None] | None:
         """Load ``model`` here: into a free place, or in place of the least recently used idle
-        model that has been idle at least as long as its own load costs; None when neither."""
+        model that has been idle at least as long as its own load costs (any idle one on a
+        server drained for ``model``); None when neither."""
         if model in backend.resident:
             return None
         places = set(backend.resident) | backend.active.keys() | backend.foreign_models
         if len(places) < backend.max_loaded_models:
             return backend, None
+        reserved = backend.barrier == model  # drained for this model: what it held may go now
         victims = [
             m
             for m in backend.resident
             if self._idle(backend, m, waiting)
-            and now - self._used.get((backend.name, m), now) >= (self.load_seconds(backend.name, m) or 0.0)
+            and (
+                reserved
+                or now - self._used.get((backend.name, m), now) >= (self.load_seconds(backend.name, m) or 0.0)
+            )
         ]
         if not victims:
             return None

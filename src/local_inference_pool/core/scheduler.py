@@ -272,6 +272,16 @@ class Scheduler(SchedulerViews):
         self.dispatch.after_change(list(self.backends.values()))
         return True
 
+    def reserve(self, name: str, model: str) -> None:
+        """Drain the backend for ``model`` (its drain barrier), as for a starving model: it takes
+        no other model until ``model`` gets a slot there, or nothing of it waits any more."""
+        backend = self.backends.get(name)
+        free = backend is not None and backend.barrier is None and model not in self.dispatch.barriers
+        if free and backend is not None and self.queues.by_model.get(model):
+            backend.barrier = model
+            self.dispatch.barriers[model] = backend
+            self.table.touch(backend)
+
     # --- tenants ---------------------------------------------------------------------------
 
     def set_tenant(

@@ -25,7 +25,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from local_inference_pool.config import PoolConfig
-from local_inference_pool.core.residency import Load, Residence, Residency, Unload
+from local_inference_pool.core.residency import Drain, Load, Residence, Residency, Unload
 from local_inference_pool.errors import StateUnavailableError
 from local_inference_pool.upstream import model_control
 
@@ -106,6 +106,12 @@ class ModelPlacer:
         for name in managed:
             self._mark(name)
         for action in self.residency.decide(pool.scheduler, managed):
+            if isinstance(action, Drain):  # at once: the load follows once what runs there ends
+                logger.info(
+                    "backend %s: reserved for model %s (its queue waits)", action.backend, action.model
+                )
+                pool.reserve(action.backend, action.model)
+                continue
             self.residency.began(action)
             group.start_soon(self._change, action)
 

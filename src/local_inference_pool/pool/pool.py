@@ -176,6 +176,12 @@ class Pool(Draining):
         self._resident_set[name] = self._clock()
         self.override_backend(name, resident=[add, *resident] if add is not None else resident)
 
+    def reserve(self, name: str, model: str) -> None:
+        """Drain the backend for ``model`` until it gets a slot there (the placement driver's
+        first step toward loading it in place of what runs there now)."""
+        self._scheduler.reserve(name, model)
+        self._deliver()
+
     def place_models(self, models: frozenset[str], managed: set[str]) -> None:
         """The models the pool loads itself, on the backends that load on request (``managed``):
         there each goes only where it is loaded. A no-op when nothing changed."""

@@ -19,17 +19,19 @@ from local_inference_pool.gateway.app import create_pool_app
 from local_inference_pool.model_config import ModelConfig
 
 from ..kinds import Server, Servers
+from ..redis_store import Store
 
 pytestmark = pytest.mark.anyio
 
 
 @asynccontextmanager
-async def placed(servers: Servers, *models: ModelConfig, **backend: Any) -> AsyncIterator[httpx.AsyncClient]:
+async def placed(
+    servers: Servers, *models: ModelConfig, state: str | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
     config = PoolConfig(
-        backends=tuple(
-            BackendConfig(url=f"http://{name}:1", name=name, slots=1, **backend) for name in servers.servers
-        ),
+        backends=tuple(BackendConfig(url=f"http://{name}:1", name=name, slots=1) for name in servers.servers),
         models=models,
+        state=state,
         health_interval=0.05,
         queue_timeout=10,
     )
@@ -103,3 +105,25 @@ async def test_a_failed_load_is_counted_and_logged(caplog: pytest.LogCaptureFixt
         metrics = (await client.get("/pool/metrics")).text
     assert 'outcome="failed",reason="preload"' in metrics
     assert "exit code 1" in caplog.text
+
+
+async def test_processes_sharing_state_load_once_and_each_sees_the_result(store: Store) -> None:
+    r1 = Server("router", models=["m", "n"], load_polls=10)
+    servers = Servers(r1=r1)
+    model = ModelConfig("m", preload=("r1",))
+    async with (
+        placed(servers, model, state=store.url) as first,
+        placed(servers, model, state=store.url) as second,
+    ):
+        await until(lambda: r1.loaded == ["m"])
+        for client in (first, second):
+            with anyio.fail_after(5):
+                while (await states(client, "m")) != {"r1": "loaded"}:
+                    await anyio.sleep(0.02)
+        metrics = [(await client.get("/pool/metrics")).text for client in (first, second)]
+    assert r1.changes == [("load", "m")]  # one process loaded it; the other held back
+    made = [
+        'lip_model_changes_total{action="load",backend="r1",model="m",outcome="ok",reason="preload"} 1.0' in m
+        for m in metrics
+    ]
+    assert sorted(made) == [False, True]

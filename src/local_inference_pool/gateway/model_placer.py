@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 TICK = 0.25  # seconds between looks
 LOAD_TIMEOUT = 600.0  # seconds a load may take (a large model from a slow disk), an unload too
 LOCK_SLACK = 30.0  # the lock outlives the change's own bound by this much
+CHANGING = ("loading", "unloading")
 
 
 def residences(config: PoolConfig) -> dict[str, Residence]:
@@ -86,6 +87,7 @@ class ModelPlacer:
         present = {config.name for config in pool.backends.configs()}
         for gone in self._known - present:
             self.residency.forget(gone)
+            self.locks.forget(gone)
             self._own.pop(gone, None)
             self._others.pop(gone, None)
         self._known = present
@@ -104,6 +106,9 @@ class ModelPlacer:
             logger.debug("placement waits for the shared state store: %s", exc)
             return  # no change is decided while other processes' changes cannot be seen
         for name in managed:
+            for model, state in self._others.get(name, {}).items():
+                if state in ("loaded", "unloaded"):  # another process's change, just made
+                    pool.set_resident(name, **{"add" if state == "loaded" else "drop": model}, since=False)
             self._mark(name)
         for action in self.residency.decide(pool.scheduler, managed):
             if isinstance(action, Drain):  # at once: the load follows once what runs there ends
@@ -118,7 +123,8 @@ class ModelPlacer:
     def _mark(self, backend: str) -> None:
         """The scheduler's ``changing`` for the backend: this process's changes and others'."""
         pool = self.runtime.pool
-        wanted = {**self._others.get(backend, {}), **self._own.get(backend, {})}
+        others = {m: state for m, state in self._others.get(backend, {}).items() if state in CHANGING}
+        wanted = {**others, **self._own.get(backend, {})}
         current = pool.scheduler.backends.get(backend)
         if current is not None and not current.removed and current.changing != wanted:
             pool.override_backend(backend, changing=wanted)
@@ -157,12 +163,19 @@ class ModelPlacer:
                 if backend in self.runtime.pool.backends:
                     self._mark(backend)
                 if token is not None:
-                    await self.locks.release(backend, token)
+                    result = None if not ok else "loaded" if isinstance(action, Load) else "unloaded"
+                    await self.locks.release(backend, token, result, self._settle())
                 seconds = self.residency.ended(action, ok=ok)
                 if ok and isinstance(action, Load):
                     logger.info(
                         "backend %s: loaded model %s in %.1fs (%s)", backend, model, seconds, action.reason
                     )
+
+    def _settle(self) -> float:
+        """How long a change's result stays beside its lock: until every process's probe has
+        seen the server since (a probe's interval and its bound, twice)."""
+        config = self.runtime.config
+        return 2 * (config.health_interval + config.health_timeout)
 
     async def _load(self, action: Load) -> None:
         runtime = self.runtime

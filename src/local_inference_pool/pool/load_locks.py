@@ -7,6 +7,10 @@ the servers they share on each look (one ``MGET``) and mark those models as chan
 of them sends a request to a server while its model is loading for another process. The lock
 expires by itself when its holder dies; a holder releases it only if it is still its own.
 
+Released, the lock holds the change's result for a few seconds (``loaded`` or ``unloaded``, or
+nothing for a change that failed): the other processes take it as the server's new residency at
+once, before their own probes see it, and none of them changes that server meanwhile.
+
 Without shared state the process is alone and every lock is its own (``LocalLoadLocks``).
 """
 
@@ -24,10 +28,12 @@ from local_inference_pool.pool.store_replies import text, unavailable
 
 __all__ = ["LoadLocks", "LocalLoadLocks", "RedisLoadLocks"]
 
-# Delete the lock only when it still holds this holder's value: an expired lock taken by another
-# process is not ours to release.
+# Replace the lock by the change's result, for a short while, only when it still holds this
+# holder's value: an expired lock taken by another process is not ours to release.
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
 return 0
 """
 
@@ -38,11 +44,14 @@ class LocalLoadLocks:
     async def acquire(self, backend: str, model: str, state: str, ttl: float) -> str | None:
         return "local"
 
-    async def release(self, backend: str, token: str) -> None:
+    async def release(self, backend: str, token: str, result: str | None, settle: float) -> None:
         """Nothing was taken."""
 
     async def changing(self, backends: Sequence[str]) -> dict[str, dict[str, str]]:
         return {}
+
+    def forget(self, backend: str) -> None:
+        """Nothing kept."""
 
     async def aclose(self) -> None:
         """Nothing to close."""
@@ -74,15 +83,21 @@ class RedisLoadLocks:
         self._mine[backend] = value
         return value
 
-    async def release(self, backend: str, token: str) -> None:
-        """Give the lock back if it is still this one; a store that is away lets it expire."""
-        self._mine.pop(backend, None)
+    async def release(self, backend: str, token: str, result: str | None, settle: float) -> None:
+        """Give the lock back if it is still this one, leaving the change's ``result`` (the model's
+        state now: ``loaded``, ``unloaded``; None: it failed) for ``settle`` seconds. A store that
+        is away lets it expire."""
+        held = json.loads(token)
+        after = json.dumps({"model": held["model"], "state": result or "failed", "token": held["token"]})
         with contextlib.suppress(RedisError):  # it expires by itself within its time to live
-            await self._release(keys=[self._key(backend)], args=[token])
+            await self._release(keys=[self._key(backend)], args=[token, after, max(1, int(settle * 1000))])
+        self._mine[backend] = after  # its own result is not news to this process
 
     async def changing(self, backends: Sequence[str]) -> dict[str, dict[str, str]]:
-        """The models other processes are loading or unloading on ``backends`` now:
-        backend -> {model: state}. Raises ``StateUnavailableError`` when the store is away."""
+        """What other processes are doing on ``backends``, or just did: backend -> {model: state},
+        the state ``loading`` or ``unloading`` while they change it, then for a few seconds
+        ``loaded``, ``unloaded`` or ``failed``. Raises ``StateUnavailableError`` when the store is
+        away."""
         if not backends:
             return {}
         try:
@@ -99,6 +114,10 @@ class RedisLoadLocks:
             except (ValueError, KeyError, TypeError):
                 continue  # not a lock of this program's: ignored
         return found
+
+    def forget(self, backend: str) -> None:
+        """The backend left the pool."""
+        self._mine.pop(backend, None)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -166,14 +166,22 @@ class Pool(Draining):
         self._scheduler.update_backend(name, **changes)
         self._deliver()
 
-    def set_resident(self, name: str, *, add: str | None = None, drop: str | None = None) -> None:
+    def set_resident(
+        self, name: str, *, add: str | None = None, drop: str | None = None, since: bool = True
+    ) -> None:
         """The pool loaded ``add`` or unloaded ``drop`` on the backend (its placement driver): what
-        it has loaded now, until a probe that began after this says otherwise."""
+        it has loaded now, until a probe that began after this says otherwise (``since``: from
+        now; else a probe may say so at once: another process's change, seen late)."""
         backend = self._scheduler.backends.get(name)
         if backend is None or backend.removed:
             return
+        if (add is not None and backend.resident[:1] == [add]) or (
+            drop is not None and drop not in backend.resident
+        ):
+            return  # known already
         resident = [model for model in backend.resident if model not in (add, drop)]
-        self._resident_set[name] = self._clock()
+        if since:
+            self._resident_set[name] = self._clock()
         self.override_backend(name, resident=[add, *resident] if add is not None else resident)
 
     def reserve(self, name: str, model: str) -> None:

@@ -30,7 +30,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from local_inference_pool.core.residency import Drain, Load, Residence, Residency, Unload
+from local_inference_pool.core.residency import Drain, Load, Residence, Residency, Undrain, Unload
 from local_inference_pool.core.scheduler import Grant, Scheduler
 
 LOAD_SECONDS = 30.0
@@ -98,6 +98,8 @@ def run_steps(step: Callable[[float, list[Request]], bool], requests: list[Reque
         if not step(now, arrived) and index == len(pending):
             return
         now += STEP
+        if now > 20 * DURATION:  # a policy that stops serving is a bug to see, not to wait for
+            raise RuntimeError(f"requests still waiting at {now:.0f} s: the policy stopped serving")
 
 
 def static(requests: list[Request]) -> Result:
@@ -157,7 +159,7 @@ def per_server_swapping(requests: list[Request]) -> Result:
 
 @dataclass
 class _Change:
-    action: Load | Unload | Drain
+    action: Load | Unload
     until: float
 
 
@@ -214,18 +216,21 @@ def demand_driven(requests: list[Request]) -> Result:
                 running.append((request.done, ticket.grant))
             else:
                 by_ticket[ticket.id] = request
-        for action in residency.decide(scheduler, names):
-            if isinstance(action, Drain):
-                scheduler.reserve(action.backend, action.model)
+        for decision in residency.decide(scheduler, names):
+            residency.began(decision)
+            if isinstance(decision, Drain):
+                scheduler.reserve(decision.backend, decision.model)
                 continue
-            residency.began(action)
-            marks = {action.model: "loading" if isinstance(action, Load) else "unloading"}
-            if isinstance(action, Load):
+            if isinstance(decision, Undrain):
+                scheduler.unreserve(decision.backend, decision.model)
+                continue
+            marks = {decision.model: "loading" if isinstance(decision, Load) else "unloading"}
+            if isinstance(decision, Load):
                 loads += 1
-                if action.evict is not None:
-                    marks[action.evict] = "unloading"
-            scheduler.update_backend(action.backend, changing=marks)
-            changes.append(_Change(action, now + (LOAD_SECONDS if isinstance(action, Load) else 1.0)))
+                if decision.evict is not None:
+                    marks[decision.evict] = "unloading"
+            scheduler.update_backend(decision.backend, changing=marks)
+            changes.append(_Change(decision, now + (LOAD_SECONDS if isinstance(decision, Load) else 1.0)))
         start_granted(now)
         return bool(running or by_ticket or changes)
 

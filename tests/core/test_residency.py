@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from local_inference_pool.core.residency import Drain, Load, Residence, Residency, Unload
+from local_inference_pool.core.residency import Drain, Load, Residence, Residency, Undrain, Unload
 from local_inference_pool.core.scheduler import Grant, Health, Scheduler
 from local_inference_pool.errors import NoCapacityError
 
@@ -35,11 +35,15 @@ def carry_out(s: Scheduler, r: Residency, action: Load | Unload, *, ok: bool = T
     r.ended(action, ok=ok)
 
 
-def step(s: Scheduler, r: Residency, names: list[str]) -> list[Load | Unload | Drain]:
+def step(s: Scheduler, r: Residency, names: list[str]) -> list[Load | Unload | Drain | Undrain]:
     actions = r.decide(s, names)
     for action in actions:
         if isinstance(action, Drain):
+            r.began(action)
             s.reserve(action.backend, action.model)
+        elif isinstance(action, Undrain):
+            r.began(action)
+            s.unreserve(action.backend, action.model)
         else:
             carry_out(s, r, action)
     return actions
@@ -271,7 +275,12 @@ def test_placement_keeps_its_invariants(ops: list[tuple[str, int]], max_loaded: 
             for action in r.decide(s, names):
                 assert all(action.backend != p.backend for p in pending)
                 if isinstance(action, Drain):
+                    r.began(action)
                     s.reserve(action.backend, action.model)
+                    continue
+                if isinstance(action, Undrain):
+                    r.began(action)
+                    s.unreserve(action.backend, action.model)
                     continue
                 backend = s.backends[action.backend]
                 if isinstance(action, Unload) or (isinstance(action, Load) and action.evict):
@@ -301,3 +310,55 @@ def test_placement_keeps_its_invariants(ops: list[tuple[str, int]], max_loaded: 
             assert grant.grant is not None
             grants.append(grant.grant)
         check_grants()
+
+
+def test_a_backlog_with_no_place_free_drains_a_server_whose_model_runs_elsewhere_too(clock: Clock) -> None:
+    s = fleet(clock, servers=3, max_loaded=1)
+    r = Residency(clock, {"a": Residence(load_after=5)})
+    s.update_backend("s0", resident=["a"])
+    s.update_backend("s1", resident=["b"])
+    s.update_backend("s2", resident=["b"])
+    leases = {name: s.submit("b", pin=name).grant for name in ("s1", "s2")}
+    backlog(s, clock, "a", lease=10, waiting=6)
+    (drain,) = r.decide(s, ["s0", "s1", "s2"])
+    assert drain == Drain("s1", "a")
+    r.began(drain)
+    s.reserve("s1", "a")
+    assert (
+        s.submit("b", timeout=60).grant is None or s.backends["s1"].active.get("b") == 1
+    )  # s1 takes no more b
+    assert r.decide(s, ["s0", "s1", "s2"]) == []  # one drain for a model at a time
+    grant = leases["s1"]
+    assert grant is not None
+    s.release(grant)  # what ran there ended
+    assert r.decide(s, ["s0", "s1", "s2"]) == [Load("s1", "a", "demand", evict="b")]
+
+
+def test_a_server_whose_only_copy_of_a_waiting_model_is_not_drained(clock: Clock) -> None:
+    s = fleet(clock, servers=2, max_loaded=1)
+    r = Residency(clock, {"a": Residence(load_after=5)})
+    s.update_backend("s0", resident=["a"])
+    s.update_backend("s1", resident=["b"])
+    lease = s.submit("b").grant
+    assert lease is not None
+    backlog(s, clock, "a", lease=10, waiting=6)
+    s.submit("b", timeout=60)  # b waits too, and s1 is its only server
+    assert r.decide(s, ["s0", "s1"]) == []
+
+
+def test_a_reservation_the_backlog_no_longer_needs_is_lifted(clock: Clock) -> None:
+    s = fleet(clock, servers=3, max_loaded=1)
+    r = Residency(clock, {"a": Residence(load_after=15)})
+    s.update_backend("s0", resident=["a"])
+    s.update_backend("s1", resident=["b"])
+    s.update_backend("s2", resident=["b"])
+    for name in ("s1", "s2"):
+        s.submit("b", pin=name)
+    backlog(s, clock, "a", lease=10, waiting=0)
+    waiting = [s.submit("a", timeout=600) for _ in range(6)]  # (6 // 2 + 1) leases of 10 s: 40 s
+    assert step(s, r, ["s0", "s1", "s2"]) == [Drain("s1", "a")]
+    for ticket in waiting[1:]:
+        s.cancel(ticket)  # one left: a wait of 10 s, below load_after
+    assert s.backends["s1"].barrier == "a"
+    assert step(s, r, ["s0", "s1", "s2"]) == [Undrain("s1", "a")]
+    assert s.backends["s1"].barrier is None

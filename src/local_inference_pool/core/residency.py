@@ -23,6 +23,10 @@ What each model's ``Residence`` asks for (``[[models]]``):
   costs there (learned per backend and model from the loads timed so far), so the pool never
   swaps to save less than a swap costs. One load of a model at a time.
 
+When no server has a free place or a model to give up, a server whose models are spared its loss
+is reserved for the model (``Drain``: the scheduler's drain barrier), and loaded once what runs
+there ends; a reservation the backlog no longer needs is lifted (``Undrain``).
+
 One action at a time per backend, and none on a backend that is unhealthy, draining or already
 changing (another process's load, seen through its lock).
 """
@@ -40,7 +44,7 @@ from local_inference_pool.core.prompt_index import Ewma
 if TYPE_CHECKING:
     from local_inference_pool.core.scheduler import Scheduler
 
-__all__ = ["Drain", "Load", "Residence", "Residency", "Unload"]
+__all__ = ["Drain", "Load", "Residence", "Residency", "Undrain", "Unload"]
 
 ANYWHERE = ""  # the backend of a ``preload = true`` that has not been placed yet
 
@@ -78,7 +82,15 @@ class Drain(NamedTuple):
     reason: str = "demand"
 
 
-Action = Load | Unload | Drain
+class Undrain(NamedTuple):
+    """Lift ``backend``'s reservation for ``model``: its backlog no longer needs another replica."""
+
+    backend: str
+    model: str
+    reason: str = "demand"
+
+
+Action = Load | Unload | Drain | Undrain
 
 
 class Residency:
@@ -91,7 +103,8 @@ class Residency:
         self._preloads: set[tuple[str, str]] = set()  # (backend or ANYWHERE, model) still to load
         self._preloaded: dict[str, str] = {}  # model of ``preload = true`` -> the backend it went to
         self._healthy: set[str] = set()  # backends healthy at the last look
-        self._resident_on: Mapping[str, Collection[Backend]] = {}  # the scheduler's index, at a look
+        self._scheduler: Scheduler | None = None  # the one of the current look
+        self._drained: dict[str, str] = {}  # backend -> the model it was reserved for (Drain)
         self.configure(residences, start=True)
 
     def configure(self, residences: Mapping[str, Residence], *, start: bool = False) -> None:
@@ -112,13 +125,17 @@ class Residency:
     # --- what the caller did ---------------------------------------------------------------
 
     def began(self, action: Action) -> None:
-        """A load or an unload began (a ``Drain`` is done at once: nothing to follow)."""
-        if not isinstance(action, Drain):
+        """A load or an unload began; a (un)reservation is done at once: nothing follows it."""
+        if isinstance(action, Drain):
+            self._drained[action.backend] = action.model
+        elif isinstance(action, Undrain):
+            self._drained.pop(action.backend, None)
+        else:
             self._busy[action.backend] = (action, self.clock())
 
     def ended(self, action: Action, *, ok: bool) -> float:
         """The action is over; a load that succeeded teaches its load time. Returns its seconds."""
-        if isinstance(action, Drain):
+        if isinstance(action, Drain | Undrain):
             return 0.0
         _, started = self._busy.pop(action.backend, (action, self.clock()))
         seconds = max(0.0, self.clock() - started)
@@ -147,6 +164,7 @@ class Residency:
     def forget(self, backend: str) -> None:
         """A backend left the pool: nothing of it is kept."""
         self._busy.pop(backend, None)
+        self._drained.pop(backend, None)
         self._healthy.discard(backend)
         for index in (self._used, self._load_seconds):
             for key in [key for key in index if key[0] == backend]:
@@ -162,6 +180,7 @@ class Residency:
     def decide(self, scheduler: Scheduler, managed: Collection[str]) -> list[Action]:
         """What to load and unload now, on the ``managed`` backends."""
         now = self.clock()
+        self._scheduler = scheduler
         backends = [
             b for name in managed if (b := scheduler.backends.get(name)) is not None and not b.removed
         ]
@@ -199,15 +218,22 @@ class Residency:
                 taken.add(backend.name)
                 loading.add(model)
 
+        by_name = {b.name: b for b in backends}
+        for name, model in list(self._drained.items()):
+            drained = by_name.get(name)
+            if drained is None or drained.barrier != model:
+                del self._drained[name]  # loaded there, or the reservation ended otherwise
+            elif not self._worth_a_replica(scheduler, model):
+                actions.append(Undrain(name, model))
+                taken.add(name)
+
         for model in sorted(waiting):
             residence = self.residences.get(model)
             if residence is None or model in loading:
                 continue
-            wait = _expected_wait(scheduler, model)
-            if wait is None or (
-                wait != math.inf and (residence.load_after is None or wait <= residence.load_after)
-            ):
+            if not self._worth_a_replica(scheduler, model):
                 continue  # a model loaded nowhere is loaded for its requests, load_after or not
+            wait = _expected_wait(scheduler, model) or 0.0
             candidates = [b for b in backends if free(b) and _serves(b, model)]
             choice = self._place(model, candidates, waiting, now, worth=wait)
             if choice is not None:
@@ -264,58 +290,75 @@ class Residency:
             elif residence.preload is True and self._preloaded.get(model) == backend:
                 self._preloads.add((ANYWHERE, model))
 
+    def _worth_a_replica(self, scheduler: Scheduler, model: str) -> bool:
+        """Whether the model's requests would wait longer than its ``load_after`` (or, loaded
+        nowhere, wait at all)."""
+        residence = self.residences.get(model)
+        wait = _expected_wait(scheduler, model) if scheduler.queues.by_model.get(model) else 0.0
+        if residence is None or wait is None:
+            return False
+        return wait == math.inf or (residence.load_after is not None and wait > residence.load_after)
+
     def _idle(self, backend: Backend, model: str, waiting: Mapping[str, int]) -> bool:
-        """No lease of the model there in any process, nothing changing it, and no request of it
-        waiting that needs it there: none waits, or another healthy server has it loaded."""
+        """No lease of the model there in any process, nothing changing it, and none of its
+        requests waiting anywhere."""
+        return self._unused_here(backend, model) and not waiting.get(model)
+
+    def _unused_here(self, backend: Backend, model: str) -> bool:
         return (
             model not in backend.active
             and model not in backend.foreign_models
             and model not in backend.changing
-            and (not waiting.get(model) or self._elsewhere(backend, model))
         )
 
-    def _elsewhere(self, backend: Backend, model: str) -> bool:
-        """Whether another healthy server that is not draining has ``model`` loaded."""
-        return any(
-            other is not backend and other.health is Health.HEALTHY and not other.draining
-            for other in self._resident_on.get(model, ())
-        )
+    def _spared(self, backend: Backend, model: str, worth: float | None, cost: float) -> bool:
+        """Whether ``model``'s requests lose less than a load there saves (``worth``, less its
+        ``cost``) when this server gives it up: it keeps another replica, and its requests' wait
+        on the others stays below. So two models never trade a server back and forth."""
+        if worth is None or self._scheduler is None:
+            return False
+        left = _expected_wait(self._scheduler, model, without=backend)
+        return left is not None and left + cost < worth
 
     def _to_drain(self, model: str, candidates: Iterable[Backend], wait: float) -> Backend | None:
-        """A server to reserve for ``model`` when none has room or an idle model to give up:
-        one whose models are all loaded elsewhere too (draining it strands nobody), the one with
-        the fewest leases to finish; none when its load would cost more than the wait it saves."""
-        options = [
-            b
-            for b in candidates
-            if b.barrier is None
-            and model not in b.resident
-            and all(self._elsewhere(b, m) for m in b.active)
-            and (self.load_seconds(b.name, model) or 0.0) < wait
-        ]
+        """A server to reserve for ``model`` when none has room or an idle model to give up: one
+        whose models, running or waiting, are spared its loss (``_spared``), the one with the
+        fewest leases to finish."""
+        options = []
+        for b in candidates:
+            cost = self.load_seconds(b.name, model) or 0.0
+            if b.barrier is None and model not in b.resident and cost < wait:
+                held = set(b.active) | set(b.resident)
+                if all(self._spared(b, m, wait, cost) for m in held):
+                    options.append(b)
         return min(options, key=lambda b: (b.active_total, b.index), default=None)
 
     def _make_room(
-        self, backend: Backend, model: str, waiting: Mapping[str, int], now: float
+        self, backend: Backend, model: str, waiting: Mapping[str, int], now: float, worth: float | None = None
     ) -> tuple[Backend, str | None] | None:
-        """Load ``model`` here: into a free place, or in place of the least recently used idle
-        model that has been idle at least as long as its own load costs (any idle one on a
-        server drained for ``model``); None when neither."""
+        """Load ``model`` here: into a free place, or in place of the least recently used model
+        that is unused here and either idle everywhere for at least its own load time or spared
+        its loss (``worth``: the wait the load saves); on a server drained for ``model``, any
+        model unused here (the drain weighed them). None when neither."""
         if model in backend.resident:
             return None
         places = set(backend.resident) | backend.active.keys() | backend.foreign_models
         if len(places) < backend.max_loaded_models:
             return backend, None
         reserved = backend.barrier == model  # drained for this model: what it held may go now
-        victims = [
-            m
-            for m in backend.resident
-            if self._idle(backend, m, waiting)
-            and (
+        cost = self.load_seconds(backend.name, model) or 0.0
+        victims = []
+        for m in backend.resident:
+            if not self._unused_here(backend, m):
+                continue
+            idle_for = now - self._used.get((backend.name, m), now)
+            settled = idle_for >= (self.load_seconds(backend.name, m) or 0.0)
+            if (
                 reserved
-                or now - self._used.get((backend.name, m), now) >= (self.load_seconds(backend.name, m) or 0.0)
-            )
-        ]
+                or (self._idle(backend, m, waiting) and settled)
+                or self._spared(backend, m, worth, cost)
+            ):
+                victims.append(m)
         if not victims:
             return None
         return backend, min(victims, key=lambda m: (self._used.get((backend.name, m), now), m))
@@ -334,7 +377,7 @@ class Residency:
         load time is longer is not worth it."""
         options: list[tuple[bool, float, float, int, Backend, str | None]] = []
         for backend in candidates:
-            room = self._make_room(backend, model, waiting, now)
+            room = self._make_room(backend, model, waiting, now, worth)
             if room is None:
                 continue
             cost = self.load_seconds(backend.name, model)
@@ -354,14 +397,15 @@ def _serves(backend: Backend, model: str) -> bool:
     return backend.models is not None and model in backend.models
 
 
-def _expected_wait(scheduler: Scheduler, model: str) -> float | None:
-    """Seconds a request for ``model`` waits now with the replicas it has: infinite when it is
-    loaded nowhere healthy; else its requests beyond the free slots, taken in turn by the slots of
-    its replicas, each lease lasting its backend's learned mean (None before any lease ended)."""
+def _expected_wait(scheduler: Scheduler, model: str, without: Backend | None = None) -> float | None:
+    """Seconds a request for ``model`` waits now with the replicas it has (``without`` one of
+    them): infinite when it is loaded nowhere healthy; else its requests beyond the free slots,
+    taken in turn by the slots of its replicas, each lease lasting its backend's learned mean
+    (None before any lease ended there: not judged)."""
     replicas = [
         b
         for b in scheduler.table.resident_on.get(model, ())
-        if b.health is Health.HEALTHY and not b.draining and not b.removed
+        if b.health is Health.HEALTHY and not b.draining and not b.removed and b is not without
     ]
     if not replicas:
         return math.inf

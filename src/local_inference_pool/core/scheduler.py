@@ -282,6 +282,14 @@ class Scheduler(SchedulerViews):
             self.dispatch.barriers[model] = backend
             self.table.touch(backend)
 
+    def unreserve(self, name: str, model: str) -> None:
+        """Lift the backend's drain barrier for ``model`` (``reserve``), if it still has it."""
+        backend = self.backends.get(name)
+        if backend is not None and backend.barrier == model:
+            self.dispatch.clear_barrier(backend)
+            self.table.touch(backend)
+            self.dispatch.after_change([backend])
+
     # --- tenants ---------------------------------------------------------------------------
 
     def set_tenant(

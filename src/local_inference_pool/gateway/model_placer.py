@@ -25,7 +25,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from local_inference_pool.config import PoolConfig
-from local_inference_pool.core.residency import Drain, Load, Residence, Residency, Unload
+from local_inference_pool.core.residency import Drain, Load, Residence, Residency, Undrain, Unload
 from local_inference_pool.errors import StateUnavailableError
 from local_inference_pool.upstream import model_control
 
@@ -111,14 +111,17 @@ class ModelPlacer:
                     pool.set_resident(name, **{"add" if state == "loaded" else "drop": model}, since=False)
             self._mark(name)
         for action in self.residency.decide(pool.scheduler, managed):
+            self.residency.began(action)
             if isinstance(action, Drain):  # at once: the load follows once what runs there ends
                 logger.info(
                     "backend %s: reserved for model %s (its queue waits)", action.backend, action.model
                 )
                 pool.reserve(action.backend, action.model)
-                continue
-            self.residency.began(action)
-            group.start_soon(self._change, action)
+            elif isinstance(action, Undrain):
+                logger.info("backend %s: reservation for model %s lifted", action.backend, action.model)
+                pool.reserve(action.backend, action.model, lift=True)
+            else:
+                group.start_soon(self._change, action)
 
     def _mark(self, backend: str) -> None:
         """The scheduler's ``changing`` for the backend: this process's changes and others'."""

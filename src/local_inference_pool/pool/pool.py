@@ -184,10 +184,13 @@ class Pool(Draining):
             self._resident_set[name] = self._clock()
         self.override_backend(name, resident=[add, *resident] if add is not None else resident)
 
-    def reserve(self, name: str, model: str) -> None:
+    def reserve(self, name: str, model: str, *, lift: bool = False) -> None:
         """Drain the backend for ``model`` until it gets a slot there (the placement driver's
-        first step toward loading it in place of what runs there now)."""
-        self._scheduler.reserve(name, model)
+        first step toward loading it in place of what runs there now); ``lift``: no more."""
+        if lift:
+            self._scheduler.unreserve(name, model)
+        else:
+            self._scheduler.reserve(name, model)
         self._deliver()
 
     def place_models(self, models: frozenset[str], managed: set[str]) -> None:

@@ -113,15 +113,25 @@ async def test_preload_then_idle_unload_after_the_ttl(routers: list[Launched]) -
         await group.start(router_loads, one.url, loads)
         await until(lambda: _state_is(http, one.url, x, "loaded"), 90)
         await until(lambda: _state_is(http, two.url, y, "loaded"), 90)
+        await until(lambda: _pool_says(http, base, x, "one", "loaded"), 10)  # its watch sees it too
         status = (await http.get(f"{base}/v1/pool/status")).json()["models"]
-        assert status[x]["servers"]["one"]["state"] == "loaded"
         assert status[x]["replicas"] == 1  # preloaded where named only
         await until(lambda: _state_is(http, one.url, x, "unloaded"), 30)  # idle past its 4 s
+        await until(lambda: _counted(http, base, 'action="unload",backend="one"'), 10)  # its watch too
         assert (await router_states(http, two.url))[y] == "loaded"  # no idle_unload: it stays
         metrics = (await http.get(f"{base}/v1/pool/metrics")).text
         group.cancel_scope.cancel()
     assert pool_loads(metrics, "one") == sum(loads.values()) == 1
     assert 'action="unload",backend="one",model="gemma-x",outcome="ok",reason="idle"' in metrics
+
+
+async def _counted(http: httpx.AsyncClient, base: str, labels: str) -> bool:
+    return labels in (await http.get(f"{base}/v1/pool/metrics")).text
+
+
+async def _pool_says(http: httpx.AsyncClient, base: str, model: str, backend: str, state: str) -> bool:
+    models = (await http.get(f"{base}/v1/pool/status")).json()["models"]
+    return bool(models.get(model, {}).get("servers", {}).get(backend, {}).get("state") == state)
 
 
 async def _placed_on(http: httpx.AsyncClient, url: str, model: str) -> bool:

@@ -36,6 +36,7 @@ test: lint $(BIN)/.e2e-installed
 
 bench: install
 	$(BIN)/python bench/scheduler_sim.py
+	$(BIN)/python bench/placement_sim.py | tee bench/results/placement.txt
 
 bench-gateway: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

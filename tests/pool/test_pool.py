@@ -24,6 +24,8 @@ from local_inference_pool import (
 )
 from local_inference_pool.core.scheduler import Health
 
+from ..clock import Clock
+
 pytestmark = pytest.mark.anyio
 
 
@@ -472,3 +474,19 @@ async def test_a_held_waiter_cancelled_leaves_nothing_behind() -> None:
     assert pool.snapshot()["backends"][0]["held_for_cache"] == 0
     holder.release()
     assert active(pool) == 0
+
+
+def test_a_probe_that_began_before_the_pools_own_load_does_not_undo_it() -> None:
+    clock = Clock()
+    pool = Pool(
+        config(BackendConfig(url="http://a:1", name="a", models=("m", "n"), max_loaded_models=2)), clock=clock
+    )
+    pool.update_backend("a", resident=["n"])
+    probe_began = clock()
+    clock.advance(1)
+    pool.set_resident("a", add="m")
+    pool.update_backend("a", resident=["n"], probed_at=probe_began)  # it read the server before the load
+    assert pool.scheduler.backends["a"].resident == ["m", "n"]
+    clock.advance(1)
+    pool.update_backend("a", resident=["m"], probed_at=clock())  # a later probe is the truth
+    assert pool.scheduler.backends["a"].resident == ["m"]

@@ -312,13 +312,18 @@ def test_placement_keeps_its_invariants(ops: list[tuple[str, int]], max_loaded: 
         check_grants()
 
 
-def test_a_backlog_with_no_place_free_drains_a_server_whose_model_runs_elsewhere_too(clock: Clock) -> None:
+def a_on_one_b_busy_on_two(clock: Clock) -> tuple[Scheduler, dict[str, Grant | None]]:
+    """Three one-model servers: ``a`` on s0, ``b`` on s1 and s2 with a lease on each."""
     s = fleet(clock, servers=3, max_loaded=1)
-    r = Residency(clock, {"a": Residence(load_after=5)})
     s.update_backend("s0", resident=["a"])
     s.update_backend("s1", resident=["b"])
     s.update_backend("s2", resident=["b"])
-    leases = {name: s.submit("b", pin=name).grant for name in ("s1", "s2")}
+    return s, {name: s.submit("b", pin=name).grant for name in ("s1", "s2")}
+
+
+def test_a_backlog_with_no_place_free_drains_a_server_whose_model_runs_elsewhere_too(clock: Clock) -> None:
+    s, leases = a_on_one_b_busy_on_two(clock)
+    r = Residency(clock, {"a": Residence(load_after=5)})
     backlog(s, clock, "a", lease=10, waiting=6)
     (drain,) = r.decide(s, ["s0", "s1", "s2"])
     assert drain == Drain("s1", "a")
@@ -347,13 +352,8 @@ def test_a_server_whose_only_copy_of_a_waiting_model_is_not_drained(clock: Clock
 
 
 def test_a_reservation_the_backlog_no_longer_needs_is_lifted(clock: Clock) -> None:
-    s = fleet(clock, servers=3, max_loaded=1)
+    s, _ = a_on_one_b_busy_on_two(clock)
     r = Residency(clock, {"a": Residence(load_after=15)})
-    s.update_backend("s0", resident=["a"])
-    s.update_backend("s1", resident=["b"])
-    s.update_backend("s2", resident=["b"])
-    for name in ("s1", "s2"):
-        s.submit("b", pin=name)
     backlog(s, clock, "a", lease=10, waiting=0)
     waiting = [s.submit("a", timeout=600) for _ in range(6)]  # (6 // 2 + 1) leases of 10 s: 40 s
     assert step(s, r, ["s0", "s1", "s2"]) == [Drain("s1", "a")]

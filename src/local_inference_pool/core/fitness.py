@@ -15,7 +15,7 @@ Three reasons, in the order they are checked:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from local_inference_pool.core.model import Backend, Health
@@ -23,7 +23,7 @@ from local_inference_pool.core.model import Backend, Health
 if TYPE_CHECKING:
     from local_inference_pool.core.scheduler import Scheduler
 
-__all__ = ["expected_wait", "unfit"]
+__all__ = ["expected_wait", "unfit", "wait_on"]
 
 
 def unfit(
@@ -54,19 +54,24 @@ def unfit(
 def expected_wait(scheduler: Scheduler, model: str) -> float | None:
     """Seconds a request for ``model`` arriving now is expected to wait for a slot (0 when one is
     free), or None when its backends' leases have not been timed yet."""
-    serving = _serving(scheduler, model)
-    slots = sum(backend.slots for backend in serving)
+    return wait_on(scheduler, model, _serving(scheduler, model))
+
+
+def wait_on(scheduler: Scheduler, model: str, backends: Sequence[Backend]) -> float | None:
+    """Seconds a request for ``model`` arriving now waits for a slot on ``backends``: its requests
+    beyond their free slots, taken in turn by their slots, each lease lasting the backends' learned
+    mean (0 when a slot is free; None without backends, or before any lease there ended)."""
+    slots = sum(backend.slots for backend in backends)
     if slots == 0:
         return None
-    busy = sum(min(backend.slots, backend.active_total + backend.external_busy) for backend in serving)
+    busy = sum(min(backend.slots, backend.active_total + backend.external_busy) for backend in backends)
     ahead = scheduler.queues.by_model.get(model, 0) - (slots - busy)
     if ahead < 0:
         return 0.0
-    timed = [backend.lease_seconds.value for backend in serving if backend.lease_seconds.value is not None]
+    timed = [backend.lease_seconds.value for backend in backends if backend.lease_seconds.value is not None]
     if not timed:
         return None
-    mean_lease = sum(timed) / len(timed)
-    return (ahead // slots + 1) * mean_lease
+    return (ahead // slots + 1) * (sum(timed) / len(timed))
 
 
 def _serving(scheduler: Scheduler, model: str) -> list[Backend]:

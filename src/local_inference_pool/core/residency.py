@@ -38,6 +38,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+from local_inference_pool.core.fitness import wait_on
 from local_inference_pool.core.model import Backend, Health
 from local_inference_pool.core.prompt_index import Ewma
 
@@ -409,12 +410,4 @@ def _expected_wait(scheduler: Scheduler, model: str, without: Backend | None = N
     ]
     if not replicas:
         return math.inf
-    slots = sum(b.slots for b in replicas)
-    busy = sum(min(b.slots, b.active_total + b.external_busy) for b in replicas)
-    ahead = scheduler.queues.by_model.get(model, 0) - (slots - busy)
-    if ahead < 0:
-        return 0.0
-    timed = [b.lease_seconds.value for b in replicas if b.lease_seconds.value is not None]
-    if not timed:
-        return None
-    return (ahead // slots + 1) * (sum(timed) / len(timed))
+    return wait_on(scheduler, model, replicas)

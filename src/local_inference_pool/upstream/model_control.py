@@ -41,23 +41,13 @@ async def load(
     (Ollama), because the pool unloads it itself."""
     headers = auth_headers(backend.api_key)
     if kind == "llamacpp":
-        response = await client.post(f"{backend.url}/models/load", json={"model": model_id}, headers=headers)
-        if not (response.is_success or _says(response, "already")):
-            raise ModelControlError(_refusal("POST /models/load", response))
+        await _post(client, backend, headers, "/models/load", {"model": model_id}, done_if="already")
         await _watch_router(client, backend, headers, model_id, "loaded")
     elif kind == "lmstudio":
-        response = await client.post(
-            f"{backend.url}/api/v1/models/load", json={"model": model_id}, headers=headers
-        )
-        if not response.is_success:
-            raise ModelControlError(_refusal("POST /api/v1/models/load", response))
+        await _post(client, backend, headers, "/api/v1/models/load", {"model": model_id})
     elif kind == "ollama":
-        body: dict[str, Any] = {"model": model_id}
-        if keep:
-            body["keep_alive"] = -1
-        response = await client.post(f"{backend.url}/api/generate", json=body, headers=headers)
-        if not response.is_success:
-            raise ModelControlError(_refusal("POST /api/generate", response))
+        body: dict[str, Any] = {"model": model_id, **({"keep_alive": -1} if keep else {})}
+        await _post(client, backend, headers, "/api/generate", body)
     else:
         raise ModelControlError(f"a {kind} server does not load models on request")
 
@@ -66,26 +56,36 @@ async def unload(client: httpx.AsyncClient, backend: BackendConfig, kind: str, m
     """Unload ``model_id`` from the backend."""
     headers = auth_headers(backend.api_key)
     if kind == "llamacpp":
-        response = await client.post(
-            f"{backend.url}/models/unload", json={"model": model_id}, headers=headers
-        )
-        if not (response.is_success or _says(response, "not loaded")):
-            raise ModelControlError(_refusal("POST /models/unload", response))
+        await _post(client, backend, headers, "/models/unload", {"model": model_id}, done_if="not loaded")
         await _watch_router(client, backend, headers, model_id, "unloaded")
-    elif kind == "lmstudio":
-        response = await client.post(
-            f"{backend.url}/api/v1/models/unload", json={"instance_id": model_id}, headers=headers
+    elif kind == "lmstudio":  # an instance that is gone already: 404
+        await _post(
+            client, backend, headers, "/api/v1/models/unload", {"instance_id": model_id}, gone_ok=True
         )
-        if not (response.is_success or response.status_code == 404):
-            raise ModelControlError(_refusal("POST /api/v1/models/unload", response))
     elif kind == "ollama":
-        response = await client.post(
-            f"{backend.url}/api/generate", json={"model": model_id, "keep_alive": 0}, headers=headers
-        )
-        if not response.is_success:
-            raise ModelControlError(_refusal("POST /api/generate", response))
+        await _post(client, backend, headers, "/api/generate", {"model": model_id, "keep_alive": 0})
     else:
         raise ModelControlError(f"a {kind} server does not unload models on request")
+
+
+async def _post(
+    client: httpx.AsyncClient,
+    backend: BackendConfig,
+    headers: dict[str, str],
+    path: str,
+    body: dict[str, Any],
+    *,
+    done_if: str | None = None,
+    gone_ok: bool = False,
+) -> None:
+    """POST the change; an answer that is no success raises, unless it is a 400 whose message
+    says the change was made already (``done_if``) or, with ``gone_ok``, a 404."""
+    response = await client.post(f"{backend.url}{path}", json=body, headers=headers)
+    if response.is_success or (gone_ok and response.status_code == 404):
+        return
+    if done_if is not None and response.status_code == 400 and done_if in response.text.lower():
+        return
+    raise ModelControlError(f"POST {path} answered {response.status_code}: {response.text[:200]!r}")
 
 
 async def _watch_router(
@@ -112,12 +112,3 @@ def _router_status(listing: Any, model_id: str) -> dict[str, Any]:
             status = entry.get("status")
             return status if isinstance(status, dict) else {}
     return {}
-
-
-def _says(response: httpx.Response, words: str) -> bool:
-    """A 400 whose message says the change was made already ("model is already loaded")."""
-    return response.status_code == 400 and words in response.text.lower()
-
-
-def _refusal(call: str, response: httpx.Response) -> str:
-    return f"{call} answered {response.status_code}: {response.text[:200]!r}"

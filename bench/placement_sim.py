@@ -30,7 +30,17 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from local_inference_pool.core.residency import Drain, Load, Residence, Residency, Undrain, Unload
+from local_inference_pool.core.residency import (
+    Drain,
+    Load,
+    Residence,
+    Residency,
+    Undrain,
+    Unload,
+    place_models,
+    reserve,
+    unreserve,
+)
 from local_inference_pool.core.scheduler import Grant, Scheduler
 
 LOAD_SECONDS = 30.0
@@ -177,7 +187,7 @@ def demand_driven(requests: list[Request]) -> Result:
     names = [f"s{i}" for i in range(SERVERS)]
     for name, model in zip(names, START, strict=True):
         scheduler.add_backend(name, f"sim://{name}", slots=SLOTS, models=MODELS, resident=[model])
-    scheduler.place_models(frozenset(MODELS), set(names))
+    place_models(scheduler, frozenset(MODELS), set(names))
     residency = Residency(state.clock, {m: Residence(load_after=LOAD_AFTER) for m in MODELS})
     by_ticket: dict[int, Request] = {}
     running: list[tuple[float, Grant]] = []
@@ -219,10 +229,10 @@ def demand_driven(requests: list[Request]) -> Result:
         for decision in residency.decide(scheduler, names):
             residency.began(decision)
             if isinstance(decision, Drain):
-                scheduler.reserve(decision.backend, decision.model)
+                reserve(scheduler, decision.backend, decision.model)
                 continue
             if isinstance(decision, Undrain):
-                scheduler.unreserve(decision.backend, decision.model)
+                unreserve(scheduler, decision.backend, decision.model)
                 continue
             marks = {decision.model: "loading" if isinstance(decision, Load) else "unloading"}
             if isinstance(decision, Load):

@@ -5,7 +5,17 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from local_inference_pool.core.residency import Drain, Load, Residence, Residency, Undrain, Unload
+from local_inference_pool.core.residency import (
+    Drain,
+    Load,
+    Residence,
+    Residency,
+    Undrain,
+    Unload,
+    place_models,
+    reserve,
+    unreserve,
+)
 from local_inference_pool.core.scheduler import Grant, Health, Scheduler
 from local_inference_pool.errors import NoCapacityError
 
@@ -20,7 +30,7 @@ def fleet(
     for index in range(servers):
         s.add_backend(f"s{index}", f"http://s{index}", slots=2, models=models, max_loaded_models=max_loaded)
         s.update_backend(f"s{index}", resident=[])
-    s.place_models(frozenset(models), {f"s{index}" for index in range(servers)})
+    place_models(s, frozenset(models), {f"s{index}" for index in range(servers)})
     return s
 
 
@@ -40,10 +50,10 @@ def step(s: Scheduler, r: Residency, names: list[str]) -> list[Load | Unload | D
     for action in actions:
         if isinstance(action, Drain):
             r.began(action)
-            s.reserve(action.backend, action.model)
+            reserve(s, action.backend, action.model)
         elif isinstance(action, Undrain):
             r.began(action)
-            s.unreserve(action.backend, action.model)
+            unreserve(s, action.backend, action.model)
         else:
             carry_out(s, r, action)
     return actions
@@ -188,7 +198,7 @@ def test_a_changing_backend_takes_no_request_for_another_model_and_none_for_the_
 ) -> None:
     s = fleet(clock, servers=1, max_loaded=1)
     s.update_backend("s0", resident=["a"], changing={"b": "loading"})
-    s.place_models(frozenset(), set())
+    place_models(s, frozenset(), set())
     assert s.submit("a", timeout=5).grant is None  # a would be evicted by b's load
     assert s.submit("b", timeout=5).grant is None  # b is not loaded yet
     s.update_backend("s0", resident=["b"], changing={})
@@ -276,11 +286,11 @@ def test_placement_keeps_its_invariants(ops: list[tuple[str, int]], max_loaded: 
                 assert all(action.backend != p.backend for p in pending)
                 if isinstance(action, Drain):
                     r.began(action)
-                    s.reserve(action.backend, action.model)
+                    reserve(s, action.backend, action.model)
                     continue
                 if isinstance(action, Undrain):
                     r.began(action)
-                    s.unreserve(action.backend, action.model)
+                    unreserve(s, action.backend, action.model)
                     continue
                 backend = s.backends[action.backend]
                 if isinstance(action, Unload) or (isinstance(action, Load) and action.evict):
@@ -328,7 +338,7 @@ def test_a_backlog_with_no_place_free_drains_a_server_whose_model_runs_elsewhere
     (drain,) = r.decide(s, ["s0", "s1", "s2"])
     assert drain == Drain("s1", "a")
     r.began(drain)
-    s.reserve("s1", "a")
+    reserve(s, "s1", "a")
     assert (
         s.submit("b", timeout=60).grant is None or s.backends["s1"].active.get("b") == 1
     )  # s1 takes no more b

@@ -45,7 +45,17 @@ from local_inference_pool.core.prompt_index import Ewma
 if TYPE_CHECKING:
     from local_inference_pool.core.scheduler import Scheduler
 
-__all__ = ["Drain", "Load", "Residence", "Residency", "Undrain", "Unload"]
+__all__ = [
+    "Drain",
+    "Load",
+    "Residence",
+    "Residency",
+    "Undrain",
+    "Unload",
+    "place_models",
+    "reserve",
+    "unreserve",
+]
 
 ANYWHERE = ""  # the backend of a ``preload = true`` that has not been placed yet
 
@@ -411,3 +421,39 @@ def _expected_wait(scheduler: Scheduler, model: str, without: Backend | None = N
     if not replicas:
         return math.inf
     return wait_on(scheduler, model, replicas)
+
+
+# --- what the caller does to the scheduler for placement ---------------------------------------
+
+
+def place_models(scheduler: Scheduler, models: frozenset[str], managed: set[str]) -> bool:
+    """The models the pool loads itself, on the backends whose servers load on request
+    (``managed``): there each goes only where it is loaded. False: nothing changed."""
+    table = scheduler.table
+    if table.placed_models == models and table.managed == managed:
+        return False
+    table.place(models, managed)
+    scheduler.dispatch.after_change(list(scheduler.backends.values()))
+    return True
+
+
+def reserve(scheduler: Scheduler, name: str, model: str) -> None:
+    """Carry a ``Drain`` out: the backend's drain barrier for ``model``, as for a starving model.
+    It takes no other model until ``model`` gets a slot there, or nothing of it waits any more."""
+    backend = scheduler.backends.get(name)
+    barriers = scheduler.dispatch.barriers
+    if backend is None or backend.barrier is not None or model in barriers:
+        return
+    if scheduler.queues.by_model.get(model):
+        backend.barrier = model
+        barriers[model] = backend
+        scheduler.table.touch(backend)
+
+
+def unreserve(scheduler: Scheduler, name: str, model: str) -> None:
+    """Carry an ``Undrain`` out: lift the backend's barrier for ``model``, if it still has it."""
+    backend = scheduler.backends.get(name)
+    if backend is not None and backend.barrier == model:
+        scheduler.dispatch.clear_barrier(backend)
+        scheduler.table.touch(backend)
+        scheduler.dispatch.after_change([backend])

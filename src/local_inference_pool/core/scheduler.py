@@ -263,33 +263,6 @@ class Scheduler(SchedulerViews):
         self.table.touch(backend)
         self.dispatch.after_change([backend])
 
-    def place_models(self, models: frozenset[str], managed: set[str]) -> bool:
-        """The models the pool loads itself (``residency``), on the backends whose servers load
-        on request (``managed``): there each goes only where it is loaded. False: no change."""
-        if self.table.placed_models == models and self.table.managed == managed:
-            return False
-        self.table.place(models, managed)
-        self.dispatch.after_change(list(self.backends.values()))
-        return True
-
-    def reserve(self, name: str, model: str) -> None:
-        """Drain the backend for ``model`` (its drain barrier), as for a starving model: it takes
-        no other model until ``model`` gets a slot there, or nothing of it waits any more."""
-        backend = self.backends.get(name)
-        free = backend is not None and backend.barrier is None and model not in self.dispatch.barriers
-        if free and backend is not None and self.queues.by_model.get(model):
-            backend.barrier = model
-            self.dispatch.barriers[model] = backend
-            self.table.touch(backend)
-
-    def unreserve(self, name: str, model: str) -> None:
-        """Lift the backend's drain barrier for ``model`` (``reserve``), if it still has it."""
-        backend = self.backends.get(name)
-        if backend is not None and backend.barrier == model:
-            self.dispatch.clear_barrier(backend)
-            self.table.touch(backend)
-            self.dispatch.after_change([backend])
-
     # --- tenants ---------------------------------------------------------------------------
 
     def set_tenant(

@@ -103,8 +103,13 @@ class ModelPlacer:
         try:
             self._others = await self.locks.changing(managed)
         except StateUnavailableError as exc:
+            # No change is decided while other processes' changes cannot be seen, and none of
+            # theirs is assumed to go on: a mark that outlived its change would hold a server.
             logger.debug("placement waits for the shared state store: %s", exc)
-            return  # no change is decided while other processes' changes cannot be seen
+            self._others = {}
+            for name in managed:
+                self._mark(name)
+            return
         for name in managed:
             for model, state in self._others.get(name, {}).items():
                 if state in ("loaded", "unloaded"):  # another process's change, just made

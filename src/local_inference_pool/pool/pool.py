@@ -30,6 +30,7 @@ from local_inference_pool.config import BackendConfig, PoolConfig
 from local_inference_pool.core.fitness import unfit
 from local_inference_pool.core.fleet import Claimed
 from local_inference_pool.core.prompt_index import Prompt
+from local_inference_pool.core.residency import place_models, reserve, unreserve
 from local_inference_pool.core.scheduler import (
     Grant,
     Health,
@@ -187,16 +188,13 @@ class Pool(Draining):
     def reserve(self, name: str, model: str, *, lift: bool = False) -> None:
         """Drain the backend for ``model`` until it gets a slot there (the placement driver's
         first step toward loading it in place of what runs there now); ``lift``: no more."""
-        if lift:
-            self._scheduler.unreserve(name, model)
-        else:
-            self._scheduler.reserve(name, model)
+        (unreserve if lift else reserve)(self._scheduler, name, model)
         self._deliver()
 
     def place_models(self, models: frozenset[str], managed: set[str]) -> None:
         """The models the pool loads itself, on the backends that load on request (``managed``):
         there each goes only where it is loaded. A no-op when nothing changed."""
-        if self._scheduler.place_models(models, managed):
+        if place_models(self._scheduler, models, managed):
             self._deliver()
 
     def annotate(self, name: str, **info: Any) -> None:

@@ -56,6 +56,10 @@ def test_patterns_of_equal_specificity_go_in_the_order_given() -> None:
             r"models\[1\].aliases: 'x' .* shadows models\[0\].aliases",
         ),
         ([{"name": "a"}, {"name": "a"}], r"models\[1\].name: 'a' is given twice"),
+        (
+            [{"name": "a", "aliases": ["gpt-[z-a]*"]}],
+            r"models\[0\].aliases: 'gpt-\[z-a\]\*' .* matches no name",
+        ),
         ([{"name": "a", "reload": True}], r"models\[0\]: unknown key 'reload'; known keys: name, aliases"),
         ([{"name": "a", "preload": "s1"}], r"models\[0\].preload: 's1' is not allowed; expected a list"),
         ([{"name": "a", "idle_unload": 0}], r"models\[0\].idle_unload: .* a number > 0"),

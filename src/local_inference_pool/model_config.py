@@ -284,6 +284,11 @@ def check_models(models: Sequence[ModelConfig]) -> None:
             count += 1
             if not alias.strip() or not alias.isprintable():
                 raise ConfigError(f"{where}: {alias!r} is not allowed; expected a printable name")
+            if is_pattern(alias) and "(?!)" in fnmatch.translate(alias):
+                raise ConfigError(
+                    f"{where}: {alias!r} is not allowed; it matches no name (a character range "
+                    "that is empty, such as [z-a])"
+                )
             if alias in owner:
                 raise ConfigError(
                     f"{where}: {alias!r} is not allowed; it shadows {owner[alias]} (a name is one model's)"

@@ -127,3 +127,16 @@ async def test_processes_sharing_state_load_once_and_each_sees_the_result(store:
         for m in metrics
     ]
     assert sorted(made) == [False, True]
+
+
+@pytest.mark.parametrize("kind", ["ollama", "lmstudio"])
+async def test_ollama_and_lm_studio_are_placed_as_a_router_is(kind: str) -> None:
+    server = Server(kind, models=["q"])
+    async with placed(Servers(s=server), ModelConfig("q", preload=("s",), idle_unload=0.5)) as client:
+        await until(lambda: server.loaded == ["q"])
+        await until(lambda: not server.loaded, seconds=10)
+        metrics = (await client.get("/pool/metrics")).text
+    assert server.changes == [("load", "q"), ("unload", "q")]
+    assert 'action="unload",backend="s",model="q",outcome="ok",reason="idle"' in metrics
+    if kind == "ollama":  # the pool unloads it: Ollama is asked to keep it until then
+        assert server.bodies[0] == {"model": "q", "keep_alive": -1}

@@ -223,7 +223,7 @@ def test_a_backend_that_left_is_forgotten(clock: Clock) -> None:
     step(s, r, ["s0", "s1"])
     s.remove_backend("s0")
     r.forget("s0")
-    assert r.index_sizes() == {"residency_used": 0, "residency_load_times": 0}
+    assert r.index_sizes() == {"residency_used": 0, "residency_load_times": 0, "residency_failed_loads": 0}
 
 
 MODELS = ("a", "b", "c")
@@ -372,3 +372,19 @@ def test_a_reservation_the_backlog_no_longer_needs_is_lifted(clock: Clock) -> No
     assert s.backends["s1"].barrier == "a"
     assert step(s, r, ["s0", "s1", "s2"]) == [Undrain("s1", "a")]
     assert s.backends["s1"].barrier is None
+
+
+def test_a_load_that_failed_is_tried_there_again_after_a_pause_that_doubles(clock: Clock) -> None:
+    s = fleet(clock, servers=1)
+    r = Residency(clock, {"a": Residence(preload=("s0",))})
+    for pause in (10, 20, 40):
+        (load,) = r.decide(s, ["s0"])
+        r.began(load)
+        r.ended(load, ok=False)  # the server could not load it
+        clock.advance(pause - 1)
+        assert r.decide(s, ["s0"]) == []
+        clock.advance(1)
+    (load,) = r.decide(s, ["s0"])
+    r.began(load)
+    r.ended(load, ok=False, tried=False)  # another process held the server: no failure of it
+    assert r.decide(s, ["s0"]) == [load]

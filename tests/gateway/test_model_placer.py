@@ -102,7 +102,10 @@ async def test_a_failed_load_is_counted_and_logged(caplog: pytest.LogCaptureFixt
     async with placed(Servers(r1=r1), ModelConfig("m", preload=("r1",))) as client:
         await until(lambda: ("load", "m") in r1.changes)
         await until(lambda: "could not load model m" in caplog.text)
+        probes = r1.paths.count("/v1/models")
+        await until(lambda: r1.paths.count("/v1/models") > probes + 20)  # a second or so later
         metrics = (await client.get("/pool/metrics")).text
+    assert r1.changes == [("load", "m")]  # not tried again at once: after a pause
     assert 'outcome="failed",reason="preload"' in metrics
     assert "exit code 1" in caplog.text
 

@@ -57,7 +57,9 @@ __all__ = [
     "unreserve",
 ]
 
-ANYWHERE = ""  # the backend of a ``preload = true`` that has not been placed yet
+ANYWHERE = ""
+RETRY_FIRST = 10.0  # seconds before a load that failed is tried again on that server; doubling
+RETRY_MAX = 600.0  # the backend of a ``preload = true`` that has not been placed yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,8 @@ class Residency:
         self._healthy: set[str] = set()  # backends healthy at the last look
         self._scheduler: Scheduler | None = None  # the one of the current look
         self._drained: dict[str, str] = {}  # backend -> the model it was reserved for (Drain)
+        # (backend, model) -> (the pause after the last failed load, until when no load is tried)
+        self._failed: dict[tuple[str, str], tuple[float, float]] = {}
         self.configure(residences, start=True)
 
     def configure(self, residences: Mapping[str, Residence], *, start: bool = False) -> None:
@@ -144,12 +148,20 @@ class Residency:
         else:
             self._busy[action.backend] = (action, self.clock())
 
-    def ended(self, action: Action, *, ok: bool) -> float:
-        """The action is over; a load that succeeded teaches its load time. Returns its seconds."""
+    def ended(self, action: Action, *, ok: bool, tried: bool = True) -> float:
+        """The action is over; a load that succeeded teaches its load time, one that failed
+        (``tried``: the server was asked) is not tried there again for a while, doubling with
+        each failure. Returns its seconds."""
         if isinstance(action, Drain | Undrain):
             return 0.0
         _, started = self._busy.pop(action.backend, (action, self.clock()))
         seconds = max(0.0, self.clock() - started)
+        key = (action.backend, action.model)
+        if isinstance(action, Load) and tried and not ok:
+            pause = min(RETRY_MAX, 2 * self._failed.get(key, (RETRY_FIRST / 2, 0.0))[0])
+            self._failed[key] = (pause, self.clock() + pause)
+        elif ok:
+            self._failed.pop(key, None)
         if ok and isinstance(action, Load):
             self._load_seconds.setdefault((action.backend, action.model), Ewma(weight=0.5)).add(seconds)
             self._used[(action.backend, action.model)] = self.clock()
@@ -177,14 +189,18 @@ class Residency:
         self._busy.pop(backend, None)
         self._drained.pop(backend, None)
         self._healthy.discard(backend)
-        for index in (self._used, self._load_seconds):
+        for index in (self._used, self._load_seconds, self._failed):
             for key in [key for key in index if key[0] == backend]:
                 del index[key]
         self._preloads = {(b, m) for b, m in self._preloads if b != backend}
         self._preloaded = {m: b for m, b in self._preloaded.items() if b != backend}
 
     def index_sizes(self) -> dict[str, int]:
-        return {"residency_used": len(self._used), "residency_load_times": len(self._load_seconds)}
+        return {
+            "residency_used": len(self._used),
+            "residency_load_times": len(self._load_seconds),
+            "residency_failed_loads": len(self._failed),
+        }
 
     # --- deciding --------------------------------------------------------------------------
 
@@ -301,6 +317,11 @@ class Residency:
             elif residence.preload is True and self._preloaded.get(model) == backend:
                 self._preloads.add((ANYWHERE, model))
 
+    def _paused(self, backend: str, model: str, now: float) -> bool:
+        """A load of the model failed there lately: not tried again until its pause ends."""
+        failed = self._failed.get((backend, model))
+        return failed is not None and now < failed[1]
+
     def _worth_a_replica(self, scheduler: Scheduler, model: str) -> bool:
         """Whether the model's requests would wait longer than its ``load_after`` (or, loaded
         nowhere, wait at all)."""
@@ -338,7 +359,8 @@ class Residency:
         options = []
         for b in candidates:
             cost = self.load_seconds(b.name, model) or 0.0
-            if b.barrier is None and model not in b.resident and cost < wait:
+            paused = self._paused(b.name, model, self.clock())
+            if b.barrier is None and model not in b.resident and cost < wait and not paused:
                 held = set(b.active) | set(b.resident)
                 if all(self._spared(b, m, wait, cost) for m in held):
                     options.append(b)
@@ -351,7 +373,7 @@ class Residency:
         that is unused here and either idle everywhere for at least its own load time or spared
         its loss (``worth``: the wait the load saves); on a server drained for ``model``, any
         model unused here (the drain weighed them). None when neither."""
-        if model in backend.resident:
+        if model in backend.resident or self._paused(backend.name, model, now):
             return None
         places = set(backend.resident) | backend.active.keys() | backend.foreign_models
         if len(places) < backend.max_loaded_models:

@@ -173,7 +173,7 @@ class ModelPlacer:
                 if token is not None:
                     result = None if not ok else "loaded" if isinstance(action, Load) else "unloaded"
                     await self.locks.release(backend, token, result, self._settle())
-                seconds = self.residency.ended(action, ok=ok)
+                seconds = self.residency.ended(action, ok=ok, tried=token is not None)
                 if ok and isinstance(action, Load):
                     logger.info(
                         "backend %s: loaded model %s in %.1fs (%s)", backend, model, seconds, action.reason

@@ -4,6 +4,8 @@ records their kinds)."""
 
 from __future__ import annotations
 
+import inspect
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -12,6 +14,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+import redis
 from asgi_lifespan import LifespanManager
 
 from local_inference_pool import BackendConfig, PoolConfig
@@ -43,8 +46,9 @@ async def placed(
 
 
 async def until(check: Callable[[], Any], seconds: float = 5.0) -> None:
+    """Until ``check()`` (or what it returns, awaited) is true."""
     with anyio.fail_after(seconds):
-        while not check():
+        while not (await result if inspect.isawaitable(result := check()) else result):
             await anyio.sleep(0.01)
 
 
@@ -143,3 +147,25 @@ async def test_ollama_and_lm_studio_are_placed_as_a_router_is(kind: str) -> None
     assert 'action="unload",backend="s",model="q",outcome="ok",reason="idle"' in metrics
     if kind == "ollama":  # the pool unloads it: Ollama is asked to keep it until then
         assert server.bodies[0] == {"model": "q", "keep_alive": -1}
+
+
+async def test_a_store_that_goes_away_holds_placement_back_and_clears_other_processes_marks(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    r1 = Server("router", models=["m", "n"], load_polls=2)
+    servers = Servers(r1=r1)
+    caplog.set_level("DEBUG", logger="local_inference_pool.gateway.model_placer")
+    async with placed(servers, ModelConfig("m", idle_unload=60), state=store.url) as client:
+        await until(lambda: r1.paths.count("/v1/models") > 1)
+        redis.Redis(port=store.port).set(
+            "{lip}:load-lock:r1", json.dumps({"model": "n", "state": "loading", "token": "t"})
+        )
+        await until(lambda: client_sees(client, "n", "loading"))  # another process's load, marked
+        store.stop()
+        await until(lambda: "placement waits for the shared state store" in caplog.text)
+        await until(lambda: client_sees(client, "n", "unloaded"))  # its mark does not outlive the store
+    assert r1.changes == []
+
+
+async def client_sees(client: httpx.AsyncClient, model: str, state: str) -> bool:
+    return (await states(client, model)).get("r1") == state

@@ -46,6 +46,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from local_inference_pool.core.fleet import remember_affinity
 from local_inference_pool.core.prompt_index import Prompt, prompt_of
 from local_inference_pool.core.scheduler import Grant, Scheduler, Ticket, TicketState
 
@@ -212,7 +213,7 @@ class PoolPolicy(Policy):
                 name = f"b{backend}"
                 other.update_backend(name, external_busy=other.backends[name].external_busy + 1)
                 if request.session is not None:
-                    other.remember_affinity(request.session, name)
+                    remember_affinity(other, request.session, name)
         self.start(request, backend)
 
     def finished(self, request: Request) -> None:

@@ -4,6 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from local_inference_pool.core.fleet import remember_affinity
 from local_inference_pool.core.prompt_index import Prompt, prompt_of
 from local_inference_pool.core.scheduler import Affinity, Health, Scheduler, Ticket, TicketState
 from local_inference_pool.errors import ModelNotFoundError, NoCapacityError, QueueFullError, QueueTimeoutError
@@ -770,7 +771,7 @@ def test_a_conversation_another_process_served_counts_its_history_as_cached_ther
     history = "earlier turns of this conversation " * 60
     busy = s.submit("m", pin="b")
     s.submit("m", pin="a")
-    s.remember_affinity("conversation-7", "b")  # the fleet says: b served it; this index never saw it
+    remember_affinity(s, "conversation-7", "b")  # the fleet says: b served it; this index never saw it
     turn = s.submit("m", affinity_key="conversation-7", prompt=prompt(history, "the next question"))
     queued = s.submit("m")
     assert busy.grant is not None

@@ -484,7 +484,7 @@ def test_a_probe_that_began_before_the_pools_own_load_does_not_undo_it() -> None
     pool.update_backend("a", resident=["n"])
     probe_began = clock()
     clock.advance(1)
-    pool.set_resident("a", add="m")
+    pool.placing.set_resident("a", add="m")
     pool.update_backend("a", resident=["n"], probed_at=probe_began)  # it read the server before the load
     assert pool.scheduler.backends["a"].resident == ["m", "n"]
     clock.advance(1)

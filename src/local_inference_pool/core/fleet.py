@@ -1,13 +1,17 @@
 """What the fleet's shared store says, and what a process tells it: plain values, no I/O (the
-store's client is ``shared_state``; the pool reads these without loading it)."""
+store's client is ``shared_state``; the pool reads these without loading it), and what the
+scheduler makes of what other processes say."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Claimed", "FleetView", "Head", "Standing"]
+if TYPE_CHECKING:
+    from local_inference_pool.core.scheduler import Scheduler
+
+__all__ = ["Claimed", "FleetView", "Head", "Standing", "granted_elsewhere", "remember_affinity"]
 
 
 @dataclass(frozen=True)
@@ -68,3 +72,19 @@ class Claimed(IntEnum):
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def granted_elsewhere(scheduler: Scheduler, arrival: float) -> None:
+    """A request that arrived at ``arrival`` was granted elsewhere (another process of the fleet):
+    waiters here that arrived ``starvation_bound`` before it starve, as if it were here."""
+    if arrival > scheduler.placement.newest_granted:
+        scheduler.placement.newest_granted = arrival
+        if scheduler.queues.by_model:
+            scheduler.dispatch.serve_starving()
+
+
+def remember_affinity(scheduler: Scheduler, key: str, backend: str) -> None:
+    """Where a session was last served (another process of the fleet says): its next grant
+    prefers that backend."""
+    if backend in scheduler.backends:
+        scheduler.sessions.remember(key, backend)

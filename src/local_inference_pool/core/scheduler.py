@@ -447,22 +447,6 @@ class Scheduler(SchedulerViews):
     def chars_per_token(self, model: str) -> float:
         return self.learning.chars_per_token(model)
 
-    # --- what other processes of the fleet say ----------------------------------------------
-
-    def granted_elsewhere(self, arrival: float) -> None:
-        """A request that arrived at ``arrival`` was granted elsewhere (another process of the
-        fleet): waiters here that arrived ``starvation_bound`` before it starve, as if it were here."""
-        if arrival > self.placement.newest_granted:
-            self.placement.newest_granted = arrival
-            if self.queues.by_model:
-                self.dispatch.serve_starving()
-
-    def remember_affinity(self, key: str, backend: str) -> None:
-        """Where a session was last served (another process of the fleet says): its next grant
-        prefers that backend."""
-        if backend in self.backends:
-            self.sessions.remember(key, backend)
-
     def index_sizes(self) -> dict[str, int]:
         """How many entries each of the scheduler's indexes holds (the soak benchmark's figures)."""
         return index_sizes(self)

@@ -97,7 +97,7 @@ class ModelPlacer:
             if pool.backends.loads_models(name) and pool.backends.kind(name) in model_control.KINDS
         )
         placed = frozenset(self.residency.residences)
-        pool.place_models(placed, set(managed))
+        pool.placing.place_models(placed, set(managed))
         if not placed:
             return
         try:
@@ -113,7 +113,9 @@ class ModelPlacer:
         for name in managed:
             for model, state in self._others.get(name, {}).items():
                 if state in ("loaded", "unloaded"):  # another process's change, just made
-                    pool.set_resident(name, **{"add" if state == "loaded" else "drop": model}, since=False)
+                    pool.placing.set_resident(
+                        name, **{"add" if state == "loaded" else "drop": model}, since=False
+                    )
             self._mark(name)
         for action in self.residency.decide(pool.scheduler, managed):
             self.residency.began(action)
@@ -121,10 +123,10 @@ class ModelPlacer:
                 logger.info(
                     "backend %s: reserved for model %s (its queue waits)", action.backend, action.model
                 )
-                pool.reserve(action.backend, action.model)
+                pool.placing.reserve(action.backend, action.model)
             elif isinstance(action, Undrain):
                 logger.info("backend %s: reservation for model %s lifted", action.backend, action.model)
-                pool.reserve(action.backend, action.model, lift=True)
+                pool.placing.reserve(action.backend, action.model, lift=True)
             else:
                 group.start_soon(self._change, action)
 
@@ -193,7 +195,7 @@ class ModelPlacer:
         keep = self.residency.residences.get(action.model, Residence()).idle_unload is not None
         logger.info("backend %s: loading model %s (%s)", action.backend, action.model, action.reason)
         await model_control.load(runtime.client, config, kind, model_id, keep=keep)
-        runtime.pool.set_resident(action.backend, add=action.model)
+        runtime.pool.placing.set_resident(action.backend, add=action.model)
         runtime.metrics.model_change(action.backend, action.model, "load", action.reason, "ok")
 
     async def _unload(self, backend: str, model: str, reason: str) -> None:
@@ -203,7 +205,7 @@ class ModelPlacer:
         model_id = runtime.model_names.upstream_id(model, backend, kind)
         logger.info("backend %s: unloading model %s (%s)", backend, model, reason)
         await model_control.unload(runtime.client, config, kind, model_id)
-        runtime.pool.set_resident(backend, drop=model)
+        runtime.pool.placing.set_resident(backend, drop=model)
         runtime.metrics.model_change(backend, model, "unload", reason, "ok")
 
     def _failed(self, action: Load | Unload, why: str) -> None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from local_inference_pool.core.fitness import unfit
 from local_inference_pool.gateway.inbound import Inbound
 from local_inference_pool.gateway.runtime import Runtime
+from local_inference_pool.pool import Pool
 
 __all__ = ["as_configured", "served_headers"]
 
@@ -32,16 +34,28 @@ def as_configured(runtime: Runtime, inbound: Inbound, allows: Callable[[str], bo
     if names.falls_back(model):
         tokens = len(inbound.body) // BYTES_PER_TOKEN
         candidates = names.candidates(model)
-        first_reason = pool.unfit(model, tokens, candidates[0][1])
+        first_reason = unfit_now(pool, model, tokens, candidates[0][1])
         if first_reason is not None:
             for candidate, wait_limit in candidates[1:]:
-                if allows(candidate) and pool.unfit(candidate, tokens, wait_limit) is None:
+                if allows(candidate) and unfit_now(pool, candidate, tokens, wait_limit) is None:
                     fallback_from, reason, model = model, first_reason, candidate
                     break
     params = names.params_of(model)
     if model != inbound.model or params is not None:
         inbound.served_as(model, "" if resolved is None else resolved.alias, params)
         inbound.fallback_from, inbound.fallback_reason = fallback_from, reason
+
+
+def unfit_now(pool: Pool, model: str, prompt_tokens: int, wait_limit: float | None) -> str | None:
+    """Why ``model`` cannot serve a request well now (``unhealthy``, ``context``, ``wait``), or
+    None, judged by each server's own word on the model's context where it gives one. This
+    process's view: with ``state``, the requests other processes have waiting are not counted."""
+    contexts = {
+        backend.name: length
+        for backend in pool.scheduler.table.serving.get(model, ())
+        if isinstance(length := pool.backends.model_info(backend.name, model).get("context_length"), int)
+    }
+    return unfit(pool.scheduler, model, prompt_tokens, wait_limit, contexts)
 
 
 def served_headers(inbound: Inbound) -> list[tuple[bytes, bytes]]:

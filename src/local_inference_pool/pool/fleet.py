@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from local_inference_pool.config import PoolConfig, shown_state
-from local_inference_pool.core.fleet import Claimed, FleetView, Head, Standing
+from local_inference_pool.core.fleet import Claimed, FleetView, Head, Standing, granted_elsewhere
 from local_inference_pool.core.scheduler import Grant, Scheduler
 from local_inference_pool.errors import StateUnavailableError
 
@@ -284,7 +284,7 @@ class RedisFleet:
             foreign_models=[m for m, n in view.models.items() if n > 0],
         )
         if view.newest_age is not None:
-            self.scheduler.granted_elsewhere(self.clock() - view.newest_age)
+            granted_elsewhere(self.scheduler, self.clock() - view.newest_age)
         self.deliver()
 
     def _standing(self, name: str) -> Standing:

@@ -27,10 +27,8 @@ from typing import Any, Final, Self
 import anyio
 
 from local_inference_pool.config import BackendConfig, PoolConfig
-from local_inference_pool.core.fitness import unfit
-from local_inference_pool.core.fleet import Claimed
+from local_inference_pool.core.fleet import Claimed, remember_affinity
 from local_inference_pool.core.prompt_index import Prompt
-from local_inference_pool.core.residency import place_models, reserve, unreserve
 from local_inference_pool.core.scheduler import (
     Grant,
     Health,
@@ -45,6 +43,7 @@ from local_inference_pool.pool.drains import Draining, Drains
 from local_inference_pool.pool.fleet import LocalFleet, RedisFleet
 from local_inference_pool.pool.leases import Acquiring, Lease, Unleased
 from local_inference_pool.pool.loop_binding import LoopBinding
+from local_inference_pool.pool.placing import Placing
 from local_inference_pool.pool.settings import apply_settings, scheduler_for
 
 __all__ = ["Pool"]
@@ -74,13 +73,14 @@ class Pool(Draining):
         self._closed = False
         self._drained: anyio.Event | None = None
         self._drains = Drains()
-        self._resident_set: dict[str, float] = {}  # backend -> when the pool last loaded or unloaded there
         # The other processes of the fleet (``config.state``), or nobody; connected on ``async with``.
         self.fleet: LocalFleet | RedisFleet = (
             LocalFleet()
             if config.state is None
             else RedisFleet(config, self._scheduler, clock, self._deliver)
         )
+        # What the placement driver changes (``[[models]]`` preload, idle_unload, load_after).
+        self.placing = Placing(self._scheduler, clock, self._deliver)
         for backend in config.backends:
             self.add_backend(backend, health=initial_health)
         self._deliver()
@@ -118,7 +118,7 @@ class Pool(Draining):
         self.backends.remove(name)
         self.fleet.forget(name)
         self._drains.forget(name)
-        self._resident_set.pop(name, None)
+        self.placing.forget(name)
         self._deliver()
 
     def update_backend(
@@ -140,13 +140,9 @@ class Pool(Draining):
         A configured slot count or model list wins over a detected one. ``server_busy`` is what the
         server says is running, ours included: the rest is outside work that takes our capacity.
         ``probed_at``: when the probe began (the pool's clock); its ``resident`` is dropped when the
-        pool loaded or unloaded a model there since (``set_resident``): it may predate the change.
+        pool loaded or unloaded a model there since (``placing.set_resident``): it may predate the change.
         """
-        if (
-            resident is not None
-            and probed_at is not None
-            and probed_at < self._resident_set.get(name, -math.inf)
-        ):
+        if resident is not None and self.placing.stale(name, probed_at):
             resident = None
         if server_busy is not None:
             ours = self._scheduler.backends[name].active_total
@@ -166,36 +162,6 @@ class Pool(Draining):
         grant what they make possible. The keywords are the scheduler's ``update_backend``'s."""
         self._scheduler.update_backend(name, **changes)
         self._deliver()
-
-    def set_resident(
-        self, name: str, *, add: str | None = None, drop: str | None = None, since: bool = True
-    ) -> None:
-        """The pool loaded ``add`` or unloaded ``drop`` on the backend (its placement driver): what
-        it has loaded now, until a probe that began after this says otherwise (``since``: from
-        now; else a probe may say so at once: another process's change, seen late)."""
-        backend = self._scheduler.backends.get(name)
-        if backend is None or backend.removed:
-            return
-        if (add is not None and backend.resident[:1] == [add]) or (
-            drop is not None and drop not in backend.resident
-        ):
-            return  # known already
-        resident = [model for model in backend.resident if model not in (add, drop)]
-        if since:
-            self._resident_set[name] = self._clock()
-        self.override_backend(name, resident=[add, *resident] if add is not None else resident)
-
-    def reserve(self, name: str, model: str, *, lift: bool = False) -> None:
-        """Drain the backend for ``model`` until it gets a slot there (the placement driver's
-        first step toward loading it in place of what runs there now); ``lift``: no more."""
-        (unreserve if lift else reserve)(self._scheduler, name, model)
-        self._deliver()
-
-    def place_models(self, models: frozenset[str], managed: set[str]) -> None:
-        """The models the pool loads itself, on the backends that load on request (``managed``):
-        there each goes only where it is loaded. A no-op when nothing changed."""
-        if place_models(self._scheduler, models, managed):
-            self._deliver()
 
     def annotate(self, name: str, **info: Any) -> None:
         """Facts for the snapshot that the scheduler does not use (detected kind, circuit, errors)."""
@@ -268,7 +234,7 @@ class Pool(Draining):
             if outcome is Claimed.WON:
                 return lease
             if outcome is Claimed.SESSION_ELSEWHERE and ticket.affinity_key and session_backend:
-                self._scheduler.remember_affinity(ticket.affinity_key, session_backend)
+                remember_affinity(self._scheduler, ticket.affinity_key, session_backend)
                 check_session = False  # placed again preferring it; wherever that lands, it stays
             lease.release()
             deadline = ticket.deadline
@@ -420,17 +386,6 @@ class Pool(Draining):
         return not self._scheduler.grants and not self._waiters
 
     # --- warm-up, state, shutdown ----------------------------------------------------------
-
-    def unfit(self, model: str, prompt_tokens: int, wait_limit: float | None) -> str | None:
-        """Why ``model`` cannot serve a request well now (``unhealthy``, ``context``, ``wait``), or
-        None: what a fallback to another model is decided on (``core.fitness``). This process's
-        view: with ``state``, the requests other processes have waiting are not counted."""
-        contexts = {
-            backend.name: length
-            for backend in self._scheduler.table.serving.get(model, ())
-            if isinstance(length := self.backends.model_info(backend.name, model).get("context_length"), int)
-        }
-        return unfit(self._scheduler, model, prompt_tokens, wait_limit, contexts)
 
     def serves(self, model: str) -> bool:
         """Whether any backend lists ``model`` now (healthy or not)."""

@@ -1,6 +1,6 @@
 """A fast fake OpenAI-style backend for the gateway benchmarks: raw ASGI, no framework.
 
-    python bench/fake_backend.py --port 9001 [--slots 256] [--tokens-per-second 0] [--answer-ms 0]
+    python bench/fake_backend.py --port 9001 [--slots 256] [--tokens-per-second 0] [--answer-ms 0] [--model bench]
 
 Non-streaming chat answers at once (or after ``--answer-ms``); streaming sends ``max_tokens`` SSE chunks, as fast as it can
 (rate 0) or at the set rate. It answers the llama.cpp probes the pool uses (/health, /props,
@@ -32,8 +32,11 @@ ANSWER_HEADERS = [*JSON, (b"content-length", str(len(ANSWER)).encode())]
 
 
 class FakeBackend:
-    def __init__(self, slots: int, tokens_per_second: float, answer_ms: float = 0.0) -> None:
+    def __init__(
+        self, slots: int, tokens_per_second: float, answer_ms: float = 0.0, model: str = "bench"
+    ) -> None:
         self.slots = slots
+        self.model = model
         self.answer_delay = answer_ms / 1000
         self.delay = 1 / tokens_per_second if tokens_per_second > 0 else 0.0
         self.running = 0
@@ -50,7 +53,7 @@ class FakeBackend:
                 "/props": {"total_slots": self.slots},
                 "/v1/models": {
                     "object": "list",
-                    "data": [{"id": "bench", "object": "model", "owned_by": "bench"}],
+                    "data": [{"id": self.model, "object": "model", "owned_by": "bench"}],
                 },
                 "/stats": {"running": self.running, "peak": self.peak, "served": self.served},
             }.get(path)
@@ -99,8 +102,9 @@ def main() -> None:
     parser.add_argument(
         "--answer-ms", type=float, default=0.0, help="time to a non-streaming answer (0: at once)"
     )
+    parser.add_argument("--model", default="bench", help="the model it lists")
     args = parser.parse_args()
-    app = FakeBackend(args.slots, args.tokens_per_second, args.answer_ms)
+    app = FakeBackend(args.slots, args.tokens_per_second, args.answer_ms, args.model)
     uvicorn.run(
         app,
         host="127.0.0.1",

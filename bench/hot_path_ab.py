@@ -1,52 +1,166 @@
-"""A/B of the chat hot path: ``serve`` from two source trees against one fake backend, alternating.
+"""A/B of the chat hot path: ``serve`` from several source trees against the same fake backends, alternating.
 
-Run: ``.venv/bin/python bench/hot_path_ab.py BEFORE_SRC [AFTER_SRC]`` where each is a ``src`` directory
-(``git worktree add /tmp/before <commit>`` gives ``/tmp/before/src``); the default after is this
-checkout. Three alternating rounds of wrk at c=1 (p50) and c=32 (req/s), so both sides share the
-machine's state; needs ``wrk``.
+Run: ``.venv/bin/python bench/hot_path_ab.py [--state] [--rounds 3] [LABEL=]SRC ...`` where each SRC
+is a ``src`` directory (``git worktree add /tmp/before <commit>`` gives ``/tmp/before/src``); this
+checkout's own ``src`` is added last as ``now`` unless it is named. Each round measures direct access
+to the fake first, then each tree in turn, so that every tree shares the machine's state of that
+round. Per tree and round:
+
+- the p50 latency at c=1 (wrk), and the p50 that the gateway adds over direct access in that round;
+- req/s at c=32, and the gateway's CPU time (user + system, from ``/proc``) per request at c=32;
+- req/s at c=32 against a second fake that takes 20 ms per answer, as a ratio to direct access.
+
+``--state`` serves every tree with ``[pool] state`` on a ``redis-server`` of its own (the trees must
+know the key). Needs ``wrk``.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import shared_state as b  # noqa: E402 - the bench helpers beside this file
 
-POST = b.POST
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SECONDS = 4
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system time of a process and its threads so far."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+@contextmanager
+def serving(src: str, config: Path, port: int) -> Iterator[int]:
+    """``serve`` from a source tree, up and routing; its pid."""
+    command = [sys.executable, "-m", "local_inference_pool.cli", "serve", "--log-level", "warning"]
+    env = {**os.environ, "LIP_CONFIG": str(config), "PYTHONPATH": src}
+    child = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(400):  # until both fakes' models are listed
+            listed = b.wait_for(f"http://127.0.0.1:{port}/v1/models")
+            if {"bench", "slow"} <= listed:
+                break
+            time.sleep(0.05)
+        yield child.pid
+    finally:
+        child.terminate()
+        child.wait(timeout=20)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("trees", nargs="+", help="[LABEL=]SRC, a src directory")
+    parser.add_argument("--state", action="store_true", help="serve with [pool] state on a redis-server")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    trees: dict[str, str] = {}
+    for given in args.trees:
+        label, _, src = given.rpartition("=")
+        trees[label or src] = src
+    if str(HERE.parent / "src") not in trees.values():
+        trees["now"] = str(HERE.parent / "src")
+
     workdir = Path(tempfile.mkdtemp())
     script = workdir / "post.lua"
     script.write_text(b.POST)
-    port = b.free_port()
-    backend = f"http://127.0.0.1:{port}"
-    config = workdir / "pool.toml"
-    config.write_text(f'[pool]\nhealth_interval = 5\n\n[[backends]]\nurl = "{backend}"\nslots = 64\n')
-    serve = [sys.executable, "-m", "local_inference_pool.cli", "serve", "--log-level", "warning"]
-    trees = {"before": sys.argv[1], "after": sys.argv[2] if len(sys.argv) > 2 else str(HERE.parent / "src")}
-    results: dict[str, dict[str, list[float]]] = {k: {"p50": [], "rps": []} for k in trees}
-    fake = [sys.executable, str(HERE / "fake_backend.py"), "--port", str(port)]
-    with b.process(fake, f"{backend}/v1/models"):
-        for _round in range(3):
-            for name, src in trees.items():
-                p = b.free_port()
-                url = f"http://127.0.0.1:{p}/v1"
-                chat = f"{url}/chat/completions"
-                with b.process(
-                    [*serve, "--port", str(p)], f"{url}/models", LIP_CONFIG=str(config), PYTHONPATH=src
-                ):
-                    b.wrk(str(script), chat, 32, 1)
-                    results[name]["p50"].append(b.p50_ms(b.wrk(str(script), chat, 1, 4, latency=True)))
-                    results[name]["rps"].append(b.rps(b.wrk(str(script), chat, 32, 4)))
-    for name, r in results.items():
-        print(
-            f"{name}: p50 at c=1 (ms) {[round(x, 3) for x in r['p50']]}, req/s at c=32 {[round(x) for x in r['rps']]}"
+    fast, slow = b.free_port(), b.free_port()
+    fake = [sys.executable, str(HERE / "fake_backend.py")]
+    results: dict[str, list[dict[str, float]]] = {"direct": [], **{label: [] for label in trees}}
+    with ExitStack() as stack:
+        stack.enter_context(b.process([*fake, "--port", str(fast)], f"http://127.0.0.1:{fast}/v1/models"))
+        stack.enter_context(
+            b.process(
+                [*fake, "--port", str(slow), "--answer-ms", "20", "--model", "slow"],
+                f"http://127.0.0.1:{slow}/v1/models",
+            )
         )
+        state = ""
+        if args.state:
+            redis_url, _port = stack.enter_context(b.redis_server())
+            state = f'state = "{redis_url}"\n'
+        for _round in range(args.rounds):
+            direct = measure_direct(str(script), fast, slow)
+            results["direct"].append(direct)
+            for label, src in trees.items():
+                port = b.free_port()
+                config = workdir / f"{label}.toml"
+                config.write_text(
+                    f"[pool]\nhealth_interval = 5\n{state}\n"
+                    f'[[backends]]\nurl = "http://127.0.0.1:{fast}"\nslots = 64\n\n'
+                    f'[[backends]]\nurl = "http://127.0.0.1:{slow}"\nslots = 64\n'
+                )
+                with serving(src, config, port) as pid:
+                    figures = measure_pool(str(script), port, pid)
+                figures["added"] = figures["p50"] - direct["p50"]
+                figures["slow_ratio"] = figures["rps_slow"] / direct["rps_slow"]
+                results[label].append(figures)
+    report(results, args.state)
+
+
+SLOW_POST = b.POST.replace('"model": "bench"', '"model": "slow"')
+
+
+def measure_direct(script: str, fast: int, slow: int) -> dict[str, float]:
+    chat = f"http://127.0.0.1:{fast}/v1/chat/completions"
+    b.wrk(script, chat, 32, 1)
+    figures = {"p50": b.p50_ms(b.wrk(script, chat, 1, SECONDS, latency=True))}
+    figures["rps"] = b.rps(b.wrk(script, chat, 32, SECONDS))
+    slow_chat = f"http://127.0.0.1:{slow}/v1/chat/completions"
+    figures["rps_slow"] = b.rps(b.wrk(script, slow_chat, 32, SECONDS))
+    return figures
+
+
+def measure_pool(script: str, port: int, pid: int) -> dict[str, float]:
+    chat = f"http://127.0.0.1:{port}/v1/chat/completions"
+    b.wrk(script, chat, 32, 1)
+    figures = {"p50": b.p50_ms(b.wrk(script, chat, 1, SECONDS, latency=True))}
+    before, started = cpu_seconds(pid), time.monotonic()
+    figures["rps"] = b.rps(b.wrk(script, chat, 32, SECONDS))
+    requests = figures["rps"] * (time.monotonic() - started)
+    figures["cpu_us"] = (cpu_seconds(pid) - before) / requests * 1e6
+    slow_script = Path(script).with_name("slow.lua")
+    slow_script.write_text(SLOW_POST)
+    figures["rps_slow"] = b.rps(b.wrk(str(slow_script), chat, 32, SECONDS))
+    return figures
+
+
+def report(results: dict[str, list[dict[str, float]]], state: bool) -> None:
+    def shown(values: list[float], digits: int) -> str:
+        return ", ".join(f"{v:.{digits}f}" if digits else f"{v:,.0f}" for v in values)
+
+    print(f"hot path A/B{' with state' if state else ''}: each figure per round, then the median")
+    for label, rounds in results.items():
+        print(f"{label}:")
+        columns = [("p50", "p50 at c=1 (ms)", 3), ("rps", "req/s at c=32", 0)]
+        if label != "direct":
+            columns[1:1] = [("added", "added p50 at c=1 (ms)", 3)]
+            columns += [
+                ("cpu_us", "CPU per request at c=32 (us)", 0),
+                ("slow_ratio", "c=32 vs direct, 20 ms backend", 3),
+            ]
+        else:
+            columns += [("rps_slow", "req/s at c=32, 20 ms backend", 0)]
+        for key, name, digits in columns:
+            values = [r[key] for r in rounds]
+            median = statistics.median(values)
+            print(f"  {name}: {shown(values, digits)} (median {shown([median], digits)})")
 
 
 if __name__ == "__main__":

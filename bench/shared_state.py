@@ -55,12 +55,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(url: str) -> None:
-    """Until ``url`` (a /v1/models) lists a model: the server is up and, for the pool, the backend."""
+def wait_for(url: str) -> set[str]:
+    """Until ``url`` (a /v1/models) lists a model: the server is up and, for the pool, the backend.
+    The models it lists."""
     for _ in range(400):
         try:
-            if httpx.get(url, trust_env=False, timeout=1).json().get("data"):
-                return
+            if data := httpx.get(url, trust_env=False, timeout=1).json().get("data"):
+                return {entry["id"] for entry in data}
         except (httpx.TransportError, ValueError):
             pass
         time.sleep(0.05)

@@ -58,6 +58,7 @@ from local_inference_pool.gateway.metrics import PoolMetrics, RequestRecord
 from local_inference_pool.gateway.model_placer import ModelPlacer
 from local_inference_pool.gateway.model_routing import as_configured, served_headers
 from local_inference_pool.gateway.model_view import model_facts, models_status
+from local_inference_pool.gateway.plain_routes import PoolApp
 from local_inference_pool.gateway.proxy import forward
 from local_inference_pool.gateway.refusals import send_refusal
 from local_inference_pool.gateway.replies import error_response, openai_error
@@ -170,8 +171,15 @@ def create_pool_app(
         app.state.route_config = config.routes
         routes = routes_for(config)
         app.state.served = ", ".join(dict.fromkeys(route.path for route in routes))
+        endpoints = [(route, RouteEndpoint(route)) for route in routes]
+        app.plain_routes = {
+            (method, route.path): endpoint
+            for route, endpoint in endpoints
+            if "{" not in route.path
+            for method in route.methods
+        }
         app.router.routes = [
-            *(Route(route.path, RouteEndpoint(route), methods=list(route.methods)) for route in routes),
+            *(Route(route.path, endpoint, methods=list(route.methods)) for route, endpoint in endpoints),
             Route("/models", _models, methods=["GET"]),
             Route("/pool/status", _status, methods=["GET"]),
             Route("/pool/metrics", _metrics, methods=["GET"]),
@@ -210,7 +218,7 @@ def create_pool_app(
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
         return openai_error(500, f"internal error: {type(exc).__name__}", "server_error", "internal_error")
 
-    app = Starlette(
+    app = PoolApp(
         lifespan=lifespan,
         exception_handlers={HTTPException: not_found, PoolError: refused, Exception: unexpected},
     )

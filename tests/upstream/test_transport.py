@@ -405,6 +405,22 @@ async def test_connections_are_limited_and_waiting_for_one_is_a_pool_timeout() -
     await upstream.aclose()
 
 
+async def test_the_count_of_held_connections_ends_at_zero_on_every_path(upstream: AiohttpTransport) -> None:
+    """The count tells a wait for a connection from a slow connect (a pool timeout from a connect
+    timeout): it must come back to zero whether an answer was read, closed early or never came."""
+    async with server(ok) as srv:
+        await read_all(await upstream.handle_async_request(request(srv.url)))
+        read_unclosed = await upstream.handle_async_request(request(srv.url))
+        async for _chunk in read_unclosed.aiter_raw():  # read to the end, never closed
+            pass
+        await (await upstream.handle_async_request(request(srv.url))).aclose()  # closed unread
+    async with server(ok) as gone:
+        url = gone.url
+    with pytest.raises(httpx.ConnectError):
+        await upstream.handle_async_request(request(url))  # refused: no answer came
+    assert upstream._holding == 0
+
+
 async def test_a_reader_that_falls_behind_stops_the_socket_being_read(upstream: AiohttpTransport) -> None:
     total = 64 * 1024 * 1024
     sent = 0

@@ -168,17 +168,25 @@ def upstream_request(
     return prepared_request(call.method, url, headers, body, runtime.timeouts)
 
 
+_EMPTY_BODY_SAYS_SO = frozenset(("POST", "PUT", "PATCH"))  # httpx sends these a length of 0
+
+
 def prepared_request(
     method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes, timeouts: dict[str, Any]
 ) -> httpx.Request:
-    """The ``httpx.Request`` that ``content=body`` makes, with the same head (``host``, then the
-    length), at a quarter of the cost: httpx re-encodes and re-checks every header it is given one
-    by one, a measured 16 µs per request against 4 µs for headers made whole."""
-    length = [(b"Content-Length", str(len(body)).encode())] if body else []
+    """The ``httpx.Request`` that ``content=body`` makes, with the same head in the same order, for
+    a third of the cost: given headers one by one, httpx re-encodes and re-checks each, a measured
+    16 µs per request against 6 µs for a head made whole."""
+    if body:
+        head = [(b"Host", url.netloc), *headers, (b"Content-Length", str(len(body)).encode())]
+    elif method in _EMPTY_BODY_SAYS_SO:
+        head = [(b"Host", url.netloc), (b"Content-Length", b"0"), *headers]
+    else:
+        head = [(b"Host", url.netloc), *headers]
     request = httpx.Request(
         method,
         url,
-        headers=httpx.Headers([(b"Host", url.netloc), *headers, *length]),
+        headers=httpx.Headers(head),
         stream=httpx.ByteStream(body),
         extensions={"timeout": timeouts},
     )

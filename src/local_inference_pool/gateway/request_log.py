@@ -26,6 +26,7 @@ import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from local_inference_pool.gateway.metrics import RequestRecord
@@ -109,7 +110,9 @@ def _redact_fields(value: Any) -> Any:
 class RequestLog:
     def __init__(self, telemetry: TelemetryConfig) -> None:
         self.telemetry = telemetry
-        self.recent: deque[dict[str, Any]] = deque(maxlen=telemetry.recent_requests)
+        # What each recent request said, made into its entry only when the dashboard asks: formatting
+        # it at every request's end cost more than anything else the log does.
+        self.recent: deque[_Said] = deque(maxlen=telemetry.recent_requests)
         self._captured: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._logger: logging.Logger | None = None
         self._handler: logging.Handler | None = None
@@ -141,8 +144,11 @@ class RequestLog:
         """The request ended: its line written, its entry (and capture) kept."""
         if self._logger is None and self.recent.maxlen == 0 and record.capture is None:
             return
-        entry = _entry(record, duration)
-        self.recent.append(entry)
+        said = (_said_by(record), duration, time.time())
+        self.recent.append(said)
+        if self._logger is None and record.capture is None:
+            return
+        entry = _entry(*said)
         if self._logger is not None:
             self._logger.info(json.dumps(entry, separators=(",", ":")))
         if record.capture is not None:
@@ -153,9 +159,8 @@ class RequestLog:
 
     def entries(self) -> list[dict[str, Any]]:
         """The recent requests, newest first."""
-        return [
-            {**entry, "captured": entry["request_id"] in self._captured} for entry in reversed(self.recent)
-        ]
+        entries = [_entry(*said) for said in reversed(self.recent)]
+        return [{**entry, "captured": entry["request_id"] in self._captured} for entry in entries]
 
     def detail(self, request_id: str, *, bodies: bool) -> dict[str, Any] | None:
         """One recent request: its entry, and its captured bodies when there are and ``bodies``."""
@@ -165,7 +170,7 @@ class RequestLog:
             if bodies:
                 entry["capture"] = captured["capture"].shown()
             return entry
-        return next((dict(e) for e in reversed(self.recent) if e["request_id"] == request_id), None)
+        return next((_entry(*said) for said in reversed(self.recent) if said[0][0] == request_id), None)
 
     def close(self) -> None:
         if self._handler is not None:
@@ -194,28 +199,69 @@ class RequestLog:
         self._logger, self._handler = logger, handler
 
 
-def _entry(record: RequestRecord, duration: float) -> dict[str, Any]:
-    now = time.time()
+_SAID = (
+    "request_id",
+    "route",
+    "key",
+    "model",
+    "asked",
+    "fallback_from",
+    "backend",
+    "status",
+    "outcome",
+    "queue_wait",
+    "first_byte",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "affinity",
+    "retries",
+    "failed_over_from",
+)
+_said_by = attrgetter(*_SAID)  # the record's fields as they are when it ends, in one call
+_Said = tuple[tuple[Any, ...], float, float]  # the fields, the duration, the wall time it ended
+
+
+def _entry(fields: tuple[Any, ...], duration: float, now: float) -> dict[str, Any]:
+    (
+        request_id,
+        route,
+        key,
+        model,
+        asked,
+        fallback_from,
+        backend,
+        status,
+        outcome,
+        queue_wait,
+        first_byte,
+        prompt_tokens,
+        cached_tokens,
+        completion_tokens,
+        affinity,
+        retries,
+        failed_over_from,
+    ) = fields
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
-        "request_id": record.request_id,
-        "route": record.route,
-        "key": record.key,
-        "model": record.model,
-        "model_asked": record.asked or record.model,  # the name the client used (an alias's)
-        "fallback_from": record.fallback_from or None,  # the model a fallback stood in for
-        "backend": record.backend,
-        "status": record.status,
-        "outcome": record.outcome,
-        "queue_wait_ms": _ms(record.queue_wait),
-        "ttfb_ms": _ms(record.first_byte),
+        "request_id": request_id,
+        "route": route,
+        "key": key,
+        "model": model,
+        "model_asked": asked or model,  # the name the client used (an alias's)
+        "fallback_from": fallback_from or None,  # the model a fallback stood in for
+        "backend": backend,
+        "status": status,
+        "outcome": outcome,
+        "queue_wait_ms": _ms(queue_wait),
+        "ttfb_ms": _ms(first_byte),
         "duration_ms": round(duration * 1000, 1),
-        "prompt_tokens": record.prompt_tokens,
-        "cached_tokens": record.cached_tokens,
-        "completion_tokens": record.completion_tokens,
-        "affinity": record.affinity,
-        "retries": record.retries,
-        "failed_over_from": list(record.failed_over_from),
+        "prompt_tokens": prompt_tokens,
+        "cached_tokens": cached_tokens,
+        "completion_tokens": completion_tokens,
+        "affinity": affinity,
+        "retries": retries,
+        "failed_over_from": list(failed_over_from),
     }
 
 

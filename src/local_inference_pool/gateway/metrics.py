@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from local_inference_pool.core.limits import Limits, Ticket
 from local_inference_pool.core.scheduler import Affinity
+from local_inference_pool.gateway.tallies import CounterTally, HistogramTally, Tallies
 from local_inference_pool.gateway.usage import count
 from local_inference_pool.pool import Pool
 
@@ -86,106 +87,111 @@ class RequestRecord:
 class PoolMetrics:
     def __init__(self, pool: Pool) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
+        self.requests = CounterTally(
             "lip_requests",
             "Requests finished, by model, backend and outcome.",
             ["model", "backend", "outcome"],
-            registry=self.registry,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = HistogramTally(
             "lip_queue_wait_seconds",
             "Time a request waited for a slot.",
             ["model"],
             buckets=WAIT_BUCKETS,
-            registry=self.registry,
         )
-        self.first_byte = Histogram(
+        self.first_byte = HistogramTally(
             "lip_time_to_first_byte_seconds",
             "From the request's arrival to the first byte relayed from the backend.",
             ["model", "backend"],
             buckets=LATENCY_BUCKETS,
-            registry=self.registry,
         )
-        self.duration = Histogram(
+        self.duration = HistogramTally(
             "lip_request_duration_seconds",
             "From the request's arrival to its end.",
             ["model", "backend"],
             buckets=DURATION_BUCKETS,
-            registry=self.registry,
         )
-        self.tokens = Counter(
+        self.tokens = CounterTally(
             "lip_tokens",
             "Tokens the backends reported in usage (prompt or completion).",
             ["model", "backend", "kind"],
-            registry=self.registry,
         )
-        self.routes = Counter(
+        self.routes = CounterTally(
             "lip_route_requests",
             "Requests finished, by route (under the mount) and outcome.",
             ["route", "outcome"],
-            registry=self.registry,
         )
-        self.key_requests = Counter(
+        self.key_requests = CounterTally(
             "lip_key_requests",
             "Requests finished, by the name of the client's key and outcome.",
             ["key", "outcome"],
-            registry=self.registry,
         )
-        self.key_tokens = Counter(
+        self.key_tokens = CounterTally(
             "lip_key_tokens",
             "Tokens the backends reported, by the name of the client's key, the model asked and kind "
             "(input, cached: of the input, from the server's prompt cache, output).",
             ["key", "model", "kind"],
-            registry=self.registry,
         )
-        self.key_queue_wait = Histogram(
+        self.key_queue_wait = HistogramTally(
             "lip_key_queue_wait_seconds",
             "Time a request waited for a slot, by the name of the client's key.",
             ["key"],
             buckets=WAIT_BUCKETS,
-            registry=self.registry,
         )
-        self.failovers = Counter(
+        self.failovers = CounterTally(
             "lip_midstream_failovers",
             "Streams whose backend failed midway, by what happened: continued on another backend, or "
             "why not (not_faithful, no_backend, budget_spent, failed).",
             ["model", "outcome"],
-            registry=self.registry,
         )
-        self.seam = Histogram(
+        self.seam = HistogramTally(
             "lip_midstream_seam_seconds",
             "From a backend failing mid-stream to the next piece the client got from another.",
             buckets=LATENCY_BUCKETS,
-            registry=self.registry,
         )
-        self.aliases = Counter(
+        self.aliases = CounterTally(
             "lip_alias_requests",
             "Requests for a model by one of its aliases ([[models]]), by the alias as configured.",
             ["alias", "model"],
-            registry=self.registry,
         )
-        self.fallbacks = Counter(
+        self.fallbacks = CounterTally(
             "lip_fallbacks",
             "Requests served by a fallback ([[models]] fallbacks): the model, the fallback and why.",
             ["model", "fallback", "reason"],
-            registry=self.registry,
         )
-        self.model_changes = Counter(
+        self.model_changes = CounterTally(
             "lip_model_changes",
             "Loads and unloads the pool made ([[models]] preload, idle_unload, load_after): the "
             "backend, the model, load or unload, why (preload, demand, idle, room) and the outcome.",
             ["backend", "model", "action", "reason", "outcome"],
-            registry=self.registry,
         )
-        self.retries = Counter(
+        self.retries = CounterTally(
             "lip_upstream_retries",
             "Requests sent to another backend after one could not be reached.",
             ["model"],
-            registry=self.registry,
+        )
+        self.registry.register(
+            Tallies(
+                [
+                    self.requests,
+                    self.queue_wait,
+                    self.first_byte,
+                    self.duration,
+                    self.tokens,
+                    self.routes,
+                    self.key_requests,
+                    self.key_tokens,
+                    self.key_queue_wait,
+                    self.failovers,
+                    self.seam,
+                    self.aliases,
+                    self.fallbacks,
+                    self.model_changes,
+                    self.retries,
+                ]
+            )
         )
         self.registry.register(_PoolCollector(pool))
         self.pool = pool
-        self._children: dict[tuple[object, ...], Any] = {}
         self.recent_first_byte: deque[float] = deque(maxlen=200)
         self.totals = {"requests": 0, "completion_tokens": 0, "prompt_tokens": 0}
         self.by_route: dict[str, dict[str, int]] = {}  # route -> requests, errors (bounded: the table)
@@ -197,26 +203,26 @@ class PoolMetrics:
         # A model no backend serves is a client's typo or probe: one label for all of them, so that
         # clients cannot grow the metrics without bound.
         model = record.model if record.backend != "-" or self.pool.serves(record.model) else "(unknown)"
-        child = self._child
-        child(self.requests, model, record.backend, record.outcome).inc()
-        child(self.routes, record.route, record.outcome).inc()
-        child(self.key_requests, record.key, record.outcome).inc()
+        backend, key = record.backend, record.key
+        self.requests.inc((model, backend, record.outcome))
+        self.routes.inc((record.route, record.outcome))
+        self.key_requests.inc((key, record.outcome))
         counts = self.by_route.setdefault(record.route, {"requests": 0, "errors": 0})
         counts["requests"] += 1
         if record.status >= 400:
             counts["errors"] += 1
         self.totals["requests"] += 1
         if record.queue_wait is not None:
-            child(self.queue_wait, model).observe(record.queue_wait)
-            child(self.key_queue_wait, record.key).observe(record.queue_wait)
+            self.queue_wait.observe((model,), record.queue_wait)
+            self.key_queue_wait.observe((key,), record.queue_wait)
         if record.first_byte is not None:
-            child(self.first_byte, model, record.backend).observe(record.first_byte)
+            self.first_byte.observe((model, backend), record.first_byte)
             self.recent_first_byte.append(record.first_byte)
-        if record.backend != "-":
-            child(self.duration, model, record.backend).observe(duration)
+        if backend != "-":
+            self.duration.observe((model, backend), duration)
         for kind, value in (("prompt", record.prompt_tokens), ("completion", record.completion_tokens)):
             if value:
-                child(self.tokens, model, record.backend, kind).inc(value)
+                self.tokens.inc((model, backend, kind), value)
                 self.totals[f"{kind}_tokens"] += value
         for kind, value in (
             ("input", record.prompt_tokens),
@@ -224,13 +230,13 @@ class PoolMetrics:
             ("output", record.completion_tokens),
         ):
             if value:
-                child(self.key_tokens, record.key, model, kind).inc(value)
+                self.key_tokens.inc((key, model, kind), value)
         if record.retries:
-            child(self.retries, model).inc(record.retries)
+            self.retries.inc((model,), record.retries)
         if record.alias:
-            child(self.aliases, record.alias, record.model).inc()
+            self.aliases.inc((record.alias, record.model))
         if record.fallback_from:
-            child(self.fallbacks, record.fallback_from, record.model, record.fallback_reason).inc()
+            self.fallbacks.inc((record.fallback_from, record.model, record.fallback_reason))
         if access_log.isEnabledFor(logging.INFO):
             self._log(record, duration)
         return model
@@ -262,21 +268,13 @@ class PoolMetrics:
         )
 
     def model_change(self, backend: str, model: str, action: str, reason: str, outcome: str) -> None:
-        self._child(self.model_changes, backend, model, action, reason, outcome).inc()
+        self.model_changes.inc((backend, model, action, reason, outcome))
 
     def failover(self, model: str, outcome: str, seam: float | None = None) -> None:
         """One stream whose backend failed midway: continued (with its seam's gap), or why not."""
-        self._child(self.failovers, model, outcome).inc()
+        self.failovers.inc((model, outcome))
         if seam is not None:
-            self.seam.observe(seam)
-
-    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
-        """``metric.labels(*labels)``, looked up once per label set (prometheus_client locks each time)."""
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+            self.seam.observe((), seam)
 
     def traffic(self) -> dict[str, Any]:
         """Totals for the dashboard, which turns them into rates."""

@@ -243,6 +243,36 @@ async def test_a_stream_still_running_at_the_drain_timeout_is_cut_and_the_slot_r
     assert fleet.backends["a"].closed == 1
 
 
+async def test_a_request_still_waiting_for_its_answer_at_the_drain_timeout_goes_elsewhere() -> None:
+    fleet = Fleet(a=FakeBackend(mode="hang"), b=FakeBackend())
+    async with admin_client(fleet, drain_timeout=0.2) as client:
+        with anyio.fail_after(5):  # without the cut, the request would wait for ever
+            answers = await _answer_while_draining(client, fleet)
+        listed = await backends(client)
+    assert (answers[0].status_code, answers[0].json()["served_by"]) == (200, "b")
+    assert fleet.backends["a"].abandoned == 1  # its wait was cut, so its connection closed
+    assert listed["a:8080"]["admin_state"] == "drained"
+    assert listed["a:8080"]["busy"] == 0
+
+
+async def _answer_while_draining(client: httpx.AsyncClient, fleet: Fleet) -> list[httpx.Response]:
+    """A chat request's answer, with backend a drained while it waits there."""
+    answers: list[httpx.Response] = []
+    async with anyio.create_task_group() as group:
+
+        async def chat() -> None:
+            answers.append(await client.post("/chat/completions", json={"model": "m", "messages": []}))
+
+        group.start_soon(chat)
+
+        async def waiting() -> bool:
+            return bool(fleet.backends["a"].requests)
+
+        await until(waiting)
+        await client.post("/pool/admin/backends/a:8080/drain", headers=ADMIN)
+    return answers
+
+
 async def test_delete_drains_first_and_answers_once_the_backend_is_gone() -> None:
     fleet = Fleet(a=FakeBackend(chunks=10, chunk_delay=0.02), b=FakeBackend())
     async with admin_client(fleet) as client:

@@ -93,13 +93,22 @@ class ClientWatch:
 
 
 class _UntilGone:
-    __slots__ = ("_ended", "_task", "_watch")
+    """A wait that ends when the client leaves, or when ``cut`` is called (``cut_short`` then says so)."""
+
+    __slots__ = ("_ended", "_task", "_watch", "cut_short")
 
     def __init__(self, watch: ClientWatch) -> None:
         self._watch = watch
         self._ended = False
+        self.cut_short = False
 
-    async def __aenter__(self) -> None:
+    def cut(self) -> None:
+        """End the wait for another reason than the client (its backend's drain ended)."""
+        if not self._ended:
+            self.cut_short = True
+            self.end()
+
+    async def __aenter__(self) -> _UntilGone:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
@@ -108,6 +117,7 @@ class _UntilGone:
         if watch.gone:
             self.end()
         watch._arm()
+        return self
 
     def end(self) -> None:
         if not self._ended:

@@ -125,10 +125,10 @@ async def _forward(
         try:  # every step after the acquire is inside: whatever fails, the slot goes back
             request = upstream_request(runtime, call, target, record, inbound.body)
             response: httpx.Response | None = None
-            async with watch.until_gone():
-                with target.cuttable() as cut:
+            async with watch.until_gone() as wait:
+                with target.cut_by(wait.cut):
                     response = await runtime.transport.handle_async_request(request)
-            if cut.cancelled_caught:  # its drain ended before it answered: as a dead server's
+            if wait.cut_short:  # its drain ended before it answered: as a dead server's
                 drained = True
                 raise httpx.ReadError(str(DrainEnded(target.backend)))
         except httpx.HTTPError as exc:

@@ -3,8 +3,9 @@
 A drained backend is one that is draining and has no lease of this process left on it. An
 operator's drain is bounded (``[pool] drain_timeout``): at its end, the leases still running there
 are cut. A lease is cut through the cancel scope its user entered with ``Lease.cuttable()`` (the
-gateway enters one around each upstream read); a lease held outside one (a library caller's) cannot
-be cut, and runs until it is released.
+gateway's relay enters one around a stream), or by the call its user gave ``Lease.cut_by()`` (the
+gateway's own way to end a wait for an answer, cheaper on every request than a cancel scope); a
+lease held outside either (a library caller's) cannot be cut, and runs until it is released.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ __all__ = ["Draining", "Drains"]
 class Drains:
     def __init__(self) -> None:
         self._waiters: dict[str, anyio.Event] = {}
-        self._cuttable: dict[int, tuple[str, anyio.CancelScope]] = {}  # grant id -> backend, scope
+        self._cuttable: dict[int, tuple[str, Callable[[], object]]] = {}  # grant id -> backend, cut
 
     def released(self, backend: Backend) -> None:
         """A lease on ``backend`` was released: wake who waits for it to be drained, once it is."""
@@ -52,19 +53,36 @@ class Drains:
     def cuttable(self, grant: Grant) -> Iterator[anyio.CancelScope]:
         """A cancel scope that ``cut`` cancels when the drain of the grant's backend ends."""
         scope = anyio.CancelScope()
-        self._cuttable[grant.id] = (grant.backend.name, scope)
-        try:
-            with scope:
-                yield scope
-        finally:
-            self._cuttable.pop(grant.id, None)
+        with self.cut_by(grant, scope.cancel), scope:
+            yield scope
+
+    def cut_by(self, grant: Grant, cut: Callable[[], object]) -> _CutBy:
+        """While in the block, ``cut`` is called when the drain of the grant's backend ends."""
+        return _CutBy(self._cuttable, grant, cut)
 
     def cut(self, name: str) -> int:
         """Cut every cuttable lease on the backend; how many."""
-        scopes = [scope for backend, scope in self._cuttable.values() if backend == name]
-        for scope in scopes:
-            scope.cancel()
-        return len(scopes)
+        cuts = [cut for backend, cut in self._cuttable.values() if backend == name]
+        for cut in cuts:
+            cut()
+        return len(cuts)
+
+
+class _CutBy:
+    __slots__ = ("_cut", "_cuttable", "_grant")
+
+    def __init__(
+        self, cuttable: dict[int, tuple[str, Callable[[], object]]], grant: Grant, cut: Callable[[], object]
+    ) -> None:
+        self._cuttable = cuttable
+        self._grant = grant
+        self._cut = cut
+
+    def __enter__(self) -> None:
+        self._cuttable[self._grant.id] = (self._grant.backend.name, self._cut)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._cuttable.pop(self._grant.id, None)
 
 
 class Draining:

@@ -4,9 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -96,6 +97,11 @@ class Lease:
         (``Pool.cut``); ``scope.cancelled_caught`` afterwards says it was cut."""
         return self._pool._drains.cuttable(self._grant)
 
+    def cut_by(self, cut: Callable[[], object]) -> AbstractContextManager[None]:
+        """While in the block, ``cut`` is called when this lease's backend's drain ends (``Pool.cut``):
+        a cheaper hook than ``cuttable`` for a caller that can end its own work."""
+        return self._pool._drains.cut_by(self._grant, cut)
+
     def release(self) -> None:
         """Give the slot back. From a thread other than the pool's loop, it is handed to the loop."""
         self._finalizer.detach()
@@ -123,6 +129,10 @@ class Unleased:
     def cuttable(self) -> AbstractContextManager[anyio.CancelScope]:
         """Nothing cuts a request that holds no slot."""
         return anyio.CancelScope()
+
+    def cut_by(self, cut: Callable[[], object]) -> AbstractContextManager[None]:
+        """Nothing cuts a request that holds no slot."""
+        return contextlib.nullcontext()
 
     def release(self) -> None:
         """Nothing to give back."""

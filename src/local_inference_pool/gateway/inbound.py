@@ -22,6 +22,7 @@ from starlette.types import Receive
 from local_inference_pool.config import PoolConfig
 from local_inference_pool.core.prompt_index import Prompt
 from local_inference_pool.errors import InvalidRequestError
+from local_inference_pool.gateway.json_body import MAX_DEPTH, parse_body
 from local_inference_pool.key_config import hash_key
 from local_inference_pool.model_config import ModelConfig
 
@@ -45,7 +46,6 @@ __all__ = [
 ]
 
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-MAX_DEPTH: Final = 64  # nesting of arrays and objects in a request body
 PRIORITY_RANGE: Final = range(-100, 101)
 
 
@@ -249,53 +249,6 @@ def given_priority(headers: Mapping[bytes, bytes]) -> int | None:
             code="invalid_priority",
         )
     return priority
-
-
-def parse_body(body: bytes) -> dict[str, Any]:
-    """A JSON object, at most ``MAX_DEPTH`` deep, with no key twice at its top level (a backend
-    may read the first of two ``model`` keys where the pool would route on the last)."""
-    top: list[list[tuple[str, Any]]] = [[]]
-
-    def keep_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        top[0] = pairs  # the outermost object is decoded last
-        return dict(pairs)
-
-    try:
-        payload = json.loads(body, object_pairs_hook=keep_pairs)
-    except RecursionError:
-        payload = None  # far deeper than MAX_DEPTH
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequestError("the request body is not valid JSON", code="invalid_json") from None
-    if payload is None or (body.count(b"[") + body.count(b"{") > MAX_DEPTH and _depth(payload) > MAX_DEPTH):
-        raise InvalidRequestError(
-            f"the request body is nested more than {MAX_DEPTH} levels deep", code="too_deep"
-        )
-    if not isinstance(payload, dict):
-        raise InvalidRequestError("the request body must be a JSON object", code="invalid_body")
-    if len(top[0]) != len(payload):
-        seen: set[str] = set()
-        for key, _ in top[0]:
-            if key in seen:
-                raise InvalidRequestError(
-                    f"the request body has the key {key[:64]!r} more than once", code="duplicate_key"
-                )
-            seen.add(key)
-    return payload
-
-
-def _depth(value: Any) -> int:
-    """How deeply arrays and objects nest, without recursion."""
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, depth)
-            if depth <= MAX_DEPTH:
-                stack.extend(
-                    (child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)
-                )
-    return deepest
 
 
 async def _read_body(receive: Receive, headers: Mapping[bytes, bytes], limit: int) -> bytes:

@@ -34,8 +34,7 @@ ClientPayloadError, errors while reading      ReadError                    died 
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from typing import Final
 
 import aiohttp
@@ -98,16 +97,21 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         queued = limit is not None and self._holding >= limit  # every connection is held: it waits
         self._holding += 1
         try:
-            with _mapped(request, queued):
-                response = await self._open().request(
-                    request.method,
-                    str(request.url),
-                    headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
-                    data=body,
-                    allow_redirects=False,
-                    compress=None,
-                    timeout=timeout[1],
-                )
+            response = await self._open().request(
+                request.method,
+                str(request.url),
+                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
+                data=body,
+                allow_redirects=False,
+                compress=None,
+                timeout=timeout[1],
+            )
+        except aiohttp.ClientError as exc:
+            self._holding -= 1
+            mapped = _as_httpx(exc, request, queued)
+            if mapped is None:
+                raise
+            raise mapped from exc
         except BaseException:
             self._holding -= 1
             raise
@@ -159,9 +163,14 @@ class _Body(httpx.AsyncByteStream):
         self._owner: AiohttpTransport | None = owner
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _mapped(self._request, False):
+        try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
+        except aiohttp.ClientError as exc:
+            mapped = _as_httpx(exc, self._request, False)
+            if mapped is None:
+                raise
+            raise mapped from exc
         self._released()  # aiohttp hands the connection back at the answer's end
 
     def _released(self) -> None:
@@ -179,34 +188,33 @@ class _Body(httpx.AsyncByteStream):
         self._released()
 
 
-@contextmanager
-def _mapped(request: httpx.Request, queued: bool) -> Iterator[None]:
-    """aiohttp's errors as httpx's, per the table in the module docstring; ``queued``: the request
-    had to wait for a connection, so a connection timeout is the pool's own limit."""
-    try:
-        yield
-    except aiohttp.ConnectionTimeoutError as exc:
+def _as_httpx(exc: aiohttp.ClientError, request: httpx.Request, queued: bool) -> Exception | None:
+    """aiohttp's error as httpx's, per the table in the module docstring; ``queued``: the request
+    had to wait for a connection, so a connection timeout is the pool's own limit. (A function and
+    a ``try`` where it is needed, not a context manager: that cost a generator per request.)"""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
         if queued:
-            raise httpx.PoolTimeout("no free upstream connection in time", request=request) from exc
-        raise httpx.ConnectTimeout(f"connecting took too long: {exc}", request=request) from exc
-    except aiohttp.SocketTimeoutError as exc:
-        raise httpx.ReadTimeout("the server sent nothing within the read timeout", request=request) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise httpx.ConnectError(
+            return httpx.PoolTimeout("no free upstream connection in time", request=request)
+        return httpx.ConnectTimeout(f"connecting took too long: {exc}", request=request)
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return httpx.ReadTimeout("the server sent nothing within the read timeout", request=request)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(
             f"cannot connect to {exc.host}:{exc.port}: {exc.strerror or exc}", request=request
-        ) from exc
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionResetError) as exc:
-        raise httpx.ReadError(f"the answer broke off: {_reason(exc)}", request=request) from exc
-    except aiohttp.ServerDisconnectedError as exc:
-        raise httpx.RemoteProtocolError("the server disconnected without an answer", request=request) from exc
-    except aiohttp.ClientResponseError as exc:
-        raise httpx.RemoteProtocolError(
+        )
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientConnectionResetError):
+        return httpx.ReadError(f"the answer broke off: {_reason(exc)}", request=request)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return httpx.RemoteProtocolError("the server disconnected without an answer", request=request)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return httpx.RemoteProtocolError(
             f"the server's answer is not valid HTTP: {exc.message}", request=request
-        ) from exc
-    except aiohttp.ClientOSError as exc:
-        raise httpx.RemoteProtocolError(f"the connection failed: {_reason(exc)}", request=request) from exc
-    except aiohttp.InvalidURL as exc:
-        raise httpx.UnsupportedProtocol(f"not a URL the pool can reach: {exc}", request=request) from exc
+        )
+    if isinstance(exc, aiohttp.ClientOSError):
+        return httpx.RemoteProtocolError(f"the connection failed: {_reason(exc)}", request=request)
+    if isinstance(exc, aiohttp.InvalidURL):
+        return httpx.UnsupportedProtocol(f"not a URL the pool can reach: {exc}", request=request)
+    return None  # not one of the table's: raised as it is
 
 
 def _version(version: aiohttp.HttpVersion | None) -> bytes:

@@ -10,8 +10,9 @@ round. Per tree and round:
 - req/s at c=32, and the gateway's CPU time (user + system, from ``/proc``) per request at c=32;
 - req/s at c=32 against a second fake that takes 20 ms per answer, as a ratio to direct access.
 
-``--state`` serves every tree with ``[pool] state`` on a ``redis-server`` of its own (the trees must
-know the key). Needs ``wrk``.
+``--state`` serves every tree twice a round, in one process and with ``[pool] state`` on a
+``redis-server`` of its own (as ``LABEL+state``, with what state adds to the p50 over the same tree
+in one process in that round; the trees must know the key). Needs ``wrk``.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("trees", nargs="+", help="[LABEL=]SRC, a src directory")
-    parser.add_argument("--state", action="store_true", help="serve with [pool] state on a redis-server")
+    parser.add_argument(
+        "--state", action="store_true", help="each tree with [pool] state on a redis-server too"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     trees: dict[str, str] = {}
@@ -82,7 +85,8 @@ def main() -> None:
     script.write_text(b.POST)
     fast, slow = b.free_port(), b.free_port()
     fake = [sys.executable, str(HERE / "fake_backend.py")]
-    results: dict[str, list[dict[str, float]]] = {"direct": [], **{label: [] for label in trees}}
+    setups = [(label, src, "") for label, src in trees.items()]
+    results: dict[str, list[dict[str, float]]] = {"direct": []}
     with ExitStack() as stack:
         stack.enter_context(b.process([*fake, "--port", str(fast)], f"http://127.0.0.1:{fast}/v1/models"))
         stack.enter_context(
@@ -91,14 +95,19 @@ def main() -> None:
                 f"http://127.0.0.1:{slow}/v1/models",
             )
         )
-        state = ""
         if args.state:
             redis_url, _port = stack.enter_context(b.redis_server())
             state = f'state = "{redis_url}"\n'
+            setups = [
+                setup
+                for label, src, _ in setups
+                for setup in ((label, src, ""), (f"{label}+state", src, state))
+            ]
+        results.update({label: [] for label, _, _ in setups})
         for _round in range(args.rounds):
             direct = measure_direct(str(script), fast, slow)
             results["direct"].append(direct)
-            for label, src in trees.items():
+            for label, src, state in setups:
                 port = b.free_port()
                 config = workdir / f"{label}.toml"
                 config.write_text(
@@ -110,6 +119,10 @@ def main() -> None:
                     figures = measure_pool(str(script), port, pid)
                 figures["added"] = figures["p50"] - direct["p50"]
                 figures["slow_ratio"] = figures["rps_slow"] / direct["rps_slow"]
+                if state:
+                    figures["over_one_process"] = (
+                        figures["p50"] - results[label.removesuffix("+state")][-1]["p50"]
+                    )
                 results[label].append(figures)
     report(results, args.state)
 
@@ -155,6 +168,8 @@ def report(results: dict[str, list[dict[str, float]]], state: bool) -> None:
                 ("cpu_us", "CPU per request at c=32 (us)", 0),
                 ("slow_ratio", "c=32 vs direct, 20 ms backend", 3),
             ]
+            if label.endswith("+state"):
+                columns += [("over_one_process", "p50 at c=1 over one process (ms)", 3)]
         else:
             columns += [("rps_slow", "req/s at c=32, 20 ms backend", 0)]
         for key, name, digits in columns:

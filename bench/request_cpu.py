@@ -5,6 +5,10 @@ machine.
 
     .venv/bin/python bench/request_cpu.py                       # this checkout
     PYTHONPATH=/tmp/before/src .venv/bin/python bench/request_cpu.py --label before
+    .venv/bin/python bench/request_cpu.py --state   # with [pool] state on a redis-server of its own
+
+With ``--state`` the figure includes redis-py's work for the claim and the release (Redis itself
+runs in its own process and is not counted).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -59,8 +65,10 @@ async def backend(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, content=ANSWER, headers={"content-type": "application/json"})
 
 
-async def measure(requests: int, rounds: int) -> list[float]:
-    config = PoolConfig(backends=(BackendConfig(url="http://a:8080", kind="llamacpp"),), health_interval=60)
+async def measure(requests: int, rounds: int, state: str | None = None) -> list[float]:
+    config = PoolConfig(
+        backends=(BackendConfig(url="http://a:8080", kind="llamacpp"),), health_interval=60, state=state
+    )
     app = create_pool_app(config, transport=lambda limits: httpx.MockTransport(backend))
     async with LifespanManager(app) as manager:
         asgi = manager.app
@@ -101,8 +109,16 @@ def main() -> None:
     parser.add_argument("--label", default="this tree")
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--state", action="store_true", help="with [pool] state on a redis-server of its own")
     args = parser.parse_args()
-    figures = asyncio.run(measure(args.requests, args.rounds))
+    if args.state:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from shared_state import redis_server
+
+        with redis_server() as (url, _port):
+            figures = asyncio.run(measure(args.requests, args.rounds, url))
+    else:
+        figures = asyncio.run(measure(args.requests, args.rounds))
     shown = ", ".join(f"{f:.1f}" for f in figures)
     print(f"{args.label}: {min(figures):.1f} us of CPU per chat request (best of {args.rounds}: {shown})")
 

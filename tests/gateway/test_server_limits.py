@@ -87,6 +87,30 @@ async def test_a_silent_connection_is_closed_after_the_header_timeout() -> None:
     assert answer.startswith(b"HTTP/1.1 408 ")
 
 
+async def test_a_later_head_left_unfinished_is_408_after_the_header_timeout() -> None:
+    async with serving(app, http=bounded_protocol(CONFIG)) as served:
+        answer = await exchange(served.url, b"GET / HTTP/1.1\r\nhost: x\r\n\r\nGET / HTTP/1.1\r\nhost: x\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b"HTTP/1.1 408 " in answer
+
+
+async def test_a_later_head_left_unfinished_after_an_answer_is_408() -> None:
+    async with serving(app, http=bounded_protocol(CONFIG)) as served:
+        host, port = served.url.removeprefix("http://").split(":")
+        async with await anyio.connect_tcp(host, int(port)) as stream:
+            await stream.send(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            with anyio.fail_after(5):
+                assert (await stream.receive()).startswith(b"HTTP/1.1 200 ")
+                await stream.send(b"GET / HTTP/1.1\r\nhost: x\r\n")  # a read that leaves it unfinished
+                answer = b""
+                try:
+                    while True:
+                        answer += await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    pass
+    assert answer.startswith(b"HTTP/1.1 408 ")
+
+
 async def test_requests_within_the_limits_are_served_on_one_connection() -> None:
     request = b"GET / HTTP/1.1\r\nhost: x\r\n" + b"".join(b"x-%d: 1\r\n" % i for i in range(15)) + b"\r\n"
     async with serving(app, http=bounded_protocol(CONFIG)) as served:

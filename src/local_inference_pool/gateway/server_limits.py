@@ -6,9 +6,11 @@ subclass of uvicorn's own httptools protocol adds what it lacks, and nothing els
 
 - a request head (request line and headers) over ``max_header_size`` bytes, or with more than
   ``max_headers`` fields, is answered 431 and the connection closed;
-- a connection that has not finished its request head ``header_timeout`` seconds after it opened
-  (or after its previous request) is answered 408 and closed (idle keep-alive connections are
-  uvicorn's ``timeout_keep_alive``; a slow body is the app's ``body_timeout``).
+- a connection that has not finished its request head ``header_timeout`` seconds after it opened,
+  or after a later request's head began, is answered 408 and closed (idle keep-alive connections
+  between requests are uvicorn's ``timeout_keep_alive``; a slow body is the app's ``body_timeout``).
+  The clock of a later head is started only when a read leaves that head unfinished: most heads
+  arrive whole in one read, and a timer armed and cancelled for each of them is work for nothing.
 
 Parsing stays httptools' (uvicorn's faster parser, which ``serve`` has always used): h11, uvicorn's
 other one, bounds the size of a head (``h11_max_incomplete_event_size``) but neither its field count
@@ -51,6 +53,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_fields = 0
         self._head_size = 0  # the current head, measured field by field
+        self._head_begun = False  # a request's head has begun and is not finished
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -70,6 +73,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._feed(data)
         if self._in_head and self._head_bytes > self.max_header_size:
             self._refuse(431, f"the request head is larger than {self.max_header_size} bytes")
+        elif self._head_begun and self._head_timer is None and not self.transport.is_closing():
+            self._arm_head_timer()  # this read left a head unfinished: its clock starts
 
     def _feed(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
@@ -93,8 +98,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head_fields = 0
         self._head_size = 0
-        if self._head_timer is None:
-            self._arm_head_timer()
+        self._head_begun = True
 
     def on_url(self, url: bytes) -> None:
         self._grow_head(len(url))
@@ -114,6 +118,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_begun = False
         self._head_bytes = 0
         self._disarm_head_timer()
         super().on_headers_complete()
@@ -134,7 +139,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self.cycle is not None and not self.cycle.response_complete:
             return  # a request is being answered: the next head's clock starts after it
-        if self._head_bytes or self.cycle is None:
+        if self._head_begun or self._head_bytes or self.cycle is None:
             self._refuse(408, f"the request head did not arrive within {self.header_timeout:g}s")
 
     def _refuse(self, status: int, message: str) -> None:

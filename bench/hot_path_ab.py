@@ -12,13 +12,16 @@ round. Per tree and round:
 
 ``--state`` serves every tree twice a round, in one process and with ``[pool] state`` on a
 ``redis-server`` of its own (as ``LABEL+state``, with what state adds to the p50 over the same tree
-in one process in that round; the trees must know the key). Needs ``wrk``.
+in one process in that round; the trees must know the key). ``--floors`` measures the stack under
+``serve`` with no pool in it too (``stack_floor.py``: uvicorn alone, and a bare aiohttp proxy).
+Needs ``wrk``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -63,15 +66,37 @@ def serving(src: str, config: Path, port: int) -> Iterator[int]:
         child.wait(timeout=20)
 
 
+@contextmanager
+def floor_serving(port: int, upstream: str | None) -> Iterator[int]:
+    """``stack_floor.py`` (uvicorn alone, or with ``upstream`` a bare aiohttp proxy), listening; its pid."""
+    command = [sys.executable, str(HERE / "stack_floor.py"), str(port)]
+    child = subprocess.Popen(
+        [*command, *(["--proxy", upstream] if upstream else [])], stdout=subprocess.DEVNULL
+    )
+    try:
+        for _ in range(400):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        yield child.pid
+    finally:
+        child.terminate()
+        child.wait(timeout=20)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("trees", nargs="+", help="[LABEL=]SRC, a src directory")
+    parser.add_argument("trees", nargs="*", help="[LABEL=]SRC, a src directory")
     parser.add_argument(
         "--state", action="store_true", help="each tree with [pool] state on a redis-server too"
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--floors", action="store_true", help="also uvicorn alone and a bare aiohttp proxy (stack_floor.py)"
+    )
     args = parser.parse_args()
     trees: dict[str, str] = {}
     for given in args.trees:
@@ -104,6 +129,9 @@ def main() -> None:
                 for setup in ((label, src, ""), (f"{label}+state", src, state))
             ]
         results.update({label: [] for label, _, _ in setups})
+        floors = {"uvicorn alone": None, "bare aiohttp proxy": f"http://127.0.0.1:{fast}/v1/chat/completions"}
+        if args.floors:
+            results.update({label: [] for label in floors})
         for _round in range(args.rounds):
             direct = measure_direct(str(script), fast, slow)
             results["direct"].append(direct)
@@ -124,6 +152,12 @@ def main() -> None:
                         figures["p50"] - results[label.removesuffix("+state")][-1]["p50"]
                     )
                 results[label].append(figures)
+            for label, upstream in floors.items() if args.floors else ():
+                port = b.free_port()
+                with floor_serving(port, upstream) as pid:
+                    figures = measure_pool(str(script), port, pid, slow=False)
+                figures["added"] = figures["p50"] - direct["p50"]
+                results[label].append(figures)
     report(results, args.state)
 
 
@@ -140,7 +174,7 @@ def measure_direct(script: str, fast: int, slow: int) -> dict[str, float]:
     return figures
 
 
-def measure_pool(script: str, port: int, pid: int) -> dict[str, float]:
+def measure_pool(script: str, port: int, pid: int, *, slow: bool = True) -> dict[str, float]:
     chat = f"http://127.0.0.1:{port}/v1/chat/completions"
     b.wrk(script, chat, 32, 1)
     figures = {"p50": b.p50_ms(b.wrk(script, chat, 1, SECONDS, latency=True))}
@@ -148,9 +182,10 @@ def measure_pool(script: str, port: int, pid: int) -> dict[str, float]:
     figures["rps"] = b.rps(b.wrk(script, chat, 32, SECONDS))
     requests = figures["rps"] * (time.monotonic() - started)
     figures["cpu_us"] = (cpu_seconds(pid) - before) / requests * 1e6
-    slow_script = Path(script).with_name("slow.lua")
-    slow_script.write_text(SLOW_POST)
-    figures["rps_slow"] = b.rps(b.wrk(str(slow_script), chat, 32, SECONDS))
+    if slow:
+        slow_script = Path(script).with_name("slow.lua")
+        slow_script.write_text(SLOW_POST)
+        figures["rps_slow"] = b.rps(b.wrk(str(slow_script), chat, 32, SECONDS))
     return figures
 
 
@@ -173,7 +208,9 @@ def report(results: dict[str, list[dict[str, float]]], state: bool) -> None:
         else:
             columns += [("rps_slow", "req/s at c=32, 20 ms backend", 0)]
         for key, name, digits in columns:
-            values = [r[key] for r in rounds]
+            values = [r[key] for r in rounds if key in r]
+            if not values:
+                continue
             median = statistics.median(values)
             print(f"  {name}: {shown(values, digits)} (median {shown([median], digits)})")
 

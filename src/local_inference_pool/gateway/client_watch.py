@@ -10,9 +10,18 @@ from types import TracebackType
 
 from starlette.types import Receive
 
-__all__ = ["WATCH_AFTER", "ClientWatch"]
+__all__ = ["WATCH_AFTER", "ClientWatch", "within"]
 
 WATCH_AFTER = 0.05  # seconds a wait lasts before the client's connection is watched
+
+
+def within(seconds: float) -> asyncio.Timeout:
+    """A deadline for a wait on the client before its request can be judged (its body arriving):
+    ``asyncio.timeout``, which raises ``TimeoutError`` at the deadline. Not anyio's
+    ``move_on_after``: the first anyio cancel scope in a task gives the task anyio's own state
+    besides a timer, and a request's task is new every time; measured in process, the body's
+    deadline cost 20 µs of CPU per request that way."""
+    return asyncio.timeout(seconds)
 
 
 class ClientWatch:

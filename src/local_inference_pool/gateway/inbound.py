@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import anyio
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive
@@ -22,6 +21,7 @@ from starlette.types import Receive
 from local_inference_pool.config import PoolConfig
 from local_inference_pool.core.prompt_index import Prompt
 from local_inference_pool.errors import InvalidRequestError
+from local_inference_pool.gateway.client_watch import within
 from local_inference_pool.gateway.json_body import MAX_DEPTH, parse_body
 from local_inference_pool.key_config import hash_key
 from local_inference_pool.model_config import ModelConfig
@@ -159,16 +159,15 @@ async def read_inbound(
 
 async def read_body(receive: Receive, headers: Mapping[bytes, bytes], config: PoolConfig) -> bytes:
     """The whole body, at most ``max_body_size`` bytes (else 413), within ``body_timeout`` (else 408)."""
-    body: bytes | None = None
-    with anyio.move_on_after(config.body_timeout):
-        body = await _read_body(receive, headers, config.max_body_size)
-    if body is None:
+    try:
+        async with within(config.body_timeout):
+            return await _read_body(receive, headers, config.max_body_size)
+    except TimeoutError:
         raise InvalidRequestError(
             f"the request body did not arrive within {config.body_timeout:g}s",
             status=408,
             code="body_timeout",
-        )
-    return body
+        ) from None
 
 
 async def read_form(receive: Receive, headers: Mapping[bytes, bytes], config: PoolConfig) -> Inbound:

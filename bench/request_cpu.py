@@ -66,8 +66,10 @@ async def backend(request: httpx.Request) -> httpx.Response:
 
 
 async def measure(requests: int, rounds: int, state: str | None = None) -> list[float]:
+    # ``state`` only when given: older trees, measured beside this one, lack the key.
+    extra: dict[str, Any] = {"state": state} if state else {}
     config = PoolConfig(
-        backends=(BackendConfig(url="http://a:8080", kind="llamacpp"),), health_interval=60, state=state
+        backends=(BackendConfig(url="http://a:8080", kind="llamacpp"),), health_interval=60, **extra
     )
     app = create_pool_app(config, transport=lambda limits: httpx.MockTransport(backend))
     async with LifespanManager(app) as manager:

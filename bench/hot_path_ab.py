@@ -27,8 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -49,15 +49,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def serving(src: str, config: Path, port: int) -> Iterator[int]:
-    """``serve`` from a source tree, up and routing; its pid."""
-    command = [sys.executable, "-m", "local_inference_pool.cli", "serve", "--log-level", "warning"]
-    env = {**os.environ, "LIP_CONFIG": str(config), "PYTHONPATH": src}
-    child = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=subprocess.DEVNULL)
+def running(command: list[str], ready: Callable[[], bool], **env: str) -> Iterator[int]:
+    """A process, once ``ready`` says so (asked every 50 ms, 20 s at most); its pid."""
+    child = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
     try:
-        for _ in range(400):  # until both fakes' models are listed
-            listed = b.wait_for(f"http://127.0.0.1:{port}/v1/models")
-            if {"bench", "slow"} <= listed:
+        for _ in range(400):
+            if ready():
                 break
             time.sleep(0.05)
         yield child.pid
@@ -66,23 +63,25 @@ def serving(src: str, config: Path, port: int) -> Iterator[int]:
         child.wait(timeout=20)
 
 
-@contextmanager
-def floor_serving(port: int, upstream: str | None) -> Iterator[int]:
+def serving(src: str, config: Path, port: int) -> AbstractContextManager[int]:
+    """``serve`` from a source tree, up and routing to both fakes; its pid."""
+    command = [sys.executable, "-m", "local_inference_pool.cli", "serve", "--log-level", "warning"]
+
+    def routing() -> bool:
+        return {"bench", "slow"} <= b.wait_for(f"http://127.0.0.1:{port}/v1/models")
+
+    return running([*command, "--port", str(port)], routing, LIP_CONFIG=str(config), PYTHONPATH=src)
+
+
+def floor_serving(port: int, upstream: str | None) -> AbstractContextManager[int]:
     """``stack_floor.py`` (uvicorn alone, or with ``upstream`` a bare aiohttp proxy), listening; its pid."""
     command = [sys.executable, str(HERE / "stack_floor.py"), str(port)]
-    child = subprocess.Popen(
-        [*command, *(["--proxy", upstream] if upstream else [])], stdout=subprocess.DEVNULL
-    )
-    try:
-        for _ in range(400):
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        yield child.pid
-    finally:
-        child.terminate()
-        child.wait(timeout=20)
+
+    def listening() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    return running([*command, *(["--proxy", upstream] if upstream else [])], listening)
 
 
 def main() -> None:

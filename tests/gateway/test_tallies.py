@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from local_inference_pool.gateway.metrics import DURATION_BUCKETS, LATENCY_BUCKETS, WAIT_BUCKETS
-from local_inference_pool.gateway.tallies import CounterTally, HistogramTally, Tallies
+from local_inference_pool.gateway.tallies import Tallies
 
 labels = st.tuples(st.sampled_from(["m", "n", 'q"uote\\']), st.sampled_from(["a", "b"]))
 values = st.one_of(
@@ -32,10 +32,11 @@ def test_a_scrape_shows_what_prometheus_clients_own_metrics_show(
     counter = Counter("lip_x", "Things.", ["model", "backend"], registry=theirs)
     histogram = Histogram("lip_x_seconds", "Times.", ["model", "backend"], buckets=buckets, registry=theirs)
     bare = Histogram("lip_y_seconds", "Times.", buckets=buckets, registry=theirs)
-    counter_tally = CounterTally("lip_x", "Things.", ["model", "backend"])
-    histogram_tally = HistogramTally("lip_x_seconds", "Times.", ["model", "backend"], buckets=buckets)
-    bare_tally = HistogramTally("lip_y_seconds", "Times.", buckets=buckets)
-    ours.register(Tallies([counter_tally, histogram_tally, bare_tally]))
+    tallies = Tallies()
+    counter_tally = tallies.counter("lip_x", "Things.", ["model", "backend"])
+    histogram_tally = tallies.histogram("lip_x_seconds", "Times.", ["model", "backend"], buckets=buckets)
+    bare_tally = tallies.histogram("lip_y_seconds", "Times.", buckets=buckets)
+    ours.register(tallies)
     for label_values, value in changes:
         counter.labels(*label_values).inc(value)
         counter_tally.inc(label_values, value)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from local_inference_pool.errors import InvalidRequestError
 
@@ -58,7 +58,6 @@ def _object_of(body: bytes) -> dict[str, Any]:
     pairs = _top_level_pairs(text)
     if pairs is None:
         _refuse_other_than_an_object(text)
-    assert pairs is not None
     payload = dict(pairs)
     if len(payload) != len(pairs):
         seen: set[str] = set()
@@ -110,7 +109,7 @@ def _after_space(text: str, at: int) -> int:
     return found.end() if found else at
 
 
-def _refuse_other_than_an_object(text: str) -> None:
+def _refuse_other_than_an_object(text: str) -> NoReturn:
     """Raise the error for a body that is not an object: too deep, not JSON, or JSON of another kind."""
     try:
         json.loads(text)

@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from local_inference_pool.core.limits import Limits, Ticket
 from local_inference_pool.core.scheduler import Affinity
-from local_inference_pool.gateway.tallies import CounterTally, HistogramTally, Tallies
+from local_inference_pool.gateway.tallies import Tallies
 from local_inference_pool.gateway.usage import count
 from local_inference_pool.pool import Pool
 
@@ -87,109 +87,90 @@ class RequestRecord:
 class PoolMetrics:
     def __init__(self, pool: Pool) -> None:
         self.registry = CollectorRegistry()
-        self.requests = CounterTally(
+        tallies = Tallies()
+        self.requests = tallies.counter(
             "lip_requests",
             "Requests finished, by model, backend and outcome.",
             ["model", "backend", "outcome"],
         )
-        self.queue_wait = HistogramTally(
+        self.queue_wait = tallies.histogram(
             "lip_queue_wait_seconds",
             "Time a request waited for a slot.",
             ["model"],
             buckets=WAIT_BUCKETS,
         )
-        self.first_byte = HistogramTally(
+        self.first_byte = tallies.histogram(
             "lip_time_to_first_byte_seconds",
             "From the request's arrival to the first byte relayed from the backend.",
             ["model", "backend"],
             buckets=LATENCY_BUCKETS,
         )
-        self.duration = HistogramTally(
+        self.duration = tallies.histogram(
             "lip_request_duration_seconds",
             "From the request's arrival to its end.",
             ["model", "backend"],
             buckets=DURATION_BUCKETS,
         )
-        self.tokens = CounterTally(
+        self.tokens = tallies.counter(
             "lip_tokens",
             "Tokens the backends reported in usage (prompt or completion).",
             ["model", "backend", "kind"],
         )
-        self.routes = CounterTally(
+        self.routes = tallies.counter(
             "lip_route_requests",
             "Requests finished, by route (under the mount) and outcome.",
             ["route", "outcome"],
         )
-        self.key_requests = CounterTally(
+        self.key_requests = tallies.counter(
             "lip_key_requests",
             "Requests finished, by the name of the client's key and outcome.",
             ["key", "outcome"],
         )
-        self.key_tokens = CounterTally(
+        self.key_tokens = tallies.counter(
             "lip_key_tokens",
             "Tokens the backends reported, by the name of the client's key, the model asked and kind "
             "(input, cached: of the input, from the server's prompt cache, output).",
             ["key", "model", "kind"],
         )
-        self.key_queue_wait = HistogramTally(
+        self.key_queue_wait = tallies.histogram(
             "lip_key_queue_wait_seconds",
             "Time a request waited for a slot, by the name of the client's key.",
             ["key"],
             buckets=WAIT_BUCKETS,
         )
-        self.failovers = CounterTally(
+        self.failovers = tallies.counter(
             "lip_midstream_failovers",
             "Streams whose backend failed midway, by what happened: continued on another backend, or "
             "why not (not_faithful, no_backend, budget_spent, failed).",
             ["model", "outcome"],
         )
-        self.seam = HistogramTally(
+        self.seam = tallies.histogram(
             "lip_midstream_seam_seconds",
             "From a backend failing mid-stream to the next piece the client got from another.",
             buckets=LATENCY_BUCKETS,
         )
-        self.aliases = CounterTally(
+        self.aliases = tallies.counter(
             "lip_alias_requests",
             "Requests for a model by one of its aliases ([[models]]), by the alias as configured.",
             ["alias", "model"],
         )
-        self.fallbacks = CounterTally(
+        self.fallbacks = tallies.counter(
             "lip_fallbacks",
             "Requests served by a fallback ([[models]] fallbacks): the model, the fallback and why.",
             ["model", "fallback", "reason"],
         )
-        self.model_changes = CounterTally(
+        self.model_changes = tallies.counter(
             "lip_model_changes",
             "Loads and unloads the pool made ([[models]] preload, idle_unload, load_after): the "
             "backend, the model, load or unload, why (preload, demand, idle, room) and the outcome.",
             ["backend", "model", "action", "reason", "outcome"],
         )
-        self.retries = CounterTally(
+        self.retries = tallies.counter(
             "lip_upstream_retries",
             "Requests sent to another backend after one could not be reached.",
             ["model"],
         )
-        self.registry.register(
-            Tallies(
-                [
-                    self.requests,
-                    self.queue_wait,
-                    self.first_byte,
-                    self.duration,
-                    self.tokens,
-                    self.routes,
-                    self.key_requests,
-                    self.key_tokens,
-                    self.key_queue_wait,
-                    self.failovers,
-                    self.seam,
-                    self.aliases,
-                    self.fallbacks,
-                    self.model_changes,
-                    self.retries,
-                ]
-            )
-        )
+        self.registry.register(tallies)
         self.registry.register(_PoolCollector(pool))
         self.pool = pool
         self.recent_first_byte: deque[float] = deque(maxlen=200)

@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from local_inference_pool.gateway.metrics import RequestRecord
 from local_inference_pool.telemetry_config import TelemetryConfig
@@ -144,11 +144,11 @@ class RequestLog:
         """The request ended: its line written, its entry (and capture) kept."""
         if self._logger is None and self.recent.maxlen == 0 and record.capture is None:
             return
-        said = (_said_by(record), duration, time.time())
+        said = _Said._make((*_read_said(record), duration, time.time()))
         self.recent.append(said)
         if self._logger is None and record.capture is None:
             return
-        entry = _entry(*said)
+        entry = _entry(said)
         if self._logger is not None:
             self._logger.info(json.dumps(entry, separators=(",", ":")))
         if record.capture is not None:
@@ -159,7 +159,7 @@ class RequestLog:
 
     def entries(self) -> list[dict[str, Any]]:
         """The recent requests, newest first."""
-        entries = [_entry(*said) for said in reversed(self.recent)]
+        entries = [_entry(said) for said in reversed(self.recent)]
         return [{**entry, "captured": entry["request_id"] in self._captured} for entry in entries]
 
     def detail(self, request_id: str, *, bodies: bool) -> dict[str, Any] | None:
@@ -170,7 +170,7 @@ class RequestLog:
             if bodies:
                 entry["capture"] = captured["capture"].shown()
             return entry
-        return next((_entry(*said) for said in reversed(self.recent) if said[0][0] == request_id), None)
+        return next((_entry(said) for said in reversed(self.recent) if said.request_id == request_id), None)
 
     def close(self) -> None:
         if self._handler is not None:
@@ -199,69 +199,55 @@ class RequestLog:
         self._logger, self._handler = logger, handler
 
 
-_SAID = (
-    "request_id",
-    "route",
-    "key",
-    "model",
-    "asked",
-    "fallback_from",
-    "backend",
-    "status",
-    "outcome",
-    "queue_wait",
-    "first_byte",
-    "prompt_tokens",
-    "cached_tokens",
-    "completion_tokens",
-    "affinity",
-    "retries",
-    "failed_over_from",
-)
-_said_by = attrgetter(*_SAID)  # the record's fields as they are when it ends, in one call
-_Said = tuple[tuple[Any, ...], float, float]  # the fields, the duration, the wall time it ended
+class _Said(NamedTuple):
+    """A request's fields as they were when it ended, with its duration and the wall time it ended."""
+
+    request_id: str
+    route: str
+    key: str
+    model: str
+    asked: str
+    fallback_from: str
+    backend: str
+    status: int
+    outcome: str
+    queue_wait: float | None
+    first_byte: float | None
+    prompt_tokens: int | None
+    cached_tokens: int | None
+    completion_tokens: int | None
+    affinity: str
+    retries: int
+    failed_over_from: list[str]
+    duration: float
+    ended: float
 
 
-def _entry(fields: tuple[Any, ...], duration: float, now: float) -> dict[str, Any]:
-    (
-        request_id,
-        route,
-        key,
-        model,
-        asked,
-        fallback_from,
-        backend,
-        status,
-        outcome,
-        queue_wait,
-        first_byte,
-        prompt_tokens,
-        cached_tokens,
-        completion_tokens,
-        affinity,
-        retries,
-        failed_over_from,
-    ) = fields
+_read_said = attrgetter(*_Said._fields[:-2])  # the record's fields in one call
+
+
+def _entry(said: _Said) -> dict[str, Any]:
+    now = said.ended
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
-        "request_id": request_id,
-        "route": route,
-        "key": key,
-        "model": model,
-        "model_asked": asked or model,  # the name the client used (an alias's)
-        "fallback_from": fallback_from or None,  # the model a fallback stood in for
-        "backend": backend,
-        "status": status,
-        "outcome": outcome,
-        "queue_wait_ms": _ms(queue_wait),
-        "ttfb_ms": _ms(first_byte),
-        "duration_ms": round(duration * 1000, 1),
-        "prompt_tokens": prompt_tokens,
-        "cached_tokens": cached_tokens,
-        "completion_tokens": completion_tokens,
-        "affinity": affinity,
-        "retries": retries,
-        "failed_over_from": list(failed_over_from),
+        "request_id": said.request_id,
+        "route": said.route,
+        "key": said.key,
+        "model": said.model,
+        "model_asked": said.asked or said.model,  # the name the client used (an alias's)
+        "fallback_from": said.fallback_from or None,  # the model a fallback stood in for
+        "backend": said.backend,
+        "status": said.status,
+        "outcome": said.outcome,
+        "queue_wait_ms": _ms(said.queue_wait),
+        "ttfb_ms": _ms(said.first_byte),
+        "duration_ms": round(said.duration * 1000, 1),
+        "prompt_tokens": said.prompt_tokens,
+        "cached_tokens": said.cached_tokens,
+        "completion_tokens": said.completion_tokens,
+        "affinity": said.affinity,
+        "retries": said.retries,
+        "failed_over_from": list(said.failed_over_from),
     }
 
 

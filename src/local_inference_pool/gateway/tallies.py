@@ -82,10 +82,22 @@ class HistogramTally:
 
 
 class Tallies(Collector):
-    """The collector that shows a set of tallies at every scrape."""
+    """The tallies made through it, shown at every scrape."""
 
-    def __init__(self, tallies: Sequence[CounterTally | HistogramTally]) -> None:
-        self.tallies = list(tallies)
+    def __init__(self) -> None:
+        self.tallies: list[CounterTally | HistogramTally] = []
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> CounterTally:
+        tally = CounterTally(name, documentation, labels)
+        self.tallies.append(tally)
+        return tally
+
+    def histogram(
+        self, name: str, documentation: str, labels: Sequence[str] = (), *, buckets: Sequence[float]
+    ) -> HistogramTally:
+        tally = HistogramTally(name, documentation, labels, buckets=buckets)
+        self.tallies.append(tally)
+        return tally
 
     def collect(self) -> Iterator[Metric]:
         for tally in self.tallies:
